@@ -1,0 +1,532 @@
+"""Signed model bundles: one zip file a device can trust or refuse, member by member.
+
+Layout and verification order are documented in ``docs/bundle.md``.  In short:
+``manifest.json`` lists the SHA-256 of every other member, ``manifest.sig`` is an
+Ed25519 signature over the exact bytes of ``manifest.json``; so one signature check
+plus one hash per member proves the whole bundle.
+
+Every refusal is a :class:`BundleError` (a :class:`SignatureError` for the signature
+steps) whose ``context`` carries ``reason`` (one of :data:`REASONS`, stable, for
+machines such as an update report) and ``member`` where one member is at fault.
+No torch, no onnx: the agent imports this.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError, SignatureError
+from .manifest import Manifest
+from .signing import PrivateKey, PublicKey, load_public_key, sign, verify
+
+__all__ = [
+    "MANIFEST_MEMBER",
+    "SIGNATURE_MEMBER",
+    "LABELS_MEMBER",
+    "REASONS",
+    "BundleLimits",
+    "SignatureInfo",
+    "Bundle",
+    "manifest_bytes",
+    "write_bundle",
+    "open_bundle",
+    "verify_bundle",
+    "read_manifest_unverified",
+    "read_signature_unverified",
+]
+
+MANIFEST_MEMBER = "manifest.json"
+SIGNATURE_MEMBER = "manifest.sig"
+LABELS_MEMBER = "labels.txt"
+_RESERVED = (MANIFEST_MEMBER, SIGNATURE_MEMBER)
+_STORED_SUFFIXES = (".onnx", ".tflite", ".npz", ".ort")  # already dense, and mmap-able when stored
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same inputs, same bundle bytes
+_CHUNK = 1 << 20
+_REBUILD = "rebuild it with `edgeloop export` or `edgeloop bundle create`"
+
+REASONS = (
+    "not-found", "not-a-zip", "too-large", "duplicate-member", "unsafe-path", "encrypted",
+    "missing-manifest", "invalid-manifest", "missing-member", "extra-member", "hash-mismatch",
+    "missing-signature", "invalid-signature", "wrong-key", "no-trusted-key",
+)
+
+
+@dataclass(frozen=True)
+class BundleLimits:
+    """Ceilings checked against the zip's declared sizes before anything is inflated (zip bombs)."""
+
+    max_members: int = 256
+    max_member_bytes: int = 1 << 31  # 2 GiB for one model
+    max_total_bytes: int = 1 << 32
+    max_manifest_bytes: int = 8 << 20
+    max_ratio: float = 200.0  # inflated / compressed, for members over 1 MiB
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"BundleLimits.{f.name} must be positive")
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    """``manifest.sig``: who signed, and whether that was checked against a trusted key."""
+
+    algorithm: str
+    key_id: str
+    signature: bytes
+    verified: bool = False
+
+
+def _fail(message: str, reason: str, *, member: str | None = None, path: Path | None = None,
+          hint: str | None = _REBUILD, cls: type[BundleError] = BundleError) -> BundleError:
+    return cls(message, hint=hint, reason=reason, member=member, path=str(path) if path else None)
+
+
+def _check_member_name(name: str, path: Path | None) -> None:
+    # Zip names are '/'-separated and relative; anything else could write outside the
+    # extraction directory on some OS (Windows treats '\\' and 'C:' as path syntax).
+    parts = name.split("/")
+    bad = (not name or name.startswith("/") or "\\" in name or "\x00" in name or ":" in parts[0]
+           or any(p in ("", ".", "..") for p in parts))
+    if bad:
+        raise _fail(f"member {name!r} has an unsafe path (escapes the bundle)", "unsafe-path",
+                    member=name, path=path)
+
+
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The canonical ``manifest.json`` bytes (sorted keys, indent 2, UTF-8, trailing newline)."""
+    return (json.dumps(manifest.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+# --------------------------------------------------------------------------- writing
+def _sha256_file(p: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with p.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _zipinfo(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+    info.external_attr = (stat.S_IFREG | 0o644) << 16
+    info.create_system = 3  # unix, so the mode bits above mean what they say
+    info.compress_type = zipfile.ZIP_STORED if name.endswith(_STORED_SUFFIXES) else zipfile.ZIP_DEFLATED
+    return info
+
+
+def _signature_bytes(key: PrivateKey, data: bytes) -> bytes:
+    doc = {"algorithm": "ed25519", "key_id": key.key_id,
+           "signature": base64.b64encode(sign(key, data)).decode("ascii")}
+    return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
+
+
+def write_bundle(path: str | os.PathLike[str], manifest: Manifest, files: Mapping[str, bytes | Path], *,
+                 signing_key: PrivateKey | None = None) -> Path:
+    """Write a bundle zip atomically and return its path.
+
+    ``files`` maps member names (``models/onnx-fp32.onnx``, ``baseline.npz``...) to
+    their bytes or a file to copy.  Every variant's ``sha256`` / ``size`` and
+    ``manifest.members`` are filled in here; ``labels.txt`` is written from the manifest
+    when not given.  Model files are stored uncompressed so a device can extract or map
+    them without inflating; JSON and text are deflated.
+    """
+    path = Path(path)
+    members: dict[str, bytes | Path] = dict(files)
+    if LABELS_MEMBER not in members:
+        members[LABELS_MEMBER] = ("\n".join(manifest.labels) + "\n").encode()
+    digests: dict[str, tuple[str, int]] = {}
+    for name, content in members.items():
+        _check_member_name(name, path)
+        if name in _RESERVED:
+            raise ValueError(f"{name} is written by write_bundle itself; do not pass it in files")
+        if isinstance(content, bytes):
+            digests[name] = (hashlib.sha256(content).hexdigest(), len(content))
+        else:
+            digests[name] = _sha256_file(Path(content))
+    for name in (v.file for v in manifest.variants):
+        if name not in members:
+            raise _fail(f"variant file {name} is not among the bundle files", "missing-member", member=name, path=path)
+    for name in (manifest.baseline, manifest.health):
+        if name is not None and name not in members:
+            raise _fail(f"manifest names {name} but it is not among the bundle files", "missing-member",
+                        member=name, path=path, hint="add the file, or set that manifest field to None")
+    variants = tuple(dataclasses.replace(v, sha256=digests[v.file][0], size=digests[v.file][1])
+                     for v in manifest.variants)
+    manifest = dataclasses.replace(manifest, variants=variants,
+                                   members={n: digests[n][0] for n in sorted(members)})
+    mbytes = manifest_bytes(manifest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with zipfile.ZipFile(fh, "w", allowZip64=True) as zf:
+                zf.writestr(_zipinfo(MANIFEST_MEMBER), mbytes)
+                if signing_key is not None:
+                    zf.writestr(_zipinfo(SIGNATURE_MEMBER), _signature_bytes(signing_key, mbytes))
+                for name in sorted(members):
+                    _write_member(zf, name, members[name], digests[name][0])
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, content: bytes | Path, expected: str) -> None:
+    info = _zipinfo(name)
+    if isinstance(content, bytes):
+        zf.writestr(info, content)
+        return
+    h = hashlib.sha256()
+    with Path(content).open("rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+        while chunk := src.read(_CHUNK):
+            h.update(chunk)
+            dst.write(chunk)
+    if h.hexdigest() != expected:  # the source changed between hashing and copying
+        raise BundleError(f"{content} changed while the bundle was being written", member=name,
+                          reason="hash-mismatch", hint="write the bundle again")
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# --------------------------------------------------------------------------- reading
+def _open_zip(path: Path, limits: BundleLimits) -> zipfile.ZipFile:
+    """Open the zip and check its central directory before inflating anything."""
+    if not path.is_file():
+        raise _fail(f"bundle {path} not found", "not-found", path=path, hint="check the path")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise _fail(f"{path} is not a bundle (not a zip file, or truncated): {exc}", "not-a-zip", path=path) from exc
+    try:
+        _check_directory(zf, path, limits)
+    except BaseException:
+        zf.close()
+        raise
+    return zf
+
+
+def _check_directory(zf: zipfile.ZipFile, path: Path, limits: BundleLimits) -> None:
+    infos = zf.infolist()
+    if len(infos) > limits.max_members:
+        raise _fail(f"bundle has {len(infos)} members (limit {limits.max_members})", "too-large", path=path)
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        name = info.filename
+        if name in seen:
+            raise _fail(f"member {name} appears twice in the zip", "duplicate-member", member=name, path=path)
+        seen.add(name)
+        _check_member_name(name, path)
+        if info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16):
+            raise _fail(f"member {name} is a symbolic link", "unsafe-path", member=name, path=path)
+        if info.flag_bits & 0x1:
+            raise _fail(f"member {name} is encrypted", "encrypted", member=name, path=path)
+        total += info.file_size
+        too_dense = info.file_size > (1 << 20) and info.file_size > limits.max_ratio * max(info.compress_size, 1)
+        if info.file_size > limits.max_member_bytes or total > limits.max_total_bytes or too_dense:
+            raise _fail(f"member {name} declares {info.file_size} bytes, over the bundle limits (zip bomb?)",
+                        "too-large", member=name, path=path)
+
+
+def _missing(name: str, path: Path) -> BundleError:
+    return _fail(f"member {name} is listed in the manifest but missing from the bundle", "missing-member",
+                 member=name, path=path)
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, path: Path, limit: int | None = None) -> bytes:
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise _missing(name, path) from None
+    if limit is not None and info.file_size > limit:
+        raise _fail(f"member {name} is {info.file_size} bytes (limit {limit})", "too-large", member=name, path=path)
+    buf = io.BytesIO()
+    for chunk in _iter_member(zf, name, path):
+        buf.write(chunk)
+    return buf.getvalue()
+
+
+def _iter_member(zf: zipfile.ZipFile, name: str, path: Path) -> Iterator[bytes]:
+    # zipfile stops at the declared size and checks the CRC at the end; a CRC or
+    # inflate failure means the member's bytes were changed in place.
+    try:
+        with zf.open(name) as fh:
+            while chunk := fh.read(_CHUNK):
+                yield chunk
+    except KeyError:
+        raise _missing(name, path) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise _fail(f"member {name} is corrupt or was modified ({exc})", "hash-mismatch",
+                    member=name, path=path) from exc
+
+
+def _parse_manifest(data: bytes, path: Path) -> Manifest:
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(f"manifest.json is not valid JSON: {exc}", "invalid-manifest",
+                    member=MANIFEST_MEMBER, path=path) from exc
+    if not isinstance(doc, dict):
+        raise _fail("manifest.json is not a JSON object", "invalid-manifest", member=MANIFEST_MEMBER, path=path)
+    try:
+        return Manifest.from_dict(doc)
+    except BundleError as exc:
+        raise _fail(exc.message, "invalid-manifest", member=MANIFEST_MEMBER, path=path) from exc
+
+
+def _parse_signature(data: bytes, path: Path) -> SignatureInfo:
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        info = SignatureInfo(algorithm=str(doc["algorithm"]), key_id=str(doc["key_id"]),
+                             signature=base64.b64decode(doc["signature"], validate=True))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, binascii.Error) as exc:
+        raise _fail(f"manifest.sig is malformed: {exc}", "invalid-signature", member=SIGNATURE_MEMBER,
+                    path=path, cls=SignatureError) from exc
+    if info.algorithm != "ed25519":
+        raise _fail(f"manifest.sig uses {info.algorithm!r}; only ed25519 is supported", "invalid-signature",
+                    member=SIGNATURE_MEMBER, path=path, cls=SignatureError)
+    return info
+
+
+TrustedKeys = PublicKey | str | os.PathLike[str] | Iterable[PublicKey | str | os.PathLike[str]]
+
+
+def _trusted(keys: TrustedKeys | None) -> list[PublicKey]:
+    if keys is None:
+        return []
+    if isinstance(keys, (PublicKey, str, os.PathLike)):
+        return [load_public_key(keys)]
+    return [load_public_key(k) for k in keys]
+
+
+def _check_signature(zf: zipfile.ZipFile, mbytes: bytes, path: Path, trusted: list[PublicKey],
+                     require: bool) -> SignatureInfo | None:
+    if SIGNATURE_MEMBER not in zf.namelist():
+        if require:
+            raise _fail("bundle is not signed (manifest.sig missing)", "missing-signature", member=SIGNATURE_MEMBER,
+                        path=path, cls=SignatureError, hint="sign it with `edgeloop export --sign KEY`")
+        return None
+    info = _parse_signature(_read_member(zf, SIGNATURE_MEMBER, path, 64 << 10), path)
+    if not trusted:
+        if require:
+            raise _fail(f"bundle is signed by key {info.key_id} but no trusted public key was given",
+                        "no-trusted-key", member=SIGNATURE_MEMBER, path=path, cls=SignatureError,
+                        hint="pass the signer's public key (--key edgeloop.pub)")
+        return info
+    key = next((k for k in trusted if k.key_id == info.key_id), None)
+    if key is None:
+        raise _fail(f"bundle is signed by key {info.key_id}, which is not trusted "
+                    f"(trusted: {', '.join(k.key_id for k in trusted)})", "wrong-key", member=SIGNATURE_MEMBER,
+                    path=path, cls=SignatureError, hint="verify with the public key of the key that signed it")
+    if not verify(key, mbytes, info.signature):
+        raise _fail("manifest.json does not match its signature (manifest tampered with, or forged signature)",
+                    "invalid-signature", member=MANIFEST_MEMBER, path=path, cls=SignatureError, hint=None)
+    return dataclasses.replace(info, verified=True)
+
+
+def _check_members(zf: zipfile.ZipFile, manifest: Manifest, path: Path) -> None:
+    listed = manifest.members
+    for name in listed:
+        _check_member_name(name, path)
+    for v in manifest.variants:
+        if listed.get(v.file) != v.sha256:
+            raise _fail(f"variant {v.id}: {v.file} is not listed in manifest.members with the same sha256",
+                        "invalid-manifest", member=MANIFEST_MEMBER, path=path)
+    for name in (manifest.baseline, manifest.health):
+        if name is not None and name not in listed:
+            raise _fail(f"manifest names {name} but does not list it in members", "invalid-manifest",
+                        member=MANIFEST_MEMBER, path=path)
+    present = set(zf.namelist())
+    for name in sorted(present - set(listed) - set(_RESERVED)):
+        raise _fail(f"member {name} is in the bundle but not in the manifest (extra member)", "extra-member",
+                    member=name, path=path)
+    for name in sorted(set(listed) - present):
+        raise _fail(f"member {name} is listed in the manifest but missing from the bundle", "missing-member",
+                    member=name, path=path)
+    sizes = {v.file: v.size for v in manifest.variants}
+    for name in sorted(listed):
+        _hash_member(zf, name, listed[name], sizes.get(name), path)
+
+
+def _hash_member(zf: zipfile.ZipFile, name: str, expected: str, size: int | None, path: Path,
+                 sink: Any = None) -> None:
+    h, n = hashlib.sha256(), 0
+    for chunk in _iter_member(zf, name, path):
+        h.update(chunk)
+        n += len(chunk)
+        if sink is not None:
+            sink.write(chunk)
+    if h.hexdigest() != expected or (size is not None and n != size):
+        raise _fail(f"member {name} does not match its sha256 in the manifest (tampered or corrupt)",
+                    "hash-mismatch", member=name, path=path)
+
+
+def _verified(path: Path, trusted_key: TrustedKeys | None, require_signature: bool,
+              limits: BundleLimits) -> tuple[Manifest, SignatureInfo | None, str]:
+    trusted = _trusted(trusted_key)
+    with _open_zip(path, limits) as zf:
+        if MANIFEST_MEMBER not in zf.namelist():
+            raise _fail("bundle has no manifest.json", "missing-manifest", member=MANIFEST_MEMBER, path=path)
+        mbytes = _read_member(zf, MANIFEST_MEMBER, path, limits.max_manifest_bytes)
+        # The signature is checked on the raw bytes before they are parsed: nothing an
+        # attacker wrote is interpreted until we know who wrote it.
+        sig = _check_signature(zf, mbytes, path, trusted, require_signature)
+        manifest = _parse_manifest(mbytes, path)
+        _check_members(zf, manifest, path)
+        labels = _read_member(zf, LABELS_MEMBER, path).decode("utf-8", "replace").splitlines() \
+            if LABELS_MEMBER in manifest.members else list(manifest.labels)
+        if tuple(labels) != manifest.labels:
+            raise _fail("labels.txt does not match manifest.labels", "invalid-manifest", member=LABELS_MEMBER, path=path)
+    return manifest, sig, hashlib.sha256(mbytes).hexdigest()
+
+
+# --------------------------------------------------------------------------- the Bundle
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk.  Reads re-check each member's hash (the file may change after opening)."""
+
+    path: Path
+    manifest: Manifest
+    signature: SignatureInfo | None
+    manifest_sha256: str
+    limits: BundleLimits = BundleLimits()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+    @property
+    def signed_by(self) -> str | None:
+        """Key id of a *verified* signature, else None."""
+        return self.signature.key_id if self.signature and self.signature.verified else None
+
+    def read(self, member: str) -> bytes:
+        """The bytes of ``member``, checked against the manifest."""
+        expected = self.manifest.members.get(member)
+        if expected is None:
+            raise _fail(f"bundle has no member {member}", "missing-member", member=member, path=self.path,
+                        hint=f"members: {', '.join(sorted(self.manifest.members))}")
+        buf = io.BytesIO()
+        with _open_zip(self.path, self.limits) as zf:
+            _hash_member(zf, member, expected, None, self.path, sink=buf)
+        return buf.getvalue()
+
+    def variant_bytes(self, variant_id: str) -> bytes:
+        """The model file of one variant."""
+        return self.read(self.manifest.variant(variant_id).file)
+
+    def extract_to(self, directory: str | os.PathLike[str]) -> Path:
+        """Extract every member into ``directory`` (absent or empty), atomically.
+
+        Members are written into a temporary sibling directory while being hashed,
+        fsync'd, and the directory is renamed into place only when every hash matched;
+        a failure leaves nothing behind.  ``manifest.json`` / ``manifest.sig`` are
+        extracted too, so the directory stays verifiable.
+        """
+        target = Path(directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise BundleError(f"cannot extract into {target}: it exists and is not an empty directory",
+                              hint="extract into a new directory", path=str(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            with _open_zip(self.path, self.limits) as zf:
+                reserved = [n for n in _RESERVED if n in zf.namelist()]
+                mbytes = _read_member(zf, MANIFEST_MEMBER, self.path)
+                if hashlib.sha256(mbytes).hexdigest() != self.manifest_sha256:  # replaced since open_bundle
+                    raise _fail("manifest.json changed since the bundle was opened", "hash-mismatch",
+                                member=MANIFEST_MEMBER, path=self.path)
+                for name in reserved + sorted(self.manifest.members):
+                    dest = tmp.joinpath(*name.split("/"))
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with dest.open("wb") as fh:
+                        if name in _RESERVED:
+                            fh.write(mbytes if name == MANIFEST_MEMBER else _read_member(zf, name, self.path))
+                        else:
+                            _hash_member(zf, name, self.manifest.members[name], None, self.path, sink=fh)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+            if target.exists():
+                target.rmdir()
+            os.replace(tmp, target)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        _fsync_dir(target.parent)
+        return target
+
+
+def _rmtree(d: Path) -> None:
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def open_bundle(path: str | os.PathLike[str], *, trusted_key: TrustedKeys | None = None,
+                require_signature: bool = True, limits: BundleLimits = BundleLimits()) -> Bundle:
+    """Verify a bundle completely and return it.
+
+    ``trusted_key``: a public key, key file, base64 string, or several (key rotation).
+    With ``require_signature`` (the default) an unsigned bundle, or a signed one with
+    no trusted key to check it against, is refused.  Without it, a present signature
+    is still checked when a trusted key is given.  Raises :class:`BundleError` /
+    :class:`SignatureError` with ``context['reason']`` and ``context['member']``.
+    """
+    p = Path(path)
+    manifest, sig, digest = _verified(p, trusted_key, require_signature, limits)
+    return Bundle(path=p, manifest=manifest, signature=sig, manifest_sha256=digest, limits=limits)
+
+
+def verify_bundle(path: str | os.PathLike[str], *, trusted_key: TrustedKeys | None = None,
+                  require_signature: bool = True, limits: BundleLimits = BundleLimits()) -> Manifest:
+    """Verify a bundle completely (as :func:`open_bundle`) and return its manifest."""
+    return open_bundle(path, trusted_key=trusted_key, require_signature=require_signature, limits=limits).manifest
+
+
+def read_manifest_unverified(path: str | os.PathLike[str], *, limits: BundleLimits = BundleLimits()) -> Manifest:
+    """The manifest, parsed but NOT verified (for ``edgeloop bundle inspect``); never trust it."""
+    p = Path(path)
+    with _open_zip(p, limits) as zf:
+        if MANIFEST_MEMBER not in zf.namelist():
+            raise _fail("bundle has no manifest.json", "missing-manifest", member=MANIFEST_MEMBER, path=p)
+        return _parse_manifest(_read_member(zf, MANIFEST_MEMBER, p, limits.max_manifest_bytes), p)
+
+
+def read_signature_unverified(path: str | os.PathLike[str], *,
+                              limits: BundleLimits = BundleLimits()) -> SignatureInfo | None:
+    """``manifest.sig`` as written (``verified=False``), or None for an unsigned bundle."""
+    p = Path(path)
+    with _open_zip(p, limits) as zf:
+        if SIGNATURE_MEMBER not in zf.namelist():
+            return None
+        return _parse_signature(_read_member(zf, SIGNATURE_MEMBER, p, 64 << 10), p)
