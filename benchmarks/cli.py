@@ -1,0 +1,94 @@
+"""``edgeloop bench``: the model matrix of a bundle or run, and ``--compare A.json B.json``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edge_agent.cliutil import add_json_flag, emit
+from edge_agent.errors import BenchmarkError
+
+__all__ = ["register"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("bench", help="latency, throughput, memory, size and accuracy of every variant",
+                       description="Benchmark every variant of a bundle (and PyTorch eager for a run) across "
+                                   "runtimes, thread counts and batch sizes, each cell in a fresh process.")
+    p.add_argument("target", nargs="?", type=Path, help="a bundle (.elb) or a training run directory")
+    p.add_argument("--bundle", type=Path, help="with a run directory: the bundle exported from it")
+    p.add_argument("--threads", type=_ints, default=(1, 2, 4), help="thread counts (default 1,2,4)")
+    p.add_argument("--batch", type=_ints, default=(1, 8), help="batch sizes (default 1,8)")
+    p.add_argument("--runs", type=int, default=200, help="timed runs per cell (default 200)")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up runs per cell (default 20)")
+    p.add_argument("--time-budget", type=float, default=10.0, help="seconds per cell before stopping early (default 10)")
+    p.add_argument("--variants", type=lambda s: tuple(v for v in s.split(",") if v), default=(),
+                   help="only these variant ids (comma-separated)")
+    p.add_argument("--key", type=Path, help="verify the bundle's signature with this public key")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory (default bench-results/)")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print B/A ratios cell by cell")
+    add_json_flag(p)
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .report import compare, compare_table, load_result
+
+    if args.compare:
+        ratios = compare(load_result(args.compare[0]), load_result(args.compare[1]))
+        if not ratios:
+            raise BenchmarkError("the two results have no cell in common", hint="compare results of the same bundle")
+        emit(args, ratios, lambda: print(compare_table(ratios)))
+        return 0
+    if args.target is None:
+        raise BenchmarkError("nothing to benchmark", hint="give a bundle (.elb) or a run directory, or --compare A B")
+    return _run_bench(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .model_bench import BenchConfig, entries_from_bundle, entry_from_run, run_matrix, workdir
+    from .report import markdown_table, write_report
+    from .sysinfo import system_info
+
+    config = BenchConfig(threads=args.threads, batches=args.batch, runs=args.runs, warmup=args.warmup,
+                         time_budget_s=args.time_budget, variants=args.variants)
+    target: Path = args.target
+    if not target.exists():
+        raise BenchmarkError(f"{target} does not exist", hint="give a bundle (.elb) or a training run directory")
+    entries = []
+    bundle = args.bundle
+    if target.is_dir():
+        if not (target / "checkpoint.pt").exists():
+            raise BenchmarkError(f"{target} is not a training run (no checkpoint.pt)")
+        entries.append(entry_from_run(target))
+        if bundle is None:
+            found = sorted(target.glob("*.elb")) + sorted(target.glob("export/*.elb"))
+            bundle = found[-1] if found else None
+    else:
+        bundle = target
+    key = None
+    if args.key is not None:
+        from edge_agent.signing import load_public_key
+
+        key = load_public_key(args.key)
+    with workdir() as tmp:
+        if bundle is not None:
+            entries.extend(entries_from_bundle(bundle, Path(tmp), trusted_key=key, only=config.variants))
+        if not entries:
+            raise BenchmarkError(f"nothing to benchmark in {target}", hint="export the run first: edgeloop export RUN")
+        quiet = args.json or not sys.stderr.isatty()
+        cells = run_matrix(entries, config, progress=None if quiet else lambda m: print(f"  measuring {m}", file=sys.stderr))
+        result = {"system": system_info(), "config": {k: getattr(config, k) for k in ("threads", "batches", "runs", "warmup", "time_budget_s")},
+                  "target": str(target), "cells": [c.to_dict() for c in cells]}
+    paths = write_report(result, args.out)
+    emit(args, {**result, "files": {k: str(v) for k, v in paths.items()}},
+         lambda: print(markdown_table(result) + f"\nwrote {', '.join(str(p) for p in paths.values())}"))
+    return 0
