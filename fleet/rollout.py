@@ -1,0 +1,453 @@
+"""The staged rollout as a pure state machine: no clock, no MQTT, no database.
+
+A rollout sends one bundle version to a canary group, then to growing waves of the
+fleet.  Per wave: deploy, wait for every device's job to end (or time out), soak, then
+judge the wave's health; if more than ``max_failures`` of the wave failed, the rollout
+halts and every device it updated is rolled back to its previous version.
+
+:func:`advance` takes the state, the time and what was observed (job outcomes, and
+health verdicts once a soak is over) and returns the next state plus the commands to
+send.  The I/O lives in :mod:`fleet.rollout_driver`, which persists the state after
+every transition, so a fleet restarted mid-rollout carries on from its database.
+
+Statuses: ``pending`` → ``running`` (phase ``deploying`` / ``soaking``) ⇄ ``paused``;
+ends in ``completed``, ``aborted`` or, through ``rolling_back``, ``rolled_back``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.errors import ConfigError, RolloutError
+
+__all__ = [
+    "HealthPolicy",
+    "HealthSample",
+    "assess_health",
+    "RolloutPlan",
+    "DeviceProgress",
+    "RolloutEvent",
+    "RolloutState",
+    "JobOutcome",
+    "Deploy",
+    "Rollback",
+    "Action",
+    "new_rollout",
+    "wave_sizes",
+    "advance",
+    "pause",
+    "resume",
+    "abort",
+    "rollback",
+    "TERMINAL",
+]
+
+ROLLOUT_SCHEMA_VERSION = 1
+TERMINAL = frozenset({"completed", "aborted", "rolled_back"})
+_FAILED = frozenset({"failed", "timed_out", "unhealthy"})
+# Devices that run, or may run, the new version: what a rollback has to revert.
+_MAY_RUN_NEW = frozenset({"updated", "sent", "timed_out", "unhealthy"})
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """What makes an updated device unhealthy after its soak, compared with before the update."""
+
+    max_error_rate: float = 0.02  # inference errors / inferences
+    max_latency_ratio: float = 2.0  # p99 after / p99 before
+    max_confidence_drop: float = 0.15  # absolute drop of the mean top-1 confidence
+    max_accuracy_drop: float = 5.0  # percentage points, on feedback labels
+    min_feedback: int = 10  # fewer labels than this say nothing about accuracy
+    new_drift_alarm: bool = True  # an alarm that was not there before the update fails the device
+
+
+@dataclass(frozen=True)
+class HealthSample:
+    """A device's telemetry and feedback over one period (before or after an update)."""
+
+    inferences: int = 0
+    errors: int = 0
+    latency_p99_ms: float | None = None
+    mean_confidence: float | None = None
+    drift_alarm: bool = False
+    feedback_n: int = 0
+    feedback_correct: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.feedback_correct / self.feedback_n if self.feedback_n else None
+
+
+def assess_health(before: HealthSample | None, after: HealthSample, policy: HealthPolicy) -> tuple[str, ...]:
+    """Reasons the device is unhealthy after the update (empty: healthy)."""
+    reasons = []
+    if after.inferences and after.errors / after.inferences > policy.max_error_rate:
+        reasons.append(f"error rate {after.errors / after.inferences:.1%}")
+    elif not after.inferences and after.errors:
+        reasons.append(f"{after.errors} errors and no inference")
+    if before is None:
+        return tuple(reasons)
+    if (before.latency_p99_ms and after.latency_p99_ms
+            and after.latency_p99_ms > policy.max_latency_ratio * before.latency_p99_ms):
+        reasons.append(f"p99 latency {before.latency_p99_ms:.1f} -> {after.latency_p99_ms:.1f} ms")
+    if (before.mean_confidence is not None and after.mean_confidence is not None
+            and before.mean_confidence - after.mean_confidence > policy.max_confidence_drop):
+        reasons.append(f"confidence {before.mean_confidence:.2f} -> {after.mean_confidence:.2f}")
+    if policy.new_drift_alarm and after.drift_alarm and not before.drift_alarm:
+        reasons.append("new drift alarm")
+    acc_b, acc_a = before.accuracy, after.accuracy
+    if (acc_b is not None and acc_a is not None and before.feedback_n >= policy.min_feedback
+            and after.feedback_n >= policy.min_feedback and 100 * (acc_b - acc_a) > policy.max_accuracy_drop):
+        reasons.append(f"accuracy on feedback {acc_b:.1%} -> {acc_a:.1%}")
+    return tuple(reasons)
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """How to stage a rollout; fractions are of the target devices (0.1 = 10 %)."""
+
+    canary: float = 0.10
+    waves: tuple[float, ...] = (0.25, 0.5, 1.0)  # cumulative shares after the canary
+    soak_s: float = 60.0
+    max_failures: float = 0.05  # share of a wave that may fail
+    job_timeout_s: float = 300.0  # a device that has not finished by then failed
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "waves", tuple(float(w) for w in self.waves))
+        if isinstance(self.health, Mapping):
+            object.__setattr__(self, "health", HealthPolicy(**self.health))
+        if not 0.0 < self.canary <= 1.0:
+            raise ConfigError(f"canary {self.canary:g} must be a share in (0, 1]", hint="e.g. --canary 10%")
+        if any(not 0.0 < w <= 1.0 for w in self.waves) or list(self.waves) != sorted(set(self.waves)):
+            raise ConfigError(f"waves {self.waves} must be increasing shares in (0, 1]", hint="e.g. --waves 25,50,100")
+        if self.soak_s < 0 or self.job_timeout_s <= 0:
+            raise ConfigError("soak must be >= 0 s and the job timeout > 0 s", hint="e.g. --soak 60s")
+        if not 0.0 <= self.max_failures < 1.0:
+            raise ConfigError(f"max_failures {self.max_failures:g} must be a share in [0, 1)", hint="e.g. --max-failures 5%")
+
+
+def wave_sizes(n: int, plan: RolloutPlan) -> list[int]:
+    """Device counts per stage (canary first); empty stages are dropped."""
+    if n <= 0:
+        return []
+    cumulative = [max(1, math.ceil(plan.canary * n - 1e-9))]
+    for share in plan.waves:
+        cumulative.append(max(cumulative[-1], min(n, math.ceil(share * n - 1e-9))))
+    sizes, prev = [], 0
+    for c in cumulative:
+        if c > prev:
+            sizes.append(c - prev)
+        prev = c
+    return sizes
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    """One device in a rollout.
+
+    status: ``pending`` → ``sent`` → ``updated`` | ``failed`` (the device reported a
+    failure and kept its old version) | ``timed_out``; ``updated`` → ``unhealthy`` after a
+    bad soak; when rolled back: ``rolling_back`` → ``rolled_back`` | ``rollback_failed``.
+    """
+
+    device_id: str
+    wave: int
+    previous_version: str | None = None
+    status: str = "pending"
+    job_id: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    ts: float
+    kind: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """The last step a device reported for one job."""
+
+    step: str
+    ok: bool = True
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Deploy:
+    device_id: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Rollback:
+    device_id: str
+    job_id: str
+    to_version: str | None
+    reason: str
+
+
+Action = Deploy | Rollback
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """Everything a driver needs to carry on; JSON round-trips with to_dict/from_dict."""
+
+    rollout_id: str
+    name: str
+    version: str
+    plan: RolloutPlan
+    devices: tuple[DeviceProgress, ...]
+    created_at: float
+    status: str = "pending"
+    phase: str = ""
+    wave: int = 0
+    n_waves: int = 0
+    phase_started_at: float | None = None
+    paused_at: float | None = None
+    reason: str = ""
+    events: tuple[RolloutEvent, ...] = ()
+    schema_version: int = ROLLOUT_SCHEMA_VERSION
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def device(self, device_id: str) -> DeviceProgress:
+        for d in self.devices:
+            if d.device_id == device_id:
+                return d
+        raise RolloutError(f"device {device_id} is not part of rollout {self.rollout_id}", device_id=device_id)
+
+    def in_wave(self, wave: int) -> list[DeviceProgress]:
+        return [d for d in self.devices if d.wave == wave]
+
+    def open_jobs(self) -> dict[str, str]:
+        """job id -> device id for every job whose outcome the machine still waits on."""
+        return {d.job_id: d.device_id for d in self.devices if d.job_id and d.status in ("sent", "rolling_back")}
+
+    def wants_health(self, now: float) -> bool:
+        """True when the current wave's soak is over and :func:`advance` needs health verdicts."""
+        return (self.status == "running" and self.phase == "soaking" and self.phase_started_at is not None
+                and now - self.phase_started_at >= self.plan.soak_s)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.devices:
+            out[d.status] = out.get(d.status, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:
+        try:
+            d = dict(data)
+            plan = dict(d["plan"])
+            plan["health"] = HealthPolicy(**plan.get("health", {}))
+            d["plan"] = RolloutPlan(**plan)
+            d["devices"] = tuple(DeviceProgress(**x) for x in d["devices"])
+            d["events"] = tuple(RolloutEvent(**x) for x in d.get("events", ()))
+            if d.get("schema_version", ROLLOUT_SCHEMA_VERSION) != ROLLOUT_SCHEMA_VERSION:
+                raise RolloutError(f"rollout state schema {d['schema_version']} is not supported")
+            return cls(**d)
+        except (KeyError, TypeError) as exc:
+            raise RolloutError(f"corrupt rollout state: {exc}", hint="abort the rollout and start a new one") from exc
+
+
+# --------------------------------------------------------------------------- building
+
+
+def new_rollout(rollout_id: str, name: str, version: str, devices: Sequence[tuple[str, str | None]],
+                plan: RolloutPlan, *, now: float) -> RolloutState:
+    """A pending rollout of ``version`` over ``devices`` (``(device_id, current_version)``, in wave order)."""
+    if not devices:
+        raise RolloutError(f"no device to roll {name} {version} out to",
+                           hint="check `edgeloop fleet devices`: targets must be online and on another version")
+    sizes = wave_sizes(len(devices), plan)
+    progress, i = [], 0
+    for wave, size in enumerate(sizes):
+        for dev, current in devices[i:i + size]:
+            progress.append(DeviceProgress(dev, wave, previous_version=current))
+        i += size
+    return RolloutState(rollout_id, name, version, plan, tuple(progress), created_at=now, n_waves=len(sizes),
+                        events=(RolloutEvent(now, "created", f"{len(devices)} devices in waves {sizes}"),))
+
+
+def _with(state: RolloutState, now: float, kind: str, detail: str = "", **changes: Any) -> RolloutState:
+    return dataclasses.replace(state, events=state.events + (RolloutEvent(now, kind, detail),), **changes)
+
+
+def _set_devices(state: RolloutState, updates: Mapping[str, DeviceProgress]) -> RolloutState:
+    return dataclasses.replace(state, devices=tuple(updates.get(d.device_id, d) for d in state.devices))
+
+
+def _start_wave(state: RolloutState, wave: int, now: float) -> tuple[RolloutState, list[Action]]:
+    actions: list[Action] = []
+    updates = {}
+    for d in state.in_wave(wave):
+        job_id = f"{state.rollout_id}-w{wave}-{d.device_id}"
+        updates[d.device_id] = dataclasses.replace(d, status="sent", job_id=job_id)
+        actions.append(Deploy(d.device_id, job_id))
+    state = _set_devices(state, updates)
+    label = "canary" if wave == 0 else f"wave {wave}"
+    state = _with(state, now, "wave_started", f"{label}: {len(actions)} devices", status="running",
+                  phase="deploying", wave=wave, phase_started_at=now)
+    return state, actions
+
+
+def _start_rollback(state: RolloutState, now: float, reason: str) -> tuple[RolloutState, list[Action]]:
+    """Roll back every device the rollout touched that may now run the new version."""
+    actions: list[Action] = []
+    updates = {}
+    for d in state.devices:
+        if d.status in _MAY_RUN_NEW:
+            job_id = f"{state.rollout_id}-rb-{d.device_id}"
+            updates[d.device_id] = dataclasses.replace(d, status="rolling_back", job_id=job_id)
+            actions.append(Rollback(d.device_id, job_id, d.previous_version, reason))
+    state = _set_devices(state, updates)
+    if not actions:
+        return _with(state, now, "rolled_back", f"{reason}; no device to roll back",
+                     status="rolled_back", phase="", reason=reason), []
+    return _with(state, now, "rolling_back", f"{reason}; {len(actions)} devices", status="rolling_back",
+                 phase="", reason=reason, phase_started_at=now), actions
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+def _record_jobs(state: RolloutState, jobs: Mapping[str, JobOutcome]) -> RolloutState:
+    updates = {}
+    for d in state.devices:
+        out = jobs.get(d.job_id) if d.job_id else None
+        if out is None:
+            continue
+        if d.status == "sent":
+            if out.step == "completed" and out.ok:
+                updates[d.device_id] = dataclasses.replace(d, status="updated", detail="")
+            elif out.step in ("failed", "rolled_back") or not out.ok:
+                # rolled_back here means the device's own health check reverted it.
+                updates[d.device_id] = dataclasses.replace(d, status="failed", detail=f"{out.step}: {out.detail}".strip(": "))
+        elif d.status == "rolling_back":
+            if out.step in ("completed", "rolled_back") and out.ok:
+                updates[d.device_id] = dataclasses.replace(d, status="rolled_back", detail="")
+            elif out.step == "failed" or not out.ok:
+                updates[d.device_id] = dataclasses.replace(d, status="rollback_failed", detail=out.detail)
+    return _set_devices(state, updates) if updates else state
+
+
+def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | None = None,
+            health: Mapping[str, Sequence[str]] | None = None) -> tuple[RolloutState, list[Action]]:
+    """One step: record job outcomes, then move on if the current phase is over.
+
+    ``jobs`` maps job ids to their latest outcome; ``health`` maps each updated device of
+    the current wave to the reasons it is unhealthy (empty: healthy) and is only read
+    when :meth:`RolloutState.wants_health` is true.
+    """
+    state = _record_jobs(state, jobs or {})
+    if state.terminal or state.status == "paused":
+        return state, []
+    if state.status == "pending":
+        return _start_wave(state, 0, now)
+    if state.status == "rolling_back":
+        waiting = [d for d in state.devices if d.status == "rolling_back"]
+        assert state.phase_started_at is not None
+        if waiting and now - state.phase_started_at < state.plan.job_timeout_s:
+            return state, []
+        if waiting:
+            state = _set_devices(state, {d.device_id: dataclasses.replace(d, status="rollback_failed",
+                                                                         detail="no answer before the timeout")
+                                         for d in waiting})
+        c = state.counts()
+        return _with(state, now, "rolled_back", f"{c.get('rolled_back', 0)} rolled back, "
+                     f"{c.get('rollback_failed', 0)} failed to", status="rolled_back"), []
+    assert state.phase_started_at is not None
+    wave = state.in_wave(state.wave)
+    if state.phase == "deploying":
+        waiting = [d for d in wave if d.status == "sent"]
+        if waiting and now - state.phase_started_at < state.plan.job_timeout_s:
+            return state, []
+        if waiting:
+            state = _set_devices(state, {d.device_id: dataclasses.replace(d, status="timed_out", detail="no outcome before the timeout")
+                                         for d in waiting})
+            wave = state.in_wave(state.wave)
+        failed = [d for d in wave if d.status in _FAILED]
+        if len(failed) / len(wave) > state.plan.max_failures:
+            return _start_rollback(state, now, f"wave {state.wave}: {len(failed)}/{len(wave)} updates failed "
+                                               f"({', '.join(d.device_id for d in failed)})")
+        return _with(state, now, "soaking", f"wave {state.wave}: {len(wave) - len(failed)}/{len(wave)} updated",
+                     phase="soaking", phase_started_at=now), []
+    # soaking
+    if not state.wants_health(now):
+        return state, []
+    if health is None:
+        return state, []  # the driver has to compute the verdicts first
+    updates = {}
+    for d in wave:
+        reasons = tuple(health.get(d.device_id, ()))
+        if d.status == "updated" and reasons:
+            updates[d.device_id] = dataclasses.replace(d, status="unhealthy", detail="; ".join(reasons))
+    state = _set_devices(state, updates)
+    wave = state.in_wave(state.wave)
+    failed = [d for d in wave if d.status in _FAILED]
+    if len(failed) / len(wave) > state.plan.max_failures:
+        return _start_rollback(state, now, f"wave {state.wave} unhealthy: {len(failed)}/{len(wave)} devices failed "
+                                           f"({'; '.join(f'{d.device_id}: {d.detail}' for d in failed)})")
+    state = _with(state, now, "wave_healthy", f"wave {state.wave}: {len(wave) - len(failed)}/{len(wave)} healthy")
+    if state.wave + 1 < state.n_waves:
+        return _start_wave(state, state.wave + 1, now)
+    c = state.counts()
+    return _with(state, now, "completed", f"{c.get('updated', 0)} devices on {state.version}",
+                 status="completed", phase=""), []
+
+
+# --------------------------------------------------------------------------- operator commands
+
+
+def _require_live(state: RolloutState, verb: str) -> None:
+    if state.terminal:
+        raise RolloutError(f"rollout {state.rollout_id} is {state.status}; cannot {verb} it",
+                           rollout_id=state.rollout_id)
+
+
+def pause(state: RolloutState, now: float) -> RolloutState:
+    """Stop sending new waves; outcomes are still recorded.  Pausing twice is a no-op."""
+    _require_live(state, "pause")
+    if state.status == "paused":
+        return state
+    if state.status == "rolling_back":
+        raise RolloutError(f"rollout {state.rollout_id} is rolling back; it cannot be paused")
+    return _with(state, now, "paused", status="paused", paused_at=now)
+
+
+def resume(state: RolloutState, now: float) -> RolloutState:
+    """Carry on where :func:`pause` stopped; the phase's clock does not run while paused."""
+    _require_live(state, "resume")
+    if state.status != "paused":
+        return state
+    started = state.phase_started_at
+    if started is not None and state.paused_at is not None:
+        started += now - state.paused_at
+    status = "pending" if state.phase == "" else "running"
+    return _with(state, now, "resumed", status=status, paused_at=None, phase_started_at=started)
+
+
+def abort(state: RolloutState, now: float, reason: str = "aborted by operator") -> RolloutState:
+    """Stop for good; updated devices keep the new version (use :func:`rollback` to revert)."""
+    _require_live(state, "abort")
+    return _with(state, now, "aborted", reason, status="aborted", phase="", reason=reason)
+
+
+def rollback(state: RolloutState, now: float, reason: str = "rolled back by operator") -> tuple[RolloutState, list[Action]]:
+    """Roll every updated device back to its previous version (also after completion)."""
+    if state.status in ("rolled_back", "rolling_back"):
+        return state, []
+    return _start_rollback(state, now, reason)
