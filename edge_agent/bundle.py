@@ -103,7 +103,7 @@ def _check_member_name(name: str, path: Path | None) -> None:
     bad = (not name or name.startswith("/") or "\\" in name or "\x00" in name or ":" in parts[0]
            or any(p in ("", ".", "..") for p in parts))
     if bad:
-        raise _fail(f"member {name!r} has an unsafe path (escapes the bundle)", "unsafe-path",
+        raise _fail(f"member {name} has an unsafe path (escapes the bundle)", "unsafe-path",
                     member=name, path=path)
 
 
@@ -181,7 +181,7 @@ def write_bundle(path: str | os.PathLike[str], manifest: Manifest, files: Mappin
                 if signing_key is not None:
                     zf.writestr(_zipinfo(SIGNATURE_MEMBER), _signature_bytes(signing_key, mbytes))
                 for name in sorted(members):
-                    _write_member(zf, name, members[name], digests[name][0])
+                    _write_member(zf, name, members[name], digests[name])
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -192,17 +192,20 @@ def write_bundle(path: str | os.PathLike[str], manifest: Manifest, files: Mappin
     return path
 
 
-def _write_member(zf: zipfile.ZipFile, name: str, content: bytes | Path, expected: str) -> None:
+def _write_member(zf: zipfile.ZipFile, name: str, content: bytes | Path, digest: tuple[str, int]) -> None:
     info = _zipinfo(name)
     if isinstance(content, bytes):
         zf.writestr(info, content)
         return
+    # Declaring the size up front gives the same header writestr would (zip64 only when
+    # needed), so a bundle's bytes do not depend on how its files were passed in.
+    info.file_size = digest[1]
     h = hashlib.sha256()
-    with Path(content).open("rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+    with Path(content).open("rb") as src, zf.open(info, "w") as dst:
         while chunk := src.read(_CHUNK):
             h.update(chunk)
             dst.write(chunk)
-    if h.hexdigest() != expected:  # the source changed between hashing and copying
+    if h.hexdigest() != digest[0]:  # the source changed between hashing and copying
         raise BundleError(f"{content} changed while the bundle was being written", member=name,
                           reason="hash-mismatch", hint="write the bundle again")
 
@@ -301,7 +304,7 @@ def _parse_manifest(data: bytes, path: Path) -> Manifest:
     try:
         return Manifest.from_dict(doc)
     except BundleError as exc:
-        raise _fail(exc.message, "invalid-manifest", member=MANIFEST_MEMBER, path=path) from exc
+        raise _fail(f"manifest.json: {exc.message}", "invalid-manifest", member=MANIFEST_MEMBER, path=path) from exc
 
 
 def _parse_signature(data: bytes, path: Path) -> SignatureInfo:
@@ -339,13 +342,13 @@ def _check_signature(zf: zipfile.ZipFile, mbytes: bytes, path: Path, trusted: li
     info = _parse_signature(_read_member(zf, SIGNATURE_MEMBER, path, 64 << 10), path)
     if not trusted:
         if require:
-            raise _fail(f"bundle is signed by key {info.key_id} but no trusted public key was given",
+            raise _fail(f"manifest.sig: bundle is signed by key {info.key_id} but no trusted public key was given",
                         "no-trusted-key", member=SIGNATURE_MEMBER, path=path, cls=SignatureError,
-                        hint="pass the signer's public key (--key edgeloop.pub)")
+                        hint="pass the signer's public key, e.g. --key edgeloop.pub")
         return info
     key = next((k for k in trusted if k.key_id == info.key_id), None)
     if key is None:
-        raise _fail(f"bundle is signed by key {info.key_id}, which is not trusted "
+        raise _fail(f"manifest.sig: bundle is signed by key {info.key_id}, which is not trusted "
                     f"(trusted: {', '.join(k.key_id for k in trusted)})", "wrong-key", member=SIGNATURE_MEMBER,
                     path=path, cls=SignatureError, hint="verify with the public key of the key that signed it")
     if not verify(key, mbytes, info.signature):
@@ -360,11 +363,11 @@ def _check_members(zf: zipfile.ZipFile, manifest: Manifest, path: Path) -> None:
         _check_member_name(name, path)
     for v in manifest.variants:
         if listed.get(v.file) != v.sha256:
-            raise _fail(f"variant {v.id}: {v.file} is not listed in manifest.members with the same sha256",
+            raise _fail(f"manifest.json: variant {v.id}: {v.file} is not listed in manifest.members with the same sha256",
                         "invalid-manifest", member=MANIFEST_MEMBER, path=path)
     for name in (manifest.baseline, manifest.health):
         if name is not None and name not in listed:
-            raise _fail(f"manifest names {name} but does not list it in members", "invalid-manifest",
+            raise _fail(f"manifest.json names {name} but does not list it in members", "invalid-manifest",
                         member=MANIFEST_MEMBER, path=path)
     present = set(zf.namelist())
     for name in sorted(present - set(listed) - set(_RESERVED)):

@@ -1,0 +1,144 @@
+"""``edgeloop keys`` and ``edgeloop bundle inspect|verify|create``.
+
+Only ``inspect`` and ``verify`` run on a device, so this module imports nothing but
+``edge_agent`` (numpy at most): no onnx, no torch.  ``bundle create`` hands over to
+``export.byom`` lazily, inside its handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from edge_agent.cliutil import add_json_flag, emit
+from edge_agent.errors import ConfigError, ExportError
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``keys`` and ``bundle`` command groups to the ``edgeloop`` parser."""
+    keys = subparsers.add_parser("keys", help="create Ed25519 signing keys for bundles")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
+    new = keys_sub.add_parser("new", help="create a key pair (edgeloop.key, mode 0600, and edgeloop.pub)")
+    new.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                     help="directory for the key files, created if needed (default: .)")
+    new.add_argument("--name", default="edgeloop", help="file stem: NAME.key and NAME.pub (default: edgeloop)")
+    new.add_argument("--force", action="store_true", help="replace existing key files")
+    add_json_flag(new)
+    new.set_defaults(func=_keys_new)
+
+    bundle = subparsers.add_parser("bundle", help="inspect, verify or create signed model bundles (.elb)")
+    bsub = bundle.add_subparsers(dest="bundle_command", metavar="SUBCOMMAND", required=True)
+
+    inspect = bsub.add_parser("inspect", help="show a bundle's manifest (not verified)")
+    inspect.add_argument("file", type=Path, metavar="FILE")
+    add_json_flag(inspect)
+    inspect.set_defaults(func=_inspect)
+
+    verify = bsub.add_parser("verify", help="verify every member's hash and the signature; exit 0 only when valid")
+    verify.add_argument("file", type=Path, metavar="FILE")
+    verify.add_argument("--key", metavar="PUB", help="trusted public key: a .pub file or its base64 string")
+    verify.add_argument("--allow-unsigned", action="store_true",
+                        help="accept an unsigned bundle (integrity only; development use)")
+    add_json_flag(verify)
+    verify.set_defaults(func=_verify)
+
+    create = bsub.add_parser("create", help="bundle your own .onnx / .tflite model (bring your own model)")
+    create.add_argument("--model", type=Path, required=True, metavar="FILE", help="FILE.onnx or FILE.tflite")
+    create.add_argument("--labels", type=Path, required=True, metavar="FILE", help="class names, one per line")
+    create.add_argument("--name", required=True, help="model name")
+    create.add_argument("--version", required=True, help="model version, e.g. 1.0.0")
+    create.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input height and width")
+    create.add_argument("--channels", type=int, choices=(1, 3), default=1, help="input channels (default 1)")
+    create.add_argument("--mean", type=float, nargs="+", help="per-channel mean after scaling to [0, 1]")
+    create.add_argument("--std", type=float, nargs="+", help="per-channel std after scaling to [0, 1]")
+    create.add_argument("--baseline-dir", type=Path, metavar="DIR",
+                        help="images (one folder per class) to compute the drift baseline from")
+    create.add_argument("--sign", type=Path, metavar="KEY", help="private key file to sign the bundle with")
+    create.add_argument("--out", type=Path, required=True, metavar="FILE", help="bundle file to write (.elb)")
+    add_json_flag(create)
+    create.set_defaults(func=_create)
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from edge_agent.signing import save_keypair
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a directory", hint="give a directory for the key files")
+    paths = save_keypair(args.out / args.name, overwrite=args.force)
+    data = {"key_id": paths.key_id, "private_key": str(paths.private), "public_key": str(paths.public)}
+    emit(args, data, f"key {paths.key_id}\n  private: {paths.private} (keep secret; sign with --sign)\n"
+                     f"  public:  {paths.public} (give to devices; verify with --key)")
+    return 0
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from edge_agent.bundle import read_manifest_unverified, read_signature_unverified
+
+    manifest = read_manifest_unverified(args.file)
+    sig = read_signature_unverified(args.file)
+    data: dict[str, Any] = {"file": str(args.file), "verified": False,
+                            "signature": None if sig is None else {"algorithm": sig.algorithm, "key_id": sig.key_id},
+                            "manifest": manifest}
+
+    def human() -> None:
+        m, pre = manifest, manifest.preprocessing
+        print(f"{m.name} {m.version}  (created {m.created})  -- NOT verified; use `edgeloop bundle verify`")
+        print(f"signature: {'none (unsigned)' if sig is None else f'{sig.algorithm}, key id {sig.key_id}'}")
+        print(f"labels ({len(m.labels)}): {', '.join(m.labels[:10])}{' ...' if len(m.labels) > 10 else ''}")
+        print(f"input: {m.input.name} {list(m.input.shape)} {m.input.dtype} {m.input.layout}; preprocessing: "
+              f"{pre.size[0]}x{pre.size[1]}, {pre.channels} ch, mean {list(pre.mean)}, std {list(pre.std)}")
+        ref = _fmt(None if m.reference_accuracy is None else 100 * m.reference_accuracy, ".2f")
+        print(f"reference accuracy: {ref}%  accuracy budget: {m.accuracy_budget} pp")
+        rows = [["variant", "format", "precision", "size", "test acc %", "drop pp", "latency ms", "sha256"]]
+        for v in m.variants:
+            acc = None if v.test_accuracy is None else 100 * v.test_accuracy
+            rows.append([v.id, v.format, v.precision, _size(v.size), _fmt(acc, ".2f"),
+                         _fmt(v.accuracy_drop, ".2f"), _fmt(v.latency_ms, ".3f"), v.sha256[:12]])
+        print(_table(rows))
+        others = sorted(set(m.members) - {v.file for v in m.variants})
+        print(f"other members: {', '.join(others) if others else '-'}")
+        if m.lineage.run_id or m.lineage.parent_version:
+            print(f"lineage: run {m.lineage.run_id or '-'}, parent {m.lineage.parent_version or '-'}, "
+                  f"data {m.lineage.data_hash or '-'}")
+
+    emit(args, data, human)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from edge_agent.bundle import open_bundle
+
+    bundle = open_bundle(args.file, trusted_key=args.key, require_signature=not args.allow_unsigned)
+    m = bundle.manifest
+    data = {"file": str(args.file), "valid": True, "name": m.name, "version": m.version,
+            "signed_by": bundle.signed_by, "manifest_sha256": bundle.manifest_sha256,
+            "members": len(m.members), "variants": [v.id for v in m.variants]}
+    who = f"signed by key {bundle.signed_by}" if bundle.signed_by else "signature NOT checked (--allow-unsigned)"
+    emit(args, data, f"OK {m.name} {m.version}: {len(m.members)} members verified, {who}")
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    try:
+        from export.byom import create_bundle  # heavy (onnx / tflite inspection): only when asked
+    except ModuleNotFoundError as exc:
+        raise ExportError(f"`edgeloop bundle create` needs {exc.name}, which is not installed",
+                          hint="install the build extra: pip install 'edgeloop[train]'") from exc
+    result = create_bundle(args)
+    return int(result) if isinstance(result, int) else 0
