@@ -1,0 +1,139 @@
+"""The SQL behind :meth:`fleet.registry.Registry.apply`: one ingest batch, one transaction.
+
+Kept apart from ``registry.py`` because it is the hot path and reads differently:
+rows go in with executemany (``insert(...)`` + a list of dicts), and each device row
+is updated once per batch however many messages it sent.  New devices are inserted
+with ``ON CONFLICT DO NOTHING`` so two fleet workers sharing a subscription can
+meet the same new device without failing the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from .models import Device, DriftRow, JobRow, PendingLabel, SampleRow, TelemetryRow
+
+_TELEMETRY_COLUMNS = ("seq", "model_version", "inferences", "inferences_interval", "errors", "latency_p50_ms",
+                      "latency_p99_ms", "mean_confidence", "drift_alarm")
+
+
+def _insert_ignore(s: Session, table: Any, rows: list[dict[str, Any]], key: str) -> None:
+    """INSERT ... ON CONFLICT (key) DO NOTHING on SQLite and PostgreSQL."""
+    if not rows:
+        return
+    name = s.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    s.execute(dialect_insert(table).on_conflict_do_nothing(index_elements=[key]), rows)
+
+
+def apply_batch(s: Session, batch: Any) -> None:
+    """Write an :class:`~fleet.registry.IngestBatch` through session ``s`` (inside a transaction)."""
+    changes: dict[str, dict[str, Any]] = {}  # device id -> column updates, last message wins
+    for device_id, received in batch.seen.items():
+        changes.setdefault(device_id, {})["last_seen"] = received
+
+    for msg, _ in batch.states:
+        changes.setdefault(msg.device_id, {}).update(
+            online=msg.online, state_ts=msg.ts, **({} if not msg.online else dict(
+                model_name=msg.model_name, model_version=msg.model_version, variant=msg.variant,
+                variants=list(msg.variants), variant_latency_ms=dict(msg.variant_latency_ms),
+                hardware=dict(msg.hardware), agent_version=msg.agent_version, delivery=list(msg.delivery),
+                previous_version=msg.previous_version)))
+    if batch.telemetry:
+        rows = []
+        for msg, received in batch.telemetry:
+            data = dataclasses.asdict(msg)
+            rows.append({"device_id": msg.device_id, "ts": msg.ts, "received": received,
+                         **{k: data[k] for k in _TELEMETRY_COLUMNS}, "data": data})
+            c = changes.setdefault(msg.device_id, {})
+            c.update(telemetry=data, telemetry_ts=msg.ts)
+            if msg.model_version:
+                c["model_version"] = msg.model_version
+        s.execute(insert(TelemetryRow), rows)
+    alarms: dict[str, tuple[bool, float]] = {}
+    if batch.drift:
+        rows = []
+        for msg, received in batch.drift:
+            rows.append({"device_id": msg.device_id, "ts": msg.ts, "received": received, "seq": msg.seq,
+                         "window": msg.window, "n": msg.n, "model_version": msg.model_version, "risk": msg.risk,
+                         "alarm": msg.alarm, "input_shift": msg.input_shift,
+                         "mean_confidence": msg.mean_confidence, "scores": dict(msg.scores),
+                         "thresholds": dict(msg.thresholds), "flags": dict(msg.flags),
+                         "class_counts": list(msg.class_counts)})
+            changes.setdefault(msg.device_id, {}).update(drift_alarm=msg.alarm, drift_risk=msg.risk,
+                                                         drift_ts=msg.ts)
+            prev = alarms.get(msg.device_id)
+            # remember when the current streak of alarms started within this batch
+            alarms[msg.device_id] = (msg.alarm, prev[1] if prev and prev[0] and msg.alarm else msg.ts)
+        s.execute(insert(DriftRow), rows)
+    if batch.jobs:
+        s.execute(insert(JobRow), [{"device_id": m.device_id, "job_id": m.job_id, "version": m.version,
+                                    "step": m.step, "ok": m.ok, "detail": m.detail, "progress": m.progress,
+                                    "previous_version": m.previous_version, "ts": m.ts, "received": r}
+                                   for m, r in batch.jobs])
+        for m, _ in batch.jobs:
+            changes.setdefault(m.device_id, {})
+    for rec in batch.samples:
+        changes.setdefault(rec.device_id, {})
+
+    if changes:
+        _update_devices(s, changes, alarms)
+    if batch.samples:
+        _insert_samples(s, batch.samples)
+    if batch.feedback:
+        apply_labels(s, [(f.sample_id, f.label, f.source) for f in batch.feedback], {})
+
+
+def _update_devices(s: Session, changes: dict[str, dict[str, Any]], alarms: dict[str, tuple[bool, float]]) -> None:
+    ids = list(changes)
+    existing = {row.id: row.alarm_since for row in s.execute(
+        select(Device.id, Device.alarm_since, Device.drift_alarm).where(Device.id.in_(ids)))}
+    now = time.time()
+    new = [{"id": d, "first_seen": changes[d].get("last_seen", now), "last_seen": changes[d].get("last_seen", now),
+            "online": True, "variants": [], "variant_latency_ms": {}, "hardware": {}, "delivery": [], "tags": {}}
+           for d in ids if d not in existing]
+    _insert_ignore(s, Device, new, "id")
+    for d, (alarm, start) in alarms.items():
+        prior = existing.get(d)
+        changes[d]["alarm_since"] = (prior if prior is not None else start) if alarm else None
+    for d, values in changes.items():
+        values.setdefault("online", True)  # any message but an offline state is a sign of life
+        s.execute(update(Device).where(Device.id == d).values(**values))
+
+
+def _insert_samples(s: Session, samples: list[Any]) -> None:
+    rows = [dataclasses.asdict(r) for r in samples]
+    _insert_ignore(s, SampleRow, rows, "id")  # a re-sent sample keeps its first record
+    ids = [r["id"] for r in rows]
+    pending = list(s.scalars(select(PendingLabel).where(PendingLabel.sample_id.in_(ids))))
+    if pending:
+        apply_labels(s, [(p.sample_id, p.label, p.source) for p in pending], {})
+
+
+def apply_labels(s: Session, labels: list[tuple[str, str, str]], confidence: dict[str, float]) -> int:
+    """Label existing samples; park labels for unknown ones.  Returns the number of samples labelled."""
+    if not labels:
+        return 0
+    now = time.time()
+    latest: dict[str, tuple[str, str]] = {}
+    for sample_id, label, source in labels:  # the last label for a sample wins
+        latest[sample_id] = (str(label), source)
+    known = set(s.scalars(select(SampleRow.id).where(SampleRow.id.in_(list(latest)))))
+    for sample_id, (label, source) in latest.items():
+        if sample_id in known:
+            s.execute(update(SampleRow).where(SampleRow.id == sample_id).values(
+                label=label, label_source=source, label_confidence=confidence.get(sample_id), labelled_at=now))
+    s.execute(PendingLabel.__table__.delete().where(PendingLabel.sample_id.in_(list(known))))
+    parked = [{"sample_id": k, "label": v[0], "source": v[1], "ts": now} for k, v in latest.items() if k not in known]
+    if parked:
+        s.execute(PendingLabel.__table__.delete().where(PendingLabel.sample_id.in_([p["sample_id"] for p in parked])))
+        s.execute(insert(PendingLabel), parked)
+    return len(known)
