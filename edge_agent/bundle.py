@@ -374,8 +374,7 @@ def _check_members(zf: zipfile.ZipFile, manifest: Manifest, path: Path) -> None:
         raise _fail(f"member {name} is in the bundle but not in the manifest (extra member)", "extra-member",
                     member=name, path=path)
     for name in sorted(set(listed) - present):
-        raise _fail(f"member {name} is listed in the manifest but missing from the bundle", "missing-member",
-                    member=name, path=path)
+        raise _missing(name, path)
     sizes = {v.file: v.size for v in manifest.variants}
     for name in sorted(listed):
         _hash_member(zf, name, listed[name], sizes.get(name), path)

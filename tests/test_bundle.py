@@ -274,6 +274,18 @@ def _zip_bomb(src: Path, out: Path, key: signing.PrivateKey) -> Path:
     return out
 
 
+def _encrypted(src: Path, out: Path, key: signing.PrivateKey) -> Path:
+    # zipfile cannot write encrypted members: set the flag in the central directory.
+    raw = bytearray(src.read_bytes())
+    name = b"baseline.npz"
+    at = raw.index(b"PK\x01\x02")  # central directory entries: flags at +8, name at +46
+    while raw[at + 46: at + 46 + len(name)] != name:
+        at = raw.index(b"PK\x01\x02", at + 4)
+    raw[at + 8] |= 0x01
+    out.write_bytes(bytes(raw))
+    return out
+
+
 CASES: dict[str, tuple[Case, str, str | None, type[BundleError]]] = {
     # case: (make it, reason, member named, error class)
     "not-a-zip": (lambda s, o, k: (o.write_bytes(b"hello, not a zip" * 10), o)[1], "not-a-zip", None, BundleError),
@@ -301,6 +313,7 @@ CASES: dict[str, tuple[Case, str, str | None, type[BundleError]]] = {
     "duplicate": (lambda s, o, k: rewrite(s, o, add={"baseline.npz": b"second copy"}), "duplicate-member",
                   "baseline.npz", BundleError),
     "zip-bomb": (_zip_bomb, "too-large", "manifest.json", BundleError),
+    "encrypted": (_encrypted, "encrypted", "baseline.npz", BundleError),
     "unsigned": (lambda s, o, k: rewrite(s, o, drop=("manifest.sig",)), "missing-signature", "manifest.sig",
                  SignatureError),
     "manifest-edited": (_manifest_edited, "invalid-signature", "manifest.json", SignatureError),
