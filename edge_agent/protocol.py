@@ -2,8 +2,13 @@
 
 Every message is a frozen dataclass with a ``type`` and a ``schema_version``; JSON on the
 wire (UTF-8), except chunks, which carry binary data in a small framed envelope so a
-128 KiB broker limit is not eaten by base64.  ``fleet`` imports all of this from here.
-``docs/protocol.md`` documents the topics and every field.
+128 KiB broker limit is not eaten by base64 (:mod:`edge_agent.chunks`, re-exported here).
+``fleet`` imports all of this from here.  ``docs/protocol.md`` documents the topics, every
+field, QoS/retain and delivery guarantees.
+
+Decoding is strict: unknown types, unknown fields, wrong field types and other schema
+versions raise :class:`ProtocolError`, so a receiver can log and drop instead of acting
+on half-understood input.  Any change to a schema bumps ``PROTOCOL_SCHEMA_VERSION``.
 
 Topic scheme (``{p}`` = ``TopicScheme.prefix``, default ``edgeloop/v1``)::
 
@@ -26,12 +31,27 @@ A device may publish only under ``{p}/devices/{its id}/`` (not ``cmd/``) and rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
 import time
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar, Union
 
+from .chunks import (
+    CHUNK_MAGIC,
+    DEFAULT_CHUNK_SIZE,
+    Completed,
+    Dropped,
+    Frame,
+    Reassembler,
+    is_frame,
+    parse_frame,
+    split,
+)
 from .errors import ProtocolError
 from .manifest import (  # noqa: F401  (the manifest is part of the protocol)
     MANIFEST_SCHEMA_VERSION,
@@ -43,9 +63,29 @@ from .manifest import (  # noqa: F401  (the manifest is part of the protocol)
     Variant,
 )
 
+__all__ = [
+    "PROTOCOL_SCHEMA_VERSION", "DEFAULT_PREFIX", "DEFAULT_CHUNK_SIZE", "DEVICE_KINDS", "COMMAND_KINDS",
+    "PRIORITY_CONTROL", "PRIORITY_REPORT", "PRIORITY_SAMPLES", "SAMPLES_KIND", "BUNDLE_KIND",
+    "validate_device_id", "now", "TopicScheme", "Route", "route",
+    "Message", "DeviceState", "Telemetry", "DriftReportMsg", "JobStatus", "Feedback",
+    "DeployCommand", "RollbackCommand", "BundleRequest", "decode", "decode_as",
+    # chunk framing (edge_agent.chunks)
+    "CHUNK_MAGIC", "Frame", "Completed", "Dropped", "Reassembler", "split", "parse_frame", "is_frame",
+    # the manifest is part of the protocol
+    "MANIFEST_SCHEMA_VERSION", "InputSpec", "Lineage", "Manifest", "OutputSpec", "Preprocessing", "Variant",
+]
+
 PROTOCOL_SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edgeloop/v1"
-DEFAULT_CHUNK_SIZE = 128 * 1024
+
+# Outbox priorities (lower drains first; under a full disk, higher numbers are dropped first).
+PRIORITY_CONTROL = 0  # state, job status, bundle requests: never dropped
+PRIORITY_REPORT = 1  # drift reports, telemetry, feedback
+PRIORITY_SAMPLES = 2  # chunked drift samples: first to go when the outbox is full
+
+# ``Frame.kind`` of the two chunked payloads
+SAMPLES_KIND = "samples"
+BUNDLE_KIND = "bundle"
 
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -65,6 +105,7 @@ def validate_device_id(device_id: str) -> str:
 
 
 def now() -> float:
+    """Wall-clock timestamp (Unix seconds) put in every message's ``ts``."""
     return time.time()
 
 
@@ -73,6 +114,12 @@ class TopicScheme:
     """Builds and parses topics under one prefix."""
 
     prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        levels = self.prefix.split("/") if isinstance(self.prefix, str) else [""]
+        if any(not lv or lv.startswith("$") or set(lv) & {"+", "#", "\0"} for lv in levels):
+            raise ProtocolError(f"invalid topic prefix {self.prefix!r}",
+                                hint="use non-empty levels without wildcards, e.g. 'edgeloop/v1'")
 
     def device(self, device_id: str, kind: str) -> str:
         validate_device_id(device_id)
@@ -96,6 +143,7 @@ class TopicScheme:
 
     @property
     def operator_feedback(self) -> str:
+        """Topic where operators (not devices) post :class:`Feedback`."""
         return f"{self.prefix}/feedback"
 
     def parse(self, topic: str) -> tuple[str, str]:
@@ -127,14 +175,34 @@ class Message:
         if cls.TYPE:
             _REGISTRY[cls.TYPE] = cls
 
+    def __post_init__(self) -> None:
+        device_id = getattr(self, "device_id", None)
+        if device_id is not None:
+            validate_device_id(device_id)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Per-message checks beyond field types; subclasses override."""
+
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict, with ``type`` and ``schema_version``."""
         d = dataclasses.asdict(self)
         d["type"] = self.TYPE
         d["schema_version"] = PROTOCOL_SCHEMA_VERSION
         return d
 
     def encode(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+        """Compact UTF-8 JSON; NaN/Infinity are refused because JSON has no such numbers."""
+        try:
+            return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
+        except ValueError as exc:
+            raise ProtocolError(f"cannot encode {self.TYPE} message: {exc}",
+                                hint="replace NaN/inf with None before sending") from exc
+
+    @classmethod
+    def from_dict(cls: type[M], data: dict[str, Any]) -> M:
+        """The inverse of :meth:`to_dict`; validates like :func:`decode`."""
+        return decode_as(json.dumps(data, allow_nan=False), cls)
 
 
 @dataclass(frozen=True)
@@ -215,7 +283,7 @@ class JobStatus(Message):
     ts: float = field(default_factory=now)
     previous_version: str | None = None
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         if self.step not in self.STEPS:
             raise ProtocolError(f"unknown job step {self.step!r}", hint=f"one of {', '.join(self.STEPS)}")
 
@@ -245,13 +313,15 @@ class DeployCommand(Message):
     rollout_id: str | None = None
     ts: float = field(default_factory=now)
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         if self.delivery not in ("http", "mqtt"):
             raise ProtocolError(f"unknown delivery {self.delivery!r}", hint="use 'http' or 'mqtt'")
         if self.delivery == "http" and not self.url:
             raise ProtocolError("deploy command with http delivery has no url")
         if self.size <= 0 or len(self.sha256) != 64:
             raise ProtocolError("deploy command needs a positive size and a sha256 hex digest")
+        if self.chunk_size < 1024:
+            raise ProtocolError(f"deploy command chunk_size {self.chunk_size} is below 1024 bytes")
 
 
 @dataclass(frozen=True)
@@ -276,7 +346,84 @@ class BundleRequest(Message):
     ts: float = field(default_factory=now)
 
 
+# --------------------------------------------------------------------------- routing
+
+
+class Route(NamedTuple):
+    """Where and how a device sends one message type."""
+
+    kind: str  # the device topic kind
+    priority: int  # outbox priority
+    retain: bool
+
+
+_ROUTES: dict[str, Route] = {
+    DeviceState.TYPE: Route("state", PRIORITY_CONTROL, True),
+    JobStatus.TYPE: Route("jobs", PRIORITY_CONTROL, False),
+    BundleRequest.TYPE: Route("bundle-req", PRIORITY_CONTROL, False),
+    DriftReportMsg.TYPE: Route("drift", PRIORITY_REPORT, False),
+    Telemetry.TYPE: Route("telemetry", PRIORITY_REPORT, False),
+    Feedback.TYPE: Route("feedback", PRIORITY_REPORT, False),
+}
+
+
+def route(msg: Message) -> Route:
+    """Topic kind, outbox priority and retain flag of a device -> fleet message."""
+    try:
+        return _ROUTES[msg.TYPE]
+    except KeyError:
+        raise ValueError(f"{msg.TYPE} messages are not sent by devices") from None
+
+
+# --------------------------------------------------------------------------- decoding
+
 M = TypeVar("M", bound=Message)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type[Message]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a JSON value against a field annotation; lists become tuples where declared."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, where)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{where}: {value!r} is not {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        (item, *_rest) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, item, f"{where}[]") for v in value)
+    elif origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
+    else:  # pragma: no cover - a schema using a type this checker does not know
+        raise TypeError(f"{where}: unsupported annotation {tp}")
+    raise ProtocolError(f"{where}: {value!r} is not {getattr(tp, '__name__', tp)}")
 
 
 def decode(payload: bytes | str) -> Message:
@@ -295,14 +442,12 @@ def decode(payload: bytes | str) -> Message:
     if version != PROTOCOL_SCHEMA_VERSION:
         raise ProtocolError(f"unsupported schema_version {version!r} for {mtype}",
                             hint=f"this side speaks version {PROTOCOL_SCHEMA_VERSION}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+    ftypes = _field_types(cls)
+    unknown = set(data) - set(ftypes)
     if unknown:
         raise ProtocolError(f"{mtype} message has unknown fields {sorted(unknown)}")
-    for f in dataclasses.fields(cls):  # JSON has lists where the dataclass has tuples
-        if isinstance(data.get(f.name), list) and "tuple" in str(f.type):
-            data[f.name] = tuple(data[f.name])
     try:
+        data = {k: _coerce(v, ftypes[k], f"{mtype}.{k}") for k, v in data.items()}
         return cls(**data)
     except ProtocolError:
         raise
@@ -311,6 +456,7 @@ def decode(payload: bytes | str) -> Message:
 
 
 def decode_as(payload: bytes | str, cls: type[M]) -> M:
+    """:func:`decode`, insisting on one message class."""
     msg = decode(payload)
     if not isinstance(msg, cls):
         raise ProtocolError(f"expected a {cls.TYPE} message, got {msg.TYPE}")

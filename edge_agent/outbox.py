@@ -1,0 +1,292 @@
+"""The agent's disk-backed outgoing queue: nothing is lost while the broker is away.
+
+One SQLite file (WAL journal).  Messages drain in priority order (0 first), FIFO within a
+priority, and leave the queue only when :meth:`Outbox.ack` is called, which the MQTT link
+does on the broker's PUBACK: delivery is at-least-once across broker outages, agent
+restarts and ``kill -9`` (a message published but not yet acknowledged when the agent
+dies is sent again; receivers dedupe on the message's own ids / ``seq``).
+
+Durability: ``synchronous=NORMAL`` by default.  In WAL mode that is crash-safe against a
+killed *process* (every commit is in the WAL before ``put`` returns) and never corrupts
+the file, and it skips an fsync per message, which on an SD card costs milliseconds each.
+What it gives up: on *power loss* the last commits since the previous WAL sync may roll
+back.  Pass ``synchronous="FULL"`` to fsync every commit when that matters more than
+write rate (``docs/protocol.md`` has measured figures).
+
+Bounded size: ``max_bytes`` caps the payload + topic bytes held.  When a new message does
+not fit, the oldest messages of the least important class go first — samples
+(priority 2), then reports (1); priority 0 (state and job status) is never evicted.  A
+sample never evicts a report: it is dropped itself instead.  Dropped samples and other
+dropped messages are counted in the file, so the count survives restarts and is reported
+in telemetry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import QueueError
+from .protocol import PRIORITY_CONTROL, PRIORITY_SAMPLES
+
+__all__ = ["Outbox", "OutboxMessage", "OutboxStats", "DEFAULT_MAX_BYTES"]
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids never reused, so id order is FIFO
+    priority INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_order ON outbox (priority, id);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('bytes', 0), ('dropped_samples', 0), ('dropped_messages', 0);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One queued message; ``id`` is what :meth:`Outbox.ack` takes."""
+
+    id: int
+    topic: str
+    payload: bytes
+    priority: int
+    qos: int
+    retain: bool
+    created: float
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """Queue depth and size now, and drops since the file was created."""
+
+    depth: int
+    bytes: int
+    max_bytes: int
+    dropped_samples: int
+    dropped_messages: int  # reports evicted to make room (never state / job status)
+    depth_by_priority: dict[int, int] = field(default_factory=dict)
+
+
+class Outbox:
+    """Disk-backed priority queue of outgoing MQTT messages (thread-safe, one process).
+
+    >>> box = Outbox(path, max_bytes=16 << 20)
+    >>> box.put("edgeloop/v1/devices/d1/telemetry", b"{...}", priority=1)
+    >>> batch = box.peek_batch(10); ...publish...; box.ack([m.id for m in batch])
+    """
+
+    def __init__(self, path: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+                 max_file_bytes: int | None = None) -> None:
+        """Open (creating if needed) the queue at ``path``.
+
+        ``max_file_bytes`` is a hard limit on the database file (SQLite's
+        ``max_page_count``): past it a put fails like a full disk would, which protects a
+        device whose outbox shares the root filesystem.
+        """
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._put_event = threading.Event()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # autocommit mode: transactions are explicit (BEGIN IMMEDIATE) so none is left open
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            if max_file_bytes is not None:
+                page = self._db.execute("PRAGMA page_size").fetchone()[0]
+                self._db.execute(f"PRAGMA max_page_count={max(8, int(max_file_bytes) // page)}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, _SCHEMA_VERSION):
+                raise QueueError(f"outbox {self.path} has schema version {version}, this agent knows {_SCHEMA_VERSION}",
+                                 hint="upgrade the agent or move the file away", path=self.path)
+            self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.Error as exc:
+            raise self._error(exc, "open") from exc
+        except OSError as exc:
+            raise QueueError(f"cannot create outbox {self.path}: {exc}",
+                             hint="point the agent's outbox at a writable directory", path=self.path) from exc
+
+    # ------------------------------------------------------------------ writing
+
+    def put(self, topic: str, payload: bytes, priority: int, qos: int = 1, *, retain: bool = False) -> int | None:
+        """Queue a message durably; returns its id, or None when a sample was dropped for room.
+
+        Raises :class:`QueueError` when the message alone is bigger than ``max_bytes``, when
+        state/job messages fill the whole queue, or when the disk is full (stored messages
+        are untouched in every case).
+        """
+        if not isinstance(priority, int) or not 0 <= priority <= 9:
+            raise ValueError(f"priority must be an int 0..9, got {priority!r}")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        payload = bytes(payload)
+        size = len(payload) + len(topic.encode())
+        if size > self.max_bytes:
+            raise QueueError(f"a {size}-byte message for {topic} is larger than the outbox cap of {self.max_bytes} bytes",
+                             hint="raise the outbox max_bytes or send smaller chunks", path=self.path)
+        new_id: int | None = None
+        with self._transaction("write to"):
+            if self._make_room(size, priority):
+                cur = self._db.execute(
+                    "INSERT INTO outbox (priority, topic, payload, qos, retain, size, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)", (priority, topic, payload, qos, int(retain), size, time.time()))
+                new_id = cur.lastrowid
+                self._bump("bytes", size)
+            elif priority >= PRIORITY_SAMPLES:
+                self._bump("dropped_samples", 1)
+            else:
+                raise QueueError(f"outbox {self.path} is full of state/job messages ({self.max_bytes} bytes)",
+                                 hint="the broker has been unreachable for long; raise the outbox max_bytes",
+                                 path=self.path)
+        self._put_event.set()
+        return new_id
+
+    def _make_room(self, size: int, priority: int) -> bool:
+        """Evict oldest messages of the least important classes until ``size`` fits.
+
+        Only classes at least as unimportant as the new message, and never priority 0, are
+        candidates.  Runs inside the caller's transaction, so a failed put evicts nothing.
+        """
+        need = self._counter("bytes") + size - self.max_bytes
+        if need <= 0:
+            return True
+        lowest = self._db.execute("SELECT MAX(priority) FROM outbox").fetchone()[0] or 0
+        victims: list[tuple[int, int, int]] = []
+        for cls in range(lowest, max(priority, PRIORITY_CONTROL + 1) - 1, -1):
+            for row in self._db.execute("SELECT id, size FROM outbox WHERE priority = ? ORDER BY id", (cls,)):
+                victims.append((row[0], row[1], cls))
+                need -= row[1]
+                if need <= 0:
+                    break
+            if need <= 0:
+                break
+        if need > 0:
+            return False  # not enough evictable bytes: evict nothing
+        self._db.executemany("DELETE FROM outbox WHERE id = ?", [(v[0],) for v in victims])
+        self._bump("bytes", -sum(v[1] for v in victims))
+        samples = sum(1 for v in victims if v[2] >= PRIORITY_SAMPLES)
+        self._bump("dropped_samples", samples)
+        self._bump("dropped_messages", len(victims) - samples)
+        return True
+
+    def ack(self, ids: Iterable[int]) -> int:
+        """Delete delivered messages; unknown ids are ignored (acks may repeat). Returns the count removed."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        freed = removed = 0
+        with self._transaction("acknowledge in"):
+            for i in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+                part = ids[i:i + 500]
+                marks = ",".join("?" * len(part))
+                row = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE id IN ({marks})",
+                                       part).fetchone()
+                removed += row[0]
+                freed += row[1]
+                self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", part)
+            self._bump("bytes", -freed)
+        return removed
+
+    # ------------------------------------------------------------------ reading
+
+    def peek_batch(self, n: int, *, exclude: Iterable[int] = ()) -> list[OutboxMessage]:
+        """The next ``n`` messages in delivery order (priority, then FIFO), skipping ``exclude``
+        (the ids a sender already has in flight).  Nothing is removed."""
+        skip = list(exclude)
+        where = f"WHERE id NOT IN ({','.join('?' * len(skip))})" if skip else ""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    f"SELECT id, topic, payload, priority, qos, retain, created FROM outbox {where} "
+                    "ORDER BY priority, id LIMIT ?", (*skip, n)).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc, "read") from exc
+        return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], r[4], bool(r[5]), r[6]) for r in rows]
+
+    def stats(self) -> OutboxStats:
+        """Depth, bytes held and persistent drop counters."""
+        with self._lock:
+            try:
+                by_prio = dict(self._db.execute("SELECT priority, COUNT(*) FROM outbox GROUP BY priority").fetchall())
+                counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+            except sqlite3.Error as exc:
+                raise self._error(exc, "read") from exc
+        return OutboxStats(depth=sum(by_prio.values()), bytes=counters["bytes"], max_bytes=self.max_bytes,
+                           dropped_samples=counters["dropped_samples"],
+                           dropped_messages=counters["dropped_messages"], depth_by_priority=by_prio)
+
+    def __len__(self) -> int:
+        return self.stats().depth
+
+    def wait_for_put(self, timeout: float | None = None) -> bool:
+        """Block until a ``put`` happens (or ``timeout``); True if one did.  For one consumer."""
+        fired = self._put_event.wait(timeout)
+        self._put_event.clear()
+        return fired
+
+    def close(self) -> None:
+        """Close the database; everything committed stays on disk."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _transaction(self, doing: str) -> Iterator[None]:
+        """One write transaction under the lock; any failure rolls back, keeping stored messages."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error(exc, doing) from exc
+
+    def _counter(self, name: str) -> int:
+        return int(self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0])
+
+    def _bump(self, name: str, delta: int) -> None:
+        if delta:
+            self._db.execute("UPDATE counters SET value = value + ? WHERE name = ?", (delta, name))
+
+    def _error(self, exc: sqlite3.Error, doing: str) -> QueueError:
+        text = str(exc)
+        if "full" in text:
+            return QueueError(f"outbox {self.path}: cannot {doing} it, the disk (or its size limit) is full",
+                              hint="free space on the device or lower the outbox max_bytes; queued messages are kept",
+                              path=self.path)
+        if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+            return QueueError(f"outbox {self.path} is corrupt: {text}",
+                              hint="move the file away; the agent starts with an empty outbox", path=self.path)
+        return QueueError(f"outbox {self.path}: cannot {doing} it: {text}", path=self.path)
