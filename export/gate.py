@@ -1,0 +1,177 @@
+"""The accuracy gate: no variant ships that loses more than ``max_drop`` points.
+
+Every variant is evaluated in the runtime the device uses, on the test split, against
+the FP32 ONNX accuracy.  Static INT8 gets repaired rather than rejected outright:
+
+1. try each recipe of :data:`export.quantize.STATIC_ATTEMPTS` in turn (ORT's default
+   first; it collapses on AVX2 CPUs without VNNI);
+2. when none is within budget, measure per-layer sensitivity on the validation split:
+   for each Conv/Gemm/MatMul, re-quantize with that layer *and the activation it
+   produces* kept in float (excluding the layer alone would leave its output tensor
+   quantized by its consumers) and see how much accuracy comes back;
+3. keep the most sensitive layers in float, one more at a time, until the variant is
+   within budget, or give up after ``max_float_layers`` and leave it out of the bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibration import CalibrationConfig
+from .measure import accuracy, percentage_points
+from .quantize import QUANTIZABLE_OPS, STATIC_ATTEMPTS, StaticSettings, quantize_static_int8
+
+__all__ = ["Attempt", "GateResult", "check_variant", "exclusion_units", "gate_static_int8"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One quantization attempt and what the gate measured."""
+
+    settings: str
+    float_nodes: tuple[str, ...]
+    accuracy: float
+    drop_pp: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's verdict on one variant; ``path`` is the file to ship (None when rejected)."""
+
+    variant_id: str
+    path: Path | None
+    accuracy: float | None
+    drop_pp: float | None
+    passed: bool
+    reason: str
+    float_nodes: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    attempts: tuple[Attempt, ...] = ()
+    sensitivity: dict[str, float] = field(default_factory=dict)  # layer -> val accuracy recovered (pp)
+
+
+def check_variant(variant_id: str, path: Path, x: np.ndarray, y: np.ndarray, reference: float, *,
+                  max_drop: float, options: dict[str, Any] | None = None) -> GateResult:
+    """Evaluate one finished variant file and accept or reject it."""
+    acc = accuracy(path, x, y)
+    drop = percentage_points(reference, acc)
+    ok = drop <= max_drop
+    reason = (f"within budget ({drop:.2f} <= {max_drop} pp)" if ok
+              else f"accuracy drop {drop:.2f} pp exceeds the {max_drop} pp budget")
+    return GateResult(variant_id, path if ok else None, acc, drop, ok, reason, options=dict(options or {}),
+                      attempts=(Attempt(variant_id, (), acc, drop, ok),))
+
+
+def exclusion_units(model_path: Path) -> dict[str, tuple[str, ...]]:
+    """For each quantizable layer: the nodes to keep in float so its output activation stays float.
+
+    That is the layer itself plus every node reached from its outputs through
+    non-quantizable ops (Relu, pooling, reshapes...) up to and including the next
+    quantizable layers: ORT quantizes a tensor whenever any node touching it is quantized.
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    units: dict[str, tuple[str, ...]] = {}
+    for node in graph.node:
+        if node.op_type not in QUANTIZABLE_OPS:
+            continue
+        unit, frontier, seen = [node.name], list(node.output), set()
+        while frontier:
+            tensor = frontier.pop()
+            for nxt in consumers.get(tensor, []):
+                if nxt.name in seen:
+                    continue
+                seen.add(nxt.name)
+                unit.append(nxt.name)
+                if nxt.op_type not in QUANTIZABLE_OPS:
+                    frontier.extend(nxt.output)
+        units[node.name] = tuple(dict.fromkeys(unit))
+    return units
+
+
+def _try(pre_path: Path, out: Path, calib: np.ndarray, settings: StaticSettings, exclude: tuple[str, ...],
+         calibration: CalibrationConfig, cache: Path, data: tuple[np.ndarray, np.ndarray],
+         reference: float, max_drop: float) -> Attempt:
+    quantize_static_int8(pre_path, out, calib, settings, calibration=calibration, nodes_to_exclude=exclude,
+                         cache_path=cache)
+    acc = accuracy(out, *data)
+    drop = percentage_points(reference, acc)
+    return Attempt(settings.name, exclude, acc, drop, drop <= max_drop)
+
+
+def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tuple[np.ndarray, np.ndarray],
+                     reference: float, *, max_drop: float = 0.5, calibration: CalibrationConfig = CalibrationConfig(),
+                     select: tuple[np.ndarray, np.ndarray] | None = None,
+                     attempts: tuple[StaticSettings, ...] = STATIC_ATTEMPTS, max_float_layers: int = 8,
+                     variant_id: str = "onnx-int8-static") -> GateResult:
+    """Quantize ``pre_path`` statically until the test accuracy is within ``max_drop`` points.
+
+    ``select`` (the validation split) ranks layer sensitivity, so the test split only judges.  Returns the passing file
+    or a rejected :class:`GateResult` whose ``reason`` says what was tried.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache = workdir / f"calibration-{calibration.method}.json"
+    cache.unlink(missing_ok=True)  # ranges belong to this model only
+    tried: list[Attempt] = []
+    for i, settings in enumerate(attempts):
+        out = workdir / f"int8-{i}-{settings.name}.onnx"
+        att = _try(pre_path, out, calib, settings, (), calibration, cache, test, reference, max_drop)
+        tried.append(att)
+        log.info("static INT8 %s: accuracy %.4f, drop %.2f pp", settings.name, att.accuracy, att.drop_pp)
+        if att.passed:
+            return _accepted(variant_id, out, att, settings, calibration, tried, {})
+
+    # No recipe is good enough: keep the most sensitive layers in float.
+    best_i = int(np.argmax([a.accuracy for a in tried]))
+    settings = attempts[best_i]
+    sel = select if select is not None else test
+    base_sel = accuracy(workdir / f"int8-{best_i}-{settings.name}.onnx", *sel)
+    units = exclusion_units(pre_path)
+    gains: dict[str, float] = {}
+    probe = workdir / "int8-probe.onnx"
+    for layer, unit in units.items():
+        quantize_static_int8(pre_path, probe, calib, settings, calibration=calibration, nodes_to_exclude=unit,
+                             cache_path=cache)
+        gains[layer] = round((accuracy(probe, *sel) - base_sel) * 100.0, 4)
+    ranked = sorted(gains, key=lambda k: -gains[k])
+    log.info("layer sensitivity (pp recovered on %s): %s", "val" if select is not None else "test",
+             {k: gains[k] for k in ranked[:8]})
+    exclude: tuple[str, ...] = ()
+    for k, layer in enumerate(ranked[:max_float_layers], start=1):
+        exclude = tuple(dict.fromkeys(exclude + units[layer]))
+        out = workdir / f"int8-float{k}.onnx"
+        att = _try(pre_path, out, calib, settings, exclude, calibration, cache, test, reference, max_drop)
+        tried.append(att)
+        if att.passed:
+            return _accepted(variant_id, out, att, settings, calibration, tried, gains)
+    best = max(tried, key=lambda a: a.accuracy)
+    return GateResult(variant_id, None, best.accuracy, best.drop_pp, False,
+                      f"no static INT8 recipe within {max_drop} pp: tried {', '.join(a.settings for a in attempts)} "
+                      f"and up to {min(max_float_layers, len(ranked))} float layers; best drop {best.drop_pp:.2f} pp",
+                      attempts=tuple(tried), sensitivity=gains)
+
+
+def _accepted(variant_id: str, path: Path, att: Attempt, settings: StaticSettings, calibration: CalibrationConfig,
+              tried: list[Attempt], gains: dict[str, float]) -> GateResult:
+    options = {**settings.to_dict(), "calibration": calibration.method, "calibration_samples": calibration.samples,
+               "format": "QDQ"}
+    reason = f"within budget with {settings.name}"
+    if att.float_nodes:
+        reason += f", {len(att.float_nodes)} nodes kept in float"
+    if len(tried) > 1:
+        reason += f" after {len(tried) - 1} rejected attempt(s)"
+    return replace(GateResult(variant_id, path, att.accuracy, att.drop_pp, True, reason),
+                   float_nodes=att.float_nodes, options=options, attempts=tuple(tried), sensitivity=gains)
