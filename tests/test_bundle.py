@@ -445,3 +445,22 @@ def test_cli_needs_only_numpy_and_pure_ed25519(tmp_path: Path, bundle_path: Path
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "OK digits 1.2.0" in res.stdout
+
+
+def test_cli_create_flags_reach_byom() -> None:
+    # The contract with export.byom.create_bundle(args): these attribute names.
+    import argparse
+
+    from export import cli_bundle
+
+    parser = argparse.ArgumentParser()
+    cli_bundle.register(parser.add_subparsers())
+    args = parser.parse_args([
+        "bundle", "create", "--model", "m.onnx", "--labels", "l.txt", "--name", "parts", "--version", "1.0.0",
+        "--size", "64", "48", "--channels", "3", "--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2",
+        "--baseline-dir", "val", "--sign", "k.key", "--out", "parts.elb", "--json"])
+    assert (args.model, args.labels, args.out, args.sign, args.baseline_dir) == tuple(
+        Path(p) for p in ("m.onnx", "l.txt", "parts.elb", "k.key", "val"))
+    assert (args.name, args.version, args.size, args.channels) == ("parts", "1.0.0", [64, 48], 3)
+    assert args.mean == [0.5] * 3 and args.std == [0.2] * 3 and args.json
+    assert args.func.__name__ == "_create"
