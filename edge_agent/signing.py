@@ -361,8 +361,13 @@ def load_public_key(source: str | os.PathLike[str] | PublicKey | bytes) -> Publi
     if isinstance(source, bytes):
         return PublicKey(source)
     path = Path(source)
-    if isinstance(source, str) and not path.exists() and len(source.strip()) == 44:
-        return PublicKey(_decode_b64_key(source, "public", "the --key value"))
+    if isinstance(source, str) and not path.exists():
+        try:  # the base64 line itself, as printed by `edgeloop keys new` and found in the .pub file
+            raw = base64.b64decode(source.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) == 32:
+            return PublicKey(raw)
     try:
         first = path.read_text(encoding="ascii").lstrip().split("\n", 1)[0]
     except (OSError, UnicodeDecodeError):
