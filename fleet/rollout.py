@@ -17,6 +17,7 @@ ends in ``completed``, ``aborted`` or, through ``rolling_back``, ``rolled_back``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,8 @@ class DeviceProgress:
     status: str = "pending"
     job_id: str | None = None
     detail: str = ""
+    sent_at: float | None = None  # when the last command went out
+    done_at: float | None = None  # when its outcome was recorded (start of the soak window)
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,7 @@ def _start_wave(state: RolloutState, wave: int, now: float) -> tuple[RolloutStat
     updates = {}
     for d in state.in_wave(wave):
         job_id = f"{state.rollout_id}-w{wave}-{d.device_id}"
-        updates[d.device_id] = dataclasses.replace(d, status="sent", job_id=job_id)
+        updates[d.device_id] = dataclasses.replace(d, status="sent", job_id=job_id, sent_at=now, done_at=None)
         actions.append(Deploy(d.device_id, job_id))
     state = _set_devices(state, updates)
     label = "canary" if wave == 0 else f"wave {wave}"
@@ -311,7 +314,8 @@ def _start_rollback(state: RolloutState, now: float, reason: str) -> tuple[Rollo
     for d in state.devices:
         if d.status in _MAY_RUN_NEW:
             job_id = f"{state.rollout_id}-rb-{d.device_id}"
-            updates[d.device_id] = dataclasses.replace(d, status="rolling_back", job_id=job_id)
+            updates[d.device_id] = dataclasses.replace(d, status="rolling_back", job_id=job_id, sent_at=now,
+                                                       done_at=None)
             actions.append(Rollback(d.device_id, job_id, d.previous_version, reason))
     state = _set_devices(state, updates)
     if not actions:
@@ -324,23 +328,24 @@ def _start_rollback(state: RolloutState, now: float, reason: str) -> tuple[Rollo
 # --------------------------------------------------------------------------- transitions
 
 
-def _record_jobs(state: RolloutState, jobs: Mapping[str, JobOutcome]) -> RolloutState:
+def _record_jobs(state: RolloutState, jobs: Mapping[str, JobOutcome], now: float) -> RolloutState:
     updates = {}
     for d in state.devices:
         out = jobs.get(d.job_id) if d.job_id else None
         if out is None:
             continue
+        done = functools.partial(dataclasses.replace, d, done_at=now)
         if d.status == "sent":
             if out.step == "completed" and out.ok:
-                updates[d.device_id] = dataclasses.replace(d, status="updated", detail="")
+                updates[d.device_id] = done(status="updated", detail="")
             elif out.step in ("failed", "rolled_back") or not out.ok:
                 # rolled_back here means the device's own health check reverted it.
-                updates[d.device_id] = dataclasses.replace(d, status="failed", detail=f"{out.step}: {out.detail}".strip(": "))
+                updates[d.device_id] = done(status="failed", detail=f"{out.step}: {out.detail}".strip(": "))
         elif d.status == "rolling_back":
             if out.step in ("completed", "rolled_back") and out.ok:
-                updates[d.device_id] = dataclasses.replace(d, status="rolled_back", detail="")
+                updates[d.device_id] = done(status="rolled_back", detail="")
             elif out.step == "failed" or not out.ok:
-                updates[d.device_id] = dataclasses.replace(d, status="rollback_failed", detail=out.detail)
+                updates[d.device_id] = done(status="rollback_failed", detail=out.detail)
     return _set_devices(state, updates) if updates else state
 
 
@@ -352,7 +357,7 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
     the current wave to the reasons it is unhealthy (empty: healthy) and is only read
     when :meth:`RolloutState.wants_health` is true.
     """
-    state = _record_jobs(state, jobs or {})
+    state = _record_jobs(state, jobs or {}, now)
     if state.terminal or state.status == "paused":
         return state, []
     if state.status == "pending":

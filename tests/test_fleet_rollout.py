@@ -161,3 +161,144 @@ def test_assess_health() -> None:
     # too few labels say nothing about accuracy
     few = HealthSample(inferences=10, feedback_n=3, feedback_correct=0)
     assert assess_health(before, few, pol) == ()
+
+
+# --------------------------------------------------------------------------- driver + registry
+
+
+class Recorder:
+    """The driver's Publisher seam, recording what would go on the wire."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.sent.append((topic, payload))
+
+    def take(self) -> list:
+        from edge_agent.protocol import decode
+
+        out = [decode(p) for _t, p in self.sent]
+        self.sent.clear()
+        return out
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _fleet(tmp_path, n: int = 4):
+    from edge_agent.protocol import DeviceState
+    from fleet.registry import IngestBatch, Registry
+
+    reg = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+    bundle = tmp_path / "m-2.elb"
+    bundle.write_bytes(b"not really a bundle, the driver only sends its size and hash")
+    reg.add_model_version("m", "2", status="accepted", bundle_path=str(bundle), sha256="ab" * 32,
+                          size=bundle.stat().st_size)
+    states = [(DeviceState(f"cam{i}", True, model_name="m", model_version="1", delivery=("http", "mqtt")), 1.0)
+              for i in range(n)]
+    reg.apply(IngestBatch(states=states))
+    return reg
+
+
+def _answer(reg, cmds, step: str = "completed", ok: bool = True, t: float = 0.0) -> None:
+    from edge_agent.protocol import JobStatus
+    from fleet.registry import IngestBatch
+
+    jobs = [(JobStatus(c.job_id.split("-")[-1], c.job_id, getattr(c, "version", "1"), step, ok=ok, ts=t), t)
+            for c in cmds]
+    reg.apply(IngestBatch(jobs=jobs))
+
+
+def test_driver_restart_mid_rollout_resumes_from_the_database(tmp_path) -> None:
+    from fleet.rollout_driver import RolloutDriver
+
+    reg = _fleet(tmp_path)
+    pub, clock = Recorder(), Clock()
+    plan = RolloutPlan(canary=0.25, waves=(1.0,), soak_s=30.0, job_timeout_s=100.0)
+    drv = RolloutDriver(reg, pub, api_base_url="http://fleet:8080", clock=clock)
+    s = drv.start("m", "2", plan, rollout_id="r-restart")
+    cmds = pub.take()
+    assert [c.job_id for c in cmds] == ["r-restart-w0-cam0"] and cmds[0].url == "http://fleet:8080/bundles/m/2"
+    _answer(reg, cmds, t=clock.t)
+    clock.t += 1
+    s = drv.tick_one("r-restart")
+    assert s.phase == "soaking"
+    assert reg.rollout("r-restart").status == "running"
+    del drv  # the fleet dies here
+
+    clock.t += 31
+    drv2 = RolloutDriver(reg.__class__.open(f"sqlite:///{tmp_path / 'fleet.db'}"), pub,
+                         api_base_url="http://fleet:8080", clock=clock)
+    assert [a.rollout_id for a in drv2.active()] == ["r-restart"]
+    s = drv2.tick()[0]
+    assert s.wave == 1
+    cmds = pub.take()
+    assert sorted(c.device_id if hasattr(c, "device_id") else c.job_id.split("-")[-1] for c in cmds) == \
+        ["cam1", "cam2", "cam3"]
+    # a second restart before any device answered: the deploys are sent again, same job ids
+    drv3 = RolloutDriver(reg, pub, api_base_url="http://fleet:8080", clock=clock)
+    drv3.tick()
+    again = pub.take()
+    assert sorted(c.job_id for c in again) == sorted(c.job_id for c in cmds)
+    _answer(reg, cmds, t=clock.t)
+    clock.t += 31
+    drv3.tick()
+    clock.t += 31
+    s = drv3.tick()[0] if drv3.active() else drv3.load("r-restart")
+    assert s.status == "completed", s.events
+    assert reg.rollout("r-restart").status == "completed"
+    assert {t.status for t in reg.rollout_targets("r-restart")} == {"updated"}
+
+
+def test_driver_failing_canary_sends_rollback(tmp_path) -> None:
+    from edge_agent.protocol import RollbackCommand
+    from fleet.rollout_driver import RolloutDriver
+
+    reg = _fleet(tmp_path, n=3)
+    pub, clock = Recorder(), Clock()
+    drv = RolloutDriver(reg, pub, api_base_url="http://fleet:8080", clock=clock)
+    drv.start("m", "2", RolloutPlan(canary=0.34, waves=(1.0,), soak_s=0.0, job_timeout_s=10.0), rollout_id="r-bad")
+    cmds = pub.take()
+    assert len(cmds) == 2  # ceil(0.34 * 3)
+    _answer(reg, cmds[:1], t=clock.t)  # one updates, the other never answers
+    clock.t += 11
+    s = drv.tick_one("r-bad")
+    assert s.status == "rolling_back"
+    rbs = pub.take()
+    assert all(isinstance(r, RollbackCommand) and r.to_version == "1" for r in rbs) and len(rbs) == 2
+    assert reg.rollout("r-bad").status == "halted"
+    _answer(reg, rbs, step="rolled_back", t=clock.t)
+    clock.t += 1
+    s = drv.tick_one("r-bad")
+    assert s.status == "rolled_back" and reg.rollout("r-bad").status == "rolled_back"
+
+
+def test_driver_pause_resume_abort_and_mqtt_delivery(tmp_path) -> None:
+    from edge_agent import chunks
+    from edge_agent.protocol import BundleRequest
+    from fleet.rollout_driver import RolloutDriver
+
+    reg = _fleet(tmp_path, n=2)
+    pub, clock = Recorder(), Clock()
+    drv = RolloutDriver(reg, pub, delivery="mqtt", chunk_size=16 * 1024, clock=clock)
+    drv.start("m", "2", RolloutPlan(canary=0.5, waves=(1.0,), soak_s=5.0), rollout_id="r-ops")
+    (cmd,) = pub.take()
+    assert cmd.delivery == "mqtt" and cmd.url is None
+    n = drv.handle_bundle_request(BundleRequest("cam0", cmd.job_id, "2", start=0))
+    frames = [chunks.parse_frame(p) for _t, p in pub.sent]
+    assert n == len(frames) >= 1 and frames[0].transfer_id == cmd.job_id
+    assert b"".join(f.data for f in frames) == (tmp_path / "m-2.elb").read_bytes()
+    pub.sent.clear()
+    assert drv.pause("r-ops").status == "paused"
+    assert reg.rollout("r-ops").status == "paused"
+    assert drv.resume("r-ops").status == "running"
+    assert drv.abort("r-ops").status == "aborted"
+    assert drv.active() == []
+    with pytest.raises(RolloutError):
+        drv.start("m", "3", PLAN)

@@ -1,0 +1,341 @@
+"""The I/O side of rollouts: commands over MQTT, job statuses and health from the registry.
+
+:class:`RolloutDriver` owns no state of its own: every rollout lives in the registry
+(``rollouts.state`` holds :class:`~fleet.rollout.RolloutState` as JSON, and the
+``rollout_targets`` rows mirror each device's progress for ``edgeloop fleet rollouts``).
+Each :meth:`RolloutDriver.tick` loads the active rollouts, feeds the pure machine in
+:mod:`fleet.rollout` with the job outcomes and, after a soak, the health verdicts it
+computes from telemetry, drift reports and feedback labels; it persists the new state
+*before* it publishes the commands, so a fleet restarted in between resends them (the
+job id is deterministic and the agent treats a repeated job id as the same job).
+
+Bundle delivery is the device's choice (``DeviceState.delivery``): an HTTP URL on the
+fleet API with range requests, or MQTT chunk frames sent in answer to ``BundleRequest``
+(:meth:`RolloutDriver.handle_bundle_request`).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge_agent import chunks
+from edge_agent.errors import RolloutError
+from edge_agent.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, DeployCommand, RollbackCommand, TopicScheme
+
+from . import rollout as rm
+from .registry import ModelVersion, Registry
+
+__all__ = ["Publisher", "RolloutDriver", "plan_from_config", "REGISTRY_STATUS"]
+
+log = logging.getLogger(__name__)
+
+# The machine's statuses as the registry's ``rollouts.status`` column spells them.
+REGISTRY_STATUS = {"pending": "pending", "running": "running", "paused": "paused", "completed": "completed",
+                   "aborted": "aborted", "rolling_back": "halted", "rolled_back": "rolled_back"}
+_TARGET_STATUS = {"pending": "pending", "sent": "sent", "updated": "updated", "failed": "failed",
+                  "timed_out": "failed", "unhealthy": "failed", "rolling_back": "rolling_back",
+                  "rolled_back": "rolled_back", "rollback_failed": "failed"}
+
+
+class Publisher(Protocol):
+    """What the driver needs of an MQTT client (paho's ``Client.publish`` fits)."""
+
+    def publish(self, topic: str, payload: bytes, qos: int = ..., retain: bool = ...) -> Any: ...
+
+
+def plan_from_config(cfg: Any, *, job_timeout_s: float | None = None) -> rm.RolloutPlan:
+    """A :class:`~fleet.rollout.RolloutPlan` from fleet.toml's ``[rollout]`` table."""
+    extra = {"job_timeout_s": job_timeout_s} if job_timeout_s else {}
+    return rm.RolloutPlan(canary=cfg.canary, waves=tuple(cfg.waves), soak_s=cfg.soak_s,
+                          max_failures=cfg.max_failures, **extra)
+
+
+class RolloutDriver:
+    """Runs every active rollout of one registry.  Thread-safe (one lock around ticks)."""
+
+    def __init__(self, registry: Registry, publisher: Publisher, *, topics: TopicScheme | None = None,
+                 api_base_url: str | None = None, delivery: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 clock: Callable[[], float] = time.time,
+                 bundle_url: Callable[[ModelVersion], str] | None = None) -> None:
+        if delivery not in ("auto", "http", "mqtt"):
+            raise RolloutError(f"unknown delivery {delivery!r}", hint="use auto, http or mqtt")
+        self.registry = registry
+        self.publisher = publisher
+        self.topics = topics or TopicScheme()
+        self.api_base_url = api_base_url.rstrip("/") if api_base_url else None
+        self.delivery = delivery
+        self.chunk_size = chunk_size
+        self.clock = clock
+        self._bundle_url = bundle_url
+        self._lock = threading.RLock()
+        self._resent: set[str] = set()  # rollouts whose unanswered commands were resent after a restart
+
+    # ------------------------------------------------------------------ starting
+    def start(self, name: str, version: str, plan: rm.RolloutPlan, *, devices: Sequence[str] | None = None,
+              rollout_id: str | None = None) -> rm.RolloutState:
+        """Create a rollout of a registered, signed model version over ``devices``.
+
+        Default targets: every online device running another version, sorted by id, so
+        the canary is deterministic.
+        """
+        model = self.registry.model(name, version)
+        if model is None or not model.bundle_path:
+            raise RolloutError(f"model {name} {version} is not in the registry",
+                               hint="register the bundle first (the fleet only pushes signed, registered bundles)")
+        if model.status == "rejected":
+            raise RolloutError(f"model {name} {version} was rejected: {model.reason}", version=version)
+        for r in self.active():
+            if r.name == name:
+                raise RolloutError(f"rollout {r.rollout_id} of {name} {r.version} is still {r.status}",
+                                   hint="pause/abort it first", rollout=r.rollout_id)
+        if devices is None:
+            recs = [d for d in self.registry.devices(online=True) if d.model_version != version
+                    and (d.model_name in (None, name))]
+        else:
+            recs = []
+            for dev in devices:
+                rec = self.registry.device(dev)
+                if rec is None:
+                    raise RolloutError(f"unknown device {dev}", device_id=dev, hint="see `edgeloop fleet devices`")
+                recs.append(rec)
+        now = self.clock()
+        rid = rollout_id or f"ro-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{uuid.uuid4().hex[:6]}"
+        state = rm.new_rollout(rid, name, version, [(d.id, d.model_version) for d in recs], plan, now=now)
+        self.registry.create_rollout(rid, name, version, {d.device_id: d.wave for d in state.devices},
+                                     state=state.to_dict(), status="pending")
+        for d in state.devices:
+            self.registry.update_targets(rid, [d.device_id], status="pending",
+                                         previous_version=d.previous_version)
+        log.info("rollout %s of %s %s created: %d devices", rid, name, version, len(state.devices))
+        return self.tick_one(rid)
+
+    # ------------------------------------------------------------------ reading
+    def load(self, rollout_id: str) -> rm.RolloutState:
+        rec = self.registry.rollout(rollout_id)
+        if rec is None:
+            raise RolloutError(f"no rollout {rollout_id}", rollout=rollout_id, hint="see `edgeloop fleet rollouts`")
+        return rm.RolloutState.from_dict(rec.state)
+
+    def active(self) -> list[rm.RolloutState]:
+        """Rollouts that are not finished (the registry's ``halted`` is the machine's rolling back)."""
+        recs = self.registry.rollouts(statuses=("pending", "running", "paused", "halted"))
+        return [rm.RolloutState.from_dict(r.state) for r in recs if r.state]
+
+    # ------------------------------------------------------------------ driving
+    def tick(self) -> list[rm.RolloutState]:
+        """Advance every active rollout once; returns their new states."""
+        out = []
+        for state in self.active():
+            try:
+                out.append(self.tick_one(state.rollout_id))
+            except RolloutError as exc:  # one broken rollout must not stop the others
+                log.error("rollout %s: %s", state.rollout_id, exc)
+        return out
+
+    def tick_one(self, rollout_id: str) -> rm.RolloutState:
+        with self._lock:
+            state = self.load(rollout_id)
+            if state.terminal:
+                return state
+            if rollout_id not in self._resent:
+                self._resend_unanswered(state)
+                self._resent.add(rollout_id)
+            now = self.clock()
+            jobs = self._job_outcomes(state)
+            health = self._health(state, now) if state.wants_health(now) else None
+            new, actions = rm.advance(state, now, jobs, health)
+            if new != state:
+                self._save(new, state)
+            self._send(new, actions)
+            return new
+
+    def run_until_done(self, rollout_id: str, *, stop: threading.Event | None = None,
+                       interval_s: float = 0.2, timeout_s: float | None = None) -> rm.RolloutState:
+        """Tick one rollout until it ends (used by the demo and tests; the worker ticks on its own)."""
+        stop = stop or threading.Event()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = self.tick_one(rollout_id)
+            if state.terminal or (deadline is not None and time.monotonic() > deadline):
+                return state
+            if stop.wait(interval_s):
+                return state
+
+    # ------------------------------------------------------------------ operator commands
+    def pause(self, rollout_id: str) -> rm.RolloutState:
+        return self._command(rollout_id, lambda s, now: (rm.pause(s, now), []))
+
+    def resume(self, rollout_id: str) -> rm.RolloutState:
+        self._command(rollout_id, lambda s, now: (rm.resume(s, now), []))
+        return self.tick_one(rollout_id)
+
+    def abort(self, rollout_id: str, reason: str = "aborted by operator") -> rm.RolloutState:
+        return self._command(rollout_id, lambda s, now: (rm.abort(s, now, reason), []))
+
+    def rollback(self, rollout_id: str, reason: str = "rolled back by operator") -> rm.RolloutState:
+        return self._command(rollout_id, lambda s, now: rm.rollback(s, now, reason))
+
+    def _command(self, rollout_id: str, fn: Callable[[rm.RolloutState, float], tuple[rm.RolloutState, list[rm.Action]]]
+                 ) -> rm.RolloutState:
+        with self._lock:
+            state = self.load(rollout_id)
+            new, actions = fn(state, self.clock())
+            if new != state:
+                self._save(new, state)
+            self._send(new, actions)
+            return new
+
+    # ------------------------------------------------------------------ persistence
+    def _save(self, new: rm.RolloutState, old: rm.RolloutState) -> None:
+        self.registry.update_rollout(new.rollout_id, status=REGISTRY_STATUS[new.status], reason=new.reason or None,
+                                     state=new.to_dict(), merge_state=False)
+        before = {d.device_id: d for d in old.devices}
+        for d in new.devices:
+            if before.get(d.device_id) != d:
+                self.registry.update_targets(new.rollout_id, [d.device_id], status=_TARGET_STATUS[d.status],
+                                             job_id=d.job_id, detail=d.detail or d.status)
+        for e in new.events[len(old.events):]:
+            log.info("rollout %s: %s %s", new.rollout_id, e.kind, e.detail)
+
+    # ------------------------------------------------------------------ observations
+    def _job_outcomes(self, state: rm.RolloutState) -> dict[str, rm.JobOutcome]:
+        open_jobs = state.open_jobs()
+        if not open_jobs:
+            return {}
+        latest = self.registry.latest_job_steps(list(open_jobs))
+        out: dict[str, rm.JobOutcome] = {}
+        for (job_id, device_id), rec in latest.items():
+            if open_jobs.get(job_id) == device_id:
+                out[job_id] = rm.JobOutcome(rec.step, rec.ok, rec.detail)
+        return out
+
+    def _health(self, state: rm.RolloutState, now: float) -> dict[str, tuple[str, ...]]:
+        """Health verdicts of the current wave's updated devices (see :func:`fleet.rollout.assess_health`)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for d in state.in_wave(state.wave):
+            if d.status != "updated" or d.sent_at is None:
+                continue
+            start = d.done_at or d.sent_at
+            before = self._sample(d.device_id, since=d.sent_at - max(state.plan.soak_s, 60.0), until=d.sent_at,
+                                  version=d.previous_version)
+            after = self._sample(d.device_id, since=start, until=now + 1e-6, version=state.version)
+            out[d.device_id] = rm.assess_health(before, after, state.plan.health)
+        return out
+
+    def _sample(self, device_id: str, *, since: float, until: float, version: str | None) -> rm.HealthSample:
+        tel = [t for t in self.registry.telemetry(device_ids=[device_id], since=since, until=until)
+               if version is None or t.model_version in (None, version)]
+        drift = [r for r in self.registry.drift_reports(device_id=device_id, since=since, until=until)
+                 if version is None or r.model_version in (None, version)]
+        correct, total = (self.registry.feedback_accuracy(device_ids=[device_id], model_version=version)
+                          if version else (0, 0))
+        p99 = [t.latency_p99_ms for t in tel if t.latency_p99_ms is not None]
+        conf = [t.mean_confidence for t in tel if t.mean_confidence is not None]
+        # Telemetry counters are totals since the agent started: the window's errors are the growth.
+        errors = max(0, tel[-1].errors - tel[0].errors) if len(tel) >= 2 else 0
+        return rm.HealthSample(
+            inferences=sum(t.inferences_interval for t in tel), errors=errors,
+            latency_p99_ms=statistics.median(p99) if p99 else None,
+            mean_confidence=statistics.fmean(conf) if conf else None,
+            drift_alarm=bool(drift and drift[-1].alarm), feedback_n=total, feedback_correct=correct)
+
+    # ------------------------------------------------------------------ commands
+    def _deploy_command(self, state: rm.RolloutState, device_id: str, job_id: str) -> DeployCommand:
+        model = self.registry.model(state.name, state.version)
+        if model is None or not model.bundle_path or not model.sha256 or not model.size:
+            raise RolloutError(f"model {state.name} {state.version} has no registered bundle",
+                               rollout=state.rollout_id)
+        delivery = self._delivery_for(device_id)
+        url = self.bundle_url(model) if delivery == "http" else None
+        return DeployCommand(job_id=job_id, name=state.name, version=state.version, size=model.size,
+                             sha256=model.sha256, url=url, delivery=delivery, chunk_size=self.chunk_size,
+                             rollout_id=state.rollout_id, ts=self.clock())
+
+    def _delivery_for(self, device_id: str) -> str:
+        can_http = self.api_base_url is not None or self._bundle_url is not None
+        dev = self.registry.device(device_id)
+        accepted = [str(x) for x in (dev.delivery if dev and dev.delivery else ["http", "mqtt"])]
+        if self.delivery != "auto":
+            wanted = [self.delivery]
+        else:
+            wanted = accepted
+        for choice in wanted:
+            if choice in accepted and (choice == "mqtt" or can_http):
+                return choice
+        raise RolloutError(f"device {device_id} accepts {accepted} but the fleet can deliver "
+                           f"{'http, mqtt' if can_http else 'mqtt'} (asked for {self.delivery})", device_id=device_id)
+
+    def bundle_url(self, model: ModelVersion) -> str:
+        """Where a device downloads the bundle over HTTP (the fleet API serves it with Range)."""
+        if self._bundle_url is not None:
+            return self._bundle_url(model)
+        if self.api_base_url is None:
+            raise RolloutError("no fleet API URL to deliver bundles over HTTP", hint="set [api] or use mqtt delivery")
+        return f"{self.api_base_url}/bundles/{model.name}/{model.version}"
+
+    def _send(self, state: rm.RolloutState, actions: Sequence[rm.Action]) -> None:
+        for a in actions:
+            if isinstance(a, rm.Deploy):
+                try:
+                    cmd = self._deploy_command(state, a.device_id, a.job_id)
+                except RolloutError as exc:
+                    log.error("rollout %s: cannot deploy to %s: %s", state.rollout_id, a.device_id, exc)
+                    continue  # the job times out and counts as a failure
+                self.publisher.publish(self.topics.command(a.device_id, "deploy"), cmd.encode(), qos=1)
+            else:
+                rb = RollbackCommand(job_id=a.job_id, reason=a.reason, to_version=a.to_version,
+                                     rollout_id=state.rollout_id, ts=self.clock())
+                self.publisher.publish(self.topics.command(a.device_id, "rollback"), rb.encode(), qos=1)
+
+    def _resend_unanswered(self, state: rm.RolloutState) -> None:
+        """After a restart: resend commands the devices never acknowledged (no job status at all)."""
+        open_jobs = state.open_jobs()
+        if not open_jobs:
+            return
+        seen = {job for job, _dev in self.registry.latest_job_steps(list(open_jobs))}
+        actions: list[rm.Action] = []
+        for d in state.devices:
+            if d.job_id in open_jobs and d.job_id not in seen:
+                if d.status == "sent":
+                    actions.append(rm.Deploy(d.device_id, d.job_id))
+                else:
+                    actions.append(rm.Rollback(d.device_id, d.job_id, d.previous_version, state.reason))
+        if actions:
+            log.info("rollout %s: resending %d unanswered commands", state.rollout_id, len(actions))
+            self._send(state, actions)
+
+    # ------------------------------------------------------------------ MQTT delivery
+    def handle_bundle_request(self, req: BundleRequest) -> int:
+        """Answer a device's :class:`BundleRequest` with chunk frames from chunk ``req.start`` on.
+
+        The transfer id is the job id; a device that lost chunks asks again with the
+        index of the first one it misses.  Returns the number of frames sent.
+        """
+        model = self.registry.model(self._model_name_for_job(req.job_id), req.version)
+        if model is None or not model.bundle_path:
+            log.warning("bundle request for unknown %s from %s", req.version, req.device_id)
+            return 0
+        data = Path(model.bundle_path).read_bytes()
+        frames = chunks.split(req.job_id, data, chunk_size=self.chunk_size, kind="bundle",
+                              meta={"version": req.version})
+        topic = self.topics.command(req.device_id, "bundle")
+        for frame in frames[max(0, req.start):]:
+            self.publisher.publish(topic, frame, qos=1)
+        return max(0, len(frames) - max(0, req.start))
+
+    def _model_name_for_job(self, job_id: str) -> str:
+        target = self.registry.target_for_job(job_id)
+        if target is not None:
+            rec = self.registry.rollout(target.rollout_id)
+            if rec is not None:
+                return rec.model_name
+        for r in self.active():
+            return r.name
+        return ""
