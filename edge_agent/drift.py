@@ -82,6 +82,8 @@ class _RefLike(Protocol):
     pix_ref_sorted: np.ndarray
     pix_ref_fraction: np.ndarray
     class_prior: np.ndarray
+    conf_index: st.EcdfIndex
+    pix_index: st.EcdfIndex
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,8 +112,8 @@ def _features(b: _RefLike, x: np.ndarray, probs: np.ndarray, emb: np.ndarray) ->
         emb=emb,
         conf=conf,
         pred=probs.argmax(axis=1),
-        conf_code=st.ecdf_codes(conf[:, None], b.conf_ref_sorted[:, None]),
-        pix_code=st.ecdf_codes(st.pool_grid(x, b.grid), b.pix_ref_sorted),
+        conf_code=b.conf_index.codes(conf[:, None]),
+        pix_code=b.pix_index.codes(st.pool_grid(x, b.grid)),
         hist=hist,
         knn=st.knn_distance(d2, b.knn_k) / b.knn_scale,
         kr=np.exp(-b.gamma * d2).mean(axis=1),
@@ -202,7 +204,10 @@ class Baseline:
             raise bad("class_groups shape")
         if not 0.0 < self.alarm_rate < 0.5 or not 0.5 < self.test_quantile < 1.0:
             raise bad("alarm_rate / test_quantile out of range")
+        # Derived lookup structures, rebuilt on load rather than stored.
         object.__setattr__(self, "emb_ref_sq", np.einsum("ij,ij->i", self.emb_ref, self.emb_ref))
+        object.__setattr__(self, "conf_index", st.EcdfIndex(self.conf_ref_sorted[:, None]))
+        object.__setattr__(self, "pix_index", st.EcdfIndex(self.pix_ref_sorted))
 
     @property
     def window(self) -> int:
@@ -334,6 +339,8 @@ def compute_baseline(
         pix_ref_sorted=np.sort(st.pool_grid(x_ref, grid), axis=0),
         pix_ref_fraction=ref_counts / ref_counts.sum(axis=1, keepdims=True), class_prior=prior,
     )
+    ref.conf_index = st.EcdfIndex(ref.conf_ref_sorted[:, None])
+    ref.pix_index = st.EcdfIndex(ref.pix_ref_sorted)
     f = _features(ref, x_cal, probs_cal, emb_cal)
     # Normalise k-NN distances by their median on calibration data: 1.0 = a typical image.
     ref.knn_scale = float(np.median(f.knn)) or 1.0

@@ -12,6 +12,7 @@ because stream windows are small and the asymptotic laws are loose there.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from .errors import ConfigError
 __all__ = [
     "ks_statistic",
     "ks_statistic_columns",
-    "ecdf_codes",
+    "EcdfIndex",
     "ks_from_codes",
     "kolmogorov_sf",
     "ks_pvalue",
@@ -54,33 +55,41 @@ def ks_statistic(a: np.ndarray, ref_sorted: np.ndarray) -> float:
 
 def ks_statistic_columns(a: np.ndarray, ref_sorted: np.ndarray) -> np.ndarray:
     """Column-wise two-sample KS D for ``a`` (n, F) against ``ref_sorted`` (m, F), sorted per column."""
-    return ks_from_codes(ecdf_codes(a, ref_sorted), ref_sorted.shape[0])
+    return ks_from_codes(EcdfIndex(ref_sorted).codes(a), ref_sorted.shape[0])
 
 
-def ecdf_codes(values: np.ndarray, ref_sorted: np.ndarray) -> np.ndarray:
-    """Where each value sits in the reference, per column: ``left * (m + 1) + right`` (int64, (n, F)).
+class EcdfIndex:
+    """A per-column sorted reference that tells where new values sit in it (for KS).
 
-    ``left`` = #ref < v and ``right`` = #ref <= v.  The code is monotone in ``v`` and is
-    all a KS statistic against this reference needs, so it is computed once per sample
-    (on the device: when the sample arrives; at calibration: once per calibration image,
-    then reused by thousands of bootstrap windows).  One ``searchsorted`` serves all
-    columns: each column is shifted into its own band of the real line.
+    ``codes(values)`` gives ``left * (m + 1) + right`` per value and column (int64, (n, F)),
+    ``left`` = #ref < v and ``right`` = #ref <= v.  The code is monotone in ``v`` and is all a
+    KS statistic against this reference needs, so it is computed once per sample (on the
+    device when the sample arrives; at calibration once per image, then reused by
+    thousands of bootstrap windows).  One ``searchsorted`` serves all columns: values are
+    clipped just outside the reference range (which changes no count) and each column is
+    shifted into its own band of the real line.
     """
-    values = np.asarray(values, dtype=np.float64)
-    ref_sorted = np.asarray(ref_sorted, dtype=np.float64)
-    n, f = values.shape
-    m = ref_sorted.shape[0]
-    if ref_sorted.shape[1] != f:
-        raise ValueError(f"column mismatch: {f} vs {ref_sorted.shape[1]}")
-    lo = min(float(values.min(initial=0.0)), float(ref_sorted[0].min()))
-    hi = max(float(values.max(initial=0.0)), float(ref_sorted[-1].max()))
-    offs = np.arange(f, dtype=np.float64) * ((hi - lo) + 1.0) - lo
-    flat = (ref_sorted + offs).T.ravel()
-    v = values + offs
-    base = np.arange(f) * m
-    left = np.searchsorted(flat, v, side="left") - base
-    right = np.searchsorted(flat, v, side="right") - base
-    return left * (m + 1) + right
+
+    def __init__(self, ref_sorted: np.ndarray) -> None:
+        ref = np.asarray(ref_sorted, dtype=np.float64)
+        if ref.ndim != 2:
+            raise ValueError("ref_sorted must be (m, F)")
+        self.m, self.f = ref.shape
+        self._lo = float(ref[0].min()) - 1.0
+        self._hi = float(ref[-1].max()) + 1.0
+        self._offs = np.arange(self.f, dtype=np.float64) * (self._hi - self._lo + 1.0) - self._lo
+        self._flat = (ref + self._offs).T.ravel()
+        self._base = np.arange(self.f) * self.m
+
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        """Codes of ``values`` (n, F) in this reference."""
+        v = np.clip(np.asarray(values, dtype=np.float64), self._lo, self._hi)
+        if v.shape[-1] != self.f:
+            raise ValueError(f"column mismatch: {v.shape[-1]} vs {self.f}")
+        v = v + self._offs
+        left = np.searchsorted(self._flat, v, side="left") - self._base
+        right = np.searchsorted(self._flat, v, side="right") - self._base
+        return left * (self.m + 1) + right
 
 
 def ks_from_codes(codes: np.ndarray, m: int) -> np.ndarray:
@@ -257,15 +266,18 @@ def pool_grid(x: np.ndarray, grid: int) -> np.ndarray:
     that a whole-image intensity histogram cannot.
     """
     n, c, h, w = x.shape
-    gh, gw = min(grid, h), min(grid, w)
-    rows = np.linspace(0, h, gh + 1).astype(np.int64)[:-1]
-    cols = np.linspace(0, w, gw + 1).astype(np.int64)[:-1]
+    rows, cols, area = _grid_cells(h, w, grid)
     s = np.add.reduceat(np.asarray(x, dtype=np.float64), rows, axis=2)
     s = np.add.reduceat(s, cols, axis=3)
-    rh = np.diff(np.append(rows, h))
-    cw = np.diff(np.append(cols, w))
-    s /= (rh[:, None] * cw[None, :])
-    return s.reshape(n, c * gh * gw)
+    s /= area
+    return s.reshape(n, c * len(rows) * len(cols))
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_cells(h: int, w: int, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = np.linspace(0, h, min(grid, h) + 1).astype(np.int64)
+    cols = np.linspace(0, w, min(grid, w) + 1).astype(np.int64)
+    return rows[:-1], cols[:-1], np.diff(rows)[:, None] * np.diff(cols)[None, :]
 
 
 # --------------------------------------------------------------------- embedding
