@@ -1,0 +1,308 @@
+"""The retraining job: fine-tune, export, gate against the model in service, record the verdict.
+
+1. The model in service is the newest *accepted* version of ``name``; its bundle's
+   lineage names the training run (``runs_dir/<run_id>``) to fine-tune from.
+2. The labelled drift samples are decoded from the sample store and split, stratified
+   and stable (a sample's side depends only on its id), into a training part and a
+   held-out part.
+3. :func:`train.api.train_run` fine-tunes the parent run on its original data plus the
+   training part; :func:`export.pipeline.export_run` exports it with the parent bundle's
+   accuracy budget, signs it with the fleet key and writes the candidate bundle.
+4. Both bundles run in ONNX Runtime / LiteRT (the variant the devices serve) on the
+   held-out drift samples and on the parent run's original test split.  The candidate is
+   accepted only if it gains at least ``gate.min_improvement`` on the former and loses at
+   most ``gate.max_original_drop`` on the latter; either way it stays in the registry,
+   with its metrics and, when rejected, the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import EdgeloopError, FleetError
+
+from .policy import GatePolicy, RetrainPolicyConfig
+from .registry import ModelVersion, Registry, SampleRecord
+
+__all__ = ["RetrainSettings", "RetrainOutcome", "split_labelled", "next_version", "evaluate_bundle", "run_retrain"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """Where a retraining job reads and writes, and how hard it trains."""
+
+    runs_dir: Path
+    bundles_dir: Path
+    samples_dir: Path
+    signing_key: Path
+    public_key: Path
+    policy: RetrainPolicyConfig = field(default_factory=RetrainPolicyConfig)
+    threads: int | None = None  # torch threads; None: all cores
+    batch_size: int | None = None  # None: the parent run's
+
+    def __post_init__(self) -> None:
+        for name in ("runs_dir", "bundles_dir", "samples_dir", "signing_key", "public_key"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class RetrainOutcome:
+    """What one job did; ``status`` is ``accepted``, ``rejected`` or ``skipped``."""
+
+    status: str
+    reason: str
+    name: str
+    parent_version: str | None
+    version: str | None = None
+    bundle: Path | None = None
+    run_dir: Path | None = None
+    trigger: str = "manual"
+    n_labelled: int = 0
+    n_train: int = 0
+    n_holdout: int = 0
+    holdout_current: float | None = None
+    holdout_candidate: float | None = None
+    test_current: float | None = None
+    test_candidate: float | None = None
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def split_labelled(ids: Sequence[str], labels: Sequence[str], holdout_fraction: float, seed: int = 0
+                   ) -> tuple[list[int], list[int]]:
+    """Indices of the (train, held-out) parts: stratified per label and stable per sample id.
+
+    Each class is ordered by a hash of ``seed`` and the sample id, and its first
+    ``round(fraction * n)`` samples (at least one when the class has two or more) are held
+    out; a sample therefore stays on the same side as more samples arrive.
+    """
+    by_class: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(str(lab), []).append(i)
+    train, hold = [], []
+    for members in by_class.values():
+        members.sort(key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).digest())
+        k = round(holdout_fraction * len(members))
+        if len(members) >= 2:
+            k = min(max(k, 1), len(members) - 1)
+        else:
+            k = 0
+        hold += members[:k]
+        train += members[k:]
+    return sorted(train), sorted(hold)
+
+
+def next_version(current: str, taken: Sequence[str] = ()) -> str:
+    """The next free version after ``current``: ``1.2.0`` -> ``1.3.0``; ``v7`` -> ``v7.1``."""
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", current)
+    n = 1
+    while True:
+        cand = f"{m.group(1)}.{int(m.group(2)) + n}.0" if m else f"{current}.{n}"
+        if cand not in taken:
+            return cand
+        n += 1
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_bundle(bundle_path: Path, images: np.ndarray, labels: np.ndarray, *, variant_id: str | None = None,
+                    trusted_key: Any = None, batch: int = 256) -> float:
+    """Accuracy of a bundle's variant on raw uint8 images, in the runtime the device uses."""
+    from edge_agent.bundle import open_bundle
+    from edge_agent.preprocess import preprocess
+    from edge_agent.runtime import open_model
+
+    if len(images) == 0:
+        raise FleetError("no images to evaluate on")
+    b = open_bundle(bundle_path, trusted_key=trusted_key, require_signature=trusted_key is not None)
+    m = b.manifest
+    variant = m.variant(variant_id) if variant_id and variant_id in {v.id for v in m.variants} else m.variants[0]
+    with tempfile.TemporaryDirectory(prefix="edgeloop-eval-") as tmp:
+        b.extract_to(tmp)
+        backend = open_model(Path(tmp) / variant.file, variant, threads=1)
+        fixed = backend.input_shape[0] if backend.input_shape and backend.input_shape[0] > 0 else None
+        step = fixed or batch
+        preds = []
+        for i in range(0, len(images), step):
+            x = preprocess(images[i:i + step], m.preprocessing)
+            if fixed and len(x) != fixed:  # a static-batch model (TFLite): pad the tail
+                x = np.concatenate([x, np.repeat(x[-1:], fixed - len(x), axis=0)])
+            preds.append(np.argmax(backend.run(x).logits, axis=1)[: len(images[i:i + step])])
+    return float(np.mean(np.concatenate(preds) == labels))
+
+
+def _served_variant(registry: Registry, version: str) -> str | None:
+    """The variant most devices on ``version`` run (what the comparison must measure)."""
+    counts = Counter(d.variant for d in registry.devices(model_version=version) if d.variant)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _decode(store_root: Path, recs: Sequence[SampleRecord], labels: Sequence[str]
+            ) -> tuple[list[str], list[np.ndarray], list[int]]:
+    from edge_agent.sampling import decode_sample
+
+    from .samples import SampleStore
+
+    store = SampleStore(store_root)
+    index = {lab: i for i, lab in enumerate(labels)}
+    ids, images, ys = [], [], []
+    for rec in recs:
+        lab = str(rec.label)
+        y = index.get(lab, int(lab) if lab.isdigit() and int(lab) < len(labels) else None)
+        if y is None:
+            log.warning("sample %s: label %r is not a class of the model; skipped", rec.id, lab)
+            continue
+        try:
+            img = decode_sample(store.read(rec)).image
+        except EdgeloopError as exc:
+            log.warning("sample %s cannot be decoded (%s); skipped", rec.id, exc)
+            continue
+        ids.append(rec.id)
+        images.append(img)
+        ys.append(y)
+    return ids, images, ys
+
+
+def _conform(images: Sequence[np.ndarray], like: np.ndarray) -> np.ndarray:
+    """Stack device images as the dataset's camera images (same size and channels)."""
+    from train.data import conform_images
+
+    channels = 1 if like.ndim == 3 else like.shape[3]
+    return conform_images(list(images), tuple(like.shape[1:3]), channels)
+
+
+def _run_dir(settings: RetrainSettings, model: ModelVersion, manifest: Any) -> Path:
+    lineage = model.lineage or {}
+    candidates = [lineage.get("run_dir"), manifest.lineage.run_id and settings.runs_dir / manifest.lineage.run_id,
+                  lineage.get("run_id") and settings.runs_dir / str(lineage["run_id"])]
+    for c in candidates:
+        if c and (Path(c) / "checkpoint.pt").is_file():
+            return Path(c)
+    raise FleetError(f"the training run of {model.name} {model.version} ({manifest.lineage.run_id}) is not in "
+                     f"{settings.runs_dir}", hint="keep the run directories the fleet trained from under the runs dir",
+                     version=model.version)
+
+
+def _export(run_dir: Path, settings: RetrainSettings, manifest: Any, version: str, parent: str) -> Path:
+    """Export the candidate with the parent's settings; only the options ``export_run`` knows are passed."""
+    from export.pipeline import export_run
+
+    precisions = tuple(sorted({v.id for v in manifest.variants}))
+    wanted: dict[str, Any] = {
+        "out": settings.bundles_dir, "max_drop": manifest.accuracy_budget, "sign_key": settings.signing_key,
+        "version": version, "parent_version": parent, "name": manifest.name, "variants": precisions,
+    }
+    params = inspect.signature(export_run).parameters
+    kwargs = {k: v for k, v in wanted.items() if k in params}
+    report = export_run(run_dir, **kwargs)
+    return Path(report.bundle)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, trigger: str = "manual",
+                clock: Callable[[], float] = time.time) -> RetrainOutcome:
+    """Run one retraining job for model ``name``; see the module docstring for the steps."""
+    from edge_agent.bundle import open_bundle
+    from edge_agent.signing import load_public_key
+    from train.api import TrainConfig, load_run, train_run
+
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    gate: GatePolicy = settings.policy.gate
+    current = registry.latest_model(name, status="accepted")
+    if current is None or not current.bundle_path:
+        raise FleetError(f"no accepted model {name} in the registry to retrain from",
+                         hint="register the model in service first (`edgeloop fleet models`)")
+    pub = load_public_key(settings.public_key)
+    manifest = open_bundle(current.bundle_path, trusted_key=pub).manifest
+    parent_dir = _run_dir(settings, current, manifest)
+    base = {"name": name, "parent_version": current.version, "trigger": trigger}
+
+    recs = registry.samples(labelled=True)
+    ids, images, ys = _decode(settings.samples_dir, recs, manifest.labels)
+    tr, ho = split_labelled(ids, [str(y) for y in ys], gate.holdout_fraction, gate.seed)
+    if len(ho) < gate.min_holdout:
+        return RetrainOutcome("skipped", f"only {len(ho)} held-out labelled samples (< {gate.min_holdout})",
+                              n_labelled=len(ids), n_train=len(tr), n_holdout=len(ho), **base)
+    parent = load_run(parent_dir)
+    test_images, test_labels = parent.images("test")
+    x_all = _conform(images, test_images)
+    y_all = np.asarray(ys, dtype=np.int64)
+    timings["prepare"] = time.monotonic() - t0
+
+    t = time.monotonic()
+    lr = settings.policy.fine_tune_lr or min(1e-3, float(parent.params.get("config", {}).get("lr", 3e-3)) / 3)
+    cfg_kwargs: dict[str, Any] = {"init_from": str(parent_dir), "epochs": settings.policy.fine_tune_epochs,
+                                  "out_dir": str(settings.runs_dir), "lr": lr, "warmup_epochs": 0.0,
+                                  "threads": settings.threads}
+    if settings.batch_size:
+        cfg_kwargs["batch_size"] = settings.batch_size
+    run_dir = train_run(TrainConfig(**cfg_kwargs), extra_images=x_all[tr], extra_labels=y_all[tr])
+    timings["train"] = time.monotonic() - t
+
+    t = time.monotonic()
+    version = next_version(current.version, [m.version for m in registry.models(name=name)])
+    bundle = _export(run_dir, settings, manifest, version, current.version)
+    timings["export"] = time.monotonic() - t
+
+    t = time.monotonic()
+    variant = _served_variant(registry, current.version)
+    hold_cur = evaluate_bundle(Path(current.bundle_path), x_all[ho], y_all[ho], variant_id=variant)
+    hold_new = evaluate_bundle(bundle, x_all[ho], y_all[ho], variant_id=variant)
+    test_cur = evaluate_bundle(Path(current.bundle_path), test_images, test_labels, variant_id=variant)
+    test_new = evaluate_bundle(bundle, test_images, test_labels, variant_id=variant)
+    timings["gate"] = time.monotonic() - t
+
+    gain, drop = hold_new - hold_cur, test_cur - test_new
+    failures = []
+    if gain < gate.min_improvement:
+        failures.append(f"held-out drift accuracy {hold_cur:.3f} -> {hold_new:.3f} "
+                        f"(gain {gain:+.3f} < {gate.min_improvement:.3f})")
+    if drop > gate.max_original_drop:
+        failures.append(f"original test accuracy {test_cur:.3f} -> {test_new:.3f} "
+                        f"(drop {drop:.3f} > {gate.max_original_drop:.3f})")
+    status = "rejected" if failures else "accepted"
+    reason = "; ".join(failures) if failures else (
+        f"held-out drift accuracy {hold_cur:.3f} -> {hold_new:.3f}, original test {test_cur:.3f} -> {test_new:.3f}")
+    gate_metrics = {"gate": {"holdout_current": hold_cur, "holdout_candidate": hold_new, "test_current": test_cur,
+                             "test_candidate": test_new, "n_holdout": len(ho), "n_train": len(tr),
+                             "variant": variant, "min_improvement": gate.min_improvement,
+                             "max_original_drop": gate.max_original_drop, "passed": not failures}}
+    new_run = load_run(run_dir)
+    registry.register_model(
+        bundle, trusted_key=pub, status=status, reason=None if not failures else reason,
+        parent_version=current.version,
+        lineage={"run_id": new_run.run_id, "run_dir": str(run_dir), "data_hash": new_run.data_hash,
+                 "parent_version": current.version, "parent_run_id": parent.run_id, "trigger": trigger,
+                 "samples": {"train": [ids[i] for i in tr], "holdout": [ids[i] for i in ho]},
+                 "created": clock()})
+    registry.set_model_status(name, version, status, reason=reason, metrics=gate_metrics)
+    log.info("retrain %s %s -> %s: %s (%s)", name, current.version, version, status, reason)
+    return RetrainOutcome(status, reason, version=version, bundle=bundle, run_dir=run_dir, n_labelled=len(ids),
+                          n_train=len(tr), n_holdout=len(ho), holdout_current=hold_cur, holdout_candidate=hold_new,
+                          test_current=test_cur, test_candidate=test_new, seconds=time.monotonic() - t0,
+                          timings=timings, **base)
