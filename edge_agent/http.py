@@ -1,0 +1,205 @@
+"""The agent's local HTTP endpoint (stdlib ``http.server``; no extra dependency on a Pi).
+
+    POST /predict   body: raw image bytes (.npy, binary PGM/PPM, PNG/JPEG with Pillow) or a
+                    JSON array of pixel rows (application/json) -> the Prediction as JSON
+    GET  /healthz   200 {"status": "ok", ...} when a model serves, else 503
+    GET  /metrics   Prometheus text format
+
+Bound to 127.0.0.1 unless the config says otherwise.  A bad input is a 400 with the
+one-line message, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import DataError, EdgeloopError, InputError
+from .telemetry import prometheus_text
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+__all__ = ["AgentHTTPServer", "serve", "decode_image", "metrics_text"]
+
+log = logging.getLogger(__name__)
+
+_SUFFIX_BY_MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"P5", ".pgm"), (b"P6", ".ppm"), (b"BM", ".bmp"),
+                    (b"GIF8", ".gif"), (b"RIFF", ".webp"))
+
+
+def decode_image(body: bytes, content_type: str = "") -> np.ndarray:
+    """Request body -> image array; raises :class:`InputError` with a one-line message."""
+    if not body:
+        raise InputError("empty request body", hint="POST the image bytes or a JSON array")
+    if content_type.startswith("application/json") or body[:1] in (b"[", b"{"):
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"request body is not valid JSON: {exc}") from None
+        if isinstance(data, dict):
+            data = data.get("image")
+        try:
+            arr = np.asarray(data)
+        except ValueError as exc:  # ragged rows
+            raise InputError(f"JSON image is not a rectangular array: {exc}") from None
+        if arr.dtype.kind == "i" and arr.size and arr.min() >= 0 and arr.max() <= 255:
+            arr = arr.astype(np.uint8)
+        elif arr.dtype.kind not in "iuf":
+            raise InputError(f"JSON image must be an array of numbers, got {arr.dtype}",
+                             hint="send rows of pixel values 0-255")
+        return arr
+    if body[:6] == b"\x93NUMPY":
+        try:
+            return np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"cannot read .npy body: {exc}") from None
+    suffix = next((s for magic, s in _SUFFIX_BY_MAGIC if body.startswith(magic)), None)
+    if suffix is None:
+        raise InputError("unrecognised image format", hint="send .npy, PGM/PPM, PNG or JPEG bytes, or a JSON array")
+    from .preprocess import load_image
+
+    # load_image reads files; a temp file keeps one decoder for files and requests
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        tmp.write(body)
+        tmp.flush()
+        try:
+            return load_image(Path(tmp.name))
+        except DataError as exc:
+            raise InputError(str(exc)) from None
+
+
+def metrics_text(agent: Agent) -> str:
+    """The agent's counters in the Prometheus text exposition format."""
+    snap = agent.stats.snapshot()
+    model = agent.model
+    q = agent.outbox.stats() if agent.outbox is not None else None
+    labels = {"device": agent.device_id, "model_version": model.version if model else "none",
+              "variant": model.variant.id if model else "none"}
+    dev = {"device": agent.device_id}
+    rows: list[tuple[str, str, str, float | None, dict[str, str]]] = [
+        ("edgeloop_model_info", "gauge", "The model being served (value 1).", 1.0 if model else None, labels),
+        ("edgeloop_inferences_total", "counter", "Predictions served.", float(snap.inferences), dev),
+        ("edgeloop_inference_errors_total", "counter", "Rejected inputs.", float(snap.errors), dev),
+        ("edgeloop_inference_latency_ms", "gauge", "Latency percentiles over the recent ring.",
+         snap.latency_p50_ms, dev | {"quantile": "0.5"}),
+        ("edgeloop_inference_latency_ms", "gauge", "", snap.latency_p99_ms, dev | {"quantile": "0.99"}),
+        ("edgeloop_drift_alarm", "gauge", "1 while the drift alarm is on.", 1.0 if agent.drift_alarm else 0.0, dev),
+        ("edgeloop_outbox_depth", "gauge", "Messages waiting for the broker.", float(q.depth) if q else None, dev),
+        ("edgeloop_outbox_bytes", "gauge", "Bytes waiting for the broker.", float(q.bytes) if q else None, dev),
+        ("edgeloop_dropped_samples_total", "counter", "Samples dropped because the outbox was full.",
+         float(q.dropped_samples) if q else None, dev),
+    ]
+    rep = agent.reports[-1] if agent.reports else None
+    if rep is not None:
+        rows.append(("edgeloop_drift_risk", "gauge", "Risk score of the last drift window (alarm above threshold).",
+                     float(rep.risk), dev))
+    return prometheus_text(rows)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AgentHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "edgeloop-agent"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, code: int, data: Any) -> None:
+        self._send(code, (json.dumps(data) + "\n").encode())
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        agent = self.server.agent
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            model = agent.model
+            data = {"status": "ok" if model else "no-model", "device_id": agent.device_id,
+                    "model_version": model.version if model else None,
+                    "variant": model.variant.id if model else None, "drift_alarm": agent.drift_alarm}
+            self._json(200 if model else 503, data)
+        elif path == "/metrics":
+            self._send(200, metrics_text(agent).encode(), "text/plain; version=0.0.4; charset=utf-8")
+        else:
+            self._json(404, {"error": f"no route GET {path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path != "/predict":
+            self._json(404, {"error": f"no route POST {path}"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if length < 0 or length > self.server.max_body:
+            self.close_connection = True
+            self._json(413 if length > 0 else 411, {"error": f"body must have a Content-Length up to "
+                                                             f"{self.server.max_body} bytes"})
+            return
+        body = self.rfile.read(length)
+        try:
+            image = decode_image(body, self.headers.get("Content-Type", ""))
+        except InputError as exc:
+            self.server.agent.stats.record_error()
+            self._json(400, {"error": str(exc)})
+            return
+        try:
+            pred = self.server.agent.predict(image)
+        except InputError as exc:  # counted by the pipeline
+            self._json(400, {"error": str(exc)})
+            return
+        except EdgeloopError as exc:
+            self._json(503, {"error": str(exc)})
+            return
+        self._json(200, pred.to_dict())
+
+
+class AgentHTTPServer(ThreadingHTTPServer):
+    """A threading server bound to one agent; ``port`` is the bound port (useful with port 0)."""
+
+    daemon_threads = True
+
+    def __init__(self, agent: Agent, bind: str, port: int) -> None:
+        self.agent = agent
+        self.max_body = agent.config.http.max_body_bytes
+        super().__init__((bind, port), _Handler)
+        self.port = int(self.server_address[1])
+        self._thread = threading.Thread(target=self.serve_forever, name="edgeloop-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = self.server_address[0]
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> AgentHTTPServer:
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve(agent: Agent, bind: str = "127.0.0.1", port: int = 8765) -> AgentHTTPServer:
+    """Start serving ``agent`` on ``bind:port`` in a background thread."""
+    try:
+        return AgentHTTPServer(agent, bind, port).start()
+    except OSError as exc:
+        raise EdgeloopError(f"cannot serve HTTP on {bind}:{port}: {exc.strerror}",
+                            hint="choose another [http].port or stop the other process") from exc
