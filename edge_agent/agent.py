@@ -28,6 +28,7 @@ import numpy as np
 
 from . import chunks
 from .config import AgentConfig
+from .deploy import CommandWorker
 from .drift import DriftReport
 from .errors import EdgeloopError, QueueError, UpdateError
 from .inference import FolderSource, InferencePipeline, LoadedModel, Prediction
@@ -35,6 +36,7 @@ from .manifest import Manifest
 from .outbox import Outbox
 from .protocol import (
     PRIORITY_SAMPLES,
+    SAMPLES_KIND,
     DeviceState,
     DriftReportMsg,
     JobStatus,
@@ -109,6 +111,7 @@ class Agent:
         self.outbox: Outbox | None = None
         self.link: Any = None  # edge_agent.mqtt.AgentLink when a broker is configured
         self.http: Any = None
+        self.worker: CommandWorker | None = None  # runs fleet commands (deploy, rollback)
         self.selector: SampleSelector | None = None
         self.jobs: deque[JobStatus] = deque(maxlen=200)  # recent job steps (status, tests)
         self.reports: deque[DriftReport] = deque(maxlen=50)
@@ -151,10 +154,9 @@ class Agent:
             self._boot()
         else:
             self._load_serving()
+        self.worker = CommandWorker(self)
         if connect and self.config.broker.enabled:
-            from .mqtt import AgentLink
-
-            self.link = AgentLink.from_agent(self)
+            self.link = self._make_link()
             self.link.start()
         if serve_http if serve_http is not None else self.config.http.enabled:
             from .http import serve
@@ -162,6 +164,17 @@ class Agent:
             self.http = serve(self, self.config.http.bind, self.config.http.port)
         self.publish_state()
         return self
+
+    def _make_link(self) -> Any:
+        from .mqtt import AgentLink, TlsConfig
+
+        b = self.config.broker
+        tls = TlsConfig(ca_file=Path(b.ca_file) if b.ca_file else None) if b.tls else None
+        protocol = {"auto": "auto", "mqtt5": "5", "mqtt311": "3.1.1"}[b.protocol]
+        return AgentLink(host=b.host, port=b.port, device_id=self.device_id, outbox=self.outbox,  # type: ignore[arg-type]
+                         username=b.username or None, password=b.secret(), tls=tls, keepalive=b.keepalive,
+                         protocol=protocol, topics=self.topics, on_command=self.worker.on_command,  # type: ignore[union-attr]
+                         state=self.device_state(online=True))
 
     def _boot(self) -> None:
         window_s = self.config.update.boot_window_min * 60.0
@@ -223,9 +236,12 @@ class Agent:
         if self.http is not None:
             self.http.shutdown()
             self.http = None
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
         if self.link is not None:
             try:
-                self.link.stop()
+                self.link.close()
             finally:
                 self.link = None
         old = self.pipeline.swap(None)
@@ -292,7 +308,7 @@ class Agent:
         if self.outbox is None:
             return
         frames = chunks.split(sample.sample_id, encode_sample(sample), chunk_size=self.config.sampling.chunk_size,
-                              kind="sample", meta={"reason": sample.reason, "model_version": sample.model_version})
+                              kind=SAMPLES_KIND, meta={"reason": sample.reason, "model_version": sample.model_version})
         topic = self.topics.device(self.device_id, "samples")
         for frame in frames:
             self.outbox.put(topic, frame, PRIORITY_SAMPLES, 1)
@@ -330,7 +346,12 @@ class Agent:
             agent_version=AGENT_VERSION, previous_version=prev.version if prev else None)
 
     def publish_state(self) -> None:
-        self.send(self.device_state(online=True))
+        """Queue the retained state; the link also makes it its birth message and Last Will."""
+        state = self.device_state(online=True)
+        if self.link is not None:
+            self.link.update_state(state)
+        else:
+            self.send(state)
 
     def telemetry(self) -> Telemetry:
         """A telemetry message for the interval since the previous one."""

@@ -123,7 +123,7 @@ class BrokerSection:
     username: str = ""
     password: str = ""
     password_file: str = ""  # preferred over password: keeps the secret out of the config
-    protocol: str = "mqtt5"  # "mqtt5" | "mqtt311"
+    protocol: str = "auto"  # "auto" (MQTT 5, falling back to 3.1.1) | "mqtt5" | "mqtt311"
     keepalive: int = 30
     topic_prefix: str = DEFAULT_PREFIX
 
@@ -136,8 +136,8 @@ class BrokerSection:
             _str("broker", key, getattr(self, key))
         if self.password and self.password_file:
             raise _bad("broker", "password_file", "and [broker].password are both set; keep one")
-        if self.protocol not in ("mqtt5", "mqtt311"):
-            raise _bad("broker", "protocol", f"must be \"mqtt5\" or \"mqtt311\", got {self.protocol!r}")
+        if self.protocol not in ("auto", "mqtt5", "mqtt311"):
+            raise _bad("broker", "protocol", f"must be \"auto\", \"mqtt5\" or \"mqtt311\", got {self.protocol!r}")
         _int("broker", "keepalive", self.keepalive, 5, 3600)
         _str("broker", "topic_prefix", self.topic_prefix, empty=False)
         if any(c in self.topic_prefix for c in "#+") or self.topic_prefix.endswith("/"):
@@ -389,7 +389,7 @@ ca_file = ""          # CA bundle for TLS ("" = the system's)
 username = ""
 password = ""
 password_file = ""    # preferred: a file holding the password
-protocol = "mqtt5"    # or "mqtt311"
+protocol = "auto"     # MQTT 5 where the broker has it, else 3.1.1; or "mqtt5" / "mqtt311"
 keepalive = 30
 topic_prefix = "edgeloop/v1"
 

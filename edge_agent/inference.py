@@ -147,7 +147,7 @@ class InferencePipeline:
         if arr.dtype == object or arr.dtype.kind not in "uif":
             raise InputError(f"image has dtype {arr.dtype}; expected uint8 pixels (H, W) or (H, W, C)",
                              hint="convert the image to uint8")
-        if arr.ndim not in (2, 3):
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) or min(arr.shape[:2]) < 1:
             raise InputError(f"image has shape {tuple(arr.shape)}; expected (H, W) or (H, W, C) with C in 1, 3, 4",
                              hint="pass one image; use predict_many() for a batch")
         if self.strict_size and tuple(arr.shape[:2]) != tuple(spec_size):
@@ -163,7 +163,7 @@ class InferencePipeline:
         try:
             arr = self._check(image, model.spec.size)
             t0 = time.perf_counter()
-            x = preprocess(arr, model.spec)
+            x = preprocess([arr], model.spec)  # a list: one (H, W, C) image, never read as a batch
             with self._lock:
                 model = self._model if self._model is not None else model
                 out = model.backend.run(x)

@@ -54,6 +54,13 @@ def _prep(images: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def trained_weights() -> tuple[np.ndarray, ...]:
     """A 64-32-10 MLP trained with full-batch gradient descent (numpy, deterministic)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # BLAS threads on a shared 2-core box make this 30x slower
+        return _train()
+
+
+def _train() -> tuple[np.ndarray, ...]:
     d = digits()
     x = _prep(d.train_x).reshape(len(d.train_x), -1).astype(np.float64)
     y = np.eye(10)[d.train_y]

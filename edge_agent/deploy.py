@@ -1,0 +1,233 @@
+"""Fleet commands on the device: DeployCommand and RollbackCommand, one job at a time.
+
+Commands arrive on the MQTT link's command thread; a deploy can take minutes (a slow
+download, a variant benchmark), and MQTT bundle chunks arrive on that same thread, so
+jobs run on a worker thread of their own and the command thread only hands over.
+
+A deploy: ``received`` -> ``downloading`` (HTTP with Range resume and retries, or MQTT
+chunk frames requested with ``BundleRequest`` and reassembled, resumable by chunk index)
+-> the installer's ``verifying`` / ``installing`` / ``health_check`` -> ``switched`` ->
+``completed``, or ``failed`` (+ ``rolled_back`` when the old model was kept because the
+new one failed its check).  Each step is a JobStatus on the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .chunks import Reassembler
+from .errors import EdgeloopError, ProtocolError, UpdateError
+from .protocol import BUNDLE_KIND, BundleRequest, DeployCommand, Frame, RollbackCommand
+from .updater import disk_error, download_http
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+__all__ = ["CommandWorker"]
+
+log = logging.getLogger(__name__)
+
+
+class _MqttBundle:
+    """Chunk frames of one MQTT-delivered bundle, reassembled and checked against the command."""
+
+    def __init__(self, cmd: DeployCommand) -> None:
+        self.cmd = cmd
+        self.done = threading.Event()
+        self.data: bytes | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._reasm = Reassembler(max_transfers=1, max_bytes=cmd.size + (1 << 20), ttl_s=3600.0,
+                                  on_drop=lambda d: self._fail(f"bundle transfer dropped: {d.reason} {d.detail}"))
+
+    def _fail(self, why: str) -> None:
+        self.error = why
+        self.done.set()
+
+    def add(self, frame: Frame) -> None:
+        with self._lock:
+            try:
+                completed = self._reasm.add(frame)
+            except ProtocolError as exc:
+                self._fail(str(exc))
+                return
+            if completed is None:
+                return
+            if completed.sha256 != self.cmd.sha256 or len(completed.data) != self.cmd.size:
+                self._fail(f"bundle received over MQTT has sha256 {completed.sha256[:12]}..., "
+                           f"the deploy command announced {self.cmd.sha256[:12]}...")
+                return
+            self.data = completed.data
+            self.done.set()
+
+    def first_missing(self) -> int:
+        with self._lock:
+            missing = self._reasm.missing(self.cmd.job_id)
+        return missing[0] if missing else 0
+
+
+class CommandWorker:
+    """Runs fleet commands for one agent on a background thread, in arrival order."""
+
+    def __init__(self, agent: Agent, *, retries: int = 3, retry_wait_s: float = 2.0,
+                 mqtt_timeout_s: float = 300.0) -> None:
+        self.agent = agent
+        self.retries = retries
+        self.retry_wait_s = retry_wait_s
+        self.mqtt_timeout_s = mqtt_timeout_s
+        self._queue: queue.Queue[DeployCommand | RollbackCommand | None] = queue.Queue(maxsize=64)
+        self._stop = threading.Event()
+        self._bundle: _MqttBundle | None = None
+        self._done_jobs: dict[str, str] = {}  # job id -> final step (QoS 1 redelivers commands)
+        self.idle = threading.Event()
+        self.idle.set()
+        self._thread = threading.Thread(target=self._loop, name=f"jobs-{agent.device_id}", daemon=True)
+        self._thread.start()
+
+    # called on the MQTT command thread
+    def on_command(self, cmd: Any) -> None:
+        """The AgentLink's ``on_command``: queue deploy/rollback, route bundle chunks."""
+        if isinstance(cmd, Frame):
+            bundle = self._bundle
+            if cmd.kind == BUNDLE_KIND and bundle is not None and cmd.transfer_id == bundle.cmd.job_id:
+                bundle.add(cmd)
+            else:
+                log.info("ignoring bundle chunk %s/%d (no matching download)", cmd.transfer_id, cmd.index)
+            return
+        self.submit(cmd)
+
+    def submit(self, cmd: DeployCommand | RollbackCommand) -> None:
+        self.idle.clear()
+        try:
+            self._queue.put_nowait(cmd)
+        except queue.Full:
+            log.error("command queue full; dropped %s %s", cmd.TYPE, cmd.job_id)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once every submitted command has finished (tests, shutdown)."""
+        return self.idle.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._bundle is not None:
+            self._bundle._fail("agent stopping")
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+
+    # worker thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            cmd = self._queue.get()
+            if cmd is None:
+                return
+            try:
+                if isinstance(cmd, DeployCommand):
+                    self._deploy(cmd)
+                else:
+                    self._rollback(cmd)
+            except Exception:  # a job must never take the agent down
+                log.exception("job %s crashed", cmd.job_id)
+            finally:
+                if self._queue.empty():
+                    self.idle.set()
+
+    def _rollback(self, cmd: RollbackCommand) -> None:
+        a = self.agent
+        model = a.model
+        if cmd.to_version is not None and model is not None and model.version == cmd.to_version:
+            a._job(cmd.job_id, cmd.to_version, "rolled_back", True, "already serving that version")
+            return
+        try:
+            a.rollback(cmd.reason, job_id=cmd.job_id)
+        except EdgeloopError as exc:
+            a._job(cmd.job_id, cmd.to_version or "?", "failed", False, f"rollback: {exc}")
+
+    def _deploy(self, cmd: DeployCommand) -> None:
+        a = self.agent
+        prev = a.model.version if a.model is not None else None
+        if cmd.job_id in self._done_jobs:
+            log.info("job %s already handled (%s); ignoring the redelivery", cmd.job_id, self._done_jobs[cmd.job_id])
+            return
+        if prev == cmd.version:
+            a._job(cmd.job_id, cmd.version, "completed", True, "already serving this version", 1.0, prev)
+            self._done_jobs[cmd.job_id] = "completed"
+            return
+        a._job(cmd.job_id, cmd.version, "received", True, f"{cmd.delivery} delivery, {cmd.size} bytes", 0.0, prev)
+        downloads = a.config.state_dir / "downloads"
+        dest = downloads / f"{cmd.job_id}.elb"
+        try:
+            a.installer.check_disk(cmd.size * 3, downloads)  # the file, the unpacked slot, a margin
+            if cmd.delivery == "http":
+                self._download_http(cmd, dest, prev)
+            else:
+                self._download_mqtt(cmd, dest, prev)
+            a.install(dest, job_id=cmd.job_id)  # verifying ... completed, or failed (+ rolled_back)
+            self._done_jobs[cmd.job_id] = "completed"
+        except EdgeloopError as exc:
+            if not a.jobs or a.jobs[-1].job_id != cmd.job_id or a.jobs[-1].step not in ("failed", "rolled_back"):
+                a._job(cmd.job_id, cmd.version, "failed", False, str(exc), None, prev)
+            self._done_jobs[cmd.job_id] = "failed"
+        finally:
+            self._bundle = None
+            dest.unlink(missing_ok=True)
+            dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+            while len(self._done_jobs) > 256:  # bounded memory on a long-lived device
+                self._done_jobs.pop(next(iter(self._done_jobs)))
+
+    def _download_http(self, cmd: DeployCommand, dest: Path, prev: str | None) -> None:
+        a = self.agent
+        step = [0.0]
+
+        def progress(have: int, total: int) -> None:
+            frac = have / total
+            if frac - step[0] >= 0.25:  # a few reports, not one per block
+                step[0] = frac
+                a._job(cmd.job_id, cmd.version, "downloading", True, f"{have}/{total} bytes", round(frac, 3), prev)
+
+        a._job(cmd.job_id, cmd.version, "downloading", True, str(cmd.url), 0.0, prev)
+        last: EdgeloopError | None = None
+        for attempt in range(1, self.retries + 1):
+            try:
+                download_http(str(cmd.url), dest, size=cmd.size, sha256=cmd.sha256,
+                              timeout=a.config.update.download_timeout_s, progress=progress)
+                return
+            except UpdateError as exc:
+                last = exc
+                if "received" not in exc.context or self._stop.is_set():
+                    raise  # not a transient interruption: wrong hash, HTTP 404, full disk
+                log.warning("download attempt %d/%d: %s", attempt, self.retries, exc)
+                self._stop.wait(self.retry_wait_s * attempt)
+        assert last is not None
+        raise last
+
+    def _download_mqtt(self, cmd: DeployCommand, dest: Path, prev: str | None) -> None:
+        a = self.agent
+        bundle = self._bundle = _MqttBundle(cmd)
+        waited = 0.0
+        step = max(5.0, self.mqtt_timeout_s / 10)
+        while not bundle.done.is_set():
+            start = bundle.first_missing()
+            a._job(cmd.job_id, cmd.version, "downloading", True, f"requesting chunks from {start} over MQTT",
+                   None, prev)
+            a.send(BundleRequest(device_id=a.device_id, job_id=cmd.job_id, version=cmd.version, start=start))
+            if bundle.done.wait(step):
+                break
+            waited += step
+            if waited >= self.mqtt_timeout_s or self._stop.is_set():
+                raise UpdateError(f"bundle {cmd.version} did not arrive over MQTT within {self.mqtt_timeout_s:g} s",
+                                  hint="check the fleet manager answers bundle requests", version=cmd.version)
+        if bundle.error or bundle.data is None:
+            raise UpdateError(bundle.error or "bundle transfer failed", version=cmd.version)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(bundle.data)
+        except OSError as exc:
+            dest.unlink(missing_ok=True)
+            raise disk_error(exc, "store the bundle", dest) from exc
