@@ -238,11 +238,19 @@ class Outbox:
     def __len__(self) -> int:
         return self.stats().depth
 
-    def wait_for_put(self, timeout: float | None = None) -> bool:
-        """Block until a ``put`` happens (or ``timeout``); True if one did.  For one consumer."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a ``put`` or :meth:`notify` (or ``timeout``); True if one came.
+
+        For the one consumer (the sender thread): peek after this returns, never before,
+        and no wake-up is lost.
+        """
         fired = self._put_event.wait(timeout)
         self._put_event.clear()
         return fired
+
+    def notify(self) -> None:
+        """Wake :meth:`wait` (a sender uses it for its own events: PUBACK, reconnect, stop)."""
+        self._put_event.set()
 
     def close(self) -> None:
         """Close the database; everything committed stays on disk."""
