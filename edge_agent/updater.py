@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -92,7 +93,7 @@ def download_http(url: str, dest: Path, *, size: int, sha256: str, timeout: floa
                     os.fsync(fh.fileno())
         except urllib.error.HTTPError as exc:
             raise UpdateError(f"download failed: HTTP {exc.code} for {url}", url=url) from exc
-        except OSError as exc:  # URLError, timeouts, resets: keep the .part for the next attempt
+        except (OSError, http.client.HTTPException) as exc:  # resets, timeouts, short reads: keep the .part
             if isinstance(exc, urllib.error.URLError) and not isinstance(exc.reason, OSError):
                 raise UpdateError(f"download failed: {exc.reason}", url=url) from exc
             if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

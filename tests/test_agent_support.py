@@ -20,7 +20,7 @@ import pytest
 from edge_agent.bundle import write_bundle
 from edge_agent.config import AgentConfig, parse_config
 from edge_agent.manifest import InputSpec, Manifest, OutputSpec, Preprocessing, Variant
-from edge_agent.signing import generate_keypair, save_keypair
+from edge_agent.signing import save_keypair
 
 SPEC = Preprocessing(size=(8, 8), channels=1, mean=(0.5,), std=(0.5,), scale=1.0 / 255.0)
 
@@ -173,8 +173,13 @@ class Keys:
 
 @functools.lru_cache(maxsize=1)
 def keys() -> Keys:
+    import hashlib
+
+    from edge_agent.signing import PrivateKey
+
+    # a fixed test key, so a subprocess (the kill -9 tests) trusts the same bundles
     d = Path(tempfile.mkdtemp(prefix="edgeloop-agent-keys-"))
-    paths = save_keypair(d / "fleet")
+    paths = save_keypair(d / "fleet", PrivateKey(hashlib.sha256(b"edgeloop agent tests").digest()))
     return Keys(paths.private, paths.public)
 
 
