@@ -1,0 +1,191 @@
+"""The disk-backed outbox: order, priorities, bounded size, crash safety, full disk (real SQLite)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from edge_agent.errors import QueueError
+from edge_agent.outbox import Outbox
+
+T = "edgeloop/v1/devices/d1/x"  # 24 bytes of topic in every message's size
+
+
+def drain(box: Outbox) -> list[bytes]:
+    out = []
+    while batch := box.peek_batch(7):
+        out += [m.payload for m in batch]
+        box.ack(m.id for m in batch)
+    return out
+
+
+def test_delivery_order_is_priority_then_fifo(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        for i, prio in enumerate([2, 1, 0, 2, 1, 0, 1]):
+            box.put(T, f"{prio}-{i}".encode(), prio)
+        assert drain(box) == [b"0-2", b"0-5", b"1-1", b"1-4", b"1-6", b"2-0", b"2-3"]
+        assert box.stats().depth == 0 and box.stats().bytes == 0
+
+
+def test_peek_skips_in_flight_ids_and_ack_is_idempotent(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        ids = [box.put(T, bytes([i]), 1) for i in range(5)]
+        first = box.peek_batch(2)
+        assert [m.id for m in first] == ids[:2]
+        assert [m.id for m in box.peek_batch(10, exclude=[m.id for m in first])] == ids[2:]
+        assert box.ack([ids[0], ids[0], 12345]) == 1
+        assert box.ack([ids[0]]) == 0
+        assert len(box) == 4
+
+
+def test_retain_and_qos_are_kept(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        box.put(T, b"s", 0, qos=1, retain=True)
+        box.put(T, b"t", 1, qos=0)
+        m1, m2 = box.peek_batch(2)
+        assert (m1.retain, m1.qos, m2.retain, m2.qos) == (True, 1, False, 0)
+
+
+def test_full_queue_drops_oldest_samples_first_and_counts_them(tmp_path: Path) -> None:
+    size = 100 + len(T)
+    with Outbox(tmp_path / "o.sqlite", max_bytes=10 * size) as box:
+        for i in range(6):
+            box.put(T, b"s%02d" % i + b"." * 97, 2)
+        for i in range(3):
+            box.put(T, b"r%02d" % i + b"." * 97, 1)
+        box.put(T, b"c00" + b"." * 97, 0)  # now exactly full
+        box.put(T, b"c01" + b"." * 97, 0)  # evicts the oldest sample
+        box.put(T, b"r03" + b"." * 97, 1)  # evicts the next oldest sample
+        st = box.stats()
+        assert (st.depth, st.bytes, st.dropped_samples, st.dropped_messages) == (10, 10 * size, 2, 0)
+        assert [p[:3] for p in (m.payload for m in box.peek_batch(100))] == [
+            b"c00", b"c01", b"r00", b"r01", b"r02", b"r03", b"s02", b"s03", b"s04", b"s05"]
+
+
+def test_samples_never_push_out_reports_or_state(tmp_path: Path) -> None:
+    size = 100 + len(T)
+    with Outbox(tmp_path / "o.sqlite", max_bytes=4 * size) as box:
+        for i in range(2):
+            box.put(T, b"r" * 100, 1)
+            box.put(T, b"c" * 100, 0)
+        assert box.put(T, b"s" * 100, 2) is None  # the new sample itself is dropped
+        assert box.stats().dropped_samples == 1 and box.stats().depth == 4
+
+
+def test_state_evicts_reports_but_never_state(tmp_path: Path) -> None:
+    size = 100 + len(T)
+    with Outbox(tmp_path / "o.sqlite", max_bytes=3 * size) as box:
+        box.put(T, b"c" * 100, 0)
+        box.put(T, b"r" * 100, 1)
+        box.put(T, b"c" * 100, 0)
+        box.put(T, b"c" * 100, 0)  # the report goes
+        assert box.stats().dropped_messages == 1 and box.stats().depth_by_priority == {0: 3}
+        with pytest.raises(QueueError, match="full of state/job messages"):
+            box.put(T, b"c" * 100, 0)
+        assert box.stats().depth == 3  # nothing lost
+
+
+def test_a_message_bigger_than_the_cap_is_refused(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite", max_bytes=1000) as box:
+        box.put(T, b"x", 0)
+        with pytest.raises(QueueError, match="larger than the outbox cap") as err:
+            box.put(T, b"x" * 1000, 0)
+        assert err.value.hint and err.value.path == tmp_path / "o.sqlite"
+        assert box.stats().depth == 1
+
+
+def test_queue_and_drop_counter_survive_reopening(tmp_path: Path) -> None:
+    size = 10 + len(T)
+    with Outbox(tmp_path / "o.sqlite", max_bytes=3 * size) as box:
+        for i in range(5):
+            box.put(T, b"%010d" % i, 2)
+        box.ack([box.peek_batch(1)[0].id])
+    with Outbox(tmp_path / "o.sqlite", max_bytes=3 * size) as box:
+        st = box.stats()
+        assert (st.depth, st.bytes, st.dropped_samples) == (2, 2 * size, 2)
+        assert drain(box) == [b"%010d" % 3, b"%010d" % 4]
+
+
+_WRITER = textwrap.dedent("""
+    import sys, threading
+    from edge_agent.outbox import Outbox
+    box = Outbox(sys.argv[1], synchronous=sys.argv[2])
+    for i in range(200):
+        box.put("t/x", b"%d" % i, i % 3)
+    box.ack([m.id for m in box.peek_batch(50)])
+    print("written", flush=True)
+    threading.Event().wait()
+""")
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_kill_9_loses_nothing_acknowledged_as_written(tmp_path: Path, synchronous: str) -> None:
+    path = tmp_path / "o.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), synchronous], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"written"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with Outbox(path) as box:
+        left = drain(box)
+    expected = sorted(range(200), key=lambda i: (i % 3, i))[50:]
+    assert left == [b"%d" % i for i in expected]
+
+
+def test_full_disk_is_a_one_line_queue_error_and_keeps_stored_messages(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    # max_file_bytes makes SQLite itself report "database or disk is full" (SQLITE_FULL).
+    with Outbox(path, max_file_bytes=64 * 1024) as box:
+        stored = 0
+        with pytest.raises(QueueError) as err:
+            for i in range(1000):
+                box.put(T, os.urandom(4000), 1)
+                stored += 1
+        assert 0 < stored < 1000
+        msg = str(err.value)
+        assert "\n" not in msg and str(path) in msg and "free space" in msg
+        assert box.stats().depth == stored
+        box.ack([m.id for m in box.peek_batch(5)])  # still usable: acking frees room
+        assert box.put(T, b"after", 0) is not None
+
+
+def test_concurrent_producers_and_a_consumer(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        def produce(k: int) -> None:
+            for i in range(100):
+                box.put(T, b"%d-%03d" % (k, i), 1)
+
+        threads = [threading.Thread(target=produce, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        got: list[bytes] = []
+        while len(got) < 300:
+            if not box.wait(5.0) and not box.peek_batch(1):
+                break
+            batch = box.peek_batch(50)
+            got += [m.payload for m in batch]
+            box.ack(m.id for m in batch)
+        for t in threads:
+            t.join()
+        got += drain(box)
+        assert len(got) == 300
+        for k in range(3):  # FIFO per producer
+            mine = [g for g in got if g.startswith(b"%d-" % k)]
+            assert mine == sorted(mine)
+
+
+def test_corrupt_file_is_a_queue_error(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(QueueError, match="corrupt|not a database"):
+        Outbox(path)
