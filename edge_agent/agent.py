@@ -410,7 +410,8 @@ class Agent:
                     self._job(job, version, "rolled_back", True, f"still serving {prev_version}", None, prev_version)
                 raise
             version = result.version
-            self.slots.switch(result.slot, confirmed=False)
+            # the first model has nothing to roll back to: no probation for it
+            self.slots.switch(result.slot, confirmed=current is None)
             try:
                 self._swap_in(result.slot)
             except EdgeloopError as exc:  # loaded in the health check, so this is rare: go back
