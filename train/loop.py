@@ -194,8 +194,8 @@ def fit(model: EdgeModel, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val
                 loss.backward()
                 opt.step()
                 sched.step()
-                tot_loss += float(loss) * len(yb)
-                tot_correct += int((logits.argmax(1) == yb).sum())
+                tot_loss += float(loss.detach()) * len(yb)
+                tot_correct += int((logits.detach().argmax(1) == yb).sum())
                 seen += len(yb)
             val_loss, val_acc = _val_metrics(model, x_val, y_val)
             stats = EpochStats(epoch, tot_loss / seen, tot_correct / seen, val_loss, val_acc,
