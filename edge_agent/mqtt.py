@@ -499,7 +499,7 @@ class AgentLink:
             if msg is None or self._stop.is_set():
                 return
             try:
-                cmd = self._decode_command(msg.topic, msg.payload)
+                cmd = self._decode_command(msg.topic, bytes(msg.payload))
             except ProtocolError as exc:
                 self.rejected_commands += 1
                 log.warning("dropped malformed command on %s: %s", msg.topic, exc)

@@ -31,7 +31,6 @@ A device may publish only under ``{p}/devices/{its id}/`` (not ``cmd/``) and rea
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -395,10 +394,15 @@ def route(msg: Message) -> Route:
 M = TypeVar("M", bound=Message)
 
 
-@functools.cache
+_FIELD_TYPES: dict[type[Message], dict[str, Any]] = {}
+
+
 def _field_types(cls: type[Message]) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    """Resolved field annotations (they are strings under ``from __future__ import annotations``)."""
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls)
+        _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _FIELD_TYPES[cls]
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

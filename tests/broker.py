@@ -54,9 +54,10 @@ class MosquittoBroker:
 
     def __init__(self, workdir: Path, *, port: int | None = None, password_file: Path | None = None,
                  acl_file: Path | None = None, persistence: bool = False, binary: str | None = None) -> None:
-        self.binary = binary or find_mosquitto()
-        if self.binary is None:
+        found = binary or find_mosquitto()
+        if found is None:
             raise RuntimeError("no mosquitto binary: install the Debian package mosquitto")
+        self.binary: str = found
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = HOST

@@ -87,7 +87,9 @@ def test_birth_will_on_abrupt_disconnect_and_clean_close(session_broker: Mosquit
     try:
         assert obs.wait_for(lambda: states(obs) == [True])
         # Kill the TCP connection under paho: no DISCONNECT, so the broker publishes the Will.
-        link.connection.client.socket().shutdown(socket.SHUT_RDWR)
+        sock = link.connection.client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)
         assert obs.wait_for(lambda: states(obs) == [True, False, True]), states(obs)  # Will, then re-birth
         link.update_state(proto.DeviceState(device_id="dev-1", online=True, model_version="2.0"))
         assert obs.wait_for(lambda: len(states(obs)) == 4)

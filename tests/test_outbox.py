@@ -36,7 +36,7 @@ def test_delivery_order_is_priority_then_fifo(tmp_path: Path) -> None:
 
 def test_peek_skips_in_flight_ids_and_ack_is_idempotent(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.sqlite") as box:
-        ids = [box.put(T, bytes([i]), 1) for i in range(5)]
+        ids = [x for x in (box.put(T, bytes([i]), 1) for i in range(5)) if x is not None]
         first = box.peek_batch(2)
         assert [m.id for m in first] == ids[:2]
         assert [m.id for m in box.peek_batch(10, exclude=[m.id for m in first])] == ids[2:]
@@ -72,7 +72,7 @@ def test_full_queue_drops_oldest_samples_first_and_counts_them(tmp_path: Path) -
 def test_samples_never_push_out_reports_or_state(tmp_path: Path) -> None:
     size = 100 + len(T)
     with Outbox(tmp_path / "o.sqlite", max_bytes=4 * size) as box:
-        for i in range(2):
+        for _ in range(2):
             box.put(T, b"r" * 100, 1)
             box.put(T, b"c" * 100, 0)
         assert box.put(T, b"s" * 100, 2) is None  # the new sample itself is dropped
@@ -148,7 +148,7 @@ def test_full_disk_is_a_one_line_queue_error_and_keeps_stored_messages(tmp_path:
     with Outbox(path, max_file_bytes=64 * 1024) as box:
         stored = 0
         with pytest.raises(QueueError) as err:
-            for i in range(1000):
+            for _ in range(1000):
                 box.put(T, os.urandom(4000), 1)
                 stored += 1
         assert 0 < stored < 1000
