@@ -172,8 +172,10 @@ class InferencePipeline:
                 reports: list[DriftReport] = []
                 score: float | None = None
                 if model.monitor is not None and out.embedding is not None:
-                    score = float(model.monitor.score_samples(out.embedding)[0])
                     reports = model.monitor.update(x, probs, out.embedding)
+                    # update() computes the per-sample k-NN score anyway; reuse it where the monitor exposes it
+                    last = getattr(model.monitor, "last_sample_scores", None)
+                    score = float((last if last is not None else model.monitor.score_samples(out.embedding))[0])
                 alarm = model.monitor.alarm if model.monitor is not None else False
                 if reports:
                     self.last_report = reports[-1]

@@ -18,7 +18,7 @@ from edge_agent.mqtt import connect_client
 from edge_agent.sampling import decode_sample
 from tests.broker import MosquittoBroker
 from tests.test_agent_support import agent_config, digits, tiny_bundles  # noqa: F401
-from tests.test_agent_update import _deploy, _RangeHandler, file_server  # noqa: F401
+from tests.test_agent_update import _deploy, file_server  # noqa: F401
 
 pytestmark = pytest.mark.broker
 WAIT = 30.0  # upper bound for one wait; the tests finish long before
