@@ -5,7 +5,10 @@
 speaks MQTT 5 where the broker does (``protocol="auto"`` falls back to 3.1.1 when the
 broker refuses 5, as amqtt does), keeps a persistent session, and re-subscribes on every
 connect — as a shared subscription ``$share/<group>/...`` under MQTT 5 when a group is
-given, plainly otherwise.  The fleet's subscriber uses it as is.
+given, plainly otherwise.  The fleet's subscriber uses it as is.  A 3.1.1-only broker
+either refuses MQTT 5 with a CONNACK (amqtt, for a bare CONNECT) or never answers (amqtt,
+for a CONNECT with properties): both make ``auto`` switch, the second after
+``connack_timeout_s``.
 
 :class:`AgentLink` is the device side: a retained birth ``DeviceState(online=True)`` on
 every connect, the same with ``online=False`` as retained Last Will, a sender thread
@@ -95,13 +98,12 @@ class MqttConnection:
                  on_disconnect: Callable[[MqttConnection], None] | None,
                  on_message: Callable[[paho.MQTTMessage], None] | None,
                  on_publish: Callable[[int, str | None], None] | None,
-                 reconnect_min_s: float, reconnect_max_s: float) -> None:
+                 reconnect_min_s: float, reconnect_max_s: float, connack_timeout_s: float = 5.0) -> None:
         mode = _PROTOCOL_ALIASES.get(protocol)
         if mode is None:
             raise BrokerError(f"unknown MQTT protocol {protocol!r}", hint="use 'auto', '5' or '3.1.1'")
         self.host, self.port, self.client_id = host, port, client_id
         self._auth, self._tls, self._keepalive, self._clean = (username, password), tls, keepalive, clean
-        self._mode = mode
         self._will = will
         self._subs = [(f, False) for f in subscriptions] + [(f, True) for f in shared_subscriptions]
         self._share_group, self._qos = share_group, qos
@@ -113,6 +115,8 @@ class MqttConnection:
         self.ready = threading.Event()
         self.last_error: str | None = None
         self.protocol_version: str = "3.1.1" if mode == "3.1.1" else "5"
+        self._probing = mode == "auto"  # until the broker first accepts MQTT 5
+        self._connack_timeout_s = connack_timeout_s
         self._closing = False
         self._client = self._build()
 
@@ -206,11 +210,16 @@ class MqttConnection:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
         return client
 
     def _fall_back(self, old: paho.Client) -> None:
         """Replace a v5 client the broker refused with a 3.1.1 one (runs on its own thread:
         paho's thread cannot stop itself)."""
+        with self._lock:
+            if self._closing or old is not self._client or not self._probing:
+                return  # closed meanwhile, or already switched
+            self._probing = False
         old.disconnect()
         old.loop_stop()
         with self._lock:
@@ -220,17 +229,30 @@ class MqttConnection:
             self._client = self._build()
             self.start()
 
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._probing:
+            timer = threading.Timer(self._connack_timeout_s, self._connack_overdue, args=(client,))
+            timer.daemon = True
+            timer.start()
+
+    def _connack_overdue(self, client: paho.Client) -> None:
+        if self._probing and not self.connected.is_set():
+            log.info("no CONNACK to MQTT 5 from %s:%s within %g s; using 3.1.1", self.host, self.port,
+                     self._connack_timeout_s)
+            self._fall_back(client)
+
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode,
                     properties: Properties | None) -> None:
         if reason.is_failure:
             self.last_error = f"broker {self.host}:{self.port} refused the connection: {reason}"
-            if self._mode == "auto" and self.protocol_version == "5" and reason.value in _UNSUPPORTED_PROTOCOL:
+            if self._probing and reason.value in _UNSUPPORTED_PROTOCOL:
                 log.info("broker %s:%s does not speak MQTT 5; using 3.1.1", self.host, self.port)
                 threading.Thread(target=self._fall_back, args=(client,), daemon=True, name="mqtt-fallback").start()
             else:
                 log.warning("%s", self.last_error)
             return
         self.last_error = None
+        self._probing = False
         with self._lock:
             subs = self._sub_list(self._subs)
         if subs:
@@ -281,7 +303,7 @@ def connect_client(host: str, port: int = 1883, *, client_id: str, username: str
                    on_message: Callable[[paho.MQTTMessage], None] | None = None,
                    on_publish: Callable[[int, str | None], None] | None = None,
                    reconnect_min_s: float = 1.0, reconnect_max_s: float = 60.0,
-                   wait_s: float | None = None) -> MqttConnection:
+                   connack_timeout_s: float = 5.0, wait_s: float | None = None) -> MqttConnection:
     """Build and start a self-reconnecting client; see :class:`MqttConnection`.
 
     ``clean=False`` keeps a persistent session (stable ``client_id`` required): the broker
@@ -289,13 +311,15 @@ def connect_client(host: str, port: int = 1883, *, client_id: str, username: str
     are plain; ``shared_subscriptions`` become ``$share/<share_group>/<filter>`` on MQTT 5
     so several subscriber processes split the load.  ``wait_s``: block until connected and
     subscribed, raising :class:`BrokerError` if that takes longer (the client is closed).
+    ``connack_timeout_s``: with ``protocol="auto"``, how long an MQTT 5 CONNECT may go
+    unanswered before trying 3.1.1.
     """
     conn = MqttConnection(host, port, client_id=client_id, username=username, password=password, tls=tls,
                           keepalive=keepalive, protocol=protocol, clean=clean, will=will,
                           subscriptions=subscriptions, shared_subscriptions=shared_subscriptions,
                           share_group=share_group, qos=qos, on_connect=on_connect, on_disconnect=on_disconnect,
                           on_message=on_message, on_publish=on_publish, reconnect_min_s=reconnect_min_s,
-                          reconnect_max_s=reconnect_max_s).start()
+                          reconnect_max_s=reconnect_max_s, connack_timeout_s=connack_timeout_s).start()
     if wait_s is not None and not conn.ready.wait(wait_s):
         conn.close()
         raise BrokerError(conn.last_error or f"no answer from MQTT broker {host}:{port} within {wait_s:g} s",

@@ -146,11 +146,13 @@ class MosquittoBroker:
 
 
 class Mqtt311OnlyProxy:
-    """Relays TCP to ``upstream`` except MQTT 5 CONNECTs, which get a 3.1.1 CONNACK
-    "unacceptable protocol version" (return code 1) and a closed socket — what amqtt does."""
+    """Relays TCP to ``upstream`` except MQTT 5 CONNECTs, which (``silent=False``) get a 3.1.1
+    CONNACK "unacceptable protocol version" and a closed socket, or (``silent=True``) no
+    answer at all — the two things amqtt does, depending on the CONNECT's properties."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], *, silent: bool = False) -> None:
         self.upstream = upstream
+        self.silent = silent
         self.refused = 0
         self._srv = socket.create_server((HOST, 0))
         self.host, self.port = HOST, int(self._srv.getsockname()[1])
@@ -170,7 +172,10 @@ class Mqtt311OnlyProxy:
             first = client.recv(65536)
             if self._protocol_level(first) == 5:
                 self.refused += 1
-                client.sendall(b"\x20\x02\x00\x01")
+                if self.silent:
+                    client.recv(1)  # hold the socket open, answer nothing, until the client hangs up
+                else:
+                    client.sendall(b"\x20\x02\x00\x01")
                 return
             with socket.create_connection(self.upstream) as up:
                 up.sendall(first)

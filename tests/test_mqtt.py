@@ -110,10 +110,13 @@ def test_outbox_delivers_in_order_across_broker_restart(tmp_path: Path, topics: 
     with MosquittoBroker(tmp_path / "mosq", persistence=True) as b:
         # A persistent fleet session: the broker keeps its subscription and queue across the restart.
         obs = Observer(b.host, b.port, [topics.all_devices("telemetry")], client_id="fleet-obs", clean=False)
-        link = make_link(b, tmp_path, topics).start()
+        b.stop()
+        link = make_link(b, tmp_path, topics).start()  # the agent starts while the broker is down
         try:
             for i in range(1, 21):
                 link.send(proto.Telemetry(device_id="dev-1", seq=i))
+            assert not link.connected and link.outbox.stats().depth == 20
+            b.start()
             assert obs.wait_for(lambda: len(set(seqs(obs))) == 20)
             b.stop()
             for i in range(21, 61):  # queued while the broker is down
@@ -274,6 +277,17 @@ def test_auto_falls_back_to_311_when_the_broker_refuses_mqtt5(
     finally:
         link.close()
         obs.close()
+        proxy.close()
+
+
+def test_auto_falls_back_when_an_mqtt5_connect_goes_unanswered(session_broker: MosquittoBroker) -> None:
+    proxy = Mqtt311OnlyProxy((session_broker.host, session_broker.port), silent=True)
+    try:
+        conn = connect_client(proxy.host, proxy.port, client_id="silent-probe", connack_timeout_s=0.3,
+                              reconnect_min_s=0.05, wait_s=WAIT)
+        assert conn.protocol_version == "3.1.1" and proxy.refused == 1
+        conn.close()
+    finally:
         proxy.close()
 
 
