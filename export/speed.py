@@ -26,7 +26,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,9 +219,11 @@ def float_stem(model: Any) -> tuple[str, ...]:
 
 
 def candidate_plans(model_path: Path, *, reduce_range: bool | None = None, threads: int = 1) -> list[Int8Plan]:
-    """The plans worth timing for this model, naive first.
+    """The plans worth timing for this model, naive first; only those that differ for this graph.
 
-    Plans that would be identical for this graph (no islands found, say) are dropped.
+    ``qdq-per-tensor-pointwise`` keeps per-channel weights only on depthwise convs: faster
+    requantization, but per-tensor weights can cost accuracy, so choose it only behind an
+    accuracy check on real data (``plan_int8(accept=...)``).
     """
     import onnx
 
@@ -229,17 +231,23 @@ def candidate_plans(model_path: Path, *, reduce_range: bool | None = None, threa
     model = onnx.load(str(model_path), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     matmuls = tuple(o for o in MATMUL_OPS if o in ops)
+    integer_ops = (*_CONV_OPS, *matmuls, "Add", "Relu", "Clip", "MaxPool")
     islands = island_adjacent_convs(model)
+    stem = float_stem(model)
     base = Int8Plan(name="", reduce_range=rr, threads=threads)
     plans = [
         replace(base, name="qdq-all"),
         replace(base, name="qoperator-all", quant_format="qoperator"),
-        replace(base, name="qdq-conv-matmul", op_types=(*_CONV_OPS, *matmuls, "Add", "Relu", "MaxPool")),
+        replace(base, name="qdq-per-tensor-pointwise", per_channel="depthwise"),
     ]
+    if ops & ISLAND_OPS:
+        plans.append(replace(base, name="qdq-integer-ops", op_types=integer_ops))
     if islands:
-        plans.append(replace(base, name="qdq-skip-float-islands",
-                             op_types=(*_CONV_OPS, *matmuls, "Add", "Relu", "MaxPool"), nodes_to_exclude=islands))
-    if matmuls:
+        plans.append(replace(base, name="qdq-skip-float-islands", op_types=integer_ops, nodes_to_exclude=islands))
+    if stem and not any(n.op_type == "MaxPool" and n.name in stem for n in model.graph.node):
+        # A MaxPool after a float stem would run in uint8 NCHW and break ORT's NHWC chain.
+        plans.append(replace(base, name="qdq-float-stem", nodes_to_exclude=stem))
+    if matmuls and _CONV_OPS[0] in ops:
         plans.append(replace(base, name="qdq-matmul-only", op_types=matmuls))
     return plans
 
