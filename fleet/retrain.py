@@ -36,7 +36,8 @@ from edge_agent.errors import EdgeloopError, FleetError
 from .policy import GatePolicy, RetrainPolicyConfig
 from .registry import ModelVersion, Registry, SampleRecord
 
-__all__ = ["RetrainSettings", "RetrainOutcome", "split_labelled", "next_version", "evaluate_bundle", "run_retrain"]
+__all__ = ["RetrainSettings", "RetrainOutcome", "split_labelled", "next_version", "gate_verdict", "evaluate_bundle",
+           "run_retrain"]
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +92,24 @@ class RetrainOutcome:
 
 def split_labelled(ids: Sequence[str], labels: Sequence[str], holdout_fraction: float, seed: int = 0
                    ) -> tuple[list[int], list[int]]:
-    """Indices of the (train, held-out) parts: stratified per label and stable per sample id.
+    """Indices of the (train, held-out) parts: deterministic, stratified and stable per sample id.
 
-    Each class is ordered by a hash of ``seed`` and the sample id, and its first
-    ``round(fraction * n)`` samples (at least one when the class has two or more) are held
-    out; a sample therefore stays on the same side as more samples arrive.
+    A sample is held out when a hash of ``seed`` and its id, read as a number in [0, 1),
+    falls below ``holdout_fraction``: its side never changes as more samples arrive, so
+    a later job never measures on what an earlier accepted model trained on.  Per class,
+    the share held out is the fraction in expectation, and every class with two or more
+    samples gets at least one on each side.
     """
+    def u(i: int) -> float:
+        return int.from_bytes(hashlib.sha256(f"{seed}:{ids[i]}".encode()).digest()[:8], "big") / 2.0**64
+
     by_class: dict[str, list[int]] = {}
     for i, lab in enumerate(labels):
         by_class.setdefault(str(lab), []).append(i)
     train, hold = [], []
     for members in by_class.values():
-        members.sort(key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).digest())
-        k = round(holdout_fraction * len(members))
+        members.sort(key=u)
+        k = sum(1 for i in members if u(i) < holdout_fraction)
         if len(members) >= 2:
             k = min(max(k, 1), len(members) - 1)
         else:
@@ -122,6 +128,23 @@ def next_version(current: str, taken: Sequence[str] = ()) -> str:
         if cand not in taken:
             return cand
         n += 1
+
+
+def gate_verdict(gate: GatePolicy, holdout_current: float, holdout_candidate: float, test_current: float,
+                 test_candidate: float) -> tuple[str, str]:
+    """``("accepted" | "rejected", reason)`` from the four accuracies (fractions)."""
+    gain, drop = holdout_candidate - holdout_current, test_current - test_candidate
+    failures = []
+    if gain < gate.min_improvement:
+        failures.append(f"held-out drift accuracy {holdout_current:.3f} -> {holdout_candidate:.3f} "
+                        f"(gain {gain:+.3f} < {gate.min_improvement:.3f})")
+    if drop > gate.max_original_drop + 1e-12:
+        failures.append(f"original test accuracy {test_current:.3f} -> {test_candidate:.3f} "
+                        f"(drop {drop:.3f} > {gate.max_original_drop:.3f})")
+    if failures:
+        return "rejected", "; ".join(failures)
+    return "accepted", (f"held-out drift accuracy {holdout_current:.3f} -> {holdout_candidate:.3f}, "
+                        f"original test {test_current:.3f} -> {test_candidate:.3f}")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -209,10 +232,13 @@ def _export(run_dir: Path, settings: RetrainSettings, manifest: Any, version: st
     """Export the candidate with the parent's settings; only the options ``export_run`` knows are passed."""
     from export.pipeline import export_run
 
-    precisions = tuple(sorted({v.id for v in manifest.variants}))
+    formats = tuple(sorted({v.format for v in manifest.variants}))
+    onnx = tuple(sorted({v.precision for v in manifest.variants if v.format == "onnx"} | {"fp32"}))
+    settings.bundles_dir.mkdir(parents=True, exist_ok=True)
     wanted: dict[str, Any] = {
         "out": settings.bundles_dir, "max_drop": manifest.accuracy_budget, "sign_key": settings.signing_key,
-        "version": version, "parent_version": parent, "name": manifest.name, "variants": precisions,
+        "version": version, "parent_version": parent, "name": manifest.name, "formats": formats,
+        "onnx_precisions": onnx,
     }
     params = inspect.signature(export_run).parameters
     kwargs = {k: v for k, v in wanted.items() if k in params}
@@ -277,24 +303,15 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
     test_new = evaluate_bundle(bundle, test_images, test_labels, variant_id=variant)
     timings["gate"] = time.monotonic() - t
 
-    gain, drop = hold_new - hold_cur, test_cur - test_new
-    failures = []
-    if gain < gate.min_improvement:
-        failures.append(f"held-out drift accuracy {hold_cur:.3f} -> {hold_new:.3f} "
-                        f"(gain {gain:+.3f} < {gate.min_improvement:.3f})")
-    if drop > gate.max_original_drop:
-        failures.append(f"original test accuracy {test_cur:.3f} -> {test_new:.3f} "
-                        f"(drop {drop:.3f} > {gate.max_original_drop:.3f})")
-    status = "rejected" if failures else "accepted"
-    reason = "; ".join(failures) if failures else (
-        f"held-out drift accuracy {hold_cur:.3f} -> {hold_new:.3f}, original test {test_cur:.3f} -> {test_new:.3f}")
+    status, reason = gate_verdict(gate, hold_cur, hold_new, test_cur, test_new)
+    failures = status != "accepted"
     gate_metrics = {"gate": {"holdout_current": hold_cur, "holdout_candidate": hold_new, "test_current": test_cur,
                              "test_candidate": test_new, "n_holdout": len(ho), "n_train": len(tr),
                              "variant": variant, "min_improvement": gate.min_improvement,
                              "max_original_drop": gate.max_original_drop, "passed": not failures}}
     new_run = load_run(run_dir)
     registry.register_model(
-        bundle, trusted_key=pub, status=status, reason=None if not failures else reason,
+        bundle, trusted_key=pub, status=status, reason=reason if failures else None,
         parent_version=current.version,
         lineage={"run_id": new_run.run_id, "run_dir": str(run_dir), "data_hash": new_run.data_hash,
                  "parent_version": current.version, "parent_run_id": parent.run_id, "trigger": trigger,

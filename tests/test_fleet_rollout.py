@@ -302,3 +302,23 @@ def test_driver_pause_resume_abort_and_mqtt_delivery(tmp_path) -> None:
     assert drv.active() == []
     with pytest.raises(RolloutError):
         drv.start("m", "3", PLAN)
+
+
+def test_cli_parsers() -> None:
+    import argparse
+
+    from fleet.cli_rollout import parse_duration, parse_share, register_rollout
+
+    assert parse_share("10%") == pytest.approx(0.1) and parse_share("25") == pytest.approx(0.25)
+    assert parse_share("0.5") == 0.5 and parse_share("100") == 1.0
+    assert parse_duration("60s") == 60 and parse_duration("2m") == 120 and parse_duration("90") == 90
+    with pytest.raises(ConfigError):
+        parse_share("lots")
+    with pytest.raises(ConfigError):
+        parse_duration("soon")
+    parser = argparse.ArgumentParser()
+    register_rollout(parser.add_subparsers())
+    args = parser.parse_args(["rollout", "m-2.elb", "--canary", "10%", "--waves", "25,50,100", "--soak", "60s",
+                              "--max-failures", "5%", "--json"])
+    assert args.canary == "10%" and args.json and args.func.__name__ == "_cmd_rollout"
+    assert parser.parse_args(["abort", "r1"]).verb == "abort"

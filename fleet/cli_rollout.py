@@ -1,0 +1,133 @@
+"""``edgeloop fleet rollout ...``: start, pause, resume, abort and roll back staged rollouts.
+
+``fleet/cli.py`` calls :func:`register_rollout` with its sub-parsers.  The commands
+write to the registry and publish commands on the broker; a running ``fleet serve``
+drives the rollout from there on (its worker ticks every active rollout), and so does
+``rollout --wait`` in this process when no fleet is serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from edge_agent.cliutil import add_json_flag, emit
+from edge_agent.errors import ConfigError
+
+__all__ = ["register_rollout", "parse_share", "parse_duration"]
+
+
+def parse_share(text: str) -> float:
+    """``10%`` / ``10`` / ``0.1`` -> 0.1 (numbers above 1 are percentages)."""
+    t = text.strip()
+    try:
+        v = float(t.rstrip("%"))
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a share", hint="e.g. 10% or 0.1") from None
+    v = v / 100.0 if t.endswith("%") or v > 1.0 else v
+    if not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{text!r} is not a share in 0..100%")
+    return v
+
+
+def parse_duration(text: str) -> float:
+    """``60s`` / ``2m`` / ``1h`` / ``90`` -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not m:
+        raise ConfigError(f"{text!r} is not a duration", hint="e.g. 60s, 5m, 1h")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``rollout``, ``pause``, ``resume``, ``abort`` and ``rollback`` to ``edgeloop fleet``."""
+    p = fleet_subparsers.add_parser("rollout", help="roll a signed bundle out in stages (canary, then waves)")
+    p.add_argument("bundle", help="bundle file (.elb) to register and roll out, or NAME:VERSION already registered")
+    p.add_argument("--config", default="fleet.toml", help="fleet config (default fleet.toml)")
+    p.add_argument("--canary", default=None, help="share of devices in the canary, e.g. 10%%")
+    p.add_argument("--waves", default=None, help="cumulative shares after the canary, e.g. 25,50,100")
+    p.add_argument("--soak", default=None, help="soak time per wave, e.g. 60s")
+    p.add_argument("--max-failures", default=None, help="share of a wave that may fail, e.g. 5%%")
+    p.add_argument("--timeout", default="5m", help="per-device job timeout (default 5m)")
+    p.add_argument("--devices", default=None, help="comma-separated device ids (default: every online device)")
+    p.add_argument("--delivery", choices=("auto", "http", "mqtt"), default=None)
+    p.add_argument("--wait", action="store_true", help="drive the rollout from this process until it ends")
+    add_json_flag(p)
+    p.set_defaults(func=_cmd_rollout)
+    for verb, text in (("pause", "stop sending new waves"), ("resume", "carry on a paused rollout"),
+                       ("abort", "stop a rollout for good (updated devices keep the new version)"),
+                       ("rollback", "roll every updated device back to its previous version")):
+        q = fleet_subparsers.add_parser(verb, help=f"{text}")
+        q.add_argument("rollout_id")
+        q.add_argument("--config", default="fleet.toml")
+        add_json_flag(q)
+        q.set_defaults(func=_cmd_verb, verb=verb)
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from edge_agent.protocol import TopicScheme
+    from fleet.config import load_config
+    from fleet.ingest import connect_client
+    from fleet.registry import Registry
+    from fleet.rollout_driver import RolloutDriver
+
+    cfg = load_config(args.config)
+    registry = Registry.open(cfg.database_url)
+    client, _ = connect_client(cfg.broker, client_id=f"edgeloop-cli-{__import__('os').getpid()}")
+    delivery = getattr(args, "delivery", None) or cfg.rollout.delivery
+    driver = RolloutDriver(registry, client, topics=TopicScheme(cfg.prefix), api_base_url=cfg.api.base_url,
+                           delivery=delivery)
+    return cfg, driver, client
+
+
+def _summary(state: Any) -> dict[str, Any]:
+    return {"rollout_id": state.rollout_id, "name": state.name, "version": state.version, "status": state.status,
+            "phase": state.phase, "wave": state.wave, "waves": state.n_waves, "reason": state.reason,
+            "devices": state.counts()}
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edge_agent.signing import load_public_key
+    from fleet.rollout import RolloutPlan
+    from fleet.rollout_driver import plan_from_config
+
+    cfg, driver, client = _open(args)
+    try:
+        if ":" in args.bundle and not Path(args.bundle).exists():
+            name, version = args.bundle.split(":", 1)
+        else:
+            rec = driver.registry.register_model(args.bundle, trusted_key=load_public_key(cfg.public_key_path),
+                                                 status="accepted")
+            name, version = rec.name, rec.version
+        base = plan_from_config(cfg.rollout, job_timeout_s=parse_duration(args.timeout))
+        plan = RolloutPlan(
+            canary=parse_share(args.canary) if args.canary else base.canary,
+            waves=tuple(parse_share(w) for w in args.waves.split(",")) if args.waves else base.waves,
+            soak_s=parse_duration(args.soak) if args.soak else base.soak_s,
+            max_failures=parse_share(args.max_failures) if args.max_failures else base.max_failures,
+            job_timeout_s=base.job_timeout_s)
+        devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+        state = driver.start(name, version, plan, devices=devices)
+        if args.wait:
+            state = driver.run_until_done(state.rollout_id, interval_s=0.5)
+        data = _summary(state)
+        emit(args, data, human=lambda: print(f"rollout {state.rollout_id}: {name} {version} {state.status} "
+                                             f"(wave {state.wave + 1}/{state.n_waves}) {state.counts()}"))
+        return 0 if state.status not in ("rolled_back", "aborted") else 1
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _cmd_verb(args: argparse.Namespace) -> int:
+    _cfg, driver, client = _open(args)
+    try:
+        state = getattr(driver, args.verb)(args.rollout_id)
+        emit(args, _summary(state), human=lambda: print(f"rollout {state.rollout_id}: {state.status} "
+                                                        f"{state.reason}".rstrip()))
+        return 0
+    finally:
+        client.disconnect()
+        client.loop_stop()
