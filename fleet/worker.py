@@ -116,7 +116,9 @@ class FleetWorker:
         if snap is None:
             return None
         decision = decide(self.policy, snap)
-        if decision != self.last_decision:
+        last = self.last_decision
+        if last is None or (last.retrain, last.trigger, last.reason.split(":")[0]) != \
+                (decision.retrain, decision.trigger, decision.reason.split(":")[0]):
             log.info("retrain trigger: %s", decision.reason)
         self.last_decision = decision
         if decision.retrain:

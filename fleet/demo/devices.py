@@ -74,7 +74,7 @@ def agent_config(device_id: str, state_dir: Path, *, host: str, port: int, proto
                              topic_prefix=prefix, keepalive=10),
         drift=DriftSection(window=drift_window),
         # The demo wants hundreds of labelled samples in a minute, not six per device.
-        sampling=SamplingSection(low_confidence=0.9, reservoir_size=8, reservoir_interval_s=5.0,
+        sampling=SamplingSection(low_confidence=0.7, reservoir_size=8, reservoir_interval_s=5.0,
                                  max_per_minute=1200.0, burst=50),
         telemetry=TelemetrySection(interval_s=telemetry_s),
         http=HttpSection(enabled=False, port=0),

@@ -69,7 +69,7 @@ class DemoConfig:
         return {
             "image_size": 32, "epochs": 6 if q else 15, "fine_tune_epochs": 5 if q else 8,
             "onnx_precisions": ("fp32",) if q else ("fp32", "int8-static"),
-            "drift_window": 40 if q else 60, "telemetry_s": 1.0, "soak_s": 4.0 if q else 10.0,
+            "drift_window": 50, "telemetry_s": 1.0, "soak_s": 4.0 if q else 10.0,
             "min_labels": 150 if q else 300, "check_interval_s": 1.0,
         }
 
@@ -172,7 +172,9 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
         topics = TopicScheme(fcfg.prefix)
         policy = RetrainPolicyConfig(
             check_interval_s=s["check_interval_s"], alarm_devices=max(1, cfg.n_shifted - 1), alarm_reports=2,
-            alarm_persist_s=0.0, min_labels_for_drift=s["min_labels"], min_labelled_samples=4 * s["min_labels"],
+            alarm_persist_s=0.0, min_labels_for_drift=s["min_labels"],
+            # the label-count trigger stays out of the story: baseline samples are labelled too
+            min_labelled_samples=1_000_000,
             cooldown_s=3600.0, fine_tune_epochs=s["fine_tune_epochs"],
             gate=GatePolicy(holdout_fraction=0.3, min_improvement=0.05, max_original_drop=0.01, min_holdout=20))
         plan = RolloutPlan(canary=1 / cfg.devices, waves=(0.5, 1.0), soak_s=s["soak_s"], max_failures=0.05,
