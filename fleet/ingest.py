@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge_agent.chunks import Completed, Reassembler, is_frame, parse_frame
-from edge_agent.errors import BrokerError, EdgeloopError, ProtocolError
+from edge_agent.errors import EdgeloopError, ProtocolError
 from edge_agent.protocol import (
     BundleRequest,
     DeviceState,
@@ -41,15 +43,17 @@ from edge_agent.protocol import (
     decode,
 )
 
-from .config import BrokerConfig, FleetConfig
+from .config import FleetConfig
 from .registry import IngestBatch, Registry
 from .samples import SampleStore, sample_record
 
-__all__ = ["IngestStats", "IngestService", "Hook", "connect_client"]
+__all__ = ["IngestStats", "IngestService", "Hook"]
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[[list[Message]], None]
+
+_SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-req")
 
 # topic kind -> the message class it must carry
 _KIND_TYPES: dict[str, type[Message]] = {
@@ -109,27 +113,29 @@ class IngestService:
         self._writer = threading.Thread(target=self._run, name="fleet-ingest-writer", daemon=True)
         self._writer.start()
         if connect:
-            self._client, self.protocol = connect_client(
-                self.config.broker, client_id=self._client_id or f"edgeloop-fleet-ingest-{id(self):x}",
-                on_message=self._on_message, subscriptions=self.subscriptions)
+            self._connect()
 
-    def subscriptions(self, protocol: str) -> list[str]:
-        """The topic filters for a broker speaking ``protocol`` ("5" or "3.1.1")."""
-        group = self.config.broker.shared_group
-        out = [self.topics.all_devices("state"), self.topics.operator_feedback]
-        for kind in ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-req"):
-            f = self.topics.all_devices(kind)
-            out.append(f"$share/{group}/{f}" if protocol == "5" else f)
-        return out
+    def _connect(self) -> None:
+        from edge_agent.mqtt import TlsConfig, connect_client
+
+        b = self.config.broker
+        plain = [self.topics.all_devices("state"), self.topics.operator_feedback]
+        shared = [self.topics.all_devices(k) for k in _SHARED_KINDS]
+        # A configured client id gets a persistent session (the broker queues QoS 1 messages
+        # while the fleet restarts); without one, a unique id and a clean session.
+        client_id = self._client_id or f"edgeloop-fleet-{uuid.uuid4().hex[:12]}"
+        self._client = connect_client(
+            b.host, b.port, client_id=client_id, username=b.username, password=b.password,
+            tls=TlsConfig(ca_file=Path(b.ca_file) if b.ca_file else None) if b.tls else None,
+            keepalive=b.keepalive, protocol=b.protocol,  # type: ignore[arg-type]
+            clean=self._client_id is None, subscriptions=plain, shared_subscriptions=shared,
+            share_group=b.shared_group, on_message=self._on_message, wait_s=15.0)
+        self.protocol = self._client.protocol_version
 
     def stop(self) -> None:
         """Disconnect, write what is pending, stop the writer."""
         if self._client is not None:
-            try:
-                self._client.disconnect()
-                self._client.loop_stop()
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            self._client.close()
             self._client = None
         self._stop.set()
         with self._cond:
@@ -146,7 +152,7 @@ class IngestService:
         self.stop()
 
     # ------------------------------------------------------------------ input
-    def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+    def _on_message(self, msg: Any) -> None:
         self.submit(msg.topic, msg.payload)
 
     def submit(self, topic: str, payload: bytes, received: float | None = None) -> None:
@@ -288,72 +294,3 @@ class IngestService:
         log.info("sample transfer %s dropped: %s (%s)", dropped.transfer_id, dropped.reason, dropped.detail)
 
 
-
-def connect_client(broker: BrokerConfig, *, client_id: str, on_message: Callable[[Any, Any, Any], None] | None = None,
-                   subscriptions: Callable[[str], list[str]] | None = None,
-                   timeout: float = 10.0) -> tuple[Any, str]:
-    """Connect a paho client (MQTT 5 first when ``protocol = "auto"``, else 3.1.1) and subscribe.
-
-    Returns ``(client, protocol)`` once the broker acknowledged every subscription.
-    Subscriptions are re-made in ``on_connect``, so a reconnect after a broker restart
-    resubscribes by itself.  Raises :class:`BrokerError` when no protocol connects.
-    """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.subscribeoptions import SubscribeOptions
-
-    tries = ["5", "3.1.1"] if broker.protocol == "auto" else [broker.protocol]
-    last = "no attempt"
-    for proto in tries:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5 if proto == "5" else mqtt.MQTTv311)
-        if broker.username:
-            client.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            client.tls_set(ca_certs=broker.ca_file)
-        answered, subscribed = threading.Event(), threading.Event()
-        result: dict[str, Any] = {}
-
-        def on_connect(c: Any, _u: Any, _flags: Any, rc: Any, _props: Any = None, proto: str = proto) -> None:
-            result["rc"] = rc
-            answered.set()
-            if rc.is_failure or subscriptions is None:
-                return
-            filters = subscriptions(proto)
-            if proto == "5":
-                mid = c.subscribe([(f, SubscribeOptions(qos=1)) for f in filters])[1]
-            else:
-                mid = c.subscribe([(f, 1) for f in filters])[1]
-            result["sub_mid"] = mid
-
-        def on_subscribe(_c: Any, _u: Any, mid: int, codes: Any, _props: Any = None) -> None:
-            if mid == result.get("sub_mid"):
-                result["sub_codes"] = codes
-                subscribed.set()
-
-        def on_disconnect(_c: Any, _u: Any, _flags: Any, rc: Any, _props: Any = None) -> None:
-            result.setdefault("rc", rc)
-            answered.set()
-
-        client.on_connect, client.on_subscribe, client.on_disconnect = on_connect, on_subscribe, on_disconnect
-        if on_message is not None:
-            client.on_message = on_message
-        try:
-            client.connect(broker.host, broker.port, keepalive=broker.keepalive)
-        except OSError as exc:
-            raise BrokerError(f"cannot reach the MQTT broker at {broker.host}:{broker.port}: {exc}",
-                              hint="start the broker or fix [broker] in fleet.toml") from exc
-        client.loop_start()
-        ok = answered.wait(timeout) and not result["rc"].is_failure
-        if ok and (subscriptions is None or subscribed.wait(timeout)):
-            bad = [c for c in result.get("sub_codes", []) if getattr(c, "is_failure", False)]
-            if bad:
-                client.disconnect()
-                client.loop_stop()
-                raise BrokerError(f"the broker refused the fleet's subscriptions: {bad}",
-                                  hint="check the ACL: the fleet user needs read access to {prefix}/#")
-            return client, proto
-        last = str(result.get("rc", "no answer"))
-        client.disconnect()
-        client.loop_stop()
-    raise BrokerError(f"MQTT connection to {broker.host}:{broker.port} refused: {last}",
-                      hint="check [broker] username/password/protocol in fleet.toml")
