@@ -1,0 +1,170 @@
+"""``edgeloop fleet provision DEVICE``: credentials, broker files and a ready ``agent.toml``.
+
+The fleet keeps only password *hashes* (``credentials`` table); the password is written
+once into the device's kit (``mqtt.password``, mode 0600) and never again.  Every call
+regenerates the whole Mosquitto password file and ACL from the database, so the files
+always match what the fleet has issued; Mosquitto rereads them on ``SIGHUP``.
+
+The kit directory holds everything a device needs::
+
+    agent.toml      broker host/port/user, password_file, the fleet's public key pinned
+    mqtt.password   the device's MQTT password
+    fleet.pub       the fleet's Ed25519 public key (bundles must be signed by it)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from edge_agent.errors import FleetError
+from edge_agent.protocol import validate_device_id
+
+from .acl import hash_password, new_password, render_acl, render_password_file, write_private
+from .config import FleetConfig
+from .models import CredentialRow
+from .registry import Registry
+
+__all__ = ["ProvisionResult", "BrokerFiles", "ensure_signing_key", "ensure_fleet_user", "write_broker_files",
+           "provision_device", "render_agent_toml"]
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    password_file: Path
+    acl_file: Path
+    conf_snippet: Path
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    device_id: str
+    username: str
+    kit_dir: Path
+    agent_toml: Path
+    password_path: Path
+    public_key: Path
+    broker: BrokerFiles
+
+
+def ensure_signing_key(config: FleetConfig) -> Path:
+    """The fleet's Ed25519 signing key (created on first use, 0600); returns the public key path."""
+    from edge_agent.signing import save_keypair
+
+    priv, pub = config.signing_key_path, config.public_key_path
+    if not priv.exists():
+        paths = save_keypair(priv.with_suffix(""))
+        return paths.public
+    if not pub.exists():
+        from edge_agent.signing import load_private_key
+
+        save_keypair(priv.with_suffix(""), load_private_key(priv), overwrite=True)
+    return pub
+
+
+def _set_credential(registry: Registry, username: str, role: str, password: str) -> None:
+    with registry.session() as s, s.begin():
+        row = s.get(CredentialRow, username)
+        if row is None:
+            s.add(CredentialRow(username=username, role=role, password_hash=hash_password(password),
+                                created=time.time()))
+        else:
+            row.role, row.password_hash = role, hash_password(password)
+
+
+def ensure_fleet_user(config: FleetConfig, registry: Registry) -> None:
+    """Record the fleet's own broker user (from ``[broker]`` username/password) in the credentials."""
+    b = config.broker
+    if b.username and b.password:
+        _set_credential(registry, b.username, "fleet", b.password)
+
+
+def write_broker_files(config: FleetConfig, registry: Registry) -> BrokerFiles:
+    """Regenerate ``mosquitto/passwd``, ``mosquitto/acl`` and a config snippet from the database."""
+    with registry.session() as s:
+        creds = list(s.scalars(select(CredentialRow)))
+    fleet_users = [c.username for c in creds if c.role == "fleet"]
+    if not fleet_users:
+        raise FleetError("no fleet broker user to write into the ACL",
+                         hint="set [broker] username and password in fleet.toml (`edgeloop fleet init` does)")
+    d = config.mosquitto_dir
+    passwd = write_private(d / "passwd", render_password_file({c.username: c.password_hash for c in creds}))
+    acl = write_private(d / "acl", render_acl(config.prefix, fleet_users=fleet_users,
+                                              devices={c.username: c.username for c in creds
+                                                       if c.role == "device"}))
+    conf = d / "mosquitto.conf"
+    conf.write_text(
+        "# Mosquitto 2.x: include these lines (see docs/fleet.md for TLS)\n"
+        "per_listener_settings false\n"
+        "allow_anonymous false\n"
+        f"password_file {passwd.resolve()}\n"
+        f"acl_file {acl.resolve()}\n"
+        f"listener {config.broker.port}\n")
+    return BrokerFiles(password_file=passwd, acl_file=acl, conf_snippet=conf)
+
+
+def _replace_key(text: str, section: str, key: str, value: str) -> str:
+    """Set ``key = value`` inside ``[section]`` of the agent's commented template (comments kept)."""
+    start = text.index(f"[{section}]")
+    end = text.find("\n[", start + 1)
+    end = len(text) if end < 0 else end
+    body, n = re.subn(rf"(?m)^{re.escape(key)} = [^#\n]*?(\s*(#.*)?)$", lambda m: f"{key} = {value}{m.group(1)}",
+                      text[start:end], count=1)
+    if n != 1:
+        raise FleetError(f"the agent config template has no [{section}].{key}",
+                         hint="edge_agent.config.TEMPLATE changed; update fleet.provision")
+    return text[:start] + body + text[end:]
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_agent_toml(config: FleetConfig, device_id: str, *, username: str, password_file: str,
+                      trusted_key: str, broker_host: str | None = None, broker_port: int | None = None) -> str:
+    """The agent's documented template with this device's identity, broker and pinned key filled in."""
+    import tomllib
+
+    from edge_agent.config import TEMPLATE, parse_config
+
+    text = TEMPLATE.format(device_id=device_id, state_dir="./edgeloop-state", trusted_key=trusted_key)
+    b = config.broker
+    for key, value in (("host", _toml_str(broker_host or b.host)), ("port", str(broker_port or b.port)),
+                       ("tls", "true" if b.tls else "false"), ("username", _toml_str(username)),
+                       ("password_file", _toml_str(password_file)),
+                       ("topic_prefix", _toml_str(config.prefix))):
+        text = _replace_key(text, "broker", key, value)
+    if b.tls and b.ca_file:
+        text = _replace_key(text, "broker", "ca_file", _toml_str(str(b.ca_file)))
+    parse_config(tomllib.loads(text), source="agent.toml")  # never hand out a config the agent refuses
+    return text
+
+
+def provision_device(config: FleetConfig, registry: Registry, device_id: str, *, out_dir: Path | None = None,
+                     password: str | None = None, broker_host: str | None = None,
+                     broker_port: int | None = None) -> ProvisionResult:
+    """Issue (or re-issue) ``device_id``'s credentials and write its kit; returns where everything went."""
+    validate_device_id(device_id)
+    pub = ensure_signing_key(config)
+    ensure_fleet_user(config, registry)
+    secret = password or new_password()
+    _set_credential(registry, device_id, "device", secret)
+    registry.upsert_device(device_id)
+    kit = Path(out_dir) if out_dir is not None else config.data_dir / "devices" / device_id
+    kit.mkdir(parents=True, exist_ok=True)
+    password_path = write_private(kit / "mqtt.password", secret + "\n")
+    key_copy = kit / "fleet.pub"
+    shutil.copyfile(pub, key_copy)
+    # Absolute: the agent reads password_file relative to its working directory, not the config's.
+    toml = render_agent_toml(config, device_id, username=device_id, password_file=str(password_path.resolve()),
+                             trusted_key="fleet.pub", broker_host=broker_host, broker_port=broker_port)
+    agent_toml = kit / "agent.toml"
+    agent_toml.write_text(toml, encoding="utf-8")
+    files = write_broker_files(config, registry)
+    return ProvisionResult(device_id=device_id, username=device_id, kit_dir=kit, agent_toml=agent_toml,
+                           password_path=password_path, public_key=key_copy, broker=files)
