@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,11 @@ from edge_agent.protocol import (
     decode,
 )
 
-from .config import FleetConfig
+from .config import BrokerConfig, FleetConfig
 from .registry import IngestBatch, Registry
 from .samples import SampleStore, sample_record
 
-__all__ = ["IngestStats", "IngestService", "Hook"]
+__all__ = ["IngestStats", "IngestService", "Hook", "connect_client"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class IngestService:
             self._connect()
 
     def _connect(self) -> None:
-        from edge_agent.mqtt import TlsConfig, connect_client
+        from edge_agent.mqtt import TlsConfig
+        from edge_agent.mqtt import connect_client as _connect
 
         b = self.config.broker
         plain = [self.topics.all_devices("state"), self.topics.operator_feedback]
@@ -124,7 +125,7 @@ class IngestService:
         # A configured client id gets a persistent session (the broker queues QoS 1 messages
         # while the fleet restarts); without one, a unique id and a clean session.
         client_id = self._client_id or f"edgeloop-fleet-{uuid.uuid4().hex[:12]}"
-        self._client = connect_client(
+        self._client = _connect(
             b.host, b.port, client_id=client_id, username=b.username, password=b.password,
             tls=TlsConfig(ca_file=Path(b.ca_file) if b.ca_file else None) if b.tls else None,
             keepalive=b.keepalive, protocol=b.protocol,  # type: ignore[arg-type]
@@ -143,6 +144,11 @@ class IngestService:
         if self._writer is not None:
             self._writer.join(timeout=30)
             self._writer = None
+
+    @property
+    def client(self) -> Any:
+        """The connected MQTT connection (``publish(topic, payload, qos=, retain=)``), or None."""
+        return self._client
 
     def __enter__(self) -> IngestService:
         self.start()
@@ -294,3 +300,22 @@ class IngestService:
         log.info("sample transfer %s dropped: %s (%s)", dropped.transfer_id, dropped.reason, dropped.detail)
 
 
+
+
+def connect_client(broker: BrokerConfig, *, client_id: str, subscriptions: Sequence[str] = (),
+                   on_message: Callable[[Any], None] | None = None, timeout: float = 15.0) -> tuple[Any, str]:
+    """Connect a publisher/subscriber for fleet tools; returns ``(paho client, "5" | "3.1.1")``.
+
+    Built on :func:`edge_agent.mqtt.connect_client` (MQTT 5 with a 3.1.1 fallback);
+    the returned object is the plain paho client, so ``publish``, ``disconnect`` and
+    ``loop_stop`` work as in paho.  Raises :class:`BrokerError` when it cannot connect.
+    """
+    from edge_agent.mqtt import TlsConfig
+    from edge_agent.mqtt import connect_client as _connect
+
+    conn = _connect(broker.host, broker.port, client_id=client_id, username=broker.username,
+                    password=broker.password,
+                    tls=TlsConfig(ca_file=Path(broker.ca_file) if broker.ca_file else None) if broker.tls else None,
+                    keepalive=broker.keepalive, protocol=broker.protocol,  # type: ignore[arg-type]
+                    clean=True, subscriptions=list(subscriptions), on_message=on_message, wait_s=timeout)
+    return conn.client, conn.protocol_version
