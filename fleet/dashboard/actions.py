@@ -1,0 +1,84 @@
+"""What an operator can do from the dashboard: label samples, start and steer rollouts.
+
+Each action is a plain function over :class:`~fleet.dashboard.data.DashContext` that
+calls the registry or the rollout driver (:class:`fleet.rollout_driver.RolloutDriver`)
+exactly as the CLI does, and returns a JSON-ready result.  Routes check the role and
+the CSRF token before calling them; errors are :class:`EdgeloopError` subclasses with
+a hint, which the routes show as a flash message (HTML) or a 4xx body (JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from edge_agent.errors import ConfigError, FleetError, RolloutError
+
+from .data import DashContext, class_names, model_labels, parse_shares
+
+__all__ = ["label_sample", "start_rollout", "rollout_command", "ROLLOUT_VERBS", "parse_duration"]
+
+ROLLOUT_VERBS = ("pause", "resume", "abort", "rollback")
+
+
+def label_sample(ctx: DashContext, sample_id: str, label: str, *, user: str = "operator") -> dict[str, Any]:
+    """Record the true label of one sample (source ``operator``); the label must be a class of the model."""
+    rec = ctx.registry.sample(sample_id)
+    if rec is None:
+        raise FleetError(f"no sample {sample_id}", hint="it may have been deleted; reload the page")
+    label = label.strip()
+    classes = model_labels(ctx)  # authoritative only when the model's manifest is readable
+    if not label or len(label) > 128 or not label.isprintable() or (classes is not None and label not in classes):
+        raise FleetError(f"label {label!r} is not a class of the model",
+                         hint=f"one of {', '.join(classes or class_names(ctx))}")
+    n = ctx.registry.label_samples([(sample_id, label, "operator")])
+    return {"sample_id": sample_id, "label": label, "labelled": n, "by": user}
+
+
+def parse_duration(text: str | float) -> float:
+    """``"60s"`` / ``"2m"`` / ``"1h"`` / ``"30"`` -> seconds."""
+    s = str(text).strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(s[-1:], None)
+    try:
+        return float(s[:-1]) * scale if scale else float(s)
+    except ValueError as exc:
+        raise ConfigError(f"bad duration {text!r}", hint="e.g. 60s, 2m or 1h") from exc
+
+
+def _require_driver(ctx: DashContext) -> Any:
+    if ctx.driver is None:
+        raise RolloutError("this dashboard has no rollout driver (the fleet's MQTT link)",
+                           hint="open the dashboard served by `edgeloop fleet serve`")
+    return ctx.driver
+
+
+def start_rollout(ctx: DashContext, name: str, version: str, *, canary: str = "10%", waves: str = "25,50,100",
+                  soak: str = "60s", max_failures: str = "5%", job_timeout: str | None = None) -> dict[str, Any]:
+    """Start a staged rollout of a registered version (same rules as ``edgeloop fleet rollout``)."""
+    from ..rollout import RolloutPlan
+
+    driver = _require_driver(ctx)
+    try:
+        extra = {"job_timeout_s": parse_duration(job_timeout)} if job_timeout else {}
+        plan = RolloutPlan(canary=parse_shares(canary, single=True)[0], waves=tuple(parse_shares(waves)),
+                           soak_s=parse_duration(soak), max_failures=parse_shares(max_failures, single=True)[0],
+                           **extra)
+    except ValueError as exc:
+        raise ConfigError(f"bad rollout settings: {exc}", hint="canary 10%, waves 25,50,100, soak 60s") from exc
+    state = driver.start(name, version, plan)
+    return {"rollout_id": state.rollout_id, "status": state.status, "devices": len(state.devices),
+            "n_waves": state.n_waves, "plan": dataclasses.asdict(plan)}
+
+
+def rollout_command(ctx: DashContext, rollout_id: str, verb: str, *, user: str = "operator") -> dict[str, Any]:
+    """pause / resume / abort / rollback one rollout through the driver."""
+    if verb not in ROLLOUT_VERBS:
+        raise RolloutError(f"unknown rollout action {verb!r}", hint=f"one of {', '.join(ROLLOUT_VERBS)}")
+    driver = _require_driver(ctx)
+    if verb in ("abort", "rollback"):
+        state = getattr(driver, verb)(rollout_id, f"{'aborted' if verb == 'abort' else 'rolled back'} by {user} "
+                                                  "from the dashboard")
+    else:
+        state = getattr(driver, verb)(rollout_id)
+    return {"rollout_id": rollout_id, "action": verb, "status": state.status, "phase": state.phase,
+            "wave": state.wave}

@@ -1,0 +1,351 @@
+"""What the dashboard shows, as JSON-ready dicts: one function per page, shared by HTML and JSON.
+
+Every page is rendered from exactly the dict its ``/dashboard/api/...`` endpoint
+returns, so the browser, the CLI and scripts see the same numbers.  Anything that
+grows with the fleet is paginated or aggregated in SQL (``GROUP BY``, ``LIMIT``):
+a page of 50 devices or a drift chart of 40 buckets costs the same with 10 or
+10,000 devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Integer, case, cast, func, or_, select
+
+from edge_agent.errors import FleetError
+
+from ..models import Device, DriftRow, SampleRow
+from ..registry import ACTIVE_ROLLOUT_STATUSES, Registry
+
+__all__ = ["DashContext", "overview", "devices_page", "device_detail", "drift_overview", "labelling",
+           "models_page", "rollouts_page", "rollout_detail", "samples_page", "class_names", "model_labels",
+           "device_group"]
+
+
+@dataclass
+class DashContext:
+    """What the pages read from and act on.  ``driver`` (a RolloutDriver) is needed for rollout actions."""
+
+    registry: Registry
+    samples_dir: Path | None = None
+    driver: Any = None
+    policy: Any = None  # fleet.policy.RetrainPolicyConfig
+    rollout_defaults: Any = None  # fleet.config.RolloutConfig
+    model_name: str | None = None
+    page_size: int = 50
+    publisher: Any = None  # an MQTT client: labels are also published as Feedback when set
+    prefix: str | None = None
+
+
+def _asdict(rec: Any) -> dict[str, Any]:
+    return dataclasses.asdict(rec)
+
+
+def device_group(dev: Any) -> str:
+    """A device's group for the drift page: its ``group`` tag, else the model version it runs."""
+    tags = dev.tags or {}
+    hw = dev.hardware or {}
+    group = tags.get("group") or hw.get("group")
+    if group:
+        return str(group)
+    return f"v{dev.model_version}" if dev.model_version else "unknown"
+
+
+def _pages(total: int, page: int, size: int) -> dict[str, int]:
+    pages = max(1, -(-total // size))
+    return {"page": min(max(1, page), pages), "pages": pages, "page_size": size, "total": total}
+
+
+def served_model(ctx: DashContext) -> Any:
+    """The newest accepted model of the fleet's model name (or of the most common name)."""
+    reg = ctx.registry
+    name = ctx.model_name
+    if name is None:
+        with reg.session() as s:
+            row = s.execute(select(Device.model_name, func.count()).where(Device.model_name.is_not(None))
+                            .group_by(Device.model_name).order_by(func.count().desc()).limit(1)).first()
+        name = row[0] if row else None
+    if name is None:
+        models = reg.models(status="accepted")
+        return models[-1] if models else None
+    return reg.latest_model(name, status="accepted")
+
+
+def model_labels(ctx: DashContext) -> list[str] | None:
+    """The served model's class names from its bundle manifest, or None when no bundle is readable."""
+    model = served_model(ctx)
+    if model is None or not model.bundle_path or not Path(model.bundle_path).exists():
+        return None
+    try:
+        from edge_agent.bundle import open_bundle
+
+        # The registry verified the signature when the bundle was registered; here we only read labels.
+        return list(open_bundle(model.bundle_path, require_signature=False).manifest.labels)
+    except Exception:  # noqa: BLE001 - an unreadable bundle must not break the labelling page
+        return None
+
+
+def class_names(ctx: DashContext) -> list[str]:
+    """Label choices: the served model's ``labels``, else labels and predictions seen so far."""
+    labels = model_labels(ctx)
+    if labels is not None:
+        return labels
+    with ctx.registry.session() as s:
+        seen = {str(x) for x in s.scalars(select(SampleRow.label).where(SampleRow.label.is_not(None))
+                                          .distinct().limit(200))}
+        seen |= {str(x) for x in s.scalars(select(SampleRow.prediction).where(SampleRow.prediction.is_not(None))
+                                           .distinct().limit(200))}
+    return sorted(seen, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+
+
+def label_needs(ctx: DashContext) -> dict[str, Any]:
+    """How many labelled samples the retraining policy still needs (since the model in service)."""
+    model = served_model(ctx)
+    since = model.created if model is not None else None
+    labelled = ctx.registry.count_samples(labelled=True, since=since)
+    target = int(getattr(ctx.policy, "min_labelled_samples", 500)) if ctx.policy is not None else 500
+    for_drift = int(getattr(ctx.policy, "min_labels_for_drift", 50)) if ctx.policy is not None else 50
+    return {"labelled_since_model": labelled, "target": target, "needed": max(0, target - labelled),
+            "needed_for_drift_trigger": max(0, for_drift - labelled),
+            "model_version": model.version if model else None}
+
+
+# --------------------------------------------------------------------------- overview / devices
+def rollout_summary(rec: Any) -> dict[str, Any]:
+    """A rollout record with its per-wave progress (from the engine's persisted state)."""
+    state = rec.state or {}
+    waves: dict[int, dict[str, Any]] = {}
+    for d in state.get("devices", []):
+        w = waves.setdefault(int(d["wave"]), {"wave": int(d["wave"]), "devices": 0, "counts": {}})
+        w["devices"] += 1
+        w["counts"][d["status"]] = w["counts"].get(d["status"], 0) + 1
+    out = []
+    for w in sorted(waves.values(), key=lambda x: x["wave"]):
+        c = w["counts"]
+        done = sum(c.get(k, 0) for k in ("updated", "failed", "timed_out", "unhealthy", "rolled_back",
+                                          "rollback_failed"))
+        bad = sum(c.get(k, 0) for k in ("failed", "timed_out", "unhealthy", "rollback_failed"))
+        w.update(label="canary" if w["wave"] == 0 else f"wave {w['wave']}", done=done, failed=bad,
+                 progress=done / w["devices"] if w["devices"] else 0.0,
+                 health="failing" if bad else ("healthy" if c.get("updated", 0) == w["devices"] else "pending"))
+        out.append(w)
+    plan = state.get("plan", {})
+    return {"id": rec.id, "model_name": rec.model_name, "version": rec.version, "status": rec.status,
+            "machine_status": state.get("status"), "phase": state.get("phase", ""), "wave": state.get("wave", 0),
+            "n_waves": state.get("n_waves", len(out)), "reason": rec.reason, "created": rec.created,
+            "updated": rec.updated, "waves": out, "plan": plan,
+            "events": list(state.get("events", []))[-50:],
+            "active": rec.status in ACTIVE_ROLLOUT_STATUSES or rec.status == "halted"}
+
+
+def overview(ctx: DashContext, *, alarm_limit: int = 20) -> dict[str, Any]:
+    """Fleet overview: counts, model versions, devices in alarm, labelling backlog, active rollout."""
+    reg = ctx.registry
+    st = reg.status()
+    alarmed = reg.devices(alarm=True)
+    active = reg.rollouts(statuses=(*ACTIVE_ROLLOUT_STATUSES, "halted"))
+    latest = reg.rollouts()[-1:] if not active else []
+    return {
+        "ts": st.ts, "devices": st.devices, "online": st.online, "offline": st.offline,
+        "alarming": st.alarming, "drift_reports": st.drift_reports, "samples": st.samples,
+        "labelled_samples": st.labelled_samples, "unlabelled_samples": st.samples - st.labelled_samples,
+        "models": st.models,
+        "versions": [{"version": v, "devices": n} for v, n in sorted(st.versions.items(), key=lambda x: -x[1])],
+        "alarmed_devices": [{"id": d.id, "risk": d.drift_risk, "since": d.alarm_since, "online": d.online,
+                             "model_version": d.model_version} for d in alarmed[:alarm_limit]],
+        "labels": label_needs(ctx),
+        "active_rollouts": [rollout_summary(r) for r in active],
+        "last_rollout": rollout_summary(latest[0]) if latest else None,
+    }
+
+
+def devices_page(ctx: DashContext, *, page: int = 1, q: str | None = None, online: bool | None = None,
+                 alarm: bool | None = None, page_size: int | None = None) -> dict[str, Any]:
+    """One page of devices (SQL LIMIT/OFFSET), filtered by id substring, online and alarm."""
+    size = page_size or ctx.page_size
+    conds = []
+    if q:
+        conds.append(or_(Device.id.contains(q), Device.model_version.contains(q)))
+    if online is not None:
+        conds.append(Device.online.is_(online))
+    if alarm is not None:
+        conds.append(Device.drift_alarm.is_(alarm))
+    with ctx.registry.session() as s:
+        total = int(s.scalar(select(func.count()).select_from(Device).where(*conds)) or 0)
+        p = _pages(total, page, size)
+        rows = list(s.scalars(select(Device).where(*conds).order_by(Device.id)
+                              .offset((p["page"] - 1) * size).limit(size)))
+        items = [{"id": r.id, "online": r.online, "last_seen": r.last_seen, "model_version": r.model_version,
+                  "variant": r.variant, "drift_alarm": r.drift_alarm, "drift_risk": r.drift_risk,
+                  "group": device_group(r),
+                  "latency_p99_ms": (r.telemetry or {}).get("latency_p99_ms"),
+                  "queue_depth": (r.telemetry or {}).get("queue_depth")} for r in rows]
+    return {**p, "items": items, "q": q or "", "online": online, "alarm": alarm}
+
+
+def device_detail(ctx: DashContext, device_id: str, *, points: int = 300, samples: int = 24) -> dict[str, Any]:
+    """A device with its telemetry and drift series (last ``points``), model history and recent samples."""
+    reg = ctx.registry
+    dev = reg.device(device_id)
+    if dev is None:
+        raise FleetError(f"no device {device_id}", device_id=device_id, hint="see the devices page")
+    tel = reg.telemetry(device_ids=[device_id], limit=points)
+    drift = reg.drift_reports(device_id=device_id, limit=points)
+    jobs = reg.job_statuses(device_id=device_id)
+    history = [{"ts": j.ts, "version": j.version, "step": j.step, "ok": j.ok, "detail": j.detail,
+                "job_id": j.job_id, "previous_version": j.previous_version,
+                "kind": "rollback" if j.step == "rolled_back" or "-rb-" in j.job_id else "install"}
+               for j in jobs if j.step in ("completed", "failed", "rolled_back")]
+    total = reg.count_samples(device_ids=[device_id])
+    recent = reg.samples(device_ids=[device_id], offset=max(0, total - samples))
+    return {
+        "device": _asdict(dev), "group": device_group(dev),
+        "telemetry": [{"ts": t.ts, "p50": t.latency_p50_ms, "p99": t.latency_p99_ms,
+                       "inferences": t.inferences_interval, "errors": t.errors,
+                       "queue_depth": t.data.get("queue_depth"), "confidence": t.mean_confidence,
+                       "model_version": t.model_version} for t in tel],
+        "drift": [{"ts": r.ts, "risk": r.risk, "alarm": r.alarm, "window": r.window,
+                   "model_version": r.model_version} for r in drift],
+        "history": history[::-1],
+        "samples": [_sample(r) for r in reversed(recent)], "samples_total": total,
+    }
+
+
+def _sample(r: Any) -> dict[str, Any]:
+    return {"id": r.id, "device_id": r.device_id, "ts": r.ts, "prediction": r.prediction,
+            "confidence": r.confidence, "reason": r.reason, "label": r.label, "label_source": r.label_source,
+            "model_version": r.model_version}
+
+
+# --------------------------------------------------------------------------- drift
+def drift_overview(ctx: DashContext, *, since: float | None = None, buckets: int = 40, page: int = 1,
+                   now: float | None = None) -> dict[str, Any]:
+    """Mean drift risk and share of alarmed windows per device group per time bucket, plus alarmed windows."""
+    t1 = now if now is not None else time.time()
+    with ctx.registry.session() as s:
+        if since is None:
+            since = s.scalar(select(func.min(DriftRow.ts))) or t1 - 3600
+        t0 = float(since)
+        width = max(1.0, (t1 - t0) / buckets)
+        # CAST truncates (ts >= t0 here); SQLite builds often lack floor().
+        bucket = cast((DriftRow.ts - t0) / width, Integer)
+        # One row per (device, bucket): SQL does the heavy lifting, Python only maps devices to groups.
+        rows = s.execute(select(DriftRow.device_id, bucket, func.avg(DriftRow.risk), func.count(),
+                                func.sum(case((DriftRow.alarm.is_(True), 1), else_=0)))
+                         .where(DriftRow.ts >= t0).group_by(DriftRow.device_id, bucket)).all()
+        ids = sorted({r[0] for r in rows})
+        groups = {d.id: device_group(d) for d in s.scalars(select(Device).where(Device.id.in_(ids)))}
+        size = ctx.page_size
+        alarm_q = select(DriftRow).where(DriftRow.alarm.is_(True), DriftRow.ts >= t0)
+        n_alarms = int(s.scalar(select(func.count()).select_from(alarm_q.subquery())) or 0)
+        p = _pages(n_alarms, page, size)
+        alarms = [{"device_id": r.device_id, "ts": r.ts, "window": r.window, "risk": r.risk, "n": r.n,
+                   "model_version": r.model_version, "group": groups.get(r.device_id, "unknown"),
+                   "scores": r.scores, "input_shift": r.input_shift}
+                  for r in s.scalars(alarm_q.order_by(DriftRow.ts.desc()).offset((p["page"] - 1) * size)
+                                     .limit(size))]
+    acc: dict[str, dict[int, list[float]]] = {}
+    for dev, b, mean, n, n_alarm in rows:
+        g = acc.setdefault(groups.get(dev, "unknown"), {})
+        cell = g.setdefault(int(b), [0.0, 0.0, 0.0])
+        cell[0] += float(mean) * int(n)
+        cell[1] += int(n)
+        cell[2] += float(n_alarm or 0)
+    series = {g: [{"ts": t0 + (b + 0.5) * width, "risk": c[0] / c[1], "alarm_share": c[2] / c[1], "n": int(c[1])}
+                  for b, c in sorted(cells.items())] for g, cells in sorted(acc.items())}
+    return {"since": t0, "until": t1, "bucket_s": width, "groups": series, "alarms": alarms, **p}
+
+
+# --------------------------------------------------------------------------- samples and labels
+def samples_page(ctx: DashContext, *, device_id: str | None = None, labelled: bool | None = None,
+                 since: float | None = None, until: float | None = None, page: int = 1) -> dict[str, Any]:
+    """Samples (newest first), filtered by device, label state and capture time."""
+    size = ctx.page_size
+    conds = []
+    if device_id:
+        conds.append(SampleRow.device_id == device_id)
+    if labelled is not None:
+        conds.append(SampleRow.label.is_not(None) if labelled else SampleRow.label.is_(None))
+    if since is not None:
+        conds.append(SampleRow.ts >= since)
+    if until is not None:
+        conds.append(SampleRow.ts < until)
+    with ctx.registry.session() as s:
+        total = int(s.scalar(select(func.count()).select_from(SampleRow).where(*conds)) or 0)
+        p = _pages(total, page, size)
+        rows = list(s.scalars(select(SampleRow).where(*conds).order_by(SampleRow.ts.desc(), SampleRow.id)
+                              .offset((p["page"] - 1) * size).limit(size)))
+        items = [_sample(r) for r in rows]
+    return {**p, "items": items, "device_id": device_id, "since": since, "until": until, "labelled": labelled}
+
+
+def labelling(ctx: DashContext, *, page: int = 1, device_id: str | None = None) -> dict[str, Any]:
+    """Unlabelled samples (oldest first, so nothing starves), the label choices, and the policy's needs."""
+    size = min(ctx.page_size, 48)
+    reg = ctx.registry
+    ids = [device_id] if device_id else None
+    total = reg.count_samples(labelled=False, device_ids=ids)
+    p = _pages(total, page, size)
+    recs = reg.samples(labelled=False, device_ids=ids, offset=(p["page"] - 1) * size, limit=size)
+    return {**p, "items": [_sample(r) for r in recs], "classes": class_names(ctx), "needs": label_needs(ctx),
+            "device_id": device_id}
+
+
+# --------------------------------------------------------------------------- models and rollouts
+def models_page(ctx: DashContext) -> dict[str, Any]:
+    """Every model version with lineage (parent, data), per-variant metrics, gate results, reasons."""
+    models = ctx.registry.models()
+    children: dict[str, list[str]] = {}
+    for m in models:
+        if m.parent_version:
+            children.setdefault(f"{m.name}:{m.parent_version}", []).append(m.version)
+    counts = ctx.registry.status().versions
+    items = []
+    for m in reversed(models):
+        metrics = dict(m.metrics or {})
+        items.append({
+            "name": m.name, "version": m.version, "status": m.status, "reason": m.reason, "created": m.created,
+            "parent_version": m.parent_version, "children": children.get(f"{m.name}:{m.version}", []),
+            "sha256": m.sha256, "size": m.size, "signed_by": m.signed_by, "has_bundle": bool(m.bundle_path),
+            "variants": metrics.pop("variants", {}) or {}, "gate": metrics.pop("gate", None),
+            "metrics": metrics, "lineage": m.lineage or {}, "devices": counts.get(m.version, 0)})
+    defaults = ctx.rollout_defaults
+    return {"items": items, "rollout_defaults": {
+        "canary": getattr(defaults, "canary", 0.1), "waves": list(getattr(defaults, "waves", (0.25, 0.5, 1.0))),
+        "soak_s": getattr(defaults, "soak_s", 60.0), "max_failures": getattr(defaults, "max_failures", 0.05)},
+        "can_roll_out": ctx.driver is not None}
+
+
+def rollouts_page(ctx: DashContext, *, limit: int = 100) -> dict[str, Any]:
+    recs = ctx.registry.rollouts()[-limit:]
+    return {"items": [rollout_summary(r) for r in reversed(recs)], "can_act": ctx.driver is not None}
+
+
+def rollout_detail(ctx: DashContext, rollout_id: str) -> dict[str, Any]:
+    rec = ctx.registry.rollout(rollout_id)
+    if rec is None:
+        raise FleetError(f"no rollout {rollout_id}", hint="see the rollouts page", rollout=rollout_id)
+    out = rollout_summary(rec)
+    out["devices"] = [{"device_id": d["device_id"], "wave": d["wave"], "status": d["status"],
+                       "previous_version": d.get("previous_version"), "detail": d.get("detail", ""),
+                       "job_id": d.get("job_id")} for d in (rec.state or {}).get("devices", [])]
+    out["can_act"] = ctx.driver is not None
+    return out
+
+
+def parse_shares(text: str, *, single: bool = False) -> Sequence[float]:
+    """``"10%"`` / ``"0.1"`` / ``"25,50,100"`` -> fractions (what the rollout form accepts)."""
+    out = []
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        pct = part.endswith("%")
+        value = float(part.rstrip("%"))
+        out.append(value / 100 if pct or value > 1 else value)
+    if single and len(out) != 1:
+        raise ValueError("one share expected")
+    return out
