@@ -25,9 +25,12 @@ have="$(cat "$stamp" 2>/dev/null || true)"
 # A stamp for a superset of extras ("dev" includes "fleet") also satisfies the request.
 if [ "$have" != "$want" ] && ! { [ "$EXTRAS" = "fleet" ] && [ "$have" = "${want% *} dev" ]; }; then
   echo "edgeloop: installing edgeloop[$EXTRAS] into $VENV (first run takes a few minutes)" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=23.2" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-      -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$VENV/bin/python" -c "import edgeloop" || { echo "edgeloop: error: installation failed (see pip output above)" >&2; exit 2; }
+  log="$VENV/.edgeloop-install.log"
+  if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+      -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]" >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" >&2 || true
+    echo "edgeloop: error: installing edgeloop[$EXTRAS] failed (full log: $log)" >&2
+    exit 2
+  fi
   echo "$want" > "$stamp"
 fi
