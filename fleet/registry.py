@@ -617,7 +617,7 @@ class Registry:
             online = int(s.scalar(select(func.count()).select_from(Device).where(Device.online.is_(True))) or 0)
             alarming = int(s.scalar(select(func.count()).select_from(Device)
                                     .where(Device.drift_alarm.is_(True))) or 0)
-            versions = {str(v): int(c) for v, c in s.execute(
+            versions = {str(v) if v is not None else "unknown": int(c) for v, c in s.execute(
                 select(Device.model_version, func.count()).group_by(Device.model_version))}
             drift = int(s.scalar(select(func.count()).select_from(DriftRow)) or 0)
             samples = int(s.scalar(select(func.count()).select_from(SampleRow)) or 0)

@@ -1,0 +1,310 @@
+"""``edgeloop fleet ...`` commands.  Nothing heavy is imported at module level.
+
+    edgeloop fleet init [--dir D]              write fleet.toml (API token, broker password) and the signing key
+    edgeloop fleet serve --config fleet.toml   ingestion + HTTP API (+ retraining / rollout workers)
+    edgeloop fleet status|devices|drift|models|rollouts [--json]
+    edgeloop fleet provision DEVICE [--out DIR]
+    edgeloop fleet label import CSV | export CSV | teacher BUNDLE --threshold 0.9
+
+Reporting commands read the database directly (SQLite in WAL mode lets them read
+while ``serve`` writes).  ``rollout``/``pause``/``resume``/``abort`` come from
+``fleet.cli_rollout``; ``edgeloop demo`` from ``fleet.cli_demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent.cliutil import add_json_flag, emit
+
+__all__ = ["register"]
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="fleet.toml",
+                   help="fleet config (default ./fleet.toml; defaults are used when it does not exist)")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from fleet.config import default_config, load_config
+
+    path = Path(args.config)
+    if not path.exists() and args.config == "fleet.toml":
+        return default_config(Path.cwd() / "fleet-data")
+    return load_config(path)
+
+
+def _registry(cfg: Any) -> Any:
+    from fleet.registry import Registry
+
+    return Registry.open(cfg.database_url, busy_timeout_ms=cfg.database.busy_timeout_ms)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``edgeloop fleet`` (and ``edgeloop demo`` when the loop engineer's module is there)."""
+    fleet = subparsers.add_parser("fleet", help="fleet manager: registry, ingestion, API, rollouts")
+    sub = fleet.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
+    fleet.set_defaults(func=lambda _a: (fleet.print_help(), 1)[1])
+
+    p = sub.add_parser("init", help="write fleet.toml with fresh secrets and create the signing key")
+    p.add_argument("--dir", default=".", help="where to write fleet.toml (default .)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing fleet.toml")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("serve", help="run ingestion, the HTTP API and the fleet workers")
+    _add_config(p)
+    p.add_argument("--no-workers", action="store_true", help="do not start retraining / rollout workers")
+    p.set_defaults(func=_cmd_serve)
+
+    for name, helptext in (("status", "fleet summary"), ("devices", "devices and their state"),
+                           ("drift", "recent drift reports"), ("models", "model versions and lineage"),
+                           ("rollouts", "rollouts and their targets")):
+        p = sub.add_parser(name, help=helptext)
+        _add_config(p)
+        add_json_flag(p)
+        if name == "drift":
+            p.add_argument("--device", help="only this device")
+            p.add_argument("--limit", type=int, default=20, help="how many reports (default 20)")
+        p.set_defaults(func=_cmd_report, report=name)
+
+    p = sub.add_parser("provision", help="create a device's credentials and a ready agent.toml")
+    p.add_argument("device", help="device id")
+    _add_config(p)
+    p.add_argument("--out", type=Path, help="kit directory (default <data_dir>/devices/DEVICE)")
+    p.add_argument("--broker-host", help="broker host as the device sees it (default [broker].host)")
+    p.add_argument("--broker-port", type=int, help="broker port as the device sees it")
+    add_json_flag(p)
+    p.set_defaults(func=_cmd_provision)
+
+    label = sub.add_parser("label", help="import / export labels, teacher pseudo-labels")
+    lsub = label.add_subparsers(dest="label_command", metavar="LABEL_COMMAND")
+    label.set_defaults(func=lambda _a: (label.print_help(), 1)[1])
+    p = lsub.add_parser("import", help="read sample_id,label rows from a CSV")
+    p.add_argument("csv", type=Path)
+    _add_config(p)
+    add_json_flag(p)
+    p.set_defaults(func=_cmd_label_import)
+    p = lsub.add_parser("export", help="write every sample (with its payload path) to a CSV")
+    p.add_argument("csv", type=Path)
+    _add_config(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--labelled", dest="labelled", action="store_const", const=True, help="only labelled samples")
+    g.add_argument("--unlabelled", dest="labelled", action="store_const", const=False,
+                   help="only unlabelled samples")
+    add_json_flag(p)
+    p.set_defaults(func=_cmd_label_export)
+    p = lsub.add_parser("teacher", help="pseudo-label unlabelled samples with a larger model")
+    p.add_argument("--teacher", required=True, type=Path, metavar="BUNDLE", help="the teacher's signed bundle")
+    p.add_argument("--threshold", type=float, default=0.9, help="minimum teacher confidence (default 0.9)")
+    p.add_argument("--trusted-key", type=Path, help="public key to verify the teacher (default: the fleet's)")
+    _add_config(p)
+    add_json_flag(p)
+    p.set_defaults(func=_cmd_label_teacher)
+
+    try:  # the loop engineer's commands: rollout, pause, resume, abort
+        from fleet.cli_rollout import register_rollout
+    except ImportError:  # pragma: no cover - partial checkout
+        pass
+    else:
+        register_rollout(sub)
+    try:
+        from fleet.cli_demo import register as register_demo
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        register_demo(subparsers)
+
+
+# --------------------------------------------------------------------------- handlers
+def _cmd_init(args: argparse.Namespace) -> int:
+    import secrets
+
+    from edge_agent.errors import ConfigError
+    from fleet.acl import new_password
+    from fleet.config import ApiConfig, BrokerConfig, default_config, render_config
+    from fleet.provision import ensure_signing_key
+
+    d = Path(args.dir)
+    path = d / "fleet.toml"
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path} already exists", hint="pass --force to overwrite it", path=str(path))
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(default_config("fleet-data"),
+                              broker=BrokerConfig(username="fleet", password=new_password()),
+                              api=ApiConfig(token=secrets.token_hex(16)))
+    path.write_text(render_config(cfg))
+    path.chmod(0o600)  # it holds the broker password and the API token
+    from fleet.config import load_config
+
+    pub = ensure_signing_key(load_config(path))
+    print(f"wrote {path} (mode 0600) and the signing key; public key: {pub}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    from fleet.api import ApiServer
+    from fleet.ingest import IngestService
+
+    log = logging.getLogger("fleet.serve")
+    cfg = _config(args)
+    registry = _registry(cfg)
+    ingest = IngestService(cfg, registry)
+    ingest.start()
+    api = ApiServer(cfg, registry).start() if cfg.api.enabled else None
+    workers = None
+    if not args.no_workers:
+        try:
+            from fleet.worker import start_workers
+        except ImportError:
+            log.info("fleet.worker not installed: no retraining / rollout workers")
+        else:
+            ctx = SimpleNamespace(config=cfg, registry=registry, client=ingest.client, ingest=ingest,
+                                  api_base_url=cfg.api.public_url or (api.url if api else None))
+            workers = start_workers(ctx)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"fleet serving: broker {cfg.broker.host}:{cfg.broker.port} (MQTT {ingest.protocol}), "
+          f"API {api.url if api else 'off'}, database {cfg.database_url.split('@')[-1]}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        if workers is not None:
+            workers.stop()
+        if api is not None:
+            api.stop()
+        ingest.stop()
+        registry.close()
+    return 0
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("-" if v is None else str(v) for v in r))
+    Console().print(t)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    reg = _registry(cfg)
+    try:
+        kind = args.report
+        if kind == "status":
+            st = reg.status()
+            emit(args, st, lambda: _table("fleet status", ["field", "value"],
+                                          [[k, v] for k, v in dataclasses.asdict(st).items() if k != "ts"]))
+        elif kind == "devices":
+            devs = reg.devices()
+            emit(args, devs, lambda: _table(f"{len(devs)} devices", [
+                "device", "online", "last seen", "model", "variant", "drift", "risk"], [
+                [d.id, "yes" if d.online else "no", _ago(d.last_seen), d.model_version, d.variant,
+                 "ALARM" if d.drift_alarm else "ok", None if d.drift_risk is None else f"{d.drift_risk:.2f}"]
+                for d in devs]))
+        elif kind == "drift":
+            reps = reg.drift_reports(device_id=args.device, limit=args.limit)
+            emit(args, reps, lambda: _table("drift reports", ["device", "when", "model", "risk", "alarm", "n"], [
+                [r.device_id, _ago(r.ts), r.model_version, f"{r.risk:.3f}", "ALARM" if r.alarm else "", r.n]
+                for r in reps]))
+        elif kind == "models":
+            ms = reg.models()
+            emit(args, ms, lambda: _table("model versions", ["name", "version", "parent", "status", "reason",
+                                                             "size", "signed by"], [
+                [m.name, m.version, m.parent_version, m.status, m.reason, m.size, m.signed_by] for m in ms]))
+        else:
+            rs = reg.rollouts()
+            data = [{**dataclasses.asdict(r), "targets": _target_counts(reg, r.id)} for r in rs]
+            emit(args, data, lambda: _table("rollouts", ["id", "model", "version", "status", "targets", "reason"], [
+                [d["id"], d["model_name"], d["version"], d["status"],
+                 ", ".join(f"{k} {v}" for k, v in d["targets"].items()), d["reason"]] for d in data]))
+    finally:
+        reg.close()
+    return 0
+
+
+def _target_counts(reg: Any, rollout_id: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in reg.rollout_targets(rollout_id):
+        counts[t.status] = counts.get(t.status, 0) + 1
+    return counts
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from fleet.provision import provision_device
+
+    cfg = _config(args)
+    reg = _registry(cfg)
+    try:
+        res = provision_device(cfg, reg, args.device, out_dir=args.out, broker_host=args.broker_host,
+                               broker_port=args.broker_port)
+    finally:
+        reg.close()
+    emit(args, res, f"provisioned {res.device_id}: kit in {res.kit_dir} (agent.toml, mqtt.password, fleet.pub)\n"
+                    f"broker files: {res.broker.password_file}, {res.broker.acl_file} "
+                    f"(send SIGHUP to mosquitto to reload them)")
+    return 0
+
+
+def _cmd_label_import(args: argparse.Namespace) -> int:
+    from fleet.labels import import_labels_csv
+
+    cfg = _config(args)
+    reg = _registry(cfg)
+    try:
+        res = import_labels_csv(reg, args.csv)
+    finally:
+        reg.close()
+    emit(args, res, f"{res.rows} rows: {res.labelled} samples labelled, {res.pending} waiting for their sample")
+    return 0
+
+
+def _cmd_label_export(args: argparse.Namespace) -> int:
+    from fleet.labels import export_labels_csv
+    from fleet.samples import SampleStore
+
+    cfg = _config(args)
+    reg = _registry(cfg)
+    try:
+        n = export_labels_csv(reg, SampleStore(cfg.samples_dir), args.csv, labelled=args.labelled)
+    finally:
+        reg.close()
+    emit(args, {"rows": n, "path": str(args.csv)}, f"wrote {n} samples to {args.csv}")
+    return 0
+
+
+def _cmd_label_teacher(args: argparse.Namespace) -> int:
+    from fleet.labels import pseudo_label
+    from fleet.samples import SampleStore
+
+    cfg = _config(args)
+    reg = _registry(cfg)
+    try:
+        res = pseudo_label(reg, SampleStore(cfg.samples_dir), args.teacher,
+                           trusted_key=args.trusted_key or cfg.public_key_path, threshold=args.threshold)
+    finally:
+        reg.close()
+    emit(args, res, f"teacher: {res.labelled} of {res.considered} unlabelled samples labelled "
+                    f"({res.below_threshold} below {args.threshold}, {res.unreadable} unreadable)")
+    return 0
