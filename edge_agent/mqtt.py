@@ -195,6 +195,7 @@ class MqttConnection:
         else:
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                  protocol=paho.MQTTv311, clean_session=self._clean)
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))  # packet log at DEBUG
         if self._auth[0] is not None:
             client.username_pw_set(*self._auth)
         if self._tls is not None:
@@ -481,7 +482,8 @@ class AgentLink:
                     self._client_seen = self._conn.client
                     self._inflight.clear()
                 self._settle_acks()
-                if self._conn.connected.is_set() and len(self._inflight) < self._max_inflight:
+                # Refill at half a window, not per PUBACK: one SQLite read per batch instead of per message.
+                if self._conn.connected.is_set() and len(self._inflight) <= self._max_inflight // 2:
                     self._publish_next()
             except Exception:  # a sender that dies silently loses everything after it
                 log.exception("outbox sender error; retrying")
