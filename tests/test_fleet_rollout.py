@@ -322,3 +322,71 @@ def test_cli_parsers() -> None:
                               "--max-failures", "5%", "--json"])
     assert args.canary == "10%" and args.json and args.func.__name__ == "_cmd_rollout"
     assert parser.parse_args(["abort", "r1"]).verb == "abort"
+
+
+# --------------------------------------------------------------------------- real agents over real MQTT
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_rollout_and_rollback_with_real_agents_over_mqtt(tmp_path, digits_run, broker) -> None:
+    """Two real agents on Mosquitto: the driver rolls 2.0.0 out in MQTT chunks (canary, then the
+    rest), then an operator rollback puts both back on 1.0.0."""
+    import threading
+
+    from edge_agent.agent import Agent
+    from edge_agent.protocol import TopicScheme
+    from edge_agent.signing import load_public_key, save_keypair
+    from export.pipeline import export_run
+    from fleet.config import BrokerConfig, default_config
+    from fleet.demo.devices import agent_config
+    from fleet.ingest import IngestService, connect_client
+    from fleet.registry import Registry
+    from fleet.rollout_driver import RolloutDriver
+
+    keys = save_keypair(tmp_path / "keys" / "fleet")
+    (tmp_path / "b").mkdir()
+    bundles = {v: export_run(digits_run, out=tmp_path / "b", formats=("onnx",), onnx_precisions=("fp32",),
+                             sign_key=keys.private, version=v, name="digits", max_drop=1.0).bundle
+               for v in ("1.0.0", "2.0.0")}
+    cfg = default_config(tmp_path / "fleet", broker=BrokerConfig(host=broker.host, port=broker.port, protocol="5"))
+    reg = Registry.open(cfg.database_url)
+    pub = load_public_key(keys.public)
+    for v, b in bundles.items():
+        reg.register_model(b, trusted_key=pub, status="accepted")
+    ingest = IngestService(cfg, reg)
+    ingest.start()
+    client, _ = connect_client(cfg.broker, client_id="test-fleet-cmd")
+    driver = RolloutDriver(reg, client, topics=TopicScheme(cfg.prefix), delivery="mqtt", chunk_size=16 * 1024)
+    ingest.add_hook(lambda msgs: [driver.handle_bundle_request(m) for m in msgs if m.TYPE == "bundle-req"])
+    agents, stop = [], threading.Event()
+    try:
+        for name in ("cam-a", "cam-b"):
+            a = Agent(agent_config(name, tmp_path / name, host=broker.host, port=broker.port, protocol="5",
+                                   trusted_key=keys.public, prefix=cfg.prefix, drift_window=50, telemetry_s=0.5))
+            a.install(bundles["1.0.0"])
+            a.start(connect=True, serve_http=False)
+            threading.Thread(target=a.run, args=(stop,), daemon=True).start()
+            agents.append(a)
+        for _ in range(200):
+            if len(reg.devices(online=True, model_version="1.0.0")) == 2:
+                break
+            stop.wait(0.1)
+        plan = RolloutPlan(canary=0.5, waves=(1.0,), soak_s=0.5, job_timeout_s=60.0)
+        s = driver.start("digits", "2.0.0", plan, rollout_id="r-real")
+        s = driver.run_until_done(s.rollout_id, interval_s=0.2, timeout_s=120)
+        assert s.status == "completed", s.events
+        assert [a.model.version for a in agents] == ["2.0.0", "2.0.0"]
+        assert [e.kind for e in s.events].count("wave_started") == 2
+        s = driver.rollback("r-real")
+        s = driver.run_until_done("r-real", interval_s=0.2, timeout_s=60)
+        assert s.status == "rolled_back" and s.counts() == {"rolled_back": 2}, s.devices
+        assert [a.model.version for a in agents] == ["1.0.0", "1.0.0"]
+    finally:
+        stop.set()
+        for a in agents:
+            a.close()
+        client.disconnect()
+        client.loop_stop()
+        ingest.stop()
+        reg.close()

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import EdgeloopError, FleetError
+from edge_agent.errors import FleetError
 
 from .report import DemoResult, DriftPoint, Event, Observation, write_report
 from .shifts import DEMO_SHIFT, NO_SHIFT, CameraShift
