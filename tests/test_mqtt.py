@@ -323,9 +323,13 @@ def test_acl_confines_a_device_to_its_own_topics(tmp_path: Path, topic_prefix: s
         link = make_link(b, tmp_path, topics, device_id="dev-a", username="dev-a", password="a-secret").start()
         rogue_acks: list[str | None] = []
         acked = threading.Event()
+
+        def on_publish(mid: int, failure: str | None) -> None:
+            rogue_acks.append(failure)
+            acked.set()
+
         rogue = connect_client(b.host, b.port, client_id="dev-a-rogue", username="dev-a", password="a-secret",
-                               wait_s=WAIT,
-                               on_publish=lambda mid, failure: (rogue_acks.append(failure), acked.set()))
+                               wait_s=WAIT, on_publish=on_publish)
         try:
             # Impersonating dev-b: the broker refuses (MQTT 5 PUBACK "Not authorized").
             rogue.publish(topics.device("dev-b", "telemetry"), proto.Telemetry(device_id="dev-b", seq=1).encode())
