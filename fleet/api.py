@@ -12,7 +12,9 @@
 ``/api/*`` needs ``Authorization: Bearer <api.token>`` when a token is configured;
 bundles too with ``api.bundle_auth`` (devices verify the signature anyway, so a
 bundle is not secret by default).  The OpenAPI schema is at ``/openapi.json``.
-The server binds to 127.0.0.1 unless ``[api].host`` says otherwise.
+The server binds to 127.0.0.1 unless ``[api].host`` says otherwise.  FastAPI is imported
+at module level (its dependency injection resolves annotations from module globals);
+``fleet.cli`` imports this module only inside ``serve``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse
+
 from edge_agent.errors import FleetError
 
 from .config import FleetConfig
@@ -32,10 +37,7 @@ __all__ = ["create_app", "ApiServer"]
 
 
 def create_app(config: FleetConfig, registry: Registry) -> Any:
-    """The FastAPI application over ``registry`` (FastAPI is imported here, not at module level)."""
-    from fastapi import Depends, FastAPI, HTTPException, Query, Request
-    from fastapi.responses import FileResponse
-
+    """The FastAPI application over ``registry``."""
     app = FastAPI(title="edgeloop fleet", version="1", description="Fleet registry and bundle server.")
     token = config.api.token
 
