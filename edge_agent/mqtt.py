@@ -45,6 +45,10 @@ from .outbox import Outbox
 __all__ = ["TlsConfig", "Will", "MqttConnection", "connect_client", "AgentLink", "Command", "ProtocolChoice"]
 
 log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(f"{__name__}.paho")
+# paho 2.2 logs "Client is not connected" at ERROR when a never-connected client's loop is
+# stopped: a normal shutdown path, not an error worth a red line in the agent's log.
+_paho_log.addFilter(lambda record: not str(record.msg).startswith("Client is not connected"))
 
 ProtocolChoice = Literal["auto", "5", "3.1.1"]
 _PROTOCOL_ALIASES = {"mqtt5": "5", "mqtt311": "3.1.1", "5": "5", "3.1.1": "3.1.1", "auto": "auto"}
@@ -159,7 +163,8 @@ class MqttConnection:
         with self._lock:
             self._closing = True
             client = self._client
-        client.disconnect()
+        if client.is_connected():  # else paho logs a spurious error; loop_stop alone ends the retries
+            client.disconnect()
         client.loop_stop()
         self.connected.clear()
         self.ready.clear()
@@ -195,7 +200,7 @@ class MqttConnection:
         else:
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                  protocol=paho.MQTTv311, clean_session=self._clean)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))  # packet log at DEBUG
+        client.enable_logger(_paho_log)  # packet log at DEBUG
         if self._auth[0] is not None:
             client.username_pw_set(*self._auth)
         if self._tls is not None:
