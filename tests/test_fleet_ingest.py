@@ -13,7 +13,15 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge_agent.chunks import split
-from edge_agent.protocol import SAMPLES_KIND, DeviceState, DriftReportMsg, Feedback, JobStatus, Message, TopicScheme
+from edge_agent.protocol import (
+    SAMPLES_KIND,
+    DeviceState,
+    DriftReportMsg,
+    Feedback,
+    JobStatus,
+    Message,
+    TopicScheme,
+)
 from edge_agent.sampling import DriftSample, decode_sample, encode_sample
 from fleet.config import BrokerConfig, default_config
 from fleet.ingest import IngestService
