@@ -46,10 +46,11 @@ def parse_duration(text: str | float) -> float:
 
 
 def _require_driver(ctx: DashContext) -> Any:
-    if ctx.driver is None:
+    driver = ctx.get_driver()
+    if driver is None:
         raise RolloutError("this dashboard has no rollout driver (the fleet's MQTT link)",
                            hint="open the dashboard served by `edgeloop fleet serve`")
-    return ctx.driver
+    return driver
 
 
 def start_rollout(ctx: DashContext, name: str, version: str, *, canary: str = "10%", waves: str = "25,50,100",
@@ -81,4 +82,4 @@ def rollout_command(ctx: DashContext, rollout_id: str, verb: str, *, user: str =
     else:
         state = getattr(driver, verb)(rollout_id)
     return {"rollout_id": rollout_id, "action": verb, "status": state.status, "phase": state.phase,
-            "wave": state.wave}
+            "wave": state.wave, "message": f"{verb}: rollout {rollout_id} is now {state.status.replace('_', ' ')}"}

@@ -71,7 +71,7 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float | None]]], *, ti
                    'class="chart-threshold"/>')
     for m in markers:
         out.append(f'<line x1="{px(m):.1f}" x2="{px(m):.1f}" y1="{top + h - 6}" y2="{top + h}" class="chart-alarm"/>')
-    legend_x = left + 8
+    legend_x = left + 7 * (len(title) + len(unit)) + 30  # on the title line, clear of the plot
     for i, (name, s) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in s if y is not None and math.isfinite(y))
@@ -81,7 +81,7 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float | None]]], *, ti
                 cx, cy = coords.split(",")
                 out.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{color}"/>')
         if len(series) > 1:
-            out.append(f'<text x="{legend_x}" y="{top + 12}" fill="{color}" class="chart-legend">{escape(name)}</text>')
+            out.append(f'<text x="{legend_x}" y="14" fill="{color}" class="chart-legend">{escape(name)}</text>')
             legend_x += 8 + 7 * len(name)
     out.append("</svg>")
     return "".join(out)

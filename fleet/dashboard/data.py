@@ -39,8 +39,27 @@ class DashContext:
     rollout_defaults: Any = None  # fleet.config.RolloutConfig
     model_name: str | None = None
     page_size: int = 50
-    publisher: Any = None  # an MQTT client: labels are also published as Feedback when set
-    prefix: str | None = None
+    source: Any = None  # the serve context: its ``worker.driver`` may appear after the app is built
+    fleet_config: Any = None
+
+    def get_driver(self) -> Any:
+        """The rollout driver: given, else the serve context's (``driver`` / ``worker.driver``), else one
+        built on its MQTT ``client``; None when the dashboard cannot reach devices."""
+        if self.driver is not None:
+            return self.driver
+        src = self.source
+        found = getattr(src, "driver", None) or getattr(getattr(src, "worker", None), "driver", None)
+        if found is None and getattr(src, "client", None) is not None and self.fleet_config is not None:
+            from edge_agent.protocol import TopicScheme
+
+            from ..rollout_driver import RolloutDriver
+
+            cfg = self.fleet_config
+            api = getattr(src, "api_base_url", None) or cfg.api.base_url
+            found = RolloutDriver(self.registry, src.client, topics=TopicScheme(cfg.prefix), api_base_url=api,
+                                  delivery=cfg.rollout.delivery)
+            self.driver = found  # one driver (and one lock) for every later action
+        return found
 
 
 def _asdict(rec: Any) -> dict[str, Any]:
@@ -101,7 +120,9 @@ def class_names(ctx: DashContext) -> list[str]:
                                           .distinct().limit(200))}
         seen |= {str(x) for x in s.scalars(select(SampleRow.prediction).where(SampleRow.prediction.is_not(None))
                                            .distinct().limit(200))}
-    return sorted(seen, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+    if seen and all(x.isdigit() for x in seen) and max(int(x) for x in seen) < 100:
+        return [str(i) for i in range(max(int(x) for x in seen) + 1)]  # class indices: offer the gaps too
+    return sorted(seen)
 
 
 def label_needs(ctx: DashContext) -> dict[str, Any]:
@@ -117,6 +138,18 @@ def label_needs(ctx: DashContext) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- overview / devices
+def _wave_health(counts: dict[str, int], n: int, bad: int) -> str:
+    if bad:
+        return "failing"
+    if counts.get("rolled_back", 0) == n:
+        return "rolled back"
+    if counts.get("updated", 0) == n:
+        return "healthy"
+    if counts.get("sent", 0) or counts.get("rolling_back", 0):
+        return "in progress"
+    return "pending"
+
+
 def rollout_summary(rec: Any) -> dict[str, Any]:
     """A rollout record with its per-wave progress (from the engine's persisted state)."""
     state = rec.state or {}
@@ -133,7 +166,7 @@ def rollout_summary(rec: Any) -> dict[str, Any]:
         bad = sum(c.get(k, 0) for k in ("failed", "timed_out", "unhealthy", "rollback_failed"))
         w.update(label="canary" if w["wave"] == 0 else f"wave {w['wave']}", done=done, failed=bad,
                  progress=done / w["devices"] if w["devices"] else 0.0,
-                 health="failing" if bad else ("healthy" if c.get("updated", 0) == w["devices"] else "pending"))
+                 health=_wave_health(c, w["devices"], bad))
         out.append(w)
     plan = state.get("plan", {})
     return {"id": rec.id, "model_name": rec.model_name, "version": rec.version, "status": rec.status,
@@ -319,12 +352,12 @@ def models_page(ctx: DashContext) -> dict[str, Any]:
     return {"items": items, "rollout_defaults": {
         "canary": getattr(defaults, "canary", 0.1), "waves": list(getattr(defaults, "waves", (0.25, 0.5, 1.0))),
         "soak_s": getattr(defaults, "soak_s", 60.0), "max_failures": getattr(defaults, "max_failures", 0.05)},
-        "can_roll_out": ctx.driver is not None}
+        "can_roll_out": ctx.get_driver() is not None}
 
 
 def rollouts_page(ctx: DashContext, *, limit: int = 100) -> dict[str, Any]:
     recs = ctx.registry.rollouts()[-limit:]
-    return {"items": [rollout_summary(r) for r in reversed(recs)], "can_act": ctx.driver is not None}
+    return {"items": [rollout_summary(r) for r in reversed(recs)], "can_act": ctx.get_driver() is not None}
 
 
 def rollout_detail(ctx: DashContext, rollout_id: str) -> dict[str, Any]:
@@ -335,7 +368,7 @@ def rollout_detail(ctx: DashContext, rollout_id: str) -> dict[str, Any]:
     out["devices"] = [{"device_id": d["device_id"], "wave": d["wave"], "status": d["status"],
                        "previous_version": d.get("previous_version"), "detail": d.get("detail", ""),
                        "job_id": d.get("job_id")} for d in (rec.state or {}).get("devices", [])]
-    out["can_act"] = ctx.driver is not None
+    out["can_act"] = ctx.get_driver() is not None
     return out
 
 

@@ -33,8 +33,9 @@ _STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; c
 def build_context(ctx_or_registry: Any, config: Any = None, *, page_size: int = 50) -> data.DashContext:
     """A :class:`DashContext` from a Registry, a DashContext, or the fleet's serve context.
 
-    From a serve context it takes ``registry``, ``config`` (FleetConfig), the rollout
-    driver (``driver``, or ``worker.driver``), and else builds one on ``client``.
+    From a serve context it takes ``registry``, ``config`` (FleetConfig) and, when an
+    action needs it, the rollout driver (``driver`` or ``worker.driver``, looked up late
+    because the workers may start after the app; else one is built on ``client``).
     """
     if isinstance(ctx_or_registry, data.DashContext):
         return ctx_or_registry
@@ -47,15 +48,6 @@ def build_context(ctx_or_registry: Any, config: Any = None, *, page_size: int = 
     fleet_cfg = config if hasattr(config, "samples_dir") else getattr(obj, "config", None)
     if not hasattr(fleet_cfg, "samples_dir"):
         fleet_cfg = None
-    driver = getattr(obj, "driver", None) or getattr(getattr(obj, "worker", None), "driver", None)
-    client = getattr(obj, "client", None)
-    if driver is None and client is not None and fleet_cfg is not None:
-        from edge_agent.protocol import TopicScheme
-
-        from ..rollout_driver import RolloutDriver
-
-        driver = RolloutDriver(registry, client, topics=TopicScheme(fleet_cfg.prefix),
-                               api_base_url=fleet_cfg.api.base_url, delivery=fleet_cfg.rollout.delivery)
     policy = None
     if fleet_cfg is not None:
         from ..policy import policy_from_fleet_config
@@ -63,7 +55,8 @@ def build_context(ctx_or_registry: Any, config: Any = None, *, page_size: int = 
         policy = policy_from_fleet_config(fleet_cfg)
     store = getattr(obj, "store", None)
     samples_dir = (Path(store.root) if store is not None else fleet_cfg.samples_dir if fleet_cfg else None)
-    return data.DashContext(registry=registry, samples_dir=samples_dir, driver=driver, policy=policy,
+    return data.DashContext(registry=registry, samples_dir=samples_dir, policy=policy, source=obj,
+                            fleet_config=fleet_cfg,
                             rollout_defaults=fleet_cfg.rollout if fleet_cfg else None,
                             model_name=fleet_cfg.model_name if fleet_cfg else None, page_size=page_size)
 
