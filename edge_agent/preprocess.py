@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from .manifest import Preprocessing
 
 __all__ = ["preprocess", "resize", "to_channels", "load_image", "IMAGE_SUFFIXES"]
 
-ImageInput = Union[np.ndarray, Sequence[np.ndarray]]
+ImageInput = np.ndarray | Sequence[np.ndarray]
 
 # ITU-R BT.601 luma, the weights PIL's convert("L") and OpenCV's cvtColor use.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)

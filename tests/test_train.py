@@ -208,3 +208,36 @@ def test_incomplete_run_is_reported(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_cli_module_imports_no_torch() -> None:
     code = "import sys, train.cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_eval_bundle_through_the_edge_runtime(digits_loaded: LoadedRun, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A hand-made one-variant bundle (plain ONNX export) scores what the checkpoint scores."""
+    pytest.importorskip("onnxruntime")
+    from edge_agent.bundle import write_bundle
+    from edge_agent.manifest import InputSpec, Manifest, OutputSpec, Variant
+
+    run = digits_loaded
+
+    class WithEmbedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = run.model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.m.forward_with_embedding(x)
+
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(WithEmbedding().eval(), (torch.zeros(1, 1, 32, 32),), str(onnx_path), dynamo=False,
+                      input_names=["input"], output_names=["logits", "embedding"],
+                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}, "embedding": {0: "n"}})
+    manifest = Manifest(
+        name="digits", version="1.0.0", created="2026-01-01T00:00:00Z", labels=run.labels,
+        input=InputSpec("input", (-1, 1, 32, 32)), outputs=OutputSpec(embedding_dim=64),
+        preprocessing=run.preprocessing, variants=(Variant("onnx-fp32", "onnx", "fp32", "models/onnx-fp32.onnx"),),
+        baseline=None, health=None, lineage=run.lineage())
+    bundle = write_bundle(tmp_path / "digits-1.0.0.elb", manifest, {"models/onnx-fp32.onnx": onnx_path})
+    assert main(["eval", str(bundle), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"]["onnx-fp32"]["accuracy"] == pytest.approx(run.metrics["test_accuracy"], abs=1e-9)

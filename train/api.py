@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import DataError, TrainError
-from edge_agent.manifest import Preprocessing
+from edge_agent.manifest import Lineage, Preprocessing
 
 from .config import TrainConfig
 from .data import ImageDataset, Split, data_hash, load_dataset
@@ -93,6 +93,23 @@ class LoadedRun:
     @property
     def model_args(self) -> ModelArgs:
         return self.model.args
+
+    def lineage(self, parent_version: str | None = None) -> Lineage:
+        """The bundle manifest's lineage for this run.
+
+        ``params`` carries what ``edgeloop eval BUNDLE`` needs to rebuild the test split
+        (dataset, image size, channels, split seed and fractions) plus the training knobs.
+        """
+        keys = ("seed", "split_seed", "val_fraction", "test_fraction", "image_size", "channels", "data_hash",
+                "base_data_hash", "extra_samples", "num_params")
+        params = {k: self.params[k] for k in keys if k in self.params}
+        params["model"] = dict(self.params.get("model", {}))
+        params["train"] = {k: self.params.get("config", {}).get(k) for k in
+                           ("epochs", "lr", "weight_decay", "batch_size", "dropout", "width", "augment")}
+        if self.params.get("parent"):
+            params["parent_run"] = self.params["parent"].get("run_id")
+        return Lineage(run_id=self.run_id, data_hash=self.data_hash, params=params,
+                       parent_version=parent_version, dataset=str(self.params["dataset"]))
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:

@@ -256,7 +256,7 @@ def split_dataset(ds: ImageDataset, seed: int, val: float = 0.15, test: float = 
     if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
         raise DataError(f"split fractions val={val} test={test} are invalid", hint="use e.g. 0.15 and 0.15")
     counts = np.bincount(ds.labels, minlength=len(ds.class_names))
-    for name, n in zip(ds.class_names, counts):
+    for name, n in zip(ds.class_names, counts, strict=True):
         if n < 3:
             where = Path(ds.name) / name if ds.name not in BUILTIN_DATASETS else name
             raise DataError(f"{where}: class {name!r} has {n} image(s), need at least 3 (one each for train, val, test)",

@@ -273,9 +273,11 @@ def execute(config: TrainConfig, *, extra_images: Any = None, extra_labels: Any 
     run_id, run_dir = _run_dir(prep.config)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    prev_level = log.level
+    prev_level, prev_propagate = log.level, log.propagate
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO)  # train.log always gets the epochs ...
+    # ... the console only when the user asked for it (-v): otherwise the progress bar says enough.
+    log.propagate = logging.getLogger().getEffectiveLevel() <= logging.INFO
     try:
         return _execute(prep, run_id, run_dir, progress)
     except EdgeloopError:
@@ -287,6 +289,7 @@ def execute(config: TrainConfig, *, extra_images: Any = None, extra_labels: Any 
     finally:
         log.removeHandler(handler)
         log.setLevel(prev_level)
+        log.propagate = prev_propagate
         handler.close()
 
 
