@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--key", type=Path, help="verify the bundle's signature with this public key")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory (default bench-results/)")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print B/A ratios cell by cell")
+    p.add_argument("--zoo", nargs="?", const="mobilenet_v3_small,mobilenet_v2,resnet18", default=None, metavar="MODELS",
+                   help="torchvision models at 224x224 (random weights): FP32 vs naive INT8 vs the INT8 speed plan")
     add_json_flag(p)
     p.set_defaults(func=_bench)
 
@@ -47,6 +49,13 @@ def _bench(args: argparse.Namespace) -> int:
         if not ratios:
             raise BenchmarkError("the two results have no cell in common", hint="compare results of the same bundle")
         emit(args, ratios, lambda: print(compare_table(ratios)))
+        return 0
+    if args.zoo is not None:
+        from .zoo import run_zoo, summary_table
+
+        result = run_zoo([m for m in args.zoo.split(",") if m], args.out, threads=args.threads[0], runs=args.runs,
+                         say=lambda m: print(f"  {m}", file=sys.stderr))
+        emit(args, result, lambda: print(summary_table(result["ab"])))
         return 0
     if args.target is None:
         raise BenchmarkError("nothing to benchmark", hint="give a bundle (.elb) or a run directory, or --compare A B")

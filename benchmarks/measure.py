@@ -63,6 +63,18 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS.
+
+    ``VmHWM`` from /proc, because ``ru_maxrss`` of a forked child starts from its
+    parent's peak and would charge the benchmark driver's memory to every cell.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
