@@ -301,3 +301,13 @@ def test_router_accepts_a_bare_registry(tmp_path: Path) -> None:
     assert c.get("/dashboard/api/overview").json()["devices"] == 0
     assert "No model registered" in c.get("/dashboard/models").text
     reg.close()
+
+
+def test_package_import_is_light() -> None:
+    """fleet.config may import DashboardConfig: that must not pull in FastAPI or Jinja2."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fleet.dashboard as d; assert 'fastapi' not in sys.modules and 'jinja2' not in sys.modules;"
+            "assert all(hasattr(d, n) for n in d.__all__)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,16 +3,27 @@
     from fleet.dashboard import mount_dashboard
     mount_dashboard(app, ctx, fleet_config)      # adds /dashboard/... and /dashboard/api/...
 
-See ``docs/dashboard.md``.  FastAPI and Jinja2 are imported here, so import this
-package only where the fleet's HTTP server runs.
+See ``docs/dashboard.md``.  Importing the package is light (``fleet.config`` may import
+``DashboardConfig`` from here); FastAPI, Jinja2 and SQLAlchemy load on first use of the
+router.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from .auth import Authenticator, hash_password, verify_password
 from .config import DashboardConfig, DashboardUser, dashboard_config_from
-from .data import DashContext
-from .routes import build_context, create_router, mount_dashboard
+
+_LAZY = {"DashContext": ".data", "build_context": ".routes", "create_router": ".routes",
+         "mount_dashboard": ".routes"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DashboardConfig",
