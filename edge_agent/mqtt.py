@@ -40,7 +40,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import protocol as proto
 from .errors import BrokerError, ProtocolError
-from .outbox import Outbox
+from .outbox import Outbox, SendWindow
 
 __all__ = ["TlsConfig", "Will", "MqttConnection", "connect_client", "AgentLink", "Command", "ProtocolChoice"]
 
@@ -356,8 +356,7 @@ class AgentLink:
         self.rejected_commands = 0
         self._state = state or proto.DeviceState(device_id=device_id, online=True)
         self._state_topic = self.topics.device(device_id, "state")
-        self._max_inflight = max_inflight
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox id (sender thread only)
+        self._window = SendWindow(outbox, max_inflight)  # keyed by paho mid; sender thread only
         self._acked: collections.deque[tuple[int, str | None]] = collections.deque()  # from paho's thread
         self._commands: queue.Queue[paho.MQTTMessage | None] = queue.Queue(maxsize=256)
         self._stop = threading.Event()
@@ -424,7 +423,7 @@ class AgentLink:
         """True once the outbox is empty and nothing is in flight (tests, shutdown)."""
         self.outbox.notify()
         with self._progress:
-            return self._progress.wait_for(lambda: not self._inflight and not self.outbox.peek_batch(1), timeout)
+            return self._progress.wait_for(lambda: self._window.idle and not self.outbox.peek_batch(1), timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop sending, publish the offline state, disconnect cleanly (no Will), stop the threads.
@@ -447,6 +446,7 @@ class AgentLink:
             except (RuntimeError, ValueError) as exc:  # lost the connection meanwhile
                 log.warning("offline state not confirmed: %s", exc)
             self._settle_acks()  # PUBACKs that arrived before the offline one's
+        self._window.flush()
         self._conn.close()
 
     stop = close  # the agent's lifecycle verb
@@ -485,10 +485,9 @@ class AgentLink:
                 if self._conn.client is not self._client_seen:
                     # a new paho client (protocol fallback) has none of the old one's messages
                     self._client_seen = self._conn.client
-                    self._inflight.clear()
+                    self._window.reset()
                 self._settle_acks()
-                # Refill at half a window, not per PUBACK: one SQLite read per batch instead of per message.
-                if self._conn.connected.is_set() and len(self._inflight) <= self._max_inflight // 2:
+                if self._conn.connected.is_set():
                     self._publish_next()
             except Exception:  # a sender that dies silently loses everything after it
                 log.exception("outbox sender error; retrying")
@@ -497,9 +496,7 @@ class AgentLink:
             self.outbox.wait(5.0)  # woken by put, PUBACK, connect, disconnect and close
 
     def _publish_next(self) -> None:
-        batch = self.outbox.peek_batch(self._max_inflight - len(self._inflight),
-                                       exclude=self._inflight.values())
-        for m in batch:
+        while (m := self._window.next()) is not None:
             if m.topic == self._state_topic:  # the agent's newest state becomes birth and Will
                 try:
                     self._remember(proto.decode_as(m.payload, proto.DeviceState))
@@ -507,22 +504,17 @@ class AgentLink:
                     log.warning("queued state message is invalid: %s", exc)
             info = self._conn.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
             if m.qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                break  # paho does not keep QoS 0 while offline: leave it queued
+                self._window.unsend(m)  # paho does not keep QoS 0 while offline: leave it queued
+                break
             # QoS 1/2: paho keeps it and resends after a reconnect; the PUBACK acks it.
-            self._inflight[info.mid] = m.id
+            self._window.sent(info.mid, m)
 
     def _settle_acks(self) -> None:
-        done: list[int] = []
         while self._acked:
             mid, failure = self._acked.popleft()
-            oid = self._inflight.pop(mid, None)
-            if oid is None:
-                continue  # the birth message, or a close-time publish
-            if failure:  # e.g. MQTT 5 "Not authorized": retrying would block the queue forever
+            oid = self._window.delivered(mid)  # None: the birth message, or a close-time publish
+            if oid is not None and failure:  # e.g. MQTT 5 "Not authorized": a retry would block the queue
                 log.error("broker rejected outbox message %d: %s; dropping it", oid, failure)
-            done.append(oid)
-        if done:
-            self.outbox.ack(done)
 
     def _command_loop(self) -> None:
         while True:

@@ -23,6 +23,7 @@ in telemetry.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import sqlite3
 import threading
@@ -35,7 +36,7 @@ from typing import Literal
 from .errors import QueueError
 from .protocol import PRIORITY_CONTROL, PRIORITY_SAMPLES
 
-__all__ = ["Outbox", "OutboxMessage", "OutboxStats", "DEFAULT_MAX_BYTES"]
+__all__ = ["Outbox", "OutboxMessage", "OutboxStats", "SendWindow", "DEFAULT_MAX_BYTES"]
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _SCHEMA_VERSION = 1
@@ -106,6 +107,7 @@ class Outbox:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._put_event = threading.Event()
+        self.puts = 0  # count of puts by this process: lets a reader see that the queue changed
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # autocommit mode: transactions are explicit (BEGIN IMMEDIATE) so none is left open
@@ -158,6 +160,7 @@ class Outbox:
                 raise QueueError(f"outbox {self.path} is full of state/job messages ({self.max_bytes} bytes)",
                                  hint="the broker has been unreachable for long; raise the outbox max_bytes",
                                  path=self.path)
+            self.puts += 1
         self._put_event.set()
         return new_id
 
@@ -298,3 +301,68 @@ class Outbox:
             return QueueError(f"outbox {self.path} is corrupt: {text}",
                               hint="move the file away; the agent starts with an empty outbox", path=self.path)
         return QueueError(f"outbox {self.path}: cannot {doing} it: {text}", path=self.path)
+
+
+class SendWindow:
+    """A sender's view of the outbox: what it has read ahead, what is in flight, what is
+    delivered but not yet deleted.  Transport-neutral (the MQTT link keys it by paho mid).
+
+    Costs one SQLite read per ``2 * max_inflight`` messages while draining a backlog (it
+    re-reads early only when a put may have queued something more urgent) and one delete
+    per ``max_inflight // 2`` deliveries.  A crash loses at most the unflushed deletes:
+    those messages are sent again (at-least-once).  Use from one thread.
+    """
+
+    def __init__(self, outbox: Outbox, max_inflight: int = 16) -> None:
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+        self.outbox = outbox
+        self.max_inflight = max_inflight
+        self.inflight: dict[int, int] = {}  # token (e.g. MQTT mid) -> outbox id
+        self._ahead: collections.deque[OutboxMessage] = collections.deque()
+        self._delivered: list[int] = []
+        self._puts_seen = -1
+
+    def next(self) -> OutboxMessage | None:
+        """The next message to send, or None when the window is full or nothing is queued."""
+        if len(self.inflight) >= self.max_inflight:
+            return None
+        if not self._ahead or self._puts_seen != self.outbox.puts:
+            self._puts_seen = self.outbox.puts  # read before peeking: a later put forces a re-read
+            skip = [*self.inflight.values(), *self._delivered]
+            self._ahead = collections.deque(self.outbox.peek_batch(2 * self.max_inflight, exclude=skip))
+        return self._ahead.popleft() if self._ahead else None
+
+    def unsend(self, msg: OutboxMessage) -> None:
+        """Give back a message that could not be handed to the transport; it goes first next time."""
+        self._ahead.appendleft(msg)
+
+    def sent(self, token: int, msg: OutboxMessage) -> None:
+        """``msg`` is in flight under ``token``."""
+        self.inflight[token] = msg.id
+
+    def delivered(self, token: int) -> int | None:
+        """The transport confirmed ``token``; returns the outbox id (None for an unknown token)."""
+        oid = self.inflight.pop(token, None)
+        if oid is not None:
+            self._delivered.append(oid)
+            if len(self._delivered) >= max(1, self.max_inflight // 2) or not self.inflight:
+                self.flush()
+        return oid
+
+    def flush(self) -> None:
+        """Delete the delivered messages from the outbox now."""
+        if self._delivered:
+            self.outbox.ack(self._delivered)
+            self._delivered = []
+
+    def reset(self) -> None:
+        """Forget what is in flight (the transport lost it); it is read from the outbox again."""
+        self.inflight.clear()
+        self._ahead.clear()
+        self._puts_seen = -1
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and nothing waiting to be deleted."""
+        return not self.inflight and not self._delivered

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import QueueError
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, SendWindow
 
 T = "edgeloop/v1/devices/d1/x"  # 24 bytes of topic in every message's size
 
@@ -189,3 +189,30 @@ def test_corrupt_file_is_a_queue_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(QueueError, match="corrupt|not a database"):
         Outbox(path)
+
+
+def test_send_window_reads_ahead_and_batches_deletes(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        for i in range(10):
+            box.put(T, b"s%d" % i, 2)
+        w = SendWindow(box, max_inflight=4)
+        sent = []
+        while (m := w.next()) is not None:
+            w.sent(len(sent), m)
+            sent.append(m)
+        assert [m.payload for m in sent] == [b"s0", b"s1", b"s2", b"s3"]  # the window is full
+        assert w.delivered(0) == sent[0].id and box.stats().depth == 10  # delete is batched...
+        w.delivered(1)
+        assert box.stats().depth == 8  # ...at half a window
+        box.put(T, b"urgent", 0)  # a put makes the window re-read: priority wins over read-ahead
+        m = w.next()
+        assert m is not None and m.payload == b"urgent"
+        w.sent(99, m)
+        assert w.delivered(12345) is None  # unknown token (e.g. a message sent outside the outbox)
+        for token in (2, 3, 99):
+            w.delivered(token)
+        assert w.idle and box.stats().depth == 6  # an empty window flushes at once
+        w.unsend(nxt := w.next())  # type: ignore[arg-type]
+        assert w.next() == nxt
+        w.reset()
+        assert [w.next(), w.next()] == box.peek_batch(2)  # re-read from the outbox after a reset
