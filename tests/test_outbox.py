@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import QueueError
-from edge_agent.outbox import Outbox, SendWindow
+from edge_agent.outbox import Outbox, OutboxMessage, SendWindow
 
 T = "edgeloop/v1/devices/d1/x"  # 24 bytes of topic in every message's size
 
@@ -196,7 +196,7 @@ def test_send_window_reads_ahead_and_batches_deletes(tmp_path: Path) -> None:
         for i in range(10):
             box.put(T, b"s%d" % i, 2)
         w = SendWindow(box, max_inflight=4)
-        sent = []
+        sent: list[OutboxMessage] = []
         while (m := w.next()) is not None:
             w.sent(len(sent), m)
             sent.append(m)
