@@ -248,10 +248,27 @@ def shot(drv: Any, name: str) -> Path:
 
 
 def text_of(drv: Any, css: str) -> str:
-    try:
-        return drv.find_element(By.CSS_SELECTOR, css).text
-    except Exception:  # noqa: BLE001 - the element is being swapped by the live refresh
-        return ""
+    """Text of the first match, read in one script call (the live refresh may swap elements any time)."""
+    return str(drv.execute_script("const e = document.querySelector(arguments[0]); "
+                                  "return e ? e.textContent.trim() : '';", css))
+
+
+def texts_of(drv: Any, css: str) -> set[str]:
+    return set(drv.execute_script("return Array.from(document.querySelectorAll(arguments[0]))"
+                                  ".map(e => e.textContent.trim());", css))
+
+
+def click(drv: Any, css: str) -> None:
+    """Click, retrying when the live refresh replaced the element between finding and clicking."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(20):
+        try:
+            drv.find_element(By.CSS_SELECTOR, css).click()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"could not click {css}")
 
 
 def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, topic_prefix: str) -> None:
@@ -289,7 +306,7 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
             a.shifted = a.id in SHIFTED
         wait.until(lambda d: text_of(d, "#stat-alarming b") == "2")
         wait.until(lambda d: int(text_of(d, "#stat-unlabelled b") or 0) >= 12)
-        assert {e.text for e in chrome.find_elements(By.CSS_SELECTOR, "#alarms td a")} == SHIFTED
+        assert texts_of(chrome, "#alarms td a") == SHIFTED
         shot(chrome, "02-overview-drift-alarm")
         chrome.get(fleet.url + "/dashboard/drift")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#alarm-windows tr.alarm-row"))
@@ -334,14 +351,14 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
         shot(chrome, "07-rollout-completed")
 
         # 6. roll it back from the same page
-        chrome.find_element(By.ID, "btn-rollback").click()
+        click(chrome, "#btn-rollback")
         wait.until(lambda d: _accept_alert(d))
         wait.until(lambda d: text_of(d, "#rollout-status") == "rolled_back")
         assert fleet.registry.rollout(rid).status == "rolled_back"
         wait.until(lambda _d: all(d.model_version == "1" for d in fleet.registry.devices()))
         shot(chrome, "08-rollout-rolled-back")
         chrome.get(fleet.url + "/dashboard/devices/cam-01")
-        history = chrome.find_element(By.ID, "history").text
+        history = text_of(chrome, "#history")
         assert "rollback" in history and "install" in history
         shot(chrome, "09-device")
         chrome.get(fleet.url + "/dashboard/")
