@@ -104,6 +104,8 @@ def write_broker_files(config: FleetConfig, registry: Registry) -> BrokerFiles:
         "allow_anonymous false\n"
         f"password_file {passwd.resolve()}\n"
         f"acl_file {acl.resolve()}\n"
+        "# the default (1000) drops QoS 1 messages for a fleet that falls behind during a burst\n"
+        "max_queued_messages 100000\n"
         f"listener {config.broker.port}\n")
     return BrokerFiles(password_file=passwd, acl_file=acl, conf_snippet=conf)
 
