@@ -15,10 +15,14 @@ Relative paths are resolved against the directory of the TOML file.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import DEFAULT_PREFIX

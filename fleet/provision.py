@@ -130,9 +130,9 @@ def _toml_str(s: str) -> str:
 def render_agent_toml(config: FleetConfig, device_id: str, *, username: str, password_file: str,
                       trusted_key: str, broker_host: str | None = None, broker_port: int | None = None) -> str:
     """The agent's documented template with this device's identity, broker and pinned key filled in."""
-    import tomllib
-
     from edge_agent.config import TEMPLATE, parse_config
+
+    from .config import tomllib
 
     text = TEMPLATE.format(device_id=device_id, state_dir="./edgeloop-state", trusted_key=trusted_key)
     b = config.broker
