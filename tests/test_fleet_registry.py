@@ -167,3 +167,21 @@ def test_rollouts_state_and_targets(registry: Registry) -> None:
     assert registry.status().active_rollouts == 1
     with pytest.raises(RolloutError):
         registry.update_rollout("r1", status="exploded")
+
+
+def test_fleet_toml_round_trip_and_errors_name_the_key(tmp_path: Path) -> None:
+    from edge_agent.errors import ConfigError
+    from fleet.config import default_config, load_config, render_config
+
+    cfg = default_config(tmp_path / "data")
+    p = tmp_path / "fleet.toml"
+    p.write_text(render_config(cfg))
+    back = load_config(p)
+    assert back.rollout == cfg.rollout and back.broker == cfg.broker and back.data_dir == tmp_path / "data"
+    for text, key in (("[broker]\nport = 70000\n", "broker.port"), ("[rollout]\nmax_failure = 0.1\n",
+                                                                     "rollout.max_failure"),
+                      ("[rollout]\nwaves = [0.5, 0.25]\n", "rollout.waves"), ("[nope]\n", "nope")):
+        p.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(p)
+        assert err.value.context["key"] == key and key in str(err.value)
