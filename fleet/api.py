@@ -36,7 +36,7 @@ from .registry import Registry
 __all__ = ["create_app", "ApiServer"]
 
 
-def create_app(config: FleetConfig, registry: Registry) -> Any:
+def create_app(config: FleetConfig, registry: Registry, *, ctx: Any = None) -> Any:
     """The FastAPI application over ``registry``."""
     app = FastAPI(title="edgeloop fleet", version="1", description="Fleet registry and bundle server.")
     token = config.api.token
@@ -115,16 +115,20 @@ def create_app(config: FleetConfig, registry: Registry) -> Any:
         return FileResponse(path, media_type="application/zip", filename=f"{name}-{version}.elb",
                             headers={"ETag": f'"{rec.sha256}"', "X-Bundle-SHA256": rec.sha256 or ""})
 
+    if config.dashboard.enabled:
+        from fleet.dashboard import mount_dashboard
+
+        mount_dashboard(app, ctx if ctx is not None else registry, config)
     return app
 
 
 class ApiServer:
     """uvicorn in a background thread; ``port`` is the bound port (``[api].port = 0``: any free one)."""
 
-    def __init__(self, config: FleetConfig, registry: Registry) -> None:
+    def __init__(self, config: FleetConfig, registry: Registry, *, ctx: Any = None) -> None:
         import uvicorn
 
-        self._config = uvicorn.Config(create_app(config, registry), host=config.api.host, port=config.api.port,
+        self._config = uvicorn.Config(create_app(config, registry, ctx=ctx), host=config.api.host, port=config.api.port,
                                       log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None

@@ -159,7 +159,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     registry = _registry(cfg)
     ingest = IngestService(cfg, registry)
     ingest.start()
-    api = ApiServer(cfg, registry).start() if cfg.api.enabled else None
+    # One context for the API (and its dashboard) and the workers, so dashboard actions
+    # drive the same rollout driver the workers run.
+    ctx = SimpleNamespace(config=cfg, registry=registry, client=ingest.client, ingest=ingest,
+                          store=ingest.store, worker=None, api_base_url=None)
+    api = ApiServer(cfg, registry, ctx=ctx).start() if cfg.api.enabled else None
+    ctx.api_base_url = cfg.api.public_url or (api.url if api else None)
     workers = None
     if not args.no_workers:
         try:
@@ -167,9 +172,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except ImportError:
             log.info("fleet.worker not installed: no retraining / rollout workers")
         else:
-            ctx = SimpleNamespace(config=cfg, registry=registry, client=ingest.client, ingest=ingest,
-                                  api_base_url=cfg.api.public_url or (api.url if api else None))
             workers = start_workers(ctx)
+            ctx.worker = workers
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -26,6 +26,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from edge_agent.errors import ConfigError
 from edge_agent.protocol import DEFAULT_PREFIX
+from fleet.dashboard.config import DashboardConfig
 
 __all__ = [
     "BrokerConfig",
@@ -205,6 +206,7 @@ class FleetConfig:
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -246,7 +248,7 @@ class FleetConfig:
 
 _SECTIONS: dict[str, type] = {
     "broker": BrokerConfig, "database": DatabaseConfig, "api": ApiConfig, "ingest": IngestConfig,
-    "trigger": TriggerConfig, "gate": GateConfig, "rollout": RolloutConfig,
+    "trigger": TriggerConfig, "gate": GateConfig, "rollout": RolloutConfig, "dashboard": DashboardConfig,
 }
 _TOP_KEYS = ("data_dir", "prefix", "model_name", "signing_key")
 
@@ -328,6 +330,8 @@ def render_config(cfg: FleetConfig) -> str:
         section = getattr(cfg, name)
         for f in dataclasses.fields(section):
             v = getattr(section, f.name)
+            if isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0]):
+                continue  # arrays of tables ([[dashboard.users]]) are written by hand
             if v is not None:
                 lines.append(f"{f.name} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"
