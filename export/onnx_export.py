@@ -45,8 +45,20 @@ def EmbeddingHead(model: Any) -> Any:  # noqa: N802 - a module factory reads lik
     """Wrap ``model`` so ``forward(x)`` returns ``(logits, embedding)`` (or logits only).
 
     A model without ``forward_with_embedding`` (bring-your-own) exports logits only.
+    The wrapped model is a copy with its dropout layers replaced by identities: they do
+    nothing at inference, but PT2E quantization gives a dropout's output its own
+    quantizer, which breaks the TFLite converter when the embedding feeds both the head
+    and a graph output (measured: "type of return operand 1 doesn't match").
     """
+    import copy
+
     import torch
+
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.modules.dropout._DropoutNd):
+                setattr(parent, child_name, torch.nn.Identity())
 
     class _Head(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:

@@ -1,0 +1,258 @@
+"""``export_run``: a training run in, a signed bundle and an export report out.
+
+Every candidate variant is converted, evaluated in the device runtime on the test
+split and gated against the FP32 ONNX accuracy; only variants within the budget go
+into the bundle, and the report says why each of the others was left out.  The fleet
+manager calls this for retraining, so it is a plain Python API; ``edgeloop export`` is
+a thin wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import ConfigError, EdgeloopError, ExportError
+from edge_agent.manifest import InputSpec, Lineage, Manifest, OutputSpec, Variant
+from edge_agent.signing import PrivateKey
+
+from .calibration import CalibrationConfig, select_samples
+from .gate import GateResult, check_variant, gate_static_int8
+from .measure import latency_ms, run_model
+from .onnx_export import INPUT_NAME, export_onnx, torch_outputs
+from .pack import baseline_npz, default_version, load_signing_key, pack_bundle, reference_npz, utc_now
+from .quantize import convert_fp16, preprocess_for_quantization, quantize_dynamic_int8
+from .report import ExportReport, VariantReport
+
+__all__ = ["export_run", "FORMATS", "ONNX_PRECISIONS", "DEFAULT_ONNX_PRECISIONS", "REFERENCE_INPUTS"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tflite")
+ONNX_PRECISIONS = ("fp32", "int8-static", "int8-dynamic", "fp16")
+DEFAULT_ONNX_PRECISIONS = ("fp32", "int8-static")
+REFERENCE_INPUTS = 8
+Progress = Callable[[str], None]
+
+
+def _bundle_path(out: str | os.PathLike[str] | None, run_dir: Path, name: str, version: str) -> Path:
+    filename = f"{name}-{version}.elb"
+    if out is None:
+        return run_dir / filename
+    p = Path(out)
+    return p / filename if p.is_dir() or str(out).endswith(os.sep) else p
+
+
+def _default_name(params: dict[str, Any]) -> str:
+    """``<dataset>-<model>``, e.g. ``digits-tiny-cnn``."""
+    model = params.get("model", "model")
+    model = model.get("name", "model") if isinstance(model, dict) else model
+    return f"{Path(str(params.get('dataset', 'data'))).name}-{model}"
+
+
+def _variant_report(gate: GateResult, fmt: str, precision: str, seconds: float, *, diff: float | None = None,
+                    options: dict[str, Any] | None = None) -> VariantReport:
+    return VariantReport(id=gate.variant_id, format=fmt, precision=precision, kept=gate.passed, reason=gate.reason,
+                         accuracy=gate.accuracy, drop_pp=gate.drop_pp, float_nodes=gate.float_nodes,
+                         options={**(options or {}), **gate.options}, max_abs_diff=diff, seconds=round(seconds, 3),
+                         attempts=tuple(dataclasses.asdict(a) for a in gate.attempts), file=gate.path)
+
+
+def _failed(vid: str, fmt: str, precision: str, exc: EdgeloopError, seconds: float) -> VariantReport:
+    log.warning("variant %s failed: %s", vid, exc)
+    return VariantReport(id=vid, format=fmt, precision=precision, kept=False, reason=f"conversion failed: {exc}",
+                         seconds=round(seconds, 3))
+
+
+def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
+               max_drop: float = 0.5, formats: Sequence[str] = FORMATS,
+               onnx_precisions: Sequence[str] = DEFAULT_ONNX_PRECISIONS,
+               calibration: CalibrationConfig = CalibrationConfig(),
+               sign_key: str | os.PathLike[str] | PrivateKey | None = None, version: str | None = None,
+               parent_version: str | None = None, name: str | None = None,
+               workdir: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> ExportReport:
+    """Export a training run to a bundle of gated variants and return the report.
+
+    ``formats``: ``onnx`` and/or ``tflite`` (TFLite needs ``edgeloop[tflite-export]``).
+    ``onnx_precisions``: any of :data:`ONNX_PRECISIONS` (FP32 is always built: it is the
+    reference).  ``max_drop``: largest accuracy drop, percentage points, a variant may
+    have.  ``workdir``: keep intermediate files there (default: a temporary directory).
+    """
+    from train.api import load_run
+    from train.evaluate import evaluate_logits
+
+    t_start = time.perf_counter()
+    say = progress or (lambda msg: log.info("%s", msg))
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS] + [p for p in onnx_precisions if p not in ONNX_PRECISIONS]
+    if bad or not formats:
+        raise ConfigError(f"unknown export format/precision {bad or formats}",
+                          hint=f"formats: {', '.join(FORMATS)}; ONNX precisions: {', '.join(ONNX_PRECISIONS)}")
+    if not 0.0 <= max_drop <= 100.0:
+        raise ConfigError(f"max_drop must be in [0, 100] percentage points, got {max_drop}", key="max_drop")
+    signing_key = load_signing_key(sign_key)
+    if "tflite" in formats:
+        from .tflite_export import require_litert_torch
+
+        require_litert_torch()  # fail before minutes of work, naming the extra
+
+    run = load_run(run_dir)
+    x_tr, y_tr = run.arrays("train")
+    x_va, y_va = run.arrays("val")
+    x_te, y_te = run.arrays("test")
+    name = name or _default_name(run.params)
+    version = version or default_version()
+    tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="edgeloop-export-")
+    work = Path(workdir) if workdir is not None else Path(tmp.name)  # type: ignore[union-attr]
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        reports: list[VariantReport] = []
+        x_ref = x_te[:REFERENCE_INPUTS]
+        torch_ref = torch_outputs(run.model, x_ref)[0]
+
+        say("ONNX FP32: export and compare with PyTorch")
+        t0 = time.perf_counter()
+        onnx32 = export_onnx(run.model, work / "onnx-fp32.onnx", x_tr[:1], check_inputs=x_te[:64])
+        fp32_out = run_model(onnx32.path, x_te)
+        fp32_gate = check_variant("onnx-fp32", onnx32.path, x_te, y_te,
+                                  float(np.mean(np.argmax(fp32_out.logits, 1) == y_te)), max_drop=max_drop)
+        reference = float(fp32_gate.accuracy or 0.0)
+        torch_logits, _ = torch_outputs(run.model, x_te)
+        torch_acc = float(np.mean(np.argmax(torch_logits, 1) == y_te))
+        reports.append(_variant_report(fp32_gate, "onnx", "fp32", time.perf_counter() - t0, diff=onnx32.max_abs_diff,
+                                       options={"opset": onnx32.opset, "nodes": onnx32.nodes_after}))
+        calib = select_samples(x_tr, y_tr, calibration.samples, seed=calibration.seed)
+        calibration = dataclasses.replace(calibration, samples=len(calib))
+
+        if "onnx" in formats:
+            reports += _onnx_variants(onnx32.path, work, onnx_precisions, calib, calibration, (x_va, y_va),
+                                      (x_te, y_te), reference, max_drop, say)
+        else:
+            reports[0] = dataclasses.replace(reports[0], kept=False, reason="onnx not in formats (reference only)")
+        if "tflite" in formats:
+            reports += _tflite_variants(run.model, work, x_tr[:1], calib, x_ref, torch_ref,
+                                        (x_te, y_te), reference, max_drop, say)
+
+        kept = [r for r in reports if r.kept]
+        if not kept:
+            raise ExportError("no variant passed the accuracy gate", hint="raise --max-drop or retrain",
+                              run=str(run_dir))
+        say("measuring batch-1 latency and building the health-check reference")
+        variant_logits: dict[str, np.ndarray] = {}
+        final: list[VariantReport] = []
+        for r in reports:
+            if r.kept and r.file is not None:
+                variant_logits[r.id] = run_model(r.file, x_ref).logits
+                diff = r.max_abs_diff
+                if diff is None:  # quantized variants: how far they move from PyTorch's logits
+                    diff = float(np.max(np.abs(variant_logits[r.id] - torch_ref)))
+                r = dataclasses.replace(r, size_bytes=r.file.stat().st_size, latency_ms=latency_ms(r.file, x_ref),
+                                        max_abs_diff=diff)
+            final.append(r)
+        ref_bytes = reference_npz(x_ref, fp32_out.logits[:REFERENCE_INPUTS], variant_logits,
+                                  {r.id: r.precision.startswith("int8") for r in final})
+        say("drift baseline from the validation split")
+        val_out = run_model(onnx32.path, x_va)
+        base_bytes = baseline_npz(x_va, val_out.logits, val_out.embedding,
+                                  class_counts=np.bincount(y_tr, minlength=len(run.labels)).astype(np.float64))
+
+        variants = tuple(Variant(id=r.id, format=r.format, precision=r.precision, file=f"models/{r.id}.{r.format}",
+                                 test_accuracy=r.accuracy, accuracy_drop=r.drop_pp, latency_ms=r.latency_ms,
+                                 float_nodes=r.float_nodes, options=r.options) for r in final if r.kept)
+        pre = run.preprocessing
+        manifest = Manifest(
+            name=name, version=version, created=utc_now(), labels=tuple(run.labels),
+            input=InputSpec(INPUT_NAME, (-1, pre.channels, *pre.size)),
+            outputs=OutputSpec(embedding="embedding" if onnx32.embedding_dim else None,
+                               embedding_dim=onnx32.embedding_dim),
+            preprocessing=pre, variants=variants, reference_accuracy=reference, accuracy_budget=max_drop,
+            baseline="baseline.npz" if base_bytes is not None else None,
+            metrics={"test_accuracy": reference, "torch_test_accuracy": torch_acc, "test_samples": int(len(y_te)),
+                     "onnx_max_abs_diff": onnx32.max_abs_diff},
+            lineage=Lineage(run_id=run.run_id, data_hash=run.data_hash, params=dict(run.params),
+                            parent_version=parent_version, dataset=str(run.params.get("dataset"))))
+        report = ExportReport(bundle=_bundle_path(out, Path(run_dir), name, version), name=name, version=version,
+                              run_id=run.run_id, reference_accuracy=reference, torch_accuracy=torch_acc,
+                              max_drop=max_drop, variants=tuple(final),
+                              signed_by=None if signing_key is None else signing_key.key_id,
+                              seconds=0.0, onnx_max_abs_diff=onnx32.max_abs_diff,
+                              calibration=dataclasses.asdict(calibration), test_samples=int(len(y_te)))
+        metrics = {"report": report.to_dict(),
+                   "evaluation": evaluate_logits(fp32_out.logits, y_te, run.labels).to_dict(),
+                   "training": run.metrics}
+        say(f"writing {report.bundle}")
+        pack_bundle(report.bundle, manifest, {f"models/{r.id}.{r.format}": r.file for r in final if r.kept and r.file},
+                    reference=ref_bytes, baseline=base_bytes, metrics=metrics, signing_key=signing_key)
+        return dataclasses.replace(report, seconds=round(time.perf_counter() - t_start, 2))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _onnx_variants(fp32: Path, work: Path, precisions: Sequence[str], calib: np.ndarray,
+                   calibration: CalibrationConfig, val: tuple[np.ndarray, np.ndarray],
+                   test: tuple[np.ndarray, np.ndarray], reference: float, max_drop: float,
+                   say: Progress) -> list[VariantReport]:
+    out: list[VariantReport] = []
+    pre = fp32
+    if any(p.startswith("int8") for p in precisions):
+        pre = preprocess_for_quantization(fp32, work / "onnx-pre.onnx")
+    if "int8-static" in precisions:
+        say(f"ONNX INT8 static: calibrate on {len(calib)} training images ({calibration.method}), gate")
+        t0 = time.perf_counter()
+        try:
+            gate = gate_static_int8(pre, work / "int8-static", calib, test, reference, max_drop=max_drop,
+                                    calibration=calibration, select=val)
+            if gate.passed and gate.path is not None:
+                final = work / "onnx-int8-static.onnx"
+                shutil.copyfile(gate.path, final)
+                gate = dataclasses.replace(gate, path=final)
+            out.append(_variant_report(gate, "onnx", "int8-static", time.perf_counter() - t0))
+        except EdgeloopError as exc:
+            out.append(_failed("onnx-int8-static", "onnx", "int8-static", exc, time.perf_counter() - t0))
+    simple = {"int8-dynamic": (quantize_dynamic_int8, {"ops": ["MatMul", "Gemm"], "weight_type": "int8"}),
+              "fp16": (convert_fp16, {"io": "float32"})}
+    for precision, (convert, options) in simple.items():
+        if precision not in precisions:
+            continue
+        say(f"ONNX {precision}: convert, gate")
+        vid, t0 = f"onnx-{precision}", time.perf_counter()
+        try:
+            path = convert(pre if precision.startswith("int8") else fp32, work / f"{vid}.onnx")
+            gate = check_variant(vid, path, *test, reference, max_drop=max_drop, options=options)
+            out.append(_variant_report(gate, "onnx", precision, time.perf_counter() - t0))
+        except EdgeloopError as exc:
+            out.append(_failed(vid, "onnx", precision, exc, time.perf_counter() - t0))
+    return out
+
+
+def _tflite_variants(model: Any, work: Path, sample: np.ndarray, calib: np.ndarray, x_ref: np.ndarray,
+                     torch_ref: np.ndarray, test: tuple[np.ndarray, np.ndarray], reference: float, max_drop: float,
+                     say: Progress) -> list[VariantReport]:
+    from .tflite_export import export_tflite_fp32, export_tflite_int8
+
+    out: list[VariantReport] = []
+    jobs: list[tuple[str, Callable[[], Any]]] = [
+        ("fp32", lambda: export_tflite_fp32(model, work / "tflite-fp32.tflite", sample)),
+        ("int8", lambda: export_tflite_int8(model, work / "tflite-int8.tflite", sample, calib)),
+    ]
+    for precision, job in jobs:
+        vid, t0 = f"tflite-{precision}", time.perf_counter()
+        say(f"TFLite {precision.upper()}: convert with litert-torch, run in LiteRT, gate")
+        try:
+            res = job()
+            diff = float(np.max(np.abs(run_model(res.path, x_ref).logits - torch_ref)))
+            gate = check_variant(vid, res.path, *test, reference, max_drop=max_drop, options=res.options)
+            out.append(_variant_report(gate, "tflite", precision, time.perf_counter() - t0, diff=diff))
+        except EdgeloopError as exc:
+            out.append(_failed(vid, "tflite", precision, exc, time.perf_counter() - t0))
+    return out
