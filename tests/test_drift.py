@@ -279,7 +279,10 @@ def test_sample_scores_rank_outliers(baseline: Baseline) -> None:
     rng = np.random.default_rng(15)
     mon = DriftMonitor(baseline)
     normal = mon.score_samples(_synthetic(rng, 200)[2])
-    far = mon.score_samples(_synthetic(rng, 50, shift=3.0)[2])
+    far_data = _synthetic(rng, 50, shift=3.0)
+    far = mon.score_samples(far_data[2])
+    mon.update(*far_data)
+    np.testing.assert_allclose(mon.last_sample_scores, far)
     assert 0.7 < np.median(normal) < 1.3
     assert np.mean(normal > baseline.sample_score_q99) < 0.05
     assert np.all(far > baseline.sample_score_q99)
@@ -289,3 +292,15 @@ def test_drift_modules_import_neither_torch_nor_scipy() -> None:
     code = ("import sys, edge_agent.drift, edge_agent.sampling; "
             "bad = [m for m in ('torch', 'scipy') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_calibration_kernel_shortcut_matches_direct_computation(baseline: Baseline) -> None:
+    from edge_agent import drift_baseline as dbm
+
+    rng = np.random.default_rng(16)
+    f = dbm._features(baseline, *_synthetic(rng, 40))
+    idx = rng.integers(0, 40, size=(6, WINDOW))
+    kernel = np.exp(-baseline.gamma * st.sq_distances(f.emb, f.emb))
+    groups = baseline.class_groups[0]
+    np.testing.assert_allclose(dbm._window_stats(baseline, f, idx, groups, kernel=kernel),
+                               dbm._window_stats(baseline, f, idx, groups), rtol=1e-9, atol=1e-12)
