@@ -223,6 +223,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 split["shifts"][sh.name] = entry
         result["splits"].append(split)
         print(f"split {s}: eval acc {acc:.3f}, baseline {base_s:.1f}s", file=sys.stderr)
+        if args.out:  # partial results survive an interrupted run
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".partial.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
 
