@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -229,9 +230,11 @@ def test_eval_bundle_through_the_edge_runtime(digits_loaded: LoadedRun, tmp_path
             return self.m.forward_with_embedding(x)
 
     onnx_path = tmp_path / "m.onnx"
-    torch.onnx.export(WithEmbedding().eval(), (torch.zeros(1, 1, 32, 32),), str(onnx_path), dynamo=False,
-                      input_names=["input"], output_names=["logits", "embedding"],
-                      dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}, "embedding": {0: "n"}})
+    with warnings.catch_warnings():  # the legacy exporter is deprecated, and quick: fine for a test bundle
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(WithEmbedding().eval(), (torch.zeros(1, 1, 32, 32),), str(onnx_path), dynamo=False,
+                          input_names=["input"], output_names=["logits", "embedding"],
+                          dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}, "embedding": {0: "n"}})
     manifest = Manifest(
         name="digits", version="1.0.0", created="2026-01-01T00:00:00Z", labels=run.labels,
         input=InputSpec("input", (-1, 1, 32, 32)), outputs=OutputSpec(embedding_dim=64),
