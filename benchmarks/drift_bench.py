@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch.save(model.state_dict(), cache)
     train_s = time.perf_counter() - t0
     windows = args.windows
-    hys = {"1of1,off2": Hysteresis(1, 1, 2), "2of3,off3": Hysteresis(2, 3, 3)}
+    hys = {f"{k}of{m},off{j}": Hysteresis(k, m, j) for k, m, j in args.hysteresis}
     result: dict[str, Any] = {"splits": [], "n_train": len(train_idx), "n_ref": N_REF, "n_cal": N_CAL,
                               "n_eval": n_held - N_REF - N_CAL, "windows": list(windows),
                               "train_seconds": round(train_s, 1)}
@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=30, help="delay trials per cell (default 30)")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap windows for calibration (default 2000)")
     ap.add_argument("--cost-reps", type=int, default=200)
+    ap.add_argument("--hysteresis", type=lambda t: tuple(tuple(int(v) for v in h.split(",")) for h in t.split(";")),
+                    default=((1, 1, 2),), help="on_k,on_m,off_j[;...] variants to compare (default 1,1,2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-cache", type=Path, default=Path.home() / ".cache" / "edgeloop",
                     help="reuse the trained model from this folder (same seed = same split and weights)")
