@@ -41,6 +41,7 @@ class FitParams:
     patience: int = 8
     augment: bool = True
     warmup_epochs: float = 1.0
+    precise_bn: bool = False  # re-estimate BatchNorm statistics on the train set before each validation
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,27 @@ def predict(model: EdgeModel, x: Tensor | np.ndarray, batch_size: int = 256) -> 
     return np.concatenate(logits), np.concatenate(embs)
 
 
+@torch.no_grad()
+def _recalibrate_bn(model: EdgeModel, x: Tensor, batch_size: int) -> None:
+    """Replace BatchNorm running statistics with exact averages over ``x`` ("precise BN").
+
+    torchvision's MobileNetV3 trained from scratch on a few hundred steps has running
+    statistics that lag its fast-moving weights so badly that the eval-mode model predicts
+    one class (measured: 10% val accuracy while train-mode accuracy was 77%).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size])
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+
+
 def _val_metrics(model: EdgeModel, x: Tensor, y: Tensor) -> tuple[float, float]:
     logits, _ = predict(model, x)
     lt = torch.from_numpy(logits)
@@ -197,6 +219,8 @@ def fit(model: EdgeModel, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val
                 tot_loss += float(loss.detach()) * len(yb)
                 tot_correct += int((logits.detach().argmax(1) == yb).sum())
                 seen += len(yb)
+            if params.precise_bn:
+                _recalibrate_bn(model, x_train, max(params.batch_size, 64))
             val_loss, val_acc = _val_metrics(model, x_val, y_val)
             stats = EpochStats(epoch, tot_loss / seen, tot_correct / seen, val_loss, val_acc,
                                opt.param_groups[0]["lr"], time.perf_counter() - t0)

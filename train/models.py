@@ -166,7 +166,14 @@ _BUILDERS: dict[str, Callable[[ModelArgs], EdgeModel]] = {
 
 def build_model(args: ModelArgs) -> EdgeModel:
     """A freshly initialised model (never downloads weights)."""
-    return _BUILDERS[args.name](args)
+    model = _BUILDERS[args.name](args)
+    # torchvision's MobileNetV3 uses BatchNorm momentum 0.01, tuned for ImageNet's many steps;
+    # on a small dataset (~20 steps an epoch) the running statistics never catch up and the
+    # eval-mode model predicts one class.  Torch's default 0.1 trains fine and changes no weights.
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+    return model
 
 
 def default_image_size(name: str) -> int:

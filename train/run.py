@@ -240,7 +240,8 @@ def build(prep: Prepared, *, width: float | None = None, dropout: float | None =
 def fit_params(config: TrainConfig) -> FitParams:
     return FitParams(epochs=int(config.epochs or 1), lr=config.lr, weight_decay=config.weight_decay,
                      batch_size=config.batch_size, seed=config.seed, patience=config.patience,
-                     augment=config.augment, warmup_epochs=config.warmup_epochs)
+                     augment=config.augment, warmup_epochs=config.warmup_epochs,
+                     precise_bn=config.model not in (None, "tiny-cnn"))
 
 
 # ---------------------------------------------------------------------------- the run
