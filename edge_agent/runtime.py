@@ -38,6 +38,7 @@ class Backend:
     """A loaded model.  ``input_shape`` has -1 for a dynamic batch dimension."""
 
     name: str = "backend"
+    input_name: str = ""
     input_shape: tuple[int, ...] = ()
     path: Path
 
@@ -101,8 +102,8 @@ class OnnxBackend(Backend):
             raise RuntimeBackendError(f"ONNX Runtime cannot load {path.name}: {exc}",
                                       hint="re-export the model or check the bundle", path=str(path)) from exc
         inp = self._session.get_inputs()[0]
-        self._input_name = inp.name
-        self.input_dtype = inp.type
+        self._input_name = self.input_name = inp.name
+        self.input_dtype = inp.type  # e.g. "tensor(float)"
         self.input_shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in inp.shape)
         names = [o.name for o in self._session.get_outputs()]
         self._logits = "logits" if "logits" in names else names[0]
@@ -143,6 +144,8 @@ class LiteRTBackend(Backend):
             raise RuntimeBackendError(f"{self.name} cannot load {path.name}: {exc}",
                                       hint="re-export the model or check the bundle", path=str(path)) from exc
         self._in = self._interp.get_input_details()[0]
+        self.input_name = str(self._in["name"])
+        self.input_dtype = np.dtype(self._in["dtype"]).name  # "float32", or "int8"/"uint8" when quantized
         sig = self._in.get("shape_signature", self._in["shape"])
         self._dynamic_batch = int(sig[0]) == -1
         self.input_shape = (-1 if self._dynamic_batch else int(self._in["shape"][0]),) + tuple(

@@ -159,7 +159,7 @@ def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tup
             return _accepted(variant_id, out, att, settings, calibration, tried, gains)
     best = max(tried, key=lambda a: a.accuracy)
     return GateResult(variant_id, None, best.accuracy, best.drop_pp, False,
-                      f"no static INT8 recipe within {max_drop} pp: tried {', '.join(a.settings for a in attempts)} "
+                      f"no static INT8 recipe within {max_drop} pp: tried {', '.join(s.name for s in attempts)} "
                       f"and up to {min(max_float_layers, len(ranked))} float layers; best drop {best.drop_pp:.2f} pp",
                       attempts=tuple(tried), sensitivity=gains)
 
