@@ -117,8 +117,8 @@ class FleetWorker:
             return None
         decision = decide(self.policy, snap)
         last = self.last_decision
-        if last is None or (last.retrain, last.trigger, last.reason.split(":")[0]) != \
-                (decision.retrain, decision.trigger, decision.reason.split(":")[0]):
+        if last is None or (last.retrain, last.trigger, len(last.alarmed_devices)) != \
+                (decision.retrain, decision.trigger, len(decision.alarmed_devices)):
             log.info("retrain trigger: %s", decision.reason)
         self.last_decision = decision
         if decision.retrain:

@@ -46,7 +46,7 @@ class DemoConfig:
     broker: str = "auto"  # "auto" | "mosquitto" | "amqtt"
     seed: int = 0
     fps: float = 25.0  # images per second per camera
-    label_fraction: float = 0.6
+    label_fraction: float = 0.8
     shift: CameraShift = DEMO_SHIFT
     timeout_s: float = 900.0
     threads: int = 2  # torch threads for training
@@ -67,10 +67,10 @@ class DemoConfig:
     def settings(self) -> dict[str, Any]:
         q = self.quick
         return {
-            "image_size": 32, "epochs": 6 if q else 15, "fine_tune_epochs": 5 if q else 8,
+            "image_size": 32, "epochs": 6 if q else 15, "fine_tune_epochs": 8 if q else 10, "fine_tune_lr": 2e-3,
             "onnx_precisions": ("fp32",) if q else ("fp32", "int8-static"),
             "drift_window": 50, "telemetry_s": 1.0, "soak_s": 4.0 if q else 10.0,
-            "min_labels": 150 if q else 300, "check_interval_s": 1.0,
+            "min_labels": 600 if q else 1000, "check_interval_s": 1.0,
         }
 
 
@@ -175,7 +175,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             alarm_persist_s=0.0, min_labels_for_drift=s["min_labels"],
             # the label-count trigger stays out of the story: baseline samples are labelled too
             min_labelled_samples=1_000_000,
-            cooldown_s=3600.0, fine_tune_epochs=s["fine_tune_epochs"],
+            cooldown_s=3600.0, fine_tune_epochs=s["fine_tune_epochs"], fine_tune_lr=s["fine_tune_lr"],
             gate=GatePolicy(holdout_fraction=0.3, min_improvement=0.05, max_original_drop=0.01, min_holdout=20))
         plan = RolloutPlan(canary=1 / cfg.devices, waves=(0.5, 1.0), soak_s=s["soak_s"], max_failures=0.05,
                            job_timeout_s=120.0)
