@@ -200,7 +200,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         acc = float(np.mean(e_data[1].argmax(1) == labels[ev]))
         t0 = time.perf_counter()
         prior = np.bincount(labels[train_idx], minlength=10) / len(train_idx)
-        bl = compute_baseline(*r_data, *c_data, window=windows, class_prior=prior, n_boot=args.n_boot, seed=s)
+        bl = compute_baseline(*r_data, *c_data, window=windows, class_prior=prior, n_boot=args.n_boot, seed=s,
+                              alarm_rate=args.alarm_rate)
         base_s = time.perf_counter() - t0
         split: dict[str, Any] = {"split": s, "eval_accuracy": acc, "baseline_seconds": round(base_s, 2),
                                  "baseline_bytes": len(bl.to_bytes()), "null": {}, "shifts": {}, "cost_ms": {}}
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=30, help="delay trials per cell (default 30)")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap windows for calibration (default 2000)")
     ap.add_argument("--cost-reps", type=int, default=200)
+    ap.add_argument("--alarm-rate", type=float, default=0.01, help="compute_baseline's target alarm rate")
     ap.add_argument("--hysteresis", type=lambda t: tuple(tuple(int(v) for v in h.split(",")) for h in t.split(";")),
                     default=((1, 1, 2),), help="on_k,on_m,off_j[;...] variants to compare (default 1,1,2)")
     ap.add_argument("--seed", type=int, default=0)
