@@ -157,6 +157,9 @@ class FleetSnapshot:
     labelled_since_model: int
     last_job_at: float | None = None  # start of the previous retraining job
     job_running: bool = False
+    # labelled samples from the alarmed devices captured since their alarm went on (None: use
+    # labelled_since_model); what a drift trigger has to learn the new conditions from
+    labelled_during_alarm: int | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,8 @@ def decide(cfg: RetrainPolicyConfig, snap: FleetSnapshot) -> Decision:
     if snap.last_job_at is not None and snap.now - snap.last_job_at < cfg.cooldown_s:
         left = cfg.cooldown_s - (snap.now - snap.last_job_at)
         return Decision(False, f"cool-down: {left:.0f} s left", **base)
-    if len(alarmed) >= cfg.alarm_devices and snap.labelled_since_model >= cfg.min_labels_for_drift:
+    drift_labels = snap.labelled_since_model if snap.labelled_during_alarm is None else snap.labelled_during_alarm
+    if len(alarmed) >= cfg.alarm_devices and drift_labels >= cfg.min_labels_for_drift:
         return Decision(True, f"drift alarm persists on {len(alarmed)} devices (>= {cfg.alarm_devices})",
                         trigger="drift", **base)
     if snap.labelled_since_model >= cfg.min_labelled_samples:
@@ -210,7 +214,7 @@ def decide(cfg: RetrainPolicyConfig, snap: FleetSnapshot) -> Decision:
                         trigger="labels", **base)
     if len(alarmed) >= cfg.alarm_devices:
         return Decision(False, f"drift alarm persists on {len(alarmed)} devices but only "
-                               f"{snap.labelled_since_model}/{cfg.min_labels_for_drift} labelled samples", **base)
+                               f"{drift_labels}/{cfg.min_labels_for_drift} labelled samples from them", **base)
     return Decision(False, f"{len(alarmed)}/{cfg.alarm_devices} devices persistently alarmed, "
                            f"{snap.labelled_since_model}/{cfg.min_labelled_samples} labelled samples", **base)
 

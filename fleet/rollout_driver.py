@@ -278,7 +278,7 @@ class RolloutDriver:
             return self._bundle_url(model)
         if self.api_base_url is None:
             raise RolloutError("no fleet API URL to deliver bundles over HTTP", hint="set [api] or use mqtt delivery")
-        return f"{self.api_base_url}/bundles/{model.name}/{model.version}"
+        return f"{self.api_base_url}/bundles/{model.name}/{model.version}.elb"
 
     def _send(self, state: rm.RolloutState, actions: Sequence[rm.Action]) -> None:
         for a in actions:

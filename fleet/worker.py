@@ -93,8 +93,18 @@ class FleetWorker:
             if r.model_version in (None, model.version):
                 reports.setdefault(r.device_id, []).append(DriftPoint(r.ts, r.alarm))
         labelled = self.registry.count_samples(labelled=True, since=model.created)
+        during = 0
+        for dev, pts in reports.items():
+            if pts and pts[-1].alarm:
+                start = pts[-1].ts
+                for p in reversed(pts):  # the start of the current unbroken alarm
+                    if not p.alarm:
+                        break
+                    start = p.ts
+                during += self.registry.count_samples(labelled=True, device_ids=[dev], since=start)
         return FleetSnapshot(now=now, reports=reports, labelled_since_model=labelled,
-                             last_job_at=self._last_job_at(), job_running=self.job_running)
+                             last_job_at=self._last_job_at(), job_running=self.job_running,
+                             labelled_during_alarm=during)
 
     def _last_job_at(self) -> float | None:
         """Start of the newest retraining job: in memory, else from the registry (survives restarts)."""

@@ -95,3 +95,12 @@ def test_policy_from_fleet_config() -> None:
     pol = policy_from_fleet_config(cfg)
     assert pol.min_labelled_samples == cfg.trigger.labelled_samples
     assert pol.gate.min_improvement == cfg.gate.min_improvement
+
+
+def test_drift_trigger_counts_labels_from_the_alarmed_devices_when_given() -> None:
+    reports = {"a": series(True, True, True), "b": series(True, True, True)}
+    snap = FleetSnapshot(now=30.0, reports=reports, labelled_since_model=100, labelled_during_alarm=5)
+    d = decide(CFG, snap)
+    assert not d.retrain and "5/20" in d.reason
+    assert decide(CFG, FleetSnapshot(now=30.0, reports=reports, labelled_since_model=0,
+                                     labelled_during_alarm=20)).retrain

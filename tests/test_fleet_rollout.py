@@ -224,7 +224,7 @@ def test_driver_restart_mid_rollout_resumes_from_the_database(tmp_path) -> None:
     drv = RolloutDriver(reg, pub, api_base_url="http://fleet:8080", clock=clock)
     s = drv.start("m", "2", plan, rollout_id="r-restart")
     cmds = pub.take()
-    assert [c.job_id for c in cmds] == ["r-restart-w0-cam0"] and cmds[0].url == "http://fleet:8080/bundles/m/2"
+    assert [c.job_id for c in cmds] == ["r-restart-w0-cam0"] and cmds[0].url == "http://fleet:8080/bundles/m/2.elb"
     _answer(reg, cmds, t=clock.t)
     clock.t += 1
     s = drv.tick_one("r-restart")
