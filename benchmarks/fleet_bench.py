@@ -68,6 +68,37 @@ class FleetBenchConfig:
             raise ValueError("delivery must be http or mqtt")
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class CpuMeter:
+    """CPU seconds spent by the fleet (this process), the device swarms and the broker over a phase."""
+
+    def __init__(self, swarms: list[SwarmHandle], broker: Broker) -> None:
+        self.swarms, self.broker = swarms, broker
+        self.t0, self.start = time.monotonic(), self._now()
+
+    def _now(self) -> dict[str, float]:
+        b = self.broker.proc.pid if self.broker.proc is not None else 0
+        return {"fleet": _cpu_s(os.getpid()), "devices": sum(_cpu_s(s.proc.pid) for s in self.swarms),
+                "broker": _cpu_s(b) if b else 0.0}
+
+    def result(self) -> dict[str, float]:
+        """CPU seconds per side and, as ``*_cores``, the average cores each kept busy."""
+        wall = max(1e-9, time.monotonic() - self.t0)
+        end = self._now()
+        out = {k: round(max(0.0, end[k] - self.start[k]), 2) for k in end}  # the broker's counter resets on restart
+        out.update({f"{k}_cores": round(v / wall, 2) for k, v in list(out.items())})
+        return out
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -156,6 +187,7 @@ class BenchFleet:
                                     bundle_url=self._bundle_url if fix_bundle_url else None)
         self._wake, self._stop = threading.Event(), threading.Event()
         self.tick_errors = 0
+        self.tick_s: list[float] = []  # how long each driver tick took (the rollout engine's own cost)
         self._ticker = threading.Thread(target=self._tick_loop, name="bench-rollout-ticker", daemon=True)
         self._ticker.start()
 
@@ -184,10 +216,14 @@ class BenchFleet:
 
     def _tick_loop(self) -> None:
         while not self._stop.is_set():
+            t = time.perf_counter()
             try:
-                self.driver.tick()
+                active = self.driver.tick()
             except Exception:  # noqa: BLE001 - a failing tick is retried, and counted
                 self.tick_errors += 1
+                active = [None]
+            if active:
+                self.tick_s.append(time.perf_counter() - t)
             self._wake.wait(0.5)
             self._wake.clear()
 
@@ -272,6 +308,10 @@ def _wait(cond: Any, timeout: float, poll: float = 0.25) -> bool:
     return bool(cond())
 
 
+def _median(v: list[float]) -> float | None:
+    return sorted(v)[len(v) // 2] if v else None
+
+
 def _acked_ids(stats: dict[str, Any]) -> set[tuple[str, int]]:
     return {(d, q) for d, seqs in stats["acked_drift"].items() for q in seqs}
 
@@ -313,9 +353,11 @@ def measure_registry_writes(registry: Any, devices: int, *, batches: int = 10, b
             "decode_us_per_msg": decode_us, "load_avg": _load()}
 
 
-def ingestion_phase(fleet: BenchFleet, swarms: list[SwarmHandle], rate: float, seconds: float) -> dict[str, Any]:
+def ingestion_phase(fleet: BenchFleet, swarms: list[SwarmHandle], rate: float, seconds: float,
+                    broker: Broker) -> dict[str, Any]:
     """Offer ``rate`` reports/s for ``seconds``; measure what the fleet commits and how late."""
     load0 = _load()
+    cpu = CpuMeter(swarms, broker)
     before = _swarm_stats(swarms)["counters"]["acked"]
     fleet.take_measurements()
     t0 = time.time()
@@ -338,7 +380,7 @@ def ingestion_phase(fleet: BenchFleet, swarms: list[SwarmHandle], rate: float, s
             "committed_in_window_per_s": in_window / seconds, "committed": total,
             "drain_s": max(0.0, last_commit - t_end), "overall_per_s": total / max(1e-9, last_commit - t0),
             "idle_after_s": round(t_drained - t_end, 2), "drained": drained,
-            "latency_ms": asdict(lat_stats) if lat_stats else None, "load_avg": [load0, _load()]}
+            "latency_ms": asdict(lat_stats) if lat_stats else None, "cpu": cpu.result(), "load_avg": [load0, _load()]}
 
 
 def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, version: str, cfg: FleetBenchConfig,
@@ -349,6 +391,7 @@ def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, ve
 
     load0 = _load()
     n = cfg.devices
+    cpu = CpuMeter(swarms, broker) if broker is not None else None
     fleet.registry.register_model(bundle, trusted_key=load_public_key(bundle.with_name("bench.pub")),
                                   status="accepted")
     plan = RolloutPlan(canary=0.1, waves=(0.25, 0.5, 1.0), soak_s=0.0, max_failures=0.05,
@@ -362,6 +405,7 @@ def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, ve
     offline: list[str] = []
     rng = random.Random(cfg.seed)
     t0 = time.time()
+    fleet.tick_s.clear()
     state = fleet.driver.start(MODEL, version, plan)
     rid = state.rollout_id
     if faults:
@@ -407,6 +451,9 @@ def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, ve
             "mqtt_wire_bytes": sysbytes.total() - bytes0,
             "corrupted_transfers": len(fleet.publisher.corrupted),
             "corrupt_detected": st["counters"]["corrupt_detected"] - st0["counters"]["corrupt_detected"],
+            "ticks": len(fleet.tick_s), "tick_s_median": _median(fleet.tick_s), "tick_s_max": max(fleet.tick_s, default=0.0),
+            "tick_s_total": round(sum(fleet.tick_s), 2),
+            "cpu": cpu.result() if cpu is not None else None,
             "timeline": waves, "faults": events,
             "failures": [f"{d.device_id}: {d.status} {d.detail}"[:300] for d in state.devices
                          if d.status not in ("updated", "pending")][:5], "load_avg": [load0, _load()]}
@@ -453,7 +500,7 @@ def run_fleet_bench(cfg: FleetBenchConfig, workdir: Path, *, say: Any = print) -
         result["ingestion"] = []
         for rate in cfg.rates:
             say(f"ingestion at {rate:g} reports/s offered ...")
-            result["ingestion"].append(ingestion_phase(fleet, swarms, rate, cfg.phase_s))
+            result["ingestion"].append(ingestion_phase(fleet, swarms, rate, cfg.phase_s, broker))
         result["ingestion_loss"] = loss_check(fleet, swarms)
         result["rollouts"] = []
         sizes = cfg.bundle_mb[:1] if cfg.faults else cfg.bundle_mb
@@ -465,6 +512,7 @@ def run_fleet_bench(cfg: FleetBenchConfig, workdir: Path, *, say: Any = print) -
                 f"{' under faults' if cfg.faults else ''} ...")
             result["rollouts"].append(rollout_phase(fleet, swarms, bundle, version, cfg, sysb, broker=broker,
                                                     faults=cfg.faults))
+            say(f"  {result['rollouts'][-1]['status']} in {result['rollouts'][-1]['seconds']:.1f} s")
         result["final_loss"] = loss_check(fleet, swarms)
         result["fleet_tick_errors"] = fleet.tick_errors
         result["ingest_stats"] = asdict(fleet.ingest.stats)
@@ -491,6 +539,12 @@ def _f(v: Any, nd: int = 1) -> str:
     return "–" if v is None else (f"{v:,.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def _cores(cpu: dict[str, float] | None) -> str:
+    if not cpu:
+        return "–"
+    return f"{cpu['fleet_cores']:.2f} / {cpu['devices_cores']:.2f} / {cpu['broker_cores']:.2f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """Tables of one fleet benchmark result."""
     lines = [f"### Fleet benchmark: {result['config']['devices']} devices, {result['db']}"
@@ -503,25 +557,27 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if result.get("ingestion"):
         lines += ["| offered/s | published/s | committed in window/s | overall/s | drain s | p50 ms | p99 ms "
-                  "| load avg (start → end) |", "|---|---|---|---|---|---|---|---|"]
+                  "| cores busy: fleet / devices / broker | load avg (start → end) |", "|---|---|---|---|---|---|---|---|---|"]
         for p in result["ingestion"]:
             lat = p.get("latency_ms") or {}
             lines.append(f"| {p['offered_per_s']:,.0f} | {p['published_per_s']:,.0f} | {p['committed_in_window_per_s']:,.0f} "
                          f"| {p['overall_per_s']:,.0f} | {_f(p['drain_s'], 2)} | {_f(lat.get('p50_ms'))} "
-                         f"| {_f(lat.get('p99_ms'))} | {p['load_avg'][0][0]} → {p['load_avg'][1][0]} |")
+                         f"| {_f(lat.get('p99_ms'))} | {_cores(p.get('cpu'))} | {p['load_avg'][0][0]} → {p['load_avg'][1][0]} |")
         loss = result.get("ingestion_loss", {})
         lines += ["", f"Loss over the ingestion phases: {loss.get('lost')} of {loss.get('acked')} acknowledged "
                       f"reports ({loss.get('ingested_unique')} unique rows).", ""]
     if result.get("rollouts"):
         lines += ["| bundle MB | status | seconds | updated | failed | convergence | bricked | HTTP MB | MQTT wire MB "
-                  "| corrupted / detected | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| corrupted / detected | cores busy: fleet / devices / broker | driver ticks (total s) | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["rollouts"]:
             c = r["counts"]
             failed = sum(v for k, v in c.items() if k in ("failed", "timed_out", "unhealthy", "rollback_failed"))
             lines.append(f"| {r['bundle_bytes'] / 1e6:.2f} | {r['status']} | {r['seconds']:.1f} | {c.get('updated', 0)} "
                          f"| {failed} | {r['convergence_pct']:.1f} % | {r['bricked']} "
                          f"| {r['http_payload_bytes'] / 1e6:,.0f} | {r['mqtt_wire_bytes'] / 1e6:,.0f} "
-                         f"| {r['corrupted_transfers']} / {r['corrupt_detected']} | {r['load_avg'][0][0]} → "
+                         f"| {r['corrupted_transfers']} / {r['corrupt_detected']} | {_cores(r.get('cpu'))} "
+                         f"| {r.get('ticks')} ({r.get('tick_s_total')}) | {r['load_avg'][0][0]} → "
                          f"{r['load_avg'][1][0]} |")
         for r in result["rollouts"]:
             stages = "; ".join(f"{e['t']:.1f} s {e['kind']}" for e in r["timeline"] if e["kind"] != "created")

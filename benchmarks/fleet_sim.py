@@ -57,7 +57,7 @@ from edge_agent.protocol import (
     decode,
 )
 
-__all__ = ["Broker", "free_port", "make_sized_bundle", "SwarmSpec", "SwarmHandle", "run_swarm", "device_ids"]
+__all__ = ["Broker", "find_mosquitto_binary", "free_port", "make_sized_bundle", "SwarmSpec", "SwarmHandle", "run_swarm", "device_ids"]
 
 HOST = "127.0.0.1"
 _SESSION_EXPIRY_S = 3600
@@ -68,6 +68,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def find_mosquitto_binary() -> str | None:
+    """Path of the mosquitto binary, or None."""
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else shutil.which("mosquitto")
 
 
 def device_ids(n: int, offset: int = 0) -> list[str]:
@@ -83,8 +88,7 @@ class Broker:
     """
 
     def __init__(self, workdir: Path, *, binary: str | None = None) -> None:
-        self.binary = binary or ("/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK)
-                                 else shutil.which("mosquitto"))
+        self.binary = binary or find_mosquitto_binary()
         if not self.binary:
             raise EdgeloopError("no mosquitto binary", hint="apt-get install -y mosquitto")
         self.workdir = Path(workdir)
