@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-import numpy as np
 
+import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from edge_agent.errors import ConfigError
 
-__all__ = ["CALIBRATION_METHODS", "CalibrationConfig", "select_samples", "ImageCalibrationReader"]
+__all__ = ["CALIBRATION_METHODS", "CalibrationConfig", "DEFAULT_CALIBRATION", "select_samples", "ImageCalibrationReader"]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
@@ -41,6 +41,10 @@ class CalibrationConfig:
         if not 90.0 <= self.percentile <= 100.0:
             raise ConfigError(f"calibration.percentile must be in [90, 100], got {self.percentile}",
                               key="calibration.percentile")
+
+
+#: The frozen default (200 images, minmax), shared as a module-level singleton.
+DEFAULT_CALIBRATION = CalibrationConfig()
 
 
 def select_samples(x: np.ndarray, y: np.ndarray | None, n: int, *, seed: int = 0) -> np.ndarray:

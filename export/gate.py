@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import CalibrationConfig
+from .calibration import DEFAULT_CALIBRATION, CalibrationConfig
 from .measure import accuracy, percentage_points
 from .quantize import QUANTIZABLE_OPS, STATIC_ATTEMPTS, StaticSettings, quantize_static_int8
 
@@ -113,7 +113,7 @@ def _try(pre_path: Path, out: Path, calib: np.ndarray, settings: StaticSettings,
 
 
 def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tuple[np.ndarray, np.ndarray],
-                     reference: float, *, max_drop: float = 0.5, calibration: CalibrationConfig = CalibrationConfig(),
+                     reference: float, *, max_drop: float = 0.5, calibration: CalibrationConfig = DEFAULT_CALIBRATION,
                      select: tuple[np.ndarray, np.ndarray] | None = None,
                      attempts: tuple[StaticSettings, ...] = STATIC_ATTEMPTS, max_float_layers: int = 8,
                      variant_id: str = "onnx-int8-static") -> GateResult:

@@ -25,7 +25,7 @@ from edge_agent.errors import ConfigError, EdgeloopError, ExportError
 from edge_agent.manifest import InputSpec, Lineage, Manifest, OutputSpec, Variant
 from edge_agent.signing import PrivateKey
 
-from .calibration import CalibrationConfig, select_samples
+from .calibration import DEFAULT_CALIBRATION, CalibrationConfig, select_samples
 from .gate import GateResult, check_variant, gate_static_int8
 from .measure import latency_ms, run_model
 from .onnx_export import INPUT_NAME, export_onnx, torch_outputs
@@ -76,7 +76,7 @@ def _failed(vid: str, fmt: str, precision: str, exc: EdgeloopError, seconds: flo
 def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
                max_drop: float = 0.5, formats: Sequence[str] = FORMATS,
                onnx_precisions: Sequence[str] = DEFAULT_ONNX_PRECISIONS,
-               calibration: CalibrationConfig = CalibrationConfig(),
+               calibration: CalibrationConfig = DEFAULT_CALIBRATION,
                sign_key: str | os.PathLike[str] | PrivateKey | None = None, version: str | None = None,
                parent_version: str | None = None, name: str | None = None,
                workdir: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> ExportReport:

@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_agent.errors import ConfigError, QuantizationError
 
-from .calibration import CalibrationConfig, ImageCalibrationReader
+from .calibration import DEFAULT_CALIBRATION, CalibrationConfig, ImageCalibrationReader
 
 __all__ = [
     "StaticSettings",
@@ -107,7 +107,7 @@ def _method(config: CalibrationConfig) -> tuple[Any, dict[str, Any]]:
 
 
 def quantize_static_int8(pre_path: Path, out_path: Path, calib_images: np.ndarray, settings: StaticSettings, *,
-                         calibration: CalibrationConfig = CalibrationConfig(), nodes_to_exclude: tuple[str, ...] = (),
+                         calibration: CalibrationConfig = DEFAULT_CALIBRATION, nodes_to_exclude: tuple[str, ...] = (),
                          cache_path: Path | None = None, input_name: str = "input") -> Path:
     """Static QDQ INT8 of a pre-processed model (see :func:`preprocess_for_quantization`).
 

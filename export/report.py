@@ -86,7 +86,7 @@ class ExportReport:
                          "-" if v.latency_ms is None else f"{v.latency_ms:.3f}",
                          str(len(v.float_nodes)), v.reason])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         head = (f"{self.name} {self.version} -> {self.bundle} ({'signed ' + self.signed_by if self.signed_by else 'unsigned'})\n"
                 f"reference (ONNX FP32) test accuracy {100 * self.reference_accuracy:.2f}% on {self.test_samples} "
                 f"images, budget {self.max_drop} pp, {self.seconds:.1f} s")

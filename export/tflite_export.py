@@ -112,6 +112,9 @@ def export_tflite_int8(model: Any, path: str | Path, sample: np.ndarray, calib_i
             for i in range(len(calib_images)):  # batch 1: the exported graph has a fixed batch of 1
                 prepared(torch.from_numpy(np.ascontiguousarray(calib_images[i:i + 1], dtype=np.float32)))
         converted = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
+        # The ops are in eval form now, but the graph module's flag stays True (exported
+        # modules refuse .eval()); litert-torch reads the flag and would warn.
+        converted.training = False
     except Exception as exc:
         raise QuantizationError(f"PT2E INT8 quantization failed: {exc}".splitlines()[0], path=str(path)) from exc
     _convert(converted, sample, path, quant_config=QuantConfig(pt2e_quantizer=quantizer))
