@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print B/A ratios cell by cell")
     p.add_argument("--zoo", nargs="?", const="mobilenet_v3_small,mobilenet_v2,resnet18", default=None, metavar="MODELS",
                    help="torchvision models at 224x224 (random weights): FP32 vs naive INT8 vs the INT8 speed plan")
+    p.add_argument("--agent-overhead", nargs="+", type=Path, default=None, metavar="BUNDLE",
+                   help="the agent's full path vs a bare InferenceSession.run on the same input")
+    p.add_argument("--fleet", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+                   help="fleet scale/fault benchmark; the rest of the line goes to python -m benchmarks.fleet_bench")
     add_json_flag(p)
     p.set_defaults(func=_bench)
 
@@ -50,6 +54,15 @@ def _bench(args: argparse.Namespace) -> int:
             raise BenchmarkError("the two results have no cell in common", hint="compare results of the same bundle")
         emit(args, ratios, lambda: print(compare_table(ratios)))
         return 0
+    if args.fleet is not None:
+        from .fleet_bench import main as fleet_main
+
+        return int(fleet_main(list(args.fleet) + (["--json"] if args.json else [])) or 0)
+    if args.agent_overhead:
+        from .agent_overhead import main as overhead_main
+
+        argv = [*map(str, args.agent_overhead), "--out", str(args.out)] + (["--json"] if args.json else [])
+        return int(overhead_main(argv) or 0)
     if args.zoo is not None:
         from .zoo import run_zoo, summary_table
 
