@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=30, help="delay trials per cell (default 30)")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap windows for calibration (default 2000)")
     ap.add_argument("--cost-reps", type=int, default=200)
-    ap.add_argument("--alarm-rate", type=float, default=0.01, help="compute_baseline's target alarm rate")
+    ap.add_argument("--alarm-rate", type=float, default=0.005, help="compute_baseline's target alarm rate")
     ap.add_argument("--hysteresis", type=lambda t: tuple(tuple(int(v) for v in h.split(",")) for h in t.split(";")),
                     default=((1, 1, 2),), help="on_k,on_m,off_j[;...] variants to compare (default 1,1,2)")
     ap.add_argument("--seed", type=int, default=0)
