@@ -152,6 +152,8 @@ def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tup
     exclude: tuple[str, ...] = ()
     for k, layer in enumerate(ranked[:max_float_layers], start=1):
         exclude = tuple(dict.fromkeys(exclude + units[layer]))
+        if set(units) <= set(exclude):  # nothing left in INT8: that is the FP32 model, not a variant
+            break
         out = workdir / f"int8-float{k}.onnx"
         att = _try(pre_path, out, calib, settings, exclude, calibration, cache, test, reference, max_drop)
         tried.append(att)
