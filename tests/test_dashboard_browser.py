@@ -166,7 +166,8 @@ class Fleet:
             create_app = None
         port = free_port()
         self.cfg = default_config(tmp / "fleet-data", prefix=prefix, broker=BrokerConfig(port=broker_port),
-                                  api=ApiConfig(port=port))
+                                  api=ApiConfig(port=port),
+                                  dashboard=DashboardConfig(operator_token=TOKEN, refresh_s=0.5))
         self.registry = Registry.open(self.cfg.database_url)
         self.ingest = IngestService(self.cfg, self.registry, client_id="fleet-ingest-e2e")
         self.ingest.start()
@@ -192,8 +193,11 @@ class Fleet:
                                         created=now - 20)
         self.ctx = type("ServeContext", (), {})()
         self.ctx.config, self.ctx.registry, self.ctx.driver = self.cfg, self.registry, self.driver
-        app = create_app(self.cfg, self.registry) if create_app is not None else FastAPI()
-        mount_dashboard(app, self.ctx, DashboardConfig(operator_token=TOKEN, refresh_s=0.5))
+        if create_app is not None:  # `fleet serve`'s app, which mounts the dashboard from [dashboard]
+            app = create_app(self.cfg, self.registry, ctx=self.ctx)
+        else:
+            app = FastAPI()
+            mount_dashboard(app, self.ctx, self.cfg.dashboard)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                                     access_log=False, lifespan="off"))
         self._stop = threading.Event()
