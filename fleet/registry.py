@@ -344,10 +344,15 @@ class Registry:
 
     def latest_job_steps(self, job_ids: Sequence[str]) -> dict[tuple[str, str], JobRecord]:
         """``(job_id, device_id) -> latest JobRecord`` (by arrival) for each job."""
-        out: dict[tuple[str, str], JobRecord] = {}
-        for rec in self.job_statuses(job_ids=job_ids):
-            out[(rec.job_id, rec.device_id)] = rec
-        return out
+        if not job_ids:
+            return {}
+        # Only the newest row per (job, device), chosen in SQL: the rollout driver asks this
+        # every tick for every open job, and each job has ~10 step rows.
+        newest = (select(func.max(JobRow.id)).where(JobRow.job_id.in_(list(job_ids)))
+                  .group_by(JobRow.job_id, JobRow.device_id))
+        with self._sessions() as s:
+            rows = s.scalars(select(JobRow).where(JobRow.id.in_(newest)))
+            return {(r.job_id, r.device_id): _rec(JobRecord, r) for r in rows}
 
     def _series(self, table: Any, cls: type[R], device_ids: Sequence[str] | None, since: float | None,
                 until: float | None, limit: int | None) -> list[R]:

@@ -196,11 +196,16 @@ class RolloutDriver:
     def _save(self, new: rm.RolloutState, old: rm.RolloutState) -> None:
         self.registry.update_rollout(new.rollout_id, status=REGISTRY_STATUS[new.status], reason=new.reason or None,
                                      state=new.to_dict(), merge_state=False)
+        # One transaction per (status, detail) group, not per device: a wave of 1,000 devices
+        # changing state in one tick was 1,000 commits (~10 s on PostgreSQL, measured).
         before = {d.device_id: d for d in old.devices}
+        groups: dict[tuple[str, str], dict[str, str | None]] = {}
         for d in new.devices:
             if before.get(d.device_id) != d:
-                self.registry.update_targets(new.rollout_id, [d.device_id], status=_TARGET_STATUS[d.status],
-                                             job_id=d.job_id, detail=d.detail or d.status)
+                groups.setdefault((_TARGET_STATUS[d.status], d.detail or d.status), {})[d.device_id] = d.job_id
+        for (status, detail), jobs in groups.items():
+            self.registry.update_targets(new.rollout_id, list(jobs), status=status, detail=detail,
+                                         job_ids={k: v for k, v in jobs.items() if v is not None})
         for e in new.events[len(old.events):]:
             log.info("rollout %s: %s %s", new.rollout_id, e.kind, e.detail)
 

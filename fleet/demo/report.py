@@ -60,6 +60,7 @@ class DemoResult:
     drift: list[DriftPoint] = field(default_factory=list)
     retrain: dict[str, Any] = field(default_factory=dict)
     rollout: dict[str, Any] = field(default_factory=dict)
+    dashboard_url: str | None = None  # live while the demo ran
     settings: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -159,6 +160,9 @@ def write_report(result: DemoResult, out: Path) -> Path:
         f"{len(result.devices)} simulated cameras ({sum(g == 'shifted' for g in result.devices.values())} shifted), "
         f"broker: {result.broker}, total {result.seconds:.0f} s.",
         "",
+        *([f"Fleet dashboard while the demo ran: <{result.dashboard_url}> (log in with the operator token "
+           "printed in the timeline).", ""]
+          if result.dashboard_url else []),
         "## Accuracy per phase",
         "",
         "| phase | clean cameras | shifted cameras | predictions |",

@@ -15,11 +15,13 @@ measures the original accuracy on.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -116,7 +118,9 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
     from edge_agent.protocol import TopicScheme
     from edge_agent.signing import load_public_key, save_keypair
     from export.pipeline import export_run
-    from fleet.config import BrokerConfig, default_config
+    from fleet.api import ApiServer
+    from fleet.config import ApiConfig, BrokerConfig, default_config
+    from fleet.dashboard import DashboardConfig
     from fleet.ingest import IngestService, connect_client
     from fleet.policy import GatePolicy, RetrainPolicyConfig
     from fleet.registry import Registry
@@ -141,12 +145,15 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             observations.append(o)
 
     cleanup: list[Callable[[], None]] = []
+    dashboard_url: str | None = None
     try:
         broker = start_broker(cfg.broker, out / "broker")
         cleanup.append(broker.stop)
         tl("broker", f"broker: {broker.kind} on {broker.host}:{broker.port} (MQTT {broker.protocol})")
+        token = secrets.token_urlsafe(12)
         fcfg = default_config(out / "fleet", model_name=MODEL_NAME,
-                              broker=BrokerConfig(host=broker.host, port=broker.port, protocol=broker.protocol))
+                              broker=BrokerConfig(host=broker.host, port=broker.port, protocol=broker.protocol),
+                              api=ApiConfig(port=0), dashboard=DashboardConfig(operator_token=token, refresh_s=2.0))
         keys = save_keypair(fcfg.keys_dir / "fleet", overwrite=True)
         pub = load_public_key(keys.public)
 
@@ -207,6 +214,13 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
         worker = FleetWorker(registry, driver, settings, plan=plan, model_name=MODEL_NAME, tick_s=0.5,
                              on_event=on_event)
         ingest.add_hook(worker.on_messages)
+        # The fleet's HTTP API with the dashboard, on the same context as the workers.
+        serve_ctx = SimpleNamespace(config=fcfg, registry=registry, client=client, ingest=ingest,
+                                    store=ingest.store, worker=worker, driver=driver)
+        api = ApiServer(fcfg, registry, ctx=serve_ctx).start()
+        cleanup.append(api.stop)
+        dashboard_url = f"{api.url}/dashboard/"
+        tl("dashboard", f"fleet dashboard: {dashboard_url} (operator token {token})")
 
         # ---------------------------------------------------------------- the cameras
         truth = Truth()
@@ -219,6 +233,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             acfg = agent_config(name, out / "devices" / name, host=broker.host, port=broker.port,
                                 protocol=broker.protocol, trusted_key=keys.public, prefix=fcfg.prefix,
                                 drift_window=s["drift_window"], telemetry_s=s["telemetry_s"])
+            registry.upsert_device(name, tags={"group": groups[name]})  # the drift page groups by it
             agent = Agent(acfg)
             agent.install(report.bundle)  # provisioned with v1 at the factory
             agent.start(connect=True, serve_http=False)
@@ -268,7 +283,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             c.set_phase("end")
         tl("end", "measurements done")
         return _finish(cfg, out, tl, broker.kind, registry, groups, cameras, observations, obs_lock, flags,
-                       rollout_state, labeller.sent)
+                       rollout_state, labeller.sent, dashboard_url)
     finally:
         stop.set()
         for fn in reversed(cleanup):
@@ -292,7 +307,7 @@ def _accuracy(observations: list[Observation]) -> tuple[dict[str, dict[str, floa
 
 def _finish(cfg: DemoConfig, out: Path, tl: _Timeline, broker: str, registry: Any, groups: dict[str, str],
             cameras: list[Any], observations: list[Observation], obs_lock: threading.Lock, flags: _Flags,
-            rollout_state: Any, labels_sent: int) -> DemoResult:
+            rollout_state: Any, labels_sent: int, dashboard_url: str | None) -> DemoResult:
     with obs_lock:
         obs = list(observations)
     acc, cnt = _accuracy(obs)
@@ -333,7 +348,7 @@ def _finish(cfg: DemoConfig, out: Path, tl: _Timeline, broker: str, registry: An
     tl("closed" if closed else "not_closed", f"loop {'closed' if closed else 'NOT closed'}: {reason}")
     result = DemoResult(closed=closed, reason=reason, devices=groups, broker=broker, seconds=tl.now(), accuracy=acc,
                         counts=cnt, versions=versions, events=list(tl.events), observations=obs, drift=drift,
-                        retrain=retrain, rollout=rollout,
+                        retrain=retrain, rollout=rollout, dashboard_url=dashboard_url,
                         settings={**cfg.settings, "devices": cfg.devices, "shifted": cfg.n_shifted, "fps": cfg.fps,
                                   "label_fraction": cfg.label_fraction, "labels_sent": labels_sent,
                                   "shift": cfg.shift, "quick": cfg.quick, "seed": cfg.seed})
