@@ -43,8 +43,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=stream, flush=True)
 
-    if getattr(args, "verbose", 0) == 0:  # amqtt logs every connection at INFO/WARNING
-        for name in ("amqtt", "transitions"):
+    # amqtt logs every connection at INFO/WARNING, and six agents each warn on every drift
+    # alarm change: the timeline already tells that story.  -v brings them back.
+    if getattr(args, "verbose", 0) == 0:
+        for name in ("amqtt", "transitions", "edge_agent"):
             logging.getLogger(name).setLevel(logging.ERROR)
     result = run_demo(cfg, say=say)
     emit(args, result.summary(), human=lambda: print(f"report: {out / 'report.md'}"))
