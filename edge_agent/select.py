@@ -46,7 +46,7 @@ def within_budget(manifest: Manifest, variant: Variant) -> bool:
     return drop <= manifest.accuracy_budget + 1e-9
 
 
-def measure_latency(model_path: Path, variant: Variant, x1: np.ndarray, *, threads: int = 1, runs: int = 30,
+def measure_latency(model_path: Path, variant: Variant | None, x1: np.ndarray, *, threads: int = 1, runs: int = 30,
                     warmup: int = 5) -> float:
     """Median wall time (ms) of batch-1 inference on this device."""
     backend = open_model(model_path, variant, threads=threads)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +34,11 @@ def percentage_points(reference: float, value: float) -> float:
 
 
 def latency_ms(path: Path, sample: np.ndarray, *, threads: int = 1, warmup: int = 5, repeats: int = 30) -> float:
-    """Median batch-1 latency in milliseconds, one thread (how the device runs it)."""
-    backend = open_model(path, threads=threads)
+    """Median batch-1 latency in milliseconds, one thread (how the device runs it).
+
+    The same measurement the agent makes when it picks a variant (``edge_agent.select``).
+    """
+    from edge_agent.select import measure_latency
+
     x = np.ascontiguousarray(sample[:1], dtype=np.float32)
-    try:
-        for _ in range(warmup):
-            backend.run(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            backend.run(x)
-            times.append(time.perf_counter() - t0)
-    finally:
-        backend.close()
-    return round(float(np.median(times)) * 1000.0, 4)
+    return round(measure_latency(path, None, x, threads=threads, runs=repeats, warmup=warmup), 4)

@@ -70,10 +70,6 @@ def reference_npz(x: np.ndarray, fp32_logits: np.ndarray, variant_logits: Mappin
     return _npz(arrays)
 
 
-# Window sizes calibrated into every bundle; a device's [drift].window picks the nearest.
-BASELINE_WINDOWS = (25, 50, 100)
-
-
 def baseline_npz(x_val: np.ndarray, logits: np.ndarray, embedding: np.ndarray | None, *,
                  class_counts: np.ndarray | None = None, seed: int = 0) -> bytes | None:
     """The drift baseline (``edge_agent.drift``), or None when the held-out set is too small.
@@ -89,7 +85,7 @@ def baseline_npz(x_val: np.ndarray, logits: np.ndarray, embedding: np.ndarray | 
     ref, cal = order[:half], order[half:]
     try:
         baseline = compute_baseline(x_val[ref], probs[ref], emb[ref], x_val[cal], probs[cal], emb[cal],
-                                    window=BASELINE_WINDOWS, class_prior=class_counts, seed=seed)
+                                    class_prior=class_counts, seed=seed)
     except DataError as exc:
         log.warning("no drift baseline: %s", exc)
         return None
