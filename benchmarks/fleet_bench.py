@@ -420,7 +420,7 @@ def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, ve
             break
         done = sum(1 for d in state.devices if d.status in ("updated", "failed", "timed_out"))
         if faults and broker is not None and not restarted and done >= 0.25 * n:
-            down = broker.restart(2.0)
+            down = broker.restart_for(2.0)
             restarted = True
             events.append({"t": round(time.time() - t0, 2), "event": f"broker restarted ({down:.1f} s down)"})
         if faults and not back and time.time() - t0 >= cfg.offline_s:

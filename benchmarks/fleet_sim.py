@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 import random
 import selectors
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -56,6 +54,7 @@ from edge_agent.protocol import (
     TopicScheme,
     decode,
 )
+from fleet.mosquitto import MosquittoBroker, find_mosquitto, free_port
 
 __all__ = ["Broker", "find_mosquitto_binary", "free_port", "make_sized_bundle", "SwarmSpec", "SwarmHandle", "run_swarm", "device_ids"]
 
@@ -63,16 +62,7 @@ HOST = "127.0.0.1"
 _SESSION_EXPIRY_S = 3600
 
 
-def free_port() -> int:
-    """A currently free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def find_mosquitto_binary() -> str | None:
-    """Path of the mosquitto binary, or None."""
-    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else shutil.which("mosquitto")
+find_mosquitto_binary = find_mosquitto
 
 
 def device_ids(n: int, offset: int = 0) -> list[str]:
@@ -80,60 +70,16 @@ def device_ids(n: int, offset: int = 0) -> list[str]:
 
 
 # --------------------------------------------------------------------------- broker
-class Broker:
-    """Mosquitto on 127.0.0.1 with persistence, ``$SYS`` every second, restartable on the same port.
-
-    (A launcher of our own rather than ``tests/broker.py``: benchmarks must not import the
-    test tree, and the benchmark needs persistence and ``sys_interval`` the helper does not set.)
-    """
+class Broker(MosquittoBroker):
+    """The project's Mosquitto launcher (``fleet.mosquitto``) set up for the fleet benchmark:
+    persistence (queued QoS 1 messages survive a restart), ``$SYS`` every second, deep queues."""
 
     def __init__(self, workdir: Path, *, binary: str | None = None) -> None:
-        self.binary = binary or find_mosquitto_binary()
-        if not self.binary:
-            raise EdgeloopError("no mosquitto binary", hint="apt-get install -y mosquitto")
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir, persistence=True, binary=binary, max_queued_messages=100_000,
+                         extra_conf=("autosave_interval 0", "sys_interval 1", "max_inflight_messages 100",
+                                     "persistent_client_expiration 1h"))
 
-    def _config(self) -> Path:
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text("\n".join([
-            f"listener {self.port} {HOST}", "allow_anonymous true",
-            "persistence true", f"persistence_location {self.workdir}/", "autosave_interval 0",
-            f"log_dest file {self.workdir / 'mosquitto.log'}", "log_type error", "log_type warning",
-            "sys_interval 1", "max_queued_messages 100000", "max_inflight_messages 100",
-            "persistent_client_expiration 1h", ""]))
-        return conf
-
-    def start(self, timeout: float = 10.0) -> Broker:
-        conf = self._config()
-        self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.02)  # nothing to wait on but the socket
-        raise EdgeloopError(f"mosquitto did not start on {HOST}:{self.port}",
-                            hint=f"see {self.workdir / 'mosquitto.log'}")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM: Mosquitto writes its persistence file (queued QoS 1 messages survive)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self, down_s: float = 2.0) -> float:
+    def restart_for(self, down_s: float = 2.0) -> float:
         """Stop, stay down ``down_s``, start on the same port; returns the seconds it was unreachable."""
         t0 = time.monotonic()
         self.stop()
@@ -151,7 +97,6 @@ def make_sized_bundle(out: Path, *, name: str, version: str, size_bytes: int, si
     the bundle is as large on the wire as on disk.
     """
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from edge_agent.bundle import write_bundle

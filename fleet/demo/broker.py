@@ -9,40 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import socket
-import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import BrokerError
+from fleet.mosquitto import MosquittoBroker, find_mosquitto, free_port
 
 __all__ = ["DemoBroker", "start_broker", "free_port"]
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, timeout: float, alive: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if alive is not None and not alive():
-            break
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)  # the broker is binding; nothing to wait on but the socket
-    raise BrokerError(f"the demo broker did not start listening on 127.0.0.1:{port}")
 
 
 @dataclass
@@ -62,29 +40,8 @@ class DemoBroker:
 
 
 def _start_mosquitto(binary: str, workdir: Path) -> DemoBroker:
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_inflight_messages 100\nmax_queued_messages 10000\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait_listening(port, 10.0, alive=lambda: proc.poll() is None)
-    except BrokerError:
-        proc.kill()
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        raise BrokerError(f"mosquitto failed to start: {err.strip()[-300:]}") from None
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-
-    return DemoBroker("mosquitto", "127.0.0.1", port, "5", stop)
+    broker = MosquittoBroker(workdir, binary=binary, extra_conf=("max_inflight_messages 100",)).start()
+    return DemoBroker("mosquitto", broker.host, broker.port, "5", broker.stop)
 
 
 def _start_amqtt() -> DemoBroker:
@@ -140,7 +97,7 @@ def _start_amqtt() -> DemoBroker:
 
 def start_broker(prefer: str = "auto", workdir: Path | None = None) -> DemoBroker:
     """Start a broker: ``prefer`` = "auto" (Mosquitto if installed), "mosquitto" or "amqtt"."""
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    binary = find_mosquitto()
     if prefer == "mosquitto" and binary is None:
         raise BrokerError("mosquitto is not installed", hint="apt-get install mosquitto, or use --broker amqtt")
     if prefer in ("auto", "mosquitto") and binary is not None:
