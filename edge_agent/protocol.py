@@ -22,6 +22,7 @@ Topic scheme (``{p}`` = ``TopicScheme.prefix``, default ``edgeloop/v1``)::
     {p}/devices/{device}/cmd/deploy   fleet -> device  DeployCommand
     {p}/devices/{device}/cmd/rollback fleet -> device  RollbackCommand
     {p}/devices/{device}/cmd/bundle   fleet -> device  Chunk frames of a bundle
+    {p}/devices/{device}/cmd/receipt  fleet -> device  Receipt: outbox ids the fleet has committed
     {p}/feedback                      operator -> fleet Feedback
 
 A device may publish only under ``{p}/devices/{its id}/`` (not ``cmd/``) and read only
@@ -68,7 +69,8 @@ __all__ = [
     "PRIORITY_CONTROL", "PRIORITY_REPORT", "PRIORITY_SAMPLES", "SAMPLES_KIND", "BUNDLE_KIND",
     "validate_device_id", "now", "TopicScheme", "Route", "route",
     "Message", "DeviceState", "Telemetry", "DriftReportMsg", "JobStatus", "Feedback",
-    "DeployCommand", "RollbackCommand", "BundleRequest", "decode", "decode_as",
+    "DeployCommand", "RollbackCommand", "BundleRequest", "Receipt", "RECEIPT_PROPERTY", "RECEIPT_KINDS",
+    "wants_receipt", "decode", "decode_as",
     # chunk framing (edge_agent.chunks)
     "CHUNK_MAGIC", "Frame", "Completed", "Dropped", "Reassembler", "split", "parse_frame", "is_frame",
     # the manifest is part of the protocol
@@ -91,7 +93,20 @@ _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # device -> fleet kinds, and fleet -> device command kinds
 DEVICE_KINDS = ("state", "telemetry", "drift", "samples", "jobs", "feedback", "bundle-req")
-COMMAND_KINDS = ("deploy", "rollback", "bundle")
+COMMAND_KINDS = ("deploy", "rollback", "bundle", "receipt")
+
+# End-to-end delivery (``docs/protocol.md``, "Receipts"): a device tags every publish of
+# these kinds with the MQTT 5 user property ``RECEIPT_PROPERTY`` = its outbox id (decimal),
+# and keeps the message after the broker's PUBACK until the fleet's ``Receipt`` names that
+# id.  Not ``state`` (retained, re-published on every connect) nor ``bundle-req`` (the
+# device asks again when chunks stop coming; a duplicate would resend the bundle).
+RECEIPT_PROPERTY = "oid"
+RECEIPT_KINDS = frozenset({"telemetry", "drift", "samples", "jobs", "feedback"})
+
+
+def wants_receipt(kind: str) -> bool:
+    """Whether a device keeps a message of this topic kind until the fleet's receipt."""
+    return kind in RECEIPT_KINDS
 
 
 def validate_device_id(device_id: str) -> str:
@@ -358,6 +373,21 @@ class BundleRequest(Message):
     version: str
     start: int = 0
     ts: float = field(default_factory=now)
+
+
+@dataclass(frozen=True)
+class Receipt(Message):
+    """The fleet has committed (or deliberately dropped as malformed) the device's outbox
+    messages with these ids; the device may forget them.  Sent QoS 0: a lost receipt only
+    makes the device send the messages again, and receivers dedupe."""
+
+    TYPE: ClassVar[str] = "receipt"
+    ids: tuple[int, ...]
+    ts: float = field(default_factory=now)
+
+    def _validate(self) -> None:
+        if any(type(i) is not int or i < 0 for i in self.ids):
+            raise ProtocolError("receipt ids must be non-negative integers")
 
 
 # --------------------------------------------------------------------------- routing
