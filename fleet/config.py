@@ -119,10 +119,14 @@ class IngestConfig:
     batch_max: int = 2000
     queue_max: int = 200_000  # messages held in memory before the subscriber applies back-pressure
     max_sample_bytes: int = 8 << 20
+    receipts: bool = True  # tell MQTT 5 devices which of their messages are committed (docs/protocol.md)
+    receipt_ms: int = 1000  # gather receipts for this long: one Receipt per device per interval
 
     def __post_init__(self) -> None:
         if not 1 <= self.flush_ms <= 60_000:
             raise _bad("ingest.flush_ms", self.flush_ms, "1-60000 ms")
+        if not 0 <= self.receipt_ms <= 60_000:
+            raise _bad("ingest.receipt_ms", self.receipt_ms, "0-60000 ms (0: after every batch)")
         if self.batch_max < 1:
             raise _bad("ingest.batch_max", self.batch_max, "at least 1")
         if self.queue_max < self.batch_max:

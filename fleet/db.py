@@ -7,21 +7,29 @@ the fleet writes waits instead of failing with "database is locked".
 
 PostgreSQL: ``postgresql+psycopg://user@host/db``; a ``search_path`` can be chosen
 with ``?options=-csearch_path%3Dmyschema`` (the tests use a schema per session).
+
+Schema changes are additive and applied on open (:func:`create_schema`): new tables,
+new nullable columns and new indexes.  A unique index that old duplicate rows prevent
+is reported, not fatal: ingestion then inserts into that table without deduplication.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateIndex
 
 from edge_agent.errors import ConfigError, FleetError
 
 __all__ = ["make_engine", "make_sessionmaker", "create_schema", "is_sqlite"]
+
+log = logging.getLogger(__name__)
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -72,12 +80,61 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet (idempotent)."""
+def create_schema(engine: Engine) -> frozenset[str]:
+    """Create what does not exist yet (idempotent): tables, nullable columns, indexes.
+
+    Returns the names of the tables in :data:`fleet.models.DEDUPE_KEYS` whose unique
+    index could not be created because the table already holds duplicates.
+    """
     from .models import Base
 
     try:
         Base.metadata.create_all(engine)
+        _add_columns(engine)
+        return _add_indexes(engine)
     except OperationalError as exc:
         raise FleetError(f"cannot open the fleet database: {exc.orig}",
                          hint="check [database].url and that the server is reachable") from exc
+
+
+def _add_columns(engine: Engine) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for nullable columns a database made by an older fleet lacks."""
+    from .models import Base
+
+    have = inspect(engine)
+    quote = engine.dialect.identifier_preparer.quote
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in have.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in present or not col.nullable or col.primary_key:
+                continue
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(col.name)} "
+                                     f"{col.type.compile(dialect=engine.dialect)}")
+            log.info("fleet database: added column %s.%s", table.name, col.name)
+
+
+def _add_indexes(engine: Engine) -> frozenset[str]:
+    """``CREATE [UNIQUE] INDEX IF NOT EXISTS`` for declared indexes a database lacks (create_all
+    only makes them with new tables).  Each in its own transaction: a failed one aborts nothing
+    else; ``IF NOT EXISTS`` because another fleet worker may be doing the same."""
+    from .models import DEDUPE_KEYS, Base
+
+    have = inspect(engine)
+    without: set[str] = set()
+    for table in Base.metadata.sorted_tables:
+        present = {ix["name"] for ix in have.get_indexes(table.name)}
+        for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+            if index.name in present:
+                continue
+            try:
+                with engine.begin() as conn:
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+            except IntegrityError as exc:
+                # Duplicates from before deduplication: keep working, without it for this table.
+                log.warning("fleet database: cannot create unique index %s on %s (%s); re-sent messages "
+                            "will be stored twice there until the duplicate rows are deleted",
+                            index.name, table.name, str(getattr(exc, "orig", exc)).splitlines()[0])
+                if table.name in DEDUPE_KEYS:
+                    without.add(table.name)
+    return frozenset(without)

@@ -16,6 +16,16 @@ A malformed message is logged and counted (``stats.malformed``), never fatal; a
 payload whose ``device_id`` differs from its topic's is refused (the ACL vouches for
 the topic, not the payload).  After each commit, registered hooks see the decoded
 messages (the rollout engine follows job statuses and bundle requests that way).
+
+Receipts (``docs/protocol.md``): an MQTT 5 device tags each message of the
+``RECEIPT_KINDS`` with its outbox id (user property ``oid``) and keeps it until the
+fleet names that id in a :class:`~edge_agent.protocol.Receipt` on ``cmd/receipt``.
+The writer collects the ids of a batch and hands them to the receipt queue only once
+the batch is **committed** (a failed write receipts nothing: the devices send again and
+the unique indexes drop what was stored twice); malformed messages are receipted too,
+since they will never be accepted.  A sample frame is receipted once its whole transfer
+is committed, or when the reassembler gives the transfer up.  Receipts go out QoS 0, one
+per device every ``ingest.receipt_ms``; a lost one only costs a re-send.
 """
 
 from __future__ import annotations
@@ -29,22 +39,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.chunks import Completed, Reassembler, is_frame, parse_frame
+from edge_agent.chunks import Completed, Dropped, Reassembler, is_frame, parse_frame
 from edge_agent.errors import EdgeloopError, ProtocolError
 from edge_agent.protocol import (
+    RECEIPT_KINDS,
+    RECEIPT_PROPERTY,
     BundleRequest,
     DeviceState,
     DriftReportMsg,
     Feedback,
     JobStatus,
     Message,
+    Receipt,
     Telemetry,
     TopicScheme,
     decode,
 )
 
 from .config import BrokerConfig, FleetConfig
-from .registry import IngestBatch, Registry
+from .registry import IngestBatch, Registry, SampleRecord
 from .samples import SampleStore, sample_record
 
 __all__ = ["IngestStats", "IngestService", "Hook", "connect_client"]
@@ -54,6 +67,27 @@ log = logging.getLogger(__name__)
 Hook = Callable[[list[Message]], None]
 
 _SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-req")
+
+# (device id, outbox id): one message a device waits to hear about
+Ack = tuple[str, int]
+
+# Receipts are QoS 0 JSON: ~8 bytes an id keeps one well under a 128 KiB broker limit.
+_RECEIPT_MAX_IDS = 4096
+# Ids waiting for one sample transfer to finish.  Beyond this a frame's id is not kept;
+# the device sends that frame again, and once the transfer is complete a late duplicate
+# is receipted at once, so the cap costs re-sends, never a sample.
+_MAX_IDS_PER_TRANSFER = 1024
+# Completed samples whose batch failed to commit are retried with the next batches
+# (their frames, sent again, would be late duplicates the reassembler ignores).
+_MAX_UNSAVED_SAMPLES = 256
+
+
+def _parse_oid(value: Any) -> int | None:
+    """The ``oid`` user property: a non-negative decimal integer, else None (no receipt)."""
+    if isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
 
 # topic kind -> the message class it must carry
 _KIND_TYPES: dict[str, type[Message]] = {
@@ -73,6 +107,8 @@ class IngestStats:
     db_errors: int = 0
     samples: int = 0
     dropped_transfers: int = 0
+    receipts: int = 0  # Receipt messages published
+    receipted: int = 0  # outbox ids they named
     last_error: str | None = None
 
 
@@ -93,7 +129,13 @@ class IngestService:
         self.reassembler = Reassembler(max_transfers=256, max_bytes=256 << 20, ttl_s=600.0,
                                        on_drop=self._on_drop)
         self._client_id = client_id or config.broker.client_id
-        self._pending: list[tuple[str, bytes, float]] = []
+        self._pending: list[tuple[str, bytes, float, int | None]] = []
+        # Receipt bookkeeping, touched by the writer thread only.
+        self._receipts: dict[str, set[int]] = {}  # device id -> ids ready to be receipted
+        self._last_receipts = time.monotonic()
+        self._transfer_ids: dict[str, list[Ack]] = {}  # open sample transfer -> its frames' ids
+        # completed sample transfer -> (record, frame ids) until a batch holding it commits
+        self._unsaved: dict[str, tuple[SampleRecord, list[Ack]]] = {}
         self._cond = threading.Condition()
         self._hooks: list[Hook] = []
         self._stop = threading.Event()
@@ -134,16 +176,23 @@ class IngestService:
         self.protocol = self._client.protocol_version
 
     def stop(self) -> None:
-        """Disconnect, write what is pending, stop the writer."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Write what is pending, send its receipts, disconnect, write what came meanwhile."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._writer is not None:
-            self._writer.join(timeout=30)
-            self._writer = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join(timeout=30)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if writer is not None and writer.is_alive():
+            log.error("ingest writer still busy after 30 s; %d messages not written", len(self._pending))
+            return
+        # Arrived while the writer finished: stored, not receipted (those devices send again).
+        self._drain()
+        self._receipts.clear()
+        self._idle.set()
 
     @property
     def client(self) -> Any:
@@ -159,15 +208,25 @@ class IngestService:
 
     # ------------------------------------------------------------------ input
     def _on_message(self, msg: Any) -> None:
-        self.submit(msg.topic, msg.payload)
+        oid = None
+        props = msg.properties  # None on MQTT 3.1.1: such devices get no receipts
+        if props is not None and self.config.ingest.receipts:
+            for key, value in getattr(props, "UserProperty", ()):
+                if key == RECEIPT_PROPERTY:
+                    oid = _parse_oid(value)
+        self.submit(msg.topic, msg.payload, oid=oid)
 
-    def submit(self, topic: str, payload: bytes, received: float | None = None) -> None:
-        """Queue one raw message (thread-safe); blocks while ``ingest.queue_max`` messages wait."""
+    def submit(self, topic: str, payload: bytes, received: float | None = None, oid: int | None = None) -> None:
+        """Queue one raw message (thread-safe); blocks while ``ingest.queue_max`` messages wait.
+
+        ``oid``: the sender's outbox id (its ``oid`` user property), receipted once the
+        message is committed or found malformed.
+        """
         t = received if received is not None else time.time()
         with self._cond:
             while len(self._pending) >= self.config.ingest.queue_max and not self._stop.is_set():
                 self._cond.wait(0.05)  # back-pressure: let the broker hold the backlog
-            self._pending.append((topic, payload, t))
+            self._pending.append((topic, payload, t, oid))
             self.stats.received += 1
             self._idle.clear()
             if len(self._pending) >= self.config.ingest.batch_max:
@@ -187,38 +246,66 @@ class IngestService:
     # ------------------------------------------------------------------ writer
     def _run(self) -> None:
         flush_s = self.config.ingest.flush_ms / 1000
-        while True:
+        batch_max = self.config.ingest.batch_max
+        while not self._stop.is_set():
             with self._cond:
-                if not self._pending and not self._stop.is_set():
+                if len(self._pending) < batch_max and not self._stop.is_set():
+                    # wait out the flush interval to gather a bigger batch (or for work at all)
                     self._cond.wait(flush_s)
-                elif len(self._pending) < self.config.ingest.batch_max and not self._stop.is_set():
-                    # wait out the rest of the flush interval to gather a bigger batch
-                    self._cond.wait(flush_s)
-                raw, self._pending = self._pending[: self.config.ingest.batch_max], \
-                    self._pending[self.config.ingest.batch_max:]
+                raw, self._pending = self._pending[:batch_max], self._pending[batch_max:]
                 self._cond.notify_all()
             if raw:
                 self._process(raw)
+            self._flush_receipts()
             if not raw and not self._pending:
                 self._idle.set()
-                if self._stop.is_set():
-                    return
+        # Stopping: write what is queued and say so while the connection is still up.
+        self._drain()
+        self._flush_receipts(force=True)
+        self._idle.set()
 
-    def _process(self, raw: list[tuple[str, bytes, float]]) -> None:
+    def _drain(self) -> None:
+        """Process everything queued now, in batches."""
+        batch_max = self.config.ingest.batch_max
+        while True:
+            with self._cond:
+                raw, self._pending = self._pending[:batch_max], self._pending[batch_max:]
+                self._cond.notify_all()
+            if not raw:
+                return
+            self._process(raw)
+
+    def _process(self, raw: list[tuple[str, bytes, float, int | None]]) -> None:
         batch = IngestBatch()
         decoded: list[Message] = []
-        for topic, payload, received in raw:
+        acks: list[Ack] = []  # receipted once this batch is committed
+        for topic, payload, received, oid in raw:
             try:
-                msg = self._decode_one(topic, payload, received, batch)
+                msg = self._decode_one(topic, payload, received, oid, batch, acks)
             except EdgeloopError as exc:
-                self._malformed(topic, exc)
+                self._malformed(topic, exc, oid)
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad message must never stop ingestion
-                self._malformed(topic, exc)
+                self._malformed(topic, exc, oid)
                 continue
             if msg is not None:
                 decoded.append(msg)
-        self._write(batch)
+        batch.samples.extend(rec for rec, _ids in self._unsaved.values())
+        if self._write(batch):
+            for _rec, frame_acks in self._unsaved.values():
+                acks.extend(frame_acks)
+            self._unsaved.clear()
+            receipts = self._receipts
+            for device_id, oid in acks:
+                ready = receipts.get(device_id)
+                if ready is None:
+                    ready = receipts[device_id] = set()
+                ready.add(oid)
+        else:
+            while len(self._unsaved) > _MAX_UNSAVED_SAMPLES:  # oldest first: their frames are not receipted
+                tid = next(iter(self._unsaved))
+                log.error("gave up storing sample %s after repeated database errors", tid)
+                del self._unsaved[tid]
         self.stats.processed += len(raw)
         self.stats.batches += 1
         if decoded:
@@ -228,11 +315,12 @@ class IngestService:
                 except Exception:  # noqa: BLE001 - a failing hook must not stop ingestion
                     log.exception("ingest hook %r failed", hook)
 
-    def _write(self, batch: IngestBatch) -> None:
+    def _write(self, batch: IngestBatch) -> bool:
+        """Commit ``batch``, retrying twice; False when it could not be written."""
         for attempt in range(3):
             try:
                 self.registry.apply(batch)
-                return
+                return True
             except Exception as exc:  # noqa: BLE001 - DB busy/gone: retry, then count and drop
                 self.stats.last_error = f"database: {exc}"
                 log.warning("ingest batch write failed (attempt %d): %s", attempt + 1, exc)
@@ -240,9 +328,11 @@ class IngestService:
                     break
         self.stats.db_errors += 1
         log.error("dropped an ingest batch of %d messages after repeated database errors", len(batch))
+        return False
 
-    def _decode_one(self, topic: str, payload: bytes, received: float, batch: IngestBatch) -> Message | None:
-        if topic == self.topics.operator_feedback:
+    def _decode_one(self, topic: str, payload: bytes, received: float, oid: int | None, batch: IngestBatch,
+                    acks: list[Ack]) -> Message | None:
+        if topic == self.topics.operator_feedback:  # from an operator, not a device: no receipt
             fb = decode(payload)
             if not isinstance(fb, Feedback):
                 raise ProtocolError(f"expected feedback on {topic}, got {fb.TYPE}")
@@ -250,12 +340,7 @@ class IngestService:
             return fb
         device_id, kind = self.topics.parse(topic)
         if kind == "samples":
-            if not is_frame(payload):
-                raise ProtocolError("samples topic carries a non-chunk payload")
-            batch.seen[device_id] = received
-            done = self.reassembler.add(parse_frame(payload))
-            if done is not None:
-                self._store_sample(device_id, done, received, batch)
+            self._add_frame(device_id, payload, received, oid, batch, acks)
             return None
         msg = decode(payload)
         expected = _KIND_TYPES.get(kind)
@@ -264,6 +349,8 @@ class IngestService:
         sender = getattr(msg, "device_id", device_id)
         if sender != device_id:
             raise ProtocolError(f"{msg.TYPE} for device {sender!r} published on {device_id!r}'s topic")
+        if oid is not None and kind in RECEIPT_KINDS:
+            acks.append((device_id, oid))
         if isinstance(msg, DeviceState):
             batch.states.append((msg, received))
             if msg.online:
@@ -280,14 +367,53 @@ class IngestService:
             batch.feedback.append(msg)
         return msg
 
-    def _store_sample(self, device_id: str, done: Completed, received: float, batch: IngestBatch) -> None:
+    def _add_frame(self, device_id: str, payload: bytes, received: float, oid: int | None, batch: IngestBatch,
+                   acks: list[Ack]) -> None:
+        """One sample chunk frame; its id waits for the transfer's fate (see the module docstring)."""
+        if not is_frame(payload):
+            raise ProtocolError("samples topic carries a non-chunk payload")
+        batch.seen[device_id] = received
+        frame = parse_frame(payload)
+        tid = frame.transfer_id
+        done = self.reassembler.add(frame)  # may drop transfers: _on_drop receipts their frames
+        if done is not None:
+            ids = self._transfer_ids.pop(tid, [])
+            try:
+                record = self._store_sample(device_id, done, received)
+            except ProtocolError:
+                self._receipt_now(ids)  # never accepted; this frame's id goes the malformed way
+                raise
+            if oid is not None:
+                ids.append((device_id, oid))
+            self._unsaved[tid] = (record, ids)
+            return
+        if oid is None:
+            return
+        if tid in self.reassembler:  # still open
+            ids = self._transfer_ids.setdefault(tid, [])
+            if len(ids) < _MAX_IDS_PER_TRANSFER:
+                ids.append((device_id, oid))
+        elif tid in self._unsaved:  # a late duplicate of a sample not committed yet
+            self._unsaved[tid][1].append((device_id, oid))
+        else:  # a late duplicate of a committed sample
+            acks.append((device_id, oid))
+
+    def _store_sample(self, device_id: str, done: Completed, received: float) -> SampleRecord:
         if len(done.data) > self.config.ingest.max_sample_bytes:
             raise ProtocolError(f"sample of {len(done.data)} bytes exceeds ingest.max_sample_bytes")
-        batch.samples.append(sample_record(self.store, device_id, done.transfer_id, done.data, done.meta,
-                                           received=received))
+        record = sample_record(self.store, device_id, done.transfer_id, done.data, done.meta, received=received)
         self.stats.samples += 1
+        return record
 
-    def _malformed(self, topic: str, exc: BaseException) -> None:
+    def _malformed(self, topic: str, exc: BaseException, oid: int | None = None) -> None:
+        if oid is not None:  # it will never be accepted: let the device stop sending it
+            try:
+                device_id, kind = self.topics.parse(topic)
+            except ProtocolError:
+                pass
+            else:
+                if kind in RECEIPT_KINDS:
+                    self._receipt_now([(device_id, oid)])
         self.stats.malformed += 1
         self.stats.last_error = f"{topic}: {exc}"
         # One line per bad message at INFO would flood the log under attack: warn on powers of two.
@@ -295,9 +421,43 @@ class IngestService:
         level = logging.WARNING if n & (n - 1) == 0 else logging.DEBUG
         log.log(level, "malformed message #%d on %s: %s", n, topic, exc)
 
-    def _on_drop(self, dropped: Any) -> None:
+    def _on_drop(self, dropped: Dropped) -> None:
         self.stats.dropped_transfers += 1
+        # Corrupt, superseded, expired or evicted: the fleet will not wait for it any more.
+        self._receipt_now(self._transfer_ids.pop(dropped.transfer_id, ()))
         log.info("sample transfer %s dropped: %s (%s)", dropped.transfer_id, dropped.reason, dropped.detail)
+
+    # ------------------------------------------------------------------ receipts
+    def _receipt_now(self, acks: Sequence[Ack]) -> None:
+        """Queue receipts that do not wait for a commit (writer thread)."""
+        for device_id, oid in acks:
+            self._receipts.setdefault(device_id, set()).add(oid)
+
+    def _flush_receipts(self, *, force: bool = False) -> None:
+        """Publish one :class:`Receipt` per device, at most every ``ingest.receipt_ms``."""
+        if not self._receipts:
+            return
+        now = time.monotonic()
+        if not force and (now - self._last_receipts) * 1000 < self.config.ingest.receipt_ms:
+            return
+        self._last_receipts = now
+        receipts, self._receipts = self._receipts, {}
+        client = self._client
+        if client is None or not self.config.ingest.receipts:
+            return  # no connection (submit() without MQTT): nobody to tell
+        ts = time.time()
+        for device_id, ids in receipts.items():
+            topic = self.topics.command(device_id, "receipt")
+            ordered = sorted(ids)
+            for i in range(0, len(ordered), _RECEIPT_MAX_IDS):
+                part = tuple(ordered[i:i + _RECEIPT_MAX_IDS])
+                try:
+                    client.publish(topic, Receipt(part, ts=ts).encode(), qos=0)
+                except Exception as exc:  # noqa: BLE001 - a lost receipt costs a re-send, nothing more
+                    log.warning("receipt to %s not sent: %s", device_id, exc)
+                    continue
+                self.stats.receipts += 1
+                self.stats.receipted += len(part)
 
 
 

@@ -4,6 +4,11 @@ Times are UNIX seconds (float) as sent on the wire: one clock type everywhere, a
 range queries stay plain comparisons on both databases.  Free-form parts of messages
 (scores, hardware, metrics, rollout state) are JSON columns; what the fleet filters
 or aggregates on has its own indexed column.
+
+Devices send at least once, so the time series carry a unique index on each message's
+identity (``DEDUPE_KEYS``) and ingestion inserts with ``ON CONFLICT DO NOTHING``: a
+re-sent report is ignored.  Each unique index leads with the columns the range queries
+use, so it also serves them (one index to maintain per row on the ingest path, not two).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String,
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
-    "Base", "Device", "TelemetryRow", "DriftRow", "SampleRow", "PendingLabel", "JobRow",
+    "Base", "DEDUPE_KEYS", "Device", "TelemetryRow", "DriftRow", "SampleRow", "PendingLabel", "JobRow",
     "ModelVersionRow", "RolloutRow", "RolloutTargetRow", "CredentialRow",
 ]
 
@@ -46,12 +51,15 @@ class Device(Base):
     drift_risk: Mapped[float | None] = mapped_column(Float)
     drift_ts: Mapped[float | None] = mapped_column(Float)
     alarm_since: Mapped[float | None] = mapped_column(Float)  # start of the current alarm streak
+    # Fleet clock when the latest state message arrived: a birth after a command was sent
+    # means the device reconnected, and commands queued in its broker session may be lost.
+    state_seen: Mapped[float | None] = mapped_column(Float)
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class TelemetryRow(Base):
     __tablename__ = "telemetry"
-    __table_args__ = (Index("ix_telemetry_device_ts", "device_id", "ts"),)
+    __table_args__ = (Index("uq_telemetry_device_ts_seq", "device_id", "ts", "seq", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64))
@@ -71,7 +79,7 @@ class TelemetryRow(Base):
 
 class DriftRow(Base):
     __tablename__ = "drift_reports"
-    __table_args__ = (Index("ix_drift_device_ts", "device_id", "ts"),)
+    __table_args__ = (Index("uq_drift_device_ts_seq", "device_id", "ts", "seq", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64))
@@ -124,7 +132,7 @@ class PendingLabel(Base):
 
 class JobRow(Base):
     __tablename__ = "job_statuses"
-    __table_args__ = (Index("ix_jobs_job_device", "job_id", "device_id"),)
+    __table_args__ = (Index("uq_jobs_job_device_step_ts", "job_id", "device_id", "step", "ts", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -137,6 +145,15 @@ class JobRow(Base):
     previous_version: Mapped[str | None] = mapped_column(String(64))
     ts: Mapped[float] = mapped_column(Float, index=True)
     received: Mapped[float] = mapped_column(Float)
+
+
+# table name -> the columns that identify one message (an agent's ``seq`` restarts with the
+# agent, its ``ts`` does not repeat); a duplicate of these is a re-sent message.
+DEDUPE_KEYS: dict[str, tuple[str, ...]] = {
+    TelemetryRow.__tablename__: ("device_id", "seq", "ts"),
+    DriftRow.__tablename__: ("device_id", "seq", "ts"),
+    JobRow.__tablename__: ("device_id", "job_id", "step", "ts"),
+}
 
 
 class ModelVersionRow(Base):

@@ -77,6 +77,7 @@ class DeviceRecord:
     drift_ts: float | None = None
     alarm_since: float | None = None
     tags: dict[str, Any] = field(default_factory=dict)
+    state_seen: float | None = None  # fleet clock: when its latest state message (a birth) arrived
 
 
 @dataclass(frozen=True)
@@ -252,8 +253,8 @@ class Registry:
     def __init__(self, engine: Engine, *, create: bool = True) -> None:
         self.engine = engine
         self._sessions: sessionmaker[Session] = db.make_sessionmaker(engine)
-        if create:
-            db.create_schema(engine)
+        # Tables whose dedupe index old duplicate rows prevent (see fleet.db): plain inserts there.
+        self.without_dedupe: frozenset[str] = db.create_schema(engine) if create else frozenset()
 
     @classmethod
     def open(cls, url: str, *, busy_timeout_ms: int = 10_000, echo: bool = False) -> Registry:
@@ -275,7 +276,7 @@ class Registry:
         from . import _ingest_sql
 
         with self._sessions.begin() as s:
-            _ingest_sql.apply_batch(s, batch)
+            _ingest_sql.apply_batch(s, batch, without_dedupe=self.without_dedupe)
 
     def upsert_device(self, device_id: str, *, tags: Mapping[str, Any] | None = None,
                       ts: float | None = None) -> DeviceRecord:
@@ -309,6 +310,13 @@ class Registry:
             q = q.where(Device.drift_alarm == alarm)
         with self._sessions() as s:
             return [_rec(DeviceRecord, r) for r in s.scalars(q)]
+
+    def devices_by_id(self, device_ids: Sequence[str]) -> dict[str, DeviceRecord]:
+        """The records of these devices (unknown ids are left out), in one query."""
+        if not device_ids:
+            return {}
+        with self._sessions() as s:
+            return {r.id: _rec(DeviceRecord, r) for r in s.scalars(select(Device).where(Device.id.in_(list(device_ids))))}
 
     def alarming_devices(self, *, min_duration_s: float = 0.0, now: float | None = None) -> list[DeviceRecord]:
         """Devices whose drift alarm has been on for at least ``min_duration_s``."""

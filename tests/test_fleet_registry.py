@@ -180,8 +180,72 @@ def test_fleet_toml_round_trip_and_errors_name_the_key(tmp_path: Path) -> None:
     assert back.rollout == cfg.rollout and back.broker == cfg.broker and back.data_dir == tmp_path / "data"
     for text, key in (("[broker]\nport = 70000\n", "broker.port"), ("[rollout]\nmax_failure = 0.1\n",
                                                                      "rollout.max_failure"),
-                      ("[rollout]\nwaves = [0.5, 0.25]\n", "rollout.waves"), ("[nope]\n", "nope")):
+                      ("[rollout]\nwaves = [0.5, 0.25]\n", "rollout.waves"), ("[nope]\n", "nope"),
+                      ("[ingest]\nreceipt_ms = -1\n", "ingest.receipt_ms")):
         p.write_text(text)
         with pytest.raises(ConfigError) as err:
             load_config(p)
         assert err.value.context["key"] == key and key in str(err.value)
+
+
+def test_resent_messages_are_stored_once(registry: Registry) -> None:
+    t = 1000.0
+    drift = [DriftReportMsg("cam-1", i, 100, 100, ts=t + i, alarm=i >= 1) for i in range(3)]
+    tel = [Telemetry("cam-1", i, ts=t + i, inferences=10 * i) for i in range(3)]
+    jobs = [JobStatus("cam-1", "j1", "2", step, ts=t + i) for i, step in enumerate(("received", "completed"))]
+    # a duplicate inside one batch does not fail it
+    registry.apply(IngestBatch(drift=[(m, t) for m in [*drift, drift[0]]], telemetry=[(m, t) for m in [*tel, tel[1]]],
+                               jobs=[(m, t) for m in [*jobs, jobs[0]]]))
+    # the device had no receipt and sends the older ones again, after the newer ones
+    registry.apply(IngestBatch(drift=[(drift[0], t + 50)], telemetry=[(tel[0], t + 50)], jobs=[(jobs[0], t + 50)],
+                               seen={"cam-1": t + 50}))
+    assert [r.seq for r in registry.drift_reports(device_id="cam-1")] == [0, 1, 2]
+    assert [r.seq for r in registry.telemetry(device_ids=["cam-1"])] == [0, 1, 2]
+    assert [j.step for j in registry.job_statuses(job_id="j1")] == ["received", "completed"]
+    assert registry.latest_job_steps(["j1"])[("j1", "cam-1")].step == "completed"
+    dev = registry.device("cam-1")
+    # the re-sent report changed nothing but "last seen": the alarm stays on, the telemetry newest
+    assert dev is not None and dev.drift_alarm and dev.alarm_since == t + 1 and dev.drift_ts == t + 2
+    assert dev.telemetry is not None and dev.telemetry["seq"] == 2 and dev.last_seen == t + 50
+    # the same seq after an agent restart is a new message (ts differs)
+    registry.apply(IngestBatch(drift=[(DriftReportMsg("cam-1", 0, 100, 100, ts=t + 60), t + 60)]))
+    assert len(registry.drift_reports(device_id="cam-1")) == 4
+
+
+def _reopen(registry: Registry) -> Registry:
+    return Registry.open(registry.engine.url.render_as_string(hide_password=False))
+
+
+def test_an_old_database_gets_the_new_column_and_unique_indexes(registry: Registry,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy import inspect
+
+    from fleet.models import DEDUPE_KEYS, Base
+
+    unique = {t: str(next(ix.name for ix in Base.metadata.tables[t].indexes if ix.unique)) for t in DEDUPE_KEYS}
+    report = DriftReportMsg("cam-1", 1, 100, 100, ts=5.0)
+    registry.apply(IngestBatch(drift=[(report, 5.0)], states=[(DeviceState("cam-1", True), 5.0)]))
+    with registry.engine.begin() as c:  # what a fleet from before deduplication left behind
+        for ix in unique.values():
+            c.exec_driver_sql(f"DROP INDEX {ix}")
+        c.exec_driver_sql("ALTER TABLE devices DROP COLUMN state_seen")
+        c.exec_driver_sql("INSERT INTO drift_reports (device_id, ts, received, seq, \"window\", n, risk, alarm, "
+                          "input_shift, scores, thresholds, flags, class_counts) "
+                          "SELECT device_id, ts, received, seq, \"window\", n, risk, alarm, input_shift, scores, "
+                          "thresholds, flags, class_counts FROM drift_reports")
+    with caplog.at_level("WARNING", logger="fleet.db"):
+        again = _reopen(registry)
+    try:
+        assert again.without_dedupe == {"drift_reports"}
+        assert [r.levelname for r in caplog.records] == ["WARNING"] and unique["drift_reports"] in caplog.text
+        names = {t: {ix["name"] for ix in inspect(again.engine).get_indexes(t)} for t in DEDUPE_KEYS}
+        assert unique["telemetry"] in names["telemetry"] and unique["job_statuses"] in names["job_statuses"]
+        assert unique["drift_reports"] not in names["drift_reports"]
+        # ingestion goes on: drift without dedupe, the rest with it; the new column is there
+        again.apply(IngestBatch(drift=[(report, 6.0)], telemetry=[(Telemetry("cam-1", 1, ts=6.0), 6.0)] * 2,
+                                states=[(DeviceState("cam-1", True), 7.0)]))
+        assert len(again.drift_reports(device_id="cam-1")) == 3 and len(again.telemetry()) == 1
+        dev = again.device("cam-1")
+        assert dev is not None and dev.state_seen == 7.0
+    finally:
+        again.close()
