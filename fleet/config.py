@@ -180,6 +180,7 @@ class RolloutConfig:
     soak_s: float = 60.0
     max_failures: float = 0.05
     delivery: str = "auto"  # "auto" (device's choice), "http", "mqtt"
+    resend_after_s: float = 30.0  # resend a command no job step answered after this long (doubling, <= 300 s)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "waves", tuple(float(w) for w in self.waves))
@@ -193,6 +194,8 @@ class RolloutConfig:
             raise _bad("rollout.max_failures", self.max_failures, "a fraction in [0, 1]")
         if self.delivery not in ("auto", "http", "mqtt"):
             raise _bad("rollout.delivery", self.delivery, "one of 'auto', 'http', 'mqtt'")
+        if not self.resend_after_s > 0:
+            raise _bad("rollout.resend_after_s", self.resend_after_s, "must be > 0 seconds")
 
 
 @dataclass(frozen=True)

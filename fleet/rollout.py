@@ -12,6 +12,12 @@ every transition, so a fleet restarted mid-rollout carries on from its database.
 
 Statuses: ``pending`` → ``running`` (phase ``deploying`` / ``soaking``) ⇄ ``paused``;
 ends in ``completed``, ``aborted`` or, through ``rolling_back``, ``rolled_back``.
+
+Commands can be lost on the way (a broker restarted without persistence drops the
+queued ones).  :func:`resend` picks the devices that never answered their command with
+any job step and sends the same command (same job id: agents ignore a job they have or
+are handling) again, with a per-device back-off (:class:`ResendPolicy`), and at once
+when the device reconnected after the command went out.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +40,17 @@ __all__ = [
     "RolloutEvent",
     "RolloutState",
     "JobOutcome",
+    "ResendPolicy",
+    "Liveness",
     "Deploy",
     "Rollback",
     "Action",
     "new_rollout",
     "wave_sizes",
     "advance",
+    "unanswered",
+    "due_resends",
+    "resend",
     "pause",
     "resume",
     "abort",
@@ -162,8 +173,10 @@ class DeviceProgress:
     status: str = "pending"
     job_id: str | None = None
     detail: str = ""
-    sent_at: float | None = None  # when the last command went out
+    sent_at: float | None = None  # when the current command (job) first went out
     done_at: float | None = None  # when its outcome was recorded (start of the soak window)
+    resends: int = 0  # times the current command was sent again, unanswered
+    resent_at: float | None = None  # when it was last sent again
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,36 @@ class JobOutcome:
     step: str
     ok: bool = True
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class ResendPolicy:
+    """When to send a command again that no job step has answered.
+
+    The n-th re-send waits ``after_s * 2**n`` seconds after the previous send, at most
+    ``max_s`` (30, 60, 120, 240, 300, 300 ... with the defaults).
+    """
+
+    after_s: float = 30.0
+    max_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.after_s > 0 or not self.max_s > 0:
+            raise ConfigError(f"resend intervals must be > 0 s (after {self.after_s:g}, max {self.max_s:g})",
+                              key="rollout.resend_after_s")
+
+    def interval(self, resends: int) -> float:
+        """Seconds to wait after the previous send, when the command was re-sent ``resends`` times."""
+        cap = max(self.max_s, self.after_s)
+        return min(cap, self.after_s * 2.0 ** min(resends, 32))
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """What the registry knows of a device's connection (fleet clock)."""
+
+    online: bool
+    state_seen: float | None = None  # when its latest state message (a birth on reconnect) arrived
 
 
 @dataclass(frozen=True)
@@ -298,7 +341,8 @@ def _start_wave(state: RolloutState, wave: int, now: float) -> tuple[RolloutStat
     updates = {}
     for d in state.in_wave(wave):
         job_id = f"{state.rollout_id}-w{wave}-{d.device_id}"
-        updates[d.device_id] = dataclasses.replace(d, status="sent", job_id=job_id, sent_at=now, done_at=None)
+        updates[d.device_id] = dataclasses.replace(d, status="sent", job_id=job_id, sent_at=now, done_at=None,
+                                                   resends=0, resent_at=None)
         actions.append(Deploy(d.device_id, job_id))
     state = _set_devices(state, updates)
     label = "canary" if wave == 0 else f"wave {wave}"
@@ -315,7 +359,7 @@ def _start_rollback(state: RolloutState, now: float, reason: str) -> tuple[Rollo
         if d.status in _MAY_RUN_NEW:
             job_id = f"{state.rollout_id}-rb-{d.device_id}"
             updates[d.device_id] = dataclasses.replace(d, status="rolling_back", job_id=job_id, sent_at=now,
-                                                       done_at=None)
+                                                       done_at=None, resends=0, resent_at=None)
             actions.append(Rollback(d.device_id, job_id, d.previous_version, reason))
     state = _set_devices(state, updates)
     if not actions:
@@ -412,6 +456,68 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
     c = state.counts()
     return _with(state, now, "completed", f"{c.get('updated', 0)} devices on {state.version}",
                  status="completed", phase=""), []
+
+
+# --------------------------------------------------------------------------- lost commands
+
+_AWAITING = frozenset({"sent", "rolling_back"})
+
+
+def unanswered(state: RolloutState, answered: Collection[str]) -> list[DeviceProgress]:
+    """Devices waiting on a command whose job id is not in ``answered``.
+
+    ``answered``: the job ids some job step has answered, and those sent in this very
+    step (:func:`advance`'s actions), which cannot have been answered yet.
+    """
+    if state.terminal:
+        return []
+    return [d for d in state.devices if d.status in _AWAITING and d.job_id and d.job_id not in answered]
+
+
+def due_resends(state: RolloutState, now: float, answered: Collection[str], liveness: Mapping[str, Liveness],
+                policy: ResendPolicy, *, everything: bool = False) -> list[DeviceProgress]:
+    """Devices whose unanswered command should go out again now.
+
+    Due: a device that reconnected (its state message arrived) after the last send, at
+    once; an online device (or one the registry does not know) once
+    ``policy.interval(resends)`` has passed since the last send.  An offline device
+    waits: the broker queues the command in its session, and its birth makes it due.
+    ``everything``: every unanswered command (a fleet that restarted cannot know what
+    was lost while it was down).  Paused rollouts still deliver the commands they
+    already issued.  ``answered`` as in :func:`unanswered`.
+    """
+    due = []
+    for d in unanswered(state, answered):
+        last = d.resent_at if d.resent_at is not None else d.sent_at
+        if last is None:
+            continue
+        live = liveness.get(d.device_id)
+        if everything:
+            due.append(d)
+        elif live is not None and not live.online:
+            continue
+        elif live is not None and live.state_seen is not None and live.state_seen > last:
+            due.append(d)  # reconnected since: what its broker session held may be gone
+        elif now - last >= policy.interval(d.resends):
+            due.append(d)
+    return due
+
+
+def resend(state: RolloutState, now: float, answered: Collection[str], liveness: Mapping[str, Liveness],
+           policy: ResendPolicy, *, everything: bool = False) -> tuple[RolloutState, list[Action]]:
+    """The commands :func:`due_resends` picks, again (same job ids), and the state counting them."""
+    due = due_resends(state, now, answered, liveness, policy, everything=everything)
+    if not due:
+        return state, []
+    actions: list[Action] = []
+    for d in due:
+        assert d.job_id is not None  # unanswered() only yields devices with a job
+        actions.append(Deploy(d.device_id, d.job_id) if d.status == "sent"
+                       else Rollback(d.device_id, d.job_id, d.previous_version, state.reason))
+    state = _set_devices(state, {d.device_id: dataclasses.replace(d, resends=d.resends + 1, resent_at=now)
+                                 for d in due})
+    names = ", ".join(d.device_id for d in due[:5]) + (f" and {len(due) - 5} more" if len(due) > 5 else "")
+    return _with(state, now, "resent", f"{len(due)} unanswered commands: {names}"), actions
 
 
 # --------------------------------------------------------------------------- operator commands

@@ -9,6 +9,12 @@ computes from telemetry, drift reports and feedback labels; it persists the new 
 *before* it publishes the commands, so a fleet restarted in between resends them (the
 job id is deterministic and the agent treats a repeated job id as the same job).
 
+Commands get lost (a broker restart drops what it queued for a device), so every tick
+also asks :func:`fleet.rollout.resend` which unanswered commands to send again: after
+``resend_after_s`` with a doubling back-off, at once when the device reconnected, and
+all of them once after the fleet itself restarted.  Per tick that is one query for the
+open jobs' latest steps and, while some are unanswered, one for those devices.
+
 Bundle delivery is the device's choice (``DeviceState.delivery``): an HTTP URL on the
 fleet API with range requests, or MQTT chunk frames sent in answer to ``BundleRequest``
 (:meth:`RolloutDriver.handle_bundle_request`).
@@ -21,7 +27,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,9 +36,9 @@ from edge_agent.errors import RolloutError
 from edge_agent.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, DeployCommand, RollbackCommand, TopicScheme
 
 from . import rollout as rm
-from .registry import ModelVersion, Registry
+from .registry import DeviceRecord, ModelVersion, Registry
 
-__all__ = ["Publisher", "RolloutDriver", "plan_from_config", "REGISTRY_STATUS"]
+__all__ = ["Publisher", "RolloutDriver", "plan_from_config", "resend_from_config", "REGISTRY_STATUS"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,11 @@ class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = ..., retain: bool = ...) -> Any: ...
 
 
+def resend_from_config(cfg: Any) -> rm.ResendPolicy:
+    """A :class:`~fleet.rollout.ResendPolicy` from fleet.toml's ``[rollout]`` table."""
+    return rm.ResendPolicy(after_s=cfg.resend_after_s)
+
+
 def plan_from_config(cfg: Any, *, job_timeout_s: float | None = None) -> rm.RolloutPlan:
     """A :class:`~fleet.rollout.RolloutPlan` from fleet.toml's ``[rollout]`` table."""
     extra = {"job_timeout_s": job_timeout_s} if job_timeout_s else {}
@@ -63,7 +74,8 @@ class RolloutDriver:
     def __init__(self, registry: Registry, publisher: Publisher, *, topics: TopicScheme | None = None,
                  api_base_url: str | None = None, delivery: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE,
                  clock: Callable[[], float] = time.time,
-                 bundle_url: Callable[[ModelVersion], str] | None = None) -> None:
+                 bundle_url: Callable[[ModelVersion], str] | None = None,
+                 resend: rm.ResendPolicy | None = None) -> None:
         if delivery not in ("auto", "http", "mqtt"):
             raise RolloutError(f"unknown delivery {delivery!r}", hint="use auto, http or mqtt")
         self.registry = registry
@@ -74,6 +86,7 @@ class RolloutDriver:
         self.chunk_size = chunk_size
         self.clock = clock
         self._bundle_url = bundle_url
+        self.resend = resend or rm.ResendPolicy()
         self._lock = threading.RLock()
         self._resent: set[str] = set()  # rollouts whose unanswered commands were resent after a restart
 
@@ -144,16 +157,20 @@ class RolloutDriver:
             state = self.load(rollout_id)
             if state.terminal:
                 return state
-            if rollout_id not in self._resent:
-                self._resend_unanswered(state)
-                self._resent.add(rollout_id)
             now = self.clock()
             jobs = self._job_outcomes(state)
             health = self._health(state, now) if state.wants_health(now) else None
             new, actions = rm.advance(state, now, jobs, health)
+            # This process may have missed what happened while it was down: resend all unanswered once.
+            restarted = rollout_id not in self._resent
+            settled = jobs.keys() | {a.job_id for a in actions}  # answered, or sent just now
+            new, again = self._resends(new, now, answered=settled, everything=restarted)
+            self._resent.add(rollout_id)
             if new != state:
                 self._save(new, state)
-            self._send(new, actions)
+            if again:
+                log.info("rollout %s: resending %d unanswered commands", rollout_id, len(again))
+            self._send(new, [*actions, *again])
             return new
 
     def run_until_done(self, rollout_id: str, *, stop: threading.Event | None = None,
@@ -198,10 +215,10 @@ class RolloutDriver:
                                      state=new.to_dict(), merge_state=False)
         # One transaction per (status, detail) group, not per device: a wave of 1,000 devices
         # changing state in one tick was 1,000 commits (~10 s on PostgreSQL, measured).
-        before = {d.device_id: d for d in old.devices}
+        before = {d.device_id: (d.status, d.detail, d.job_id) for d in old.devices}
         groups: dict[tuple[str, str], dict[str, str | None]] = {}
         for d in new.devices:
-            if before.get(d.device_id) != d:
+            if before.get(d.device_id) != (d.status, d.detail, d.job_id):  # what a target row shows
                 groups.setdefault((_TARGET_STATUS[d.status], d.detail or d.status), {})[d.device_id] = d.job_id
         for (status, detail), jobs in groups.items():
             self.registry.update_targets(new.rollout_id, list(jobs), status=status, detail=detail,
@@ -220,6 +237,16 @@ class RolloutDriver:
             if open_jobs.get(job_id) == device_id:
                 out[job_id] = rm.JobOutcome(rec.step, rec.ok, rec.detail)
         return out
+
+    def _resends(self, state: rm.RolloutState, now: float, *, answered: Collection[str],
+                 everything: bool) -> tuple[rm.RolloutState, list[rm.Action]]:
+        """Commands to send again (see :func:`fleet.rollout.resend`), with the devices' liveness."""
+        waiting = rm.unanswered(state, answered)
+        if not waiting:
+            return state, []
+        records = self.registry.devices_by_id([d.device_id for d in waiting])
+        liveness = {dev: rm.Liveness(rec.online, rec.state_seen) for dev, rec in records.items()}
+        return rm.resend(state, now, answered, liveness, self.resend, everything=everything)
 
     def _health(self, state: rm.RolloutState, now: float) -> dict[str, tuple[str, ...]]:
         """Health verdicts of the current wave's updated devices (see :func:`fleet.rollout.assess_health`)."""
@@ -252,20 +279,19 @@ class RolloutDriver:
             drift_alarm=bool(drift and drift[-1].alarm), feedback_n=total, feedback_correct=correct)
 
     # ------------------------------------------------------------------ commands
-    def _deploy_command(self, state: rm.RolloutState, device_id: str, job_id: str) -> DeployCommand:
-        model = self.registry.model(state.name, state.version)
+    def _deploy_command(self, state: rm.RolloutState, model: ModelVersion | None, device: DeviceRecord | None,
+                        device_id: str, job_id: str) -> DeployCommand:
         if model is None or not model.bundle_path or not model.sha256 or not model.size:
             raise RolloutError(f"model {state.name} {state.version} has no registered bundle",
                                rollout=state.rollout_id)
-        delivery = self._delivery_for(device_id)
+        delivery = self._delivery_for(device_id, device)
         url = self.bundle_url(model) if delivery == "http" else None
         return DeployCommand(job_id=job_id, name=state.name, version=state.version, size=model.size,
                              sha256=model.sha256, url=url, delivery=delivery, chunk_size=self.chunk_size,
                              rollout_id=state.rollout_id, ts=self.clock())
 
-    def _delivery_for(self, device_id: str) -> str:
+    def _delivery_for(self, device_id: str, dev: DeviceRecord | None) -> str:
         can_http = self.api_base_url is not None or self._bundle_url is not None
-        dev = self.registry.device(device_id)
         accepted = [str(x) for x in (dev.delivery if dev and dev.delivery else ["http", "mqtt"])]
         if self.delivery != "auto":
             wanted = [self.delivery]
@@ -286,10 +312,14 @@ class RolloutDriver:
         return f"{self.api_base_url}/bundles/{model.name}/{model.version}.elb"
 
     def _send(self, state: rm.RolloutState, actions: Sequence[rm.Action]) -> None:
+        deploys = [a.device_id for a in actions if isinstance(a, rm.Deploy)]
+        # One query for the model and one for the devices, however large the wave.
+        model = self.registry.model(state.name, state.version) if deploys else None
+        devices = self.registry.devices_by_id(deploys) if deploys else {}
         for a in actions:
             if isinstance(a, rm.Deploy):
                 try:
-                    cmd = self._deploy_command(state, a.device_id, a.job_id)
+                    cmd = self._deploy_command(state, model, devices.get(a.device_id), a.device_id, a.job_id)
                 except RolloutError as exc:
                     log.error("rollout %s: cannot deploy to %s: %s", state.rollout_id, a.device_id, exc)
                     continue  # the job times out and counts as a failure
@@ -298,23 +328,6 @@ class RolloutDriver:
                 rb = RollbackCommand(job_id=a.job_id, reason=a.reason, to_version=a.to_version,
                                      rollout_id=state.rollout_id, ts=self.clock())
                 self.publisher.publish(self.topics.command(a.device_id, "rollback"), rb.encode(), qos=1)
-
-    def _resend_unanswered(self, state: rm.RolloutState) -> None:
-        """After a restart: resend commands the devices never acknowledged (no job status at all)."""
-        open_jobs = state.open_jobs()
-        if not open_jobs:
-            return
-        seen = {job for job, _dev in self.registry.latest_job_steps(list(open_jobs))}
-        actions: list[rm.Action] = []
-        for d in state.devices:
-            if d.job_id in open_jobs and d.job_id not in seen:
-                if d.status == "sent":
-                    actions.append(rm.Deploy(d.device_id, d.job_id))
-                else:
-                    actions.append(rm.Rollback(d.device_id, d.job_id, d.previous_version, state.reason))
-        if actions:
-            log.info("rollout %s: resending %d unanswered commands", state.rollout_id, len(actions))
-            self._send(state, actions)
 
     # ------------------------------------------------------------------ MQTT delivery
     def handle_bundle_request(self, req: BundleRequest) -> int:

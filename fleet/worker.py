@@ -25,11 +25,19 @@ from typing import Any
 from edge_agent.errors import EdgeloopError
 from edge_agent.protocol import BundleRequest, JobStatus, Message, TopicScheme
 
-from .policy import Decision, DriftPoint, FleetSnapshot, RetrainPolicyConfig, check_due, decide, policy_from_fleet_config
+from .policy import (
+    Decision,
+    DriftPoint,
+    FleetSnapshot,
+    RetrainPolicyConfig,
+    check_due,
+    decide,
+    policy_from_fleet_config,
+)
 from .registry import Registry
 from .retrain import RetrainOutcome, RetrainSettings, run_retrain
 from .rollout import RolloutPlan
-from .rollout_driver import Publisher, RolloutDriver, plan_from_config
+from .rollout_driver import Publisher, RolloutDriver, plan_from_config, resend_from_config
 
 __all__ = ["FleetWorker", "start_workers", "settings_from_config"]
 
@@ -232,7 +240,7 @@ def start_workers(ctx: Any) -> FleetWorker:
     client: Publisher = ctx.client
     api = getattr(ctx, "api_base_url", None) or getattr(getattr(cfg, "api", None), "base_url", None)
     driver = RolloutDriver(ctx.registry, client, topics=TopicScheme(cfg.prefix), api_base_url=api,
-                           delivery=cfg.rollout.delivery)
+                           delivery=cfg.rollout.delivery, resend=resend_from_config(cfg.rollout))
     worker = FleetWorker(ctx.registry, driver, settings_from_config(cfg), plan=plan_from_config(cfg.rollout),
                          model_name=cfg.model_name)
     ingest = getattr(ctx, "ingest", None)

@@ -181,7 +181,8 @@ def test_fleet_toml_round_trip_and_errors_name_the_key(tmp_path: Path) -> None:
     for text, key in (("[broker]\nport = 70000\n", "broker.port"), ("[rollout]\nmax_failure = 0.1\n",
                                                                      "rollout.max_failure"),
                       ("[rollout]\nwaves = [0.5, 0.25]\n", "rollout.waves"), ("[nope]\n", "nope"),
-                      ("[ingest]\nreceipt_ms = -1\n", "ingest.receipt_ms")):
+                      ("[ingest]\nreceipt_ms = -1\n", "ingest.receipt_ms"),
+                      ("[rollout]\nresend_after_s = 0\n", "rollout.resend_after_s")):
         p.write_text(text)
         with pytest.raises(ConfigError) as err:
             load_config(p)

@@ -352,7 +352,7 @@ def test_rollout_and_rollback_with_real_agents_over_mqtt(tmp_path, digits_run, b
     cfg = default_config(tmp_path / "fleet", broker=BrokerConfig(host=broker.host, port=broker.port, protocol="5"))
     reg = Registry.open(cfg.database_url)
     pub = load_public_key(keys.public)
-    for v, b in bundles.items():
+    for b in bundles.values():
         reg.register_model(b, trusted_key=pub, status="accepted")
     ingest = IngestService(cfg, reg)
     ingest.start()
@@ -390,3 +390,137 @@ def test_rollout_and_rollback_with_real_agents_over_mqtt(tmp_path, digits_run, b
         client.loop_stop()
         ingest.stop()
         reg.close()
+
+
+# --------------------------------------------------------------------------- lost commands
+
+
+def test_resend_policy_doubles_up_to_the_cap() -> None:
+    from fleet.rollout import ResendPolicy
+
+    assert [ResendPolicy().interval(n) for n in range(7)] == [30, 60, 120, 240, 300, 300, 300]
+    assert ResendPolicy(after_s=500).interval(3) == 500  # a long first wait is not cut by the cap
+    with pytest.raises(ConfigError):
+        ResendPolicy(after_s=0)
+
+
+def test_due_resends_silent_offline_and_reconnected_devices() -> None:
+    from fleet.rollout import Liveness, ResendPolicy, due_resends, resend
+
+    pol = ResendPolicy(after_s=30, max_s=300)
+    plan = RolloutPlan(canary=1.0, waves=(1.0,), job_timeout_s=1000.0)
+    s, acts = advance(new_rollout("rs", "m", "2", DEVICES[:4], plan, now=0.0), 0.0)
+    jobs = {a.device_id: a.job_id for a in acts}
+    answered = {jobs["d00"]}  # d00 reported a step; d01, d02, d03 said nothing
+    live = {"d01": Liveness(True, 0.0), "d02": Liveness(False, 0.0)}  # d03: unknown to the registry
+
+    def due(state, now, seen=live):
+        return [d.device_id for d in due_resends(state, now, answered, seen, pol)]
+
+    assert due(s, 29.9) == []
+    assert due(s, 30.0) == ["d01", "d03"]  # d02 is offline: its broker session holds the command
+    s2, again = resend(s, 30.0, answered, live, pol)
+    assert again == [Deploy("d01", jobs["d01"]), Deploy("d03", jobs["d03"])]  # same job ids
+    assert s2.device("d01").resends == 1 and s2.device("d01").resent_at == 30.0
+    assert s2.events[-1].kind == "resent" and "d01" in s2.events[-1].detail
+    assert due(s2, 89.9) == [] and due(s2, 90.0) == ["d01", "d03"]  # then 60 s later
+    # d02 reconnects (its birth arrives after the command went out): at once, no waiting
+    back = {**live, "d02": Liveness(True, 31.0)}
+    assert due(s2, 31.5, back) == ["d02"]
+    s3, again = resend(s2, 31.5, answered, back, pol)
+    assert again == [Deploy("d02", jobs["d02"])] and due(s3, 32.0, back) == []  # once per reconnect
+    # a fleet that restarted resends every unanswered command, whatever the clock says
+    assert [d.device_id for d in due_resends(s3, 32.0, answered, back, pol, everything=True)] == \
+        ["d01", "d02", "d03"]
+    # commands of a paused rollout are still delivered; a finished one sends nothing
+    assert due(pause(s, 40.0), 40.0) == ["d01", "d03"]
+    assert due(abort(s, 40.0), 40.0) == []
+
+
+def test_resent_rollbacks_carry_the_reason_and_target_version() -> None:
+    from fleet.rollout import Liveness, ResendPolicy, resend
+
+    s, acts = advance(new_rollout("rr", "m", "2", DEVICES[:2], RolloutPlan(canary=1.0, waves=(1.0,)), now=0.0), 0.0)
+    s, _ = advance(s, 1.0, done(acts))
+    s, rbs = rollback(s, 2.0, "operator says no")
+    s, again = resend(s, 40.0, set(), {"d00": Liveness(True)}, ResendPolicy())
+    assert again == rbs and all(isinstance(a, Rollback) and a.reason == "operator says no" for a in again)
+    assert {d.status for d in s.devices} == {"rolling_back"}  # re-sending changes no status
+
+
+def test_old_rollout_state_without_resend_fields_still_loads() -> None:
+    s, _ = advance(new_rollout("ro", "m", "2", DEVICES[:2], PLAN, now=0.0), 0.0)
+    data = json.loads(json.dumps(s.to_dict()))
+    for d in data["devices"]:
+        del d["resends"], d["resent_at"]  # as a fleet before re-sends stored it
+    assert RolloutState.from_dict(data) == s
+
+
+def _silent_rollout(tmp_path, n: int, *, resend_after_s: float = 30.0):
+    from fleet.rollout import ResendPolicy
+    from fleet.rollout_driver import RolloutDriver
+
+    reg = _fleet(tmp_path, n=n)
+    pub, clock = Recorder(), Clock()
+    drv = RolloutDriver(reg, pub, api_base_url="http://fleet:8080", clock=clock,
+                        resend=ResendPolicy(after_s=resend_after_s))
+    drv.start("m", "2", RolloutPlan(canary=1.0, waves=(1.0,), job_timeout_s=3600.0), rollout_id="r-silent")
+    return reg, pub, clock, drv
+
+
+def test_driver_resends_the_deploy_to_a_silent_device_only(tmp_path) -> None:
+    from edge_agent.protocol import DeployCommand, DeviceState
+    from fleet.registry import IngestBatch
+
+    reg, pub, clock, drv = _silent_rollout(tmp_path, 2)
+    first = {c.job_id.split("-")[-1]: c for c in pub.take()}
+    _answer(reg, [first["cam0"]], step="received", t=clock.t)  # cam0 got it; cam1 never says a word
+    clock.t += 29
+    drv.tick_one("r-silent")
+    assert pub.take() == []
+    clock.t += 1  # resend_after_s after the deploy
+    drv.tick_one("r-silent")
+    (again,) = pub.take()
+    assert isinstance(again, DeployCommand) and again.job_id == first["cam1"].job_id
+    assert again.sha256 == first["cam1"].sha256 and again.url == first["cam1"].url
+    assert drv.load("r-silent").device("cam1").resends == 1
+    clock.t += 59
+    drv.tick_one("r-silent")
+    assert pub.take() == []  # the back-off doubled: 60 s now
+    clock.t += 1
+    drv.tick_one("r-silent")
+    assert [c.job_id for c in pub.take()] == [first["cam1"].job_id]
+    # it drops off (Last Will): no point queueing more; its birth brings the command at once
+    reg.apply(IngestBatch(states=[(DeviceState("cam1", False), clock.t + 1)]))
+    clock.t += 1000
+    drv.tick_one("r-silent")
+    assert pub.take() == []
+    reg.apply(IngestBatch(states=[(DeviceState("cam1", True, model_name="m", model_version="1"), clock.t + 1)]))
+    clock.t += 2
+    drv.tick_one("r-silent")
+    assert [c.job_id for c in pub.take()] == [first["cam1"].job_id]
+    drv.tick_one("r-silent")
+    assert pub.take() == []
+    # once it answers, no more
+    _answer(reg, [first["cam1"]], step="received", t=clock.t)
+    clock.t += 1000  # several back-off intervals, within the job timeout
+    drv.tick_one("r-silent")
+    assert pub.take() == []
+    reg.close()
+
+
+def test_driver_tick_costs_the_same_for_a_small_and_a_large_silent_wave(tmp_path) -> None:
+    from sqlalchemy import event
+
+    counts = []
+    for n in (5, 200):
+        reg, pub, clock, drv = _silent_rollout(tmp_path / str(n), n)
+        assert len(pub.take()) == n
+        statements: list[str] = []
+        event.listen(reg.engine, "before_cursor_execute", lambda *a, seen=statements: seen.append(a[2]))
+        clock.t += 30
+        drv.tick_one("r-silent")  # every device is due: n deploys go out again
+        assert len(pub.take()) == n
+        counts.append(len(statements))
+        reg.close()
+    assert counts[0] == counts[1], counts  # batched queries: no statement per device
