@@ -49,7 +49,7 @@ from .sampling import DriftSample, SampleSelector, encode_sample
 from .select import VariantChoice
 from .slots import Pointer, SlotStore
 from .telemetry import InferenceStats, ProcessSampler
-from .updater import InstallResult, Installer, read_slot_manifest, slot_choice
+from .updater import Installer, InstallResult, read_slot_manifest, slot_choice
 
 __all__ = ["Agent", "AgentStatus"]
 
@@ -174,7 +174,8 @@ class Agent:
         return AgentLink(host=b.host, port=b.port, device_id=self.device_id, outbox=self.outbox,  # type: ignore[arg-type]
                          username=b.username or None, password=b.secret(), tls=tls, keepalive=b.keepalive,
                          protocol=protocol, topics=self.topics, on_command=self.worker.on_command,  # type: ignore[union-attr]
-                         state=self.device_state(online=True))
+                         state=self.device_state(online=True), receipts=b.receipts,
+                         receipt_grace_s=b.receipt_grace_s, receipt_timeout_s=b.receipt_timeout_s)
 
     def _boot(self) -> None:
         window_s = self.config.update.boot_window_min * 60.0

@@ -126,6 +126,9 @@ class BrokerSection:
     protocol: str = "auto"  # "auto" (MQTT 5, falling back to 3.1.1) | "mqtt5" | "mqtt311"
     keepalive: int = 30
     topic_prefix: str = DEFAULT_PREFIX
+    receipts: bool = True  # end-to-end receipts from the fleet (MQTT 5; docs/protocol.md "Receipts")
+    receipt_grace_s: float = 10.0  # resend a message the fleet skipped while receipting one sent this much later
+    receipt_timeout_s: float = 60.0  # resend a message with no receipt after this long (doubling, up to 16x)
 
     def __post_init__(self) -> None:
         _bool("broker", "enabled", self.enabled)
@@ -142,6 +145,9 @@ class BrokerSection:
         _str("broker", "topic_prefix", self.topic_prefix, empty=False)
         if any(c in self.topic_prefix for c in "#+") or self.topic_prefix.endswith("/"):
             raise _bad("broker", "topic_prefix", "must not contain '#' or '+' nor end with '/'")
+        _bool("broker", "receipts", self.receipts)
+        _num("broker", "receipt_grace_s", self.receipt_grace_s, 0.0, 86400.0)
+        _num("broker", "receipt_timeout_s", self.receipt_timeout_s, 0.0, 86400.0, open_lo=True)
 
     def secret(self) -> str | None:
         """The password, read from ``password_file`` when that is set."""
@@ -249,6 +255,7 @@ class UpdateSection:
     max_boots: int = 3  # roll back after this many starts ...
     boot_window_min: float = 10.0  # ... within this many minutes of a switch; healthy this long clears the count
     download_timeout_s: float = 30.0
+    mqtt_corrupt_retries: int = 2  # a corrupt MQTT-delivered bundle is requested again this many times
 
     def __post_init__(self) -> None:
         _bool("update", "allow_downgrade", self.allow_downgrade)
@@ -257,6 +264,7 @@ class UpdateSection:
         _int("update", "max_boots", self.max_boots, 1, 1000)
         _num("update", "boot_window_min", self.boot_window_min, 0.0, open_lo=True)
         _num("update", "download_timeout_s", self.download_timeout_s, 0.0, open_lo=True)
+        _int("update", "mqtt_corrupt_retries", self.mqtt_corrupt_retries, 0, 100)
 
 
 _SECTIONS: dict[str, type] = {
@@ -392,6 +400,9 @@ password_file = ""    # preferred: a file holding the password
 protocol = "auto"     # MQTT 5 where the broker has it, else 3.1.1; or "mqtt5" / "mqtt311"
 keepalive = 30
 topic_prefix = "edgeloop/v1"
+receipts = true       # MQTT 5: keep messages until the fleet's receipt, not just the broker's PUBACK
+receipt_grace_s = 10.0   # resend a message the fleet skipped while receipting one sent this much later
+receipt_timeout_s = 60.0 # resend one with no receipt after this long (doubling per resend, up to 16x)
 
 [drift]
 enabled = true
@@ -432,6 +443,7 @@ min_free_mb = 16.0
 max_boots = 3         # roll back when the agent starts this many times ...
 boot_window_min = 10.0  # ... within this many minutes after a switch
 download_timeout_s = 30.0
+mqtt_corrupt_retries = 2  # request a corrupt MQTT-delivered bundle again (from chunk 0) this many times
 """
 
 

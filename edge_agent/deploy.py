@@ -9,6 +9,11 @@ chunk frames requested with ``BundleRequest`` and reassembled, resumable by chun
 -> the installer's ``verifying`` / ``installing`` / ``health_check`` -> ``switched`` ->
 ``completed``, or ``failed`` (+ ``rolled_back`` when the old model was kept because the
 new one failed its check).  Each step is a JobStatus on the outbox.
+
+A corrupt MQTT transfer (the whole fails its sha256, or the chunks contradict each
+other) is requested again from chunk 0, up to ``[update].mqtt_corrupt_retries`` times,
+each announced by a ``downloading`` step ("transfer corrupt, requesting again (1/2)"),
+before the job fails.
 """
 
 from __future__ import annotations
@@ -32,34 +37,47 @@ __all__ = ["CommandWorker"]
 log = logging.getLogger(__name__)
 
 
+_CORRUPT_DROPS = ("corrupt", "inconsistent")  # Reassembler drop reasons a fresh transfer may cure
+
+
 class _MqttBundle:
-    """Chunk frames of one MQTT-delivered bundle, reassembled and checked against the command."""
+    """Chunk frames of one MQTT-delivered bundle, reassembled and checked against the command.
+
+    ``corrupt`` tells a failure that asking again may cure (bad bytes on the way) from one
+    it cannot (the agent stopping, a transfer expiring).
+    """
 
     def __init__(self, cmd: DeployCommand) -> None:
         self.cmd = cmd
         self.done = threading.Event()
         self.data: bytes | None = None
         self.error: str | None = None
+        self.corrupt = False
         self._lock = threading.Lock()
         self._reasm = Reassembler(max_transfers=1, max_bytes=cmd.size + (1 << 20), ttl_s=3600.0,
-                                  on_drop=lambda d: self._fail(f"bundle transfer dropped: {d.reason} {d.detail}"))
+                                  on_drop=lambda d: self._fail(f"bundle transfer dropped: {d.reason} {d.detail}",
+                                                               corrupt=d.reason in _CORRUPT_DROPS))
 
-    def _fail(self, why: str) -> None:
-        self.error = why
+    def _fail(self, why: str, *, corrupt: bool = False) -> None:
+        if self.error is None:  # the first reason is the real one (a drop also raises)
+            self.error = why
+            self.corrupt = corrupt
         self.done.set()
 
     def add(self, frame: Frame) -> None:
         with self._lock:
+            if self.done.is_set():
+                return  # finished or failed: late chunks belong to no transfer
             try:
                 completed = self._reasm.add(frame)
-            except ProtocolError as exc:
-                self._fail(str(exc))
+            except ProtocolError as exc:  # sha256 of the whole, size, contradicting chunks
+                self._fail(str(exc), corrupt=True)
                 return
             if completed is None:
                 return
             if completed.sha256 != self.cmd.sha256 or len(completed.data) != self.cmd.size:
                 self._fail(f"bundle received over MQTT has sha256 {completed.sha256[:12]}..., "
-                           f"the deploy command announced {self.cmd.sha256[:12]}...")
+                           f"the deploy command announced {self.cmd.sha256[:12]}...", corrupt=True)
                 return
             self.data = completed.data
             self.done.set()
@@ -209,7 +227,30 @@ class CommandWorker:
 
     def _download_mqtt(self, cmd: DeployCommand, dest: Path, prev: str | None) -> None:
         a = self.agent
-        bundle = self._bundle = _MqttBundle(cmd)
+        retries = a.config.update.mqtt_corrupt_retries
+        attempt = 0
+        while True:
+            bundle = self._receive_mqtt(cmd, prev)
+            if not bundle.error and bundle.data is not None:
+                break
+            if not bundle.corrupt or attempt >= retries or self._stop.is_set():
+                raise UpdateError(bundle.error or "bundle transfer failed", version=cmd.version)
+            attempt += 1
+            log.warning("job %s: %s; requesting the bundle again (%d/%d)", cmd.job_id, bundle.error, attempt, retries)
+            a._job(cmd.job_id, cmd.version, "downloading", True,
+                   f"transfer corrupt, requesting again ({attempt}/{retries})", None, prev)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(bundle.data)
+        except OSError as exc:
+            dest.unlink(missing_ok=True)
+            raise disk_error(exc, "store the bundle", dest) from exc
+
+    def _receive_mqtt(self, cmd: DeployCommand, prev: str | None) -> _MqttBundle:
+        """One transfer from chunk 0: request, re-request from the first missing chunk while
+        chunks stop coming, until it is whole or has failed (``bundle.error``)."""
+        a = self.agent
+        bundle = self._bundle = _MqttBundle(cmd)  # a fresh reassembler: nothing kept from a corrupt try
         waited = 0.0
         step = max(5.0, self.mqtt_timeout_s / 10)
         while not bundle.done.is_set():
@@ -223,11 +264,4 @@ class CommandWorker:
             if waited >= self.mqtt_timeout_s or self._stop.is_set():
                 raise UpdateError(f"bundle {cmd.version} did not arrive over MQTT within {self.mqtt_timeout_s:g} s",
                                   hint="check the fleet manager answers bundle requests", version=cmd.version)
-        if bundle.error or bundle.data is None:
-            raise UpdateError(bundle.error or "bundle transfer failed", version=cmd.version)
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(bundle.data)
-        except OSError as exc:
-            dest.unlink(missing_ok=True)
-            raise disk_error(exc, "store the bundle", dest) from exc
+        return bundle

@@ -1,4 +1,5 @@
-"""Model updates: variant choice, HTTP download with resume, every refusal, health check, boot counter, kill -9."""
+"""Model updates: variant choice, HTTP download with resume, every refusal, health check, boot counter, kill -9,
+corrupt MQTT transfers requested again."""
 
 from __future__ import annotations
 
@@ -10,14 +11,25 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.errors import BundleError, SignatureError, UpdateError
-from edge_agent.protocol import DeployCommand, RollbackCommand
+from edge_agent.mqtt import connect_client
+from edge_agent.protocol import (
+    BUNDLE_KIND,
+    BundleRequest,
+    DeployCommand,
+    RollbackCommand,
+    TopicScheme,
+    decode_as,
+    split,
+)
 from edge_agent.updater import compare_versions, download_http
+from tests.broker import MosquittoBroker
 from tests.test_agent_support import agent_config, digits, tiny_bundles  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,3 +335,61 @@ def test_gc_keeps_current_and_previous(agent: Agent, tiny_bundles: dict[str, Pat
     assert len(agent.slots.slots()) == 2 and res.removed_slots
     assert agent.status().previous_version == "1.1.0"
     np.testing.assert_equal(agent.predict(digits().test_x[0]).model_version, "1.6.0")
+
+
+# --------------------------------------------------------------------------- corrupt MQTT transfers
+class _BundleFleet:
+    """Answers a device's ``BundleRequest``s over a real Mosquitto; the first ``corrupt``
+    answers carry one chunk with a flipped byte (the frame itself stays well-formed)."""
+
+    def __init__(self, broker: MosquittoBroker, topics: TopicScheme, device: str, data: bytes, *,
+                 corrupt: int) -> None:
+        self.topics, self.device, self.data, self.corrupt = topics, device, data, corrupt
+        self.starts: list[int] = []
+        self.conn = connect_client(broker.host, broker.port, client_id=f"fleet-{device}", clean=True,
+                                   subscriptions=[topics.device(device, "bundle-req")],
+                                   on_message=self._on_request, wait_s=30)
+
+    def _on_request(self, msg: Any) -> None:
+        req = decode_as(bytes(msg.payload), BundleRequest)
+        self.starts.append(req.start)
+        frames = split(req.job_id, self.data, chunk_size=4096, kind=BUNDLE_KIND)
+        if self.corrupt > 0:
+            self.corrupt -= 1
+            i = len(frames) // 2
+            frames[i] = frames[i][:-1] + bytes([frames[i][-1] ^ 0xFF])
+        for f in frames[req.start:]:
+            self.conn.publish(self.topics.command(self.device, "bundle"), f, qos=1)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(("corrupt", "retries", "outcome"), [(1, 2, "completed"), (3, 2, "failed"),
+                                                              (1, 0, "failed")])
+def test_a_corrupt_mqtt_transfer_is_requested_again(session_broker: MosquittoBroker, topic_prefix: str,
+                                                    tmp_path: Path, tiny_bundles: dict[str, Path],  # noqa: F811
+                                                    corrupt: int, retries: int, outcome: str) -> None:
+    topics = TopicScheme(topic_prefix)
+    data = tiny_bundles["v2"].read_bytes()
+    fleet = _BundleFleet(session_broker, topics, "dev-mq", data, corrupt=corrupt)
+    cfg = agent_config(tmp_path / "state", agent={"device_id": "dev-mq"}, update={"mqtt_corrupt_retries": retries},
+                       broker={"enabled": True, "host": session_broker.host, "port": session_broker.port,
+                               "topic_prefix": topic_prefix})
+    try:
+        with Agent(cfg).start() as a:
+            a.install(tiny_bundles["v1"])
+            a.worker.submit(DeployCommand(job_id="job-c", name="tiny-mlp", version="1.1.0", size=len(data),
+                                          sha256=hashlib.sha256(data).hexdigest(), delivery="mqtt"))
+            assert a.worker.wait_idle(60)
+            jobs = [j for j in a.jobs if j.job_id == "job-c"]
+            again = [j.detail for j in jobs if j.step == "downloading" and "corrupt" in j.detail]
+            assert again == [f"transfer corrupt, requesting again ({n}/{retries})"
+                             for n in range(1, min(corrupt, retries) + 1)]
+            assert jobs[-1].step == outcome
+            assert fleet.starts == [0] * (min(corrupt, retries) + 1)  # each time from chunk 0
+            if outcome == "failed":
+                assert "corrupt" in jobs[-1].detail and "\n" not in jobs[-1].detail
+                _still_serves(a, "1.0.0")
+            else:
+                _still_serves(a, "1.1.0")
+    finally:
+        fleet.conn.close()

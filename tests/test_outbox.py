@@ -1,13 +1,15 @@
-"""The disk-backed outbox: order, priorities, bounded size, crash safety, full disk (real SQLite)."""
+"""The disk-backed outbox: order, priorities, bounded size, crash safety, full disk, receipts (real SQLite)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,172 @@ def test_send_window_reads_ahead_and_batches_deletes(tmp_path: Path) -> None:
         assert w.next() == nxt
         w.reset()
         assert [w.next(), w.next()] == box.peek_batch(2)  # re-read from the outbox after a reset
+
+
+# --------------------------------------------------------------------------- receipts (schema v2)
+
+_V1_SCHEMA = """
+CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, priority INTEGER NOT NULL, topic TEXT NOT NULL,
+                     payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, size INTEGER NOT NULL,
+                     created REAL NOT NULL);
+CREATE INDEX outbox_order ON outbox (priority, id);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO counters VALUES ('bytes', 0), ('dropped_samples', 3), ('dropped_messages', 1);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_v1_outbox_is_migrated_in_place_keeping_its_messages(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA)
+    for i, prio in enumerate([1, 0, 2]):
+        payload = b"v1-%d" % i
+        db.execute("INSERT INTO outbox (priority, topic, payload, qos, retain, size, created) VALUES (?,?,?,1,0,?,?)",
+                   (prio, T, payload, len(payload) + len(T), 1000.0 + i))
+    db.execute("UPDATE counters SET value = ? WHERE name = 'bytes'", (3 * (4 + len(T)),))
+    db.commit()
+    db.close()
+    with Outbox(path) as box:
+        st = box.stats()
+        assert (st.depth, st.bytes, st.dropped_samples, st.dropped_messages) == (3, 3 * (4 + len(T)), 3, 1)
+        assert (st.awaiting_receipt, st.resent, box.receipts_seen, box.watermark) == (0, 0, False, None)
+        assert [m.payload for m in box.peek_batch(10)] == [b"v1-1", b"v1-0", b"v1-2"]
+        first = box.peek_batch(1)[0]
+        assert box.mark_sent([first.id], 2000.0) == 1  # the new columns work
+        assert box.put(T, b"v2", 1) is not None
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("SELECT sent, resends FROM outbox ORDER BY priority, id LIMIT 1").fetchone() == (2000.0, 0)
+    with Outbox(path) as box:  # opening a v2 file again changes nothing
+        assert box.stats().depth == 4 and box.stats().awaiting_receipt == 1
+
+
+def test_an_outbox_from_a_newer_agent_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 3")
+    with pytest.raises(QueueError, match="schema version 3"):
+        Outbox(path)
+
+
+def test_sent_messages_wait_for_a_receipt_out_of_the_senders_sight(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        ids = [box.put(T, b"m%d" % i, 1) for i in range(4)]
+        assert box.mark_sent(ids[:3], 100.0) == 3
+        assert [m.payload for m in box.peek_batch(10)] == [b"m3"]
+        st = box.stats()
+        assert (st.depth, st.awaiting_receipt, st.bytes) == (4, 3, 4 * (2 + len(T)))  # held rows still count
+        assert box.receipt([ids[0], ids[1], 99999]) == 2  # unknown ids are ignored
+        assert box.receipt([ids[0]]) == 0  # receipts may repeat
+        st = box.stats()
+        assert (st.depth, st.awaiting_receipt, st.bytes) == (2, 1, 2 * (2 + len(T)))
+        assert box.receipts_seen and box.watermark == 100.0
+        box.mark_sent([ids[3]], 50.0)
+        box.receipt([ids[3]])
+        assert box.watermark == 100.0  # the newest sent time receipted so far
+    with Outbox(tmp_path / "o.sqlite") as box:  # both survive a restart
+        assert box.receipts_seen and box.watermark == 100.0
+
+
+def test_an_empty_receipt_marks_receipts_seen(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        assert not box.receipts_seen
+        assert box.receipt([]) == 0
+        assert box.receipts_seen and box.watermark is None
+
+
+def test_requeue_after_the_watermark_passes_by_the_grace(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        a, b, c = (box.put(T, x, 1) for x in (b"a", b"b", b"c"))
+        box.mark_sent([a], 100.0)
+        box.mark_sent([b], 105.0)
+        box.mark_sent([c], 111.0)
+        box.receipt([c])  # the fleet committed c, PUBACKed 11 s after a and 6 s after b
+        assert box.watermark == 111.0
+        kw = {"watermark": box.watermark, "grace_s": 10.0, "timeout_s": 1000.0}
+        assert box.requeue_overdue(112.0, **kw) == 1  # only a: b may still be on its way
+        assert [m.payload for m in box.peek_batch(10)] == [b"a"]
+        assert box.requeue_overdue(112.0, **kw) == 0
+        st = box.stats()
+        assert (st.awaiting_receipt, st.resent) == (1, 1)
+        # a watermark ahead of the clock (the clock went back) is ignored
+        assert box.requeue_overdue(105.5, watermark=10_000.0, grace_s=0.0, timeout_s=1000.0) == 0
+
+
+def test_requeue_after_the_timeout_backs_off_per_resend(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        mid = box.put(T, b"x", 1)
+        kw = {"watermark": None, "grace_s": 0.0, "timeout_s": 10.0}
+        for wait in (10, 20, 40, 80, 160, 160):  # 10 s * 2**resends, at most 16x
+            box.mark_sent([mid], 1000.0)
+            assert box.requeue_overdue(1000.0 + wait - 0.5, **kw) == 0
+            assert box.requeue_overdue(1000.0 + wait + 0.5, **kw) == 1
+            assert [m.id for m in box.peek_batch(1)] == [mid]
+        assert box.stats().resent == 6
+
+
+def test_requeue_when_the_clock_went_back(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        mid = box.put(T, b"x", 1)
+        box.mark_sent([mid], 5000.0)
+        assert box.requeue_overdue(4000.0, watermark=None, grace_s=10.0, timeout_s=60.0) == 1
+
+
+def test_requeue_bumps_puts_so_a_send_window_reads_again(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        first, second = box.put(T, b"first", 1), box.put(T, b"second", 1)
+        w = SendWindow(box, max_inflight=4)
+        m = w.next()
+        assert m is not None and m.id == first
+        w.sent(1, m, receipt=True)
+        w.delivered(1)  # window empty: flushed, first is now held
+        assert box.stats().awaiting_receipt == 1
+        assert box.requeue_overdue(time.time() + 3600, watermark=None, grace_s=0.0, timeout_s=60.0) == 1
+        assert [w.next().id, w.next().id] == [first, second]  # type: ignore[union-attr]  # in order again
+
+
+def test_send_window_holds_receipt_messages_and_deletes_the_rest(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        for i in range(4):
+            box.put(T, b"m%d" % i, 1)
+        w = SendWindow(box, max_inflight=8)
+        sent = [w.next() for _ in range(4)]
+        for token, m in enumerate(sent):
+            assert m is not None
+            w.sent(token, m, receipt=token % 2 == 0)
+        w.delivered(0)
+        w.delivered(1)
+        w.delivered(2, failed=True)  # refused by the broker: no receipt will come, delete it
+        assert box.stats().depth == 4 and not w.idle  # written back in one batch...
+        w.delivered(3)
+        st = box.stats()  # ...when the window empties
+        assert w.idle and (st.depth, st.awaiting_receipt) == (1, 1)
+        assert box.receipt([sent[0].id]) == 1  # type: ignore[union-attr]
+        assert len(box) == 0
+
+
+def test_send_window_does_not_hand_out_a_delivered_message_before_it_is_written_back(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        for i in range(6):
+            box.put(T, b"m%d" % i, 1)
+        w = SendWindow(box, max_inflight=8)
+        m = w.next()
+        assert m is not None
+        w.sent(0, m, receipt=True)
+        w.sent(1, w.next())  # type: ignore[arg-type]
+        w.delivered(0)  # held, not yet flushed (one still in flight)
+        box.put(T, b"new", 0)  # forces a re-read
+        seen = [w.next() for _ in range(5)]
+        assert m.id not in {x.id for x in seen if x is not None}
+
+
+def test_full_queue_evicts_messages_awaiting_a_receipt_first(tmp_path: Path) -> None:
+    size = 100 + len(T)
+    with Outbox(tmp_path / "o.sqlite", max_bytes=4 * size) as box:
+        ids = [box.put(T, b"r%02d" % i + b"." * 97, 1) for i in range(4)]
+        box.mark_sent([ids[2]], 100.0)  # PUBACKed, awaiting the fleet
+        box.put(T, b"r04" + b"." * 97, 1)
+        assert [m.payload[:3] for m in box.peek_batch(10)] == [b"r00", b"r01", b"r03", b"r04"]
+        st = box.stats()
+        assert (st.awaiting_receipt, st.dropped_messages) == (0, 1)
