@@ -337,3 +337,51 @@ def test_a_message_sent_twice_is_stored_once(tmp_path: Path) -> None:
     assert len(reg.drift_reports()) == 1 and len(reg.telemetry()) == 1 and len(reg.job_statuses()) == 1
     assert svc.stats.db_errors == 0 and svc.stats.processed == 9
     reg.close()
+
+
+def test_drift_reports_lost_in_a_broker_restart_reach_the_database_once(broker: MosquittoBroker, tmp_path: Path,
+                                                                         topic_prefix: str) -> None:
+    """The measured loss, end to end: a real agent link, Mosquitto restarted without
+    persistence, the device back before the fleet's subscriber.  The broker PUBACKs what
+    the device sends meanwhile and delivers it to nobody; the fleet's receipts for later
+    reports tell the device, which sends the lost ones again."""
+    from edge_agent.mqtt import AgentLink
+    from edge_agent.outbox import Outbox
+
+    cfg = dataclasses.replace(default_config(tmp_path / "fleet", prefix=topic_prefix),
+                              broker=BrokerConfig(host=broker.host, port=broker.port, protocol="5"),
+                              ingest=IngestConfig(flush_ms=20, receipt_ms=20))
+    reg = Registry.open(cfg.database_url)
+    box = Outbox(tmp_path / "outbox.sqlite")
+    link = AgentLink(host=broker.host, port=broker.port, device_id="cam-e2e", outbox=box, topics=TopicScheme(cfg.prefix),
+                     protocol="5", reconnect_min_s=0.05, reconnect_max_s=0.2, receipt_grace_s=0.0,
+                     receipt_timeout_s=1000.0).start()
+
+    def report(seq: int) -> None:
+        link.send(DriftReportMsg("cam-e2e", seq, 100, 100, ts=1000.0 + seq))
+
+    def stored() -> list[int]:
+        return [r.seq for r in reg.drift_reports(device_id="cam-e2e")]
+
+    svc = IngestService(cfg, reg)
+    svc.start()
+    try:
+        report(1)
+        assert wait_until(lambda: stored() == [1]) and link.wait_receipted(10)
+        svc.stop()
+        broker.stop()
+        broker.start()  # no persistence: every session and queued message is gone
+        assert link.wait_until(lambda: link.connection.ready.is_set(), 10)
+        for seq in (2, 3, 4):
+            report(seq)
+        assert link.wait_until(lambda: box.stats().awaiting_receipt == 3, 10)  # PUBACKed, delivered to nobody
+        svc = IngestService(cfg, reg)
+        svc.start()  # the fleet's subscriber is back
+        report(5)
+        assert link.wait_receipted(15), box.stats()
+        assert wait_until(lambda: stored() == [1, 2, 3, 4, 5])
+        assert box.stats().resent == 3 and svc.stats.db_errors == 0
+    finally:
+        link.close()
+        svc.stop()
+        reg.close()
