@@ -452,9 +452,12 @@ class IngestService:
             for i in range(0, len(ordered), _RECEIPT_MAX_IDS):
                 part = tuple(ordered[i:i + _RECEIPT_MAX_IDS])
                 try:
-                    client.publish(topic, Receipt(part, ts=ts).encode(), qos=0)
+                    info = client.publish(topic, Receipt(part, ts=ts).encode(), qos=0)
                 except Exception as exc:  # noqa: BLE001 - a lost receipt costs a re-send, nothing more
                     log.warning("receipt to %s not sent: %s", device_id, exc)
+                    continue
+                if getattr(info, "rc", 0):  # not connected: paho drops QoS 0 at once
+                    log.debug("receipt to %s not sent: paho rc %s", device_id, info.rc)
                     continue
                 self.stats.receipts += 1
                 self.stats.receipted += len(part)
