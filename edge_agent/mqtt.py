@@ -67,6 +67,9 @@ _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK: 3.1.1 return code 1, MQTT 5 reason 
 _SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker keeps a device's queued commands
 _REQUEUE_EVERY_S = 1.0  # how often the sender looks for messages whose receipt is overdue
 _MAX_PENDING_RECEIPTS = 4096  # receipts not yet applied; beyond, the oldest are forgotten (resent later)
+# Connected time without any receipt while messages wait for one, in receipt timeouts, after
+# which the fleet is taken to have stopped sending receipts: twice the longest back-off.
+_RECEIPT_LAPSE_TIMEOUTS = 2 * 2**4
 
 
 @dataclass(frozen=True)
@@ -365,8 +368,11 @@ class AgentLink:
     with their outbox id, and once the fleet has receipted anything, keep them until it
     receipts them.  A held message goes out again when the fleet has receipted one
     PUBACKed ``receipt_grace_s`` later (it was lost), or after ``receipt_timeout_s``
-    without a receipt (doubling per resend, up to 16x).  ``receipts=False`` behaves as
-    before receipts existed: no tag, deleted on PUBACK, receipts ignored.
+    without a receipt (doubling per resend, up to 16x).  After ``32 * receipt_timeout_s``
+    of connected time with messages held and no receipt at all, the fleet is taken to
+    have stopped sending receipts (its switch turned off): the link deletes on PUBACK
+    again (``Outbox.forget_receipts``) until the next receipt.  ``receipts=False`` behaves
+    as before receipts existed: no tag, deleted on PUBACK, receipts ignored.
     """
 
     def __init__(self, *, host: str, port: int = 1883, device_id: str, outbox: Outbox,
@@ -396,6 +402,8 @@ class AgentLink:
         # receipt payloads from paho's thread, applied by the sender thread
         self._receipts_in: collections.deque[bytes] = collections.deque(maxlen=_MAX_PENDING_RECEIPTS)
         self._reconnected = threading.Event()
+        self._silent_s = 0.0  # connected seconds with messages held and no receipt; sender thread
+        self._last_tick = time.monotonic()
         self._commands: queue.Queue[paho.MQTTMessage | None] = queue.Queue(maxsize=256)
         self._stop = threading.Event()
         self._progress = threading.Condition()  # notified after every sender pass
@@ -613,14 +621,29 @@ class AgentLink:
         if not self.receipts:
             log.debug("receipts are off ([broker].receipts = false); ignored %d", valid)
             return
+        self._silent_s = 0.0
         removed = self.outbox.receipt(ids)
         log.debug("fleet receipted %d id(s); %d removed from the outbox", len(ids), removed)
 
     def _requeue_overdue(self) -> None:
+        tick = time.monotonic()
+        elapsed, self._last_tick = tick - self._last_tick, tick
+        # Only connected time counts: a device cut off from the broker hears no receipts either.
+        waiting = (self.outbox.receipts_seen and self._conn.connected.is_set()
+                   and self.outbox.oldest_held() is not None)
         n = self.outbox.requeue_overdue(time.time(), watermark=self.outbox.watermark,
                                         grace_s=self.receipt_grace_s, timeout_s=self.receipt_timeout_s)
         if n:
             log.warning("%d message(s) PUBACKed by the broker but not receipted by the fleet; sending again", n)
+        if not waiting:
+            return
+        self._silent_s += elapsed
+        if self._silent_s >= _RECEIPT_LAPSE_TIMEOUTS * self.receipt_timeout_s:
+            self._silent_s = 0.0
+            n = self.outbox.forget_receipts()
+            log.warning("no receipt from the fleet for %.0f s while connected; deleting messages on the broker's "
+                        "PUBACK again until the next receipt (%d held message(s) go out once more)",
+                        _RECEIPT_LAPSE_TIMEOUTS * self.receipt_timeout_s, n)
 
     def _reject(self, topic: str, exc: ProtocolError) -> None:
         with self._rejected_lock:

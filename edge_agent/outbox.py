@@ -15,7 +15,8 @@ until the fleet's receipt names their id (:meth:`Outbox.receipt` deletes them).
 :meth:`Outbox.requeue_overdue` puts a held message back in the queue when the fleet has
 already receipted one PUBACKed ``grace_s`` later (the *watermark*: this one was lost), or
 when no receipt came for ``timeout_s``, doubling per resend up to 16x (tail loss, fleet
-down).  Requeued messages go out again in their original order.
+down).  Requeued messages go out again in their original order.  :meth:`Outbox.forget_receipts`
+turns holding off again when the fleet has stopped sending receipts.
 
 Durability: ``synchronous=NORMAL`` by default.  In WAL mode that is crash-safe against a
 killed *process* (every commit is in the WAL before ``put`` returns) and never corrupts
@@ -347,6 +348,28 @@ class Outbox:
             n = self._db.execute(f"UPDATE outbox SET sent = NULL, resends = resends + 1 WHERE {where}", args).rowcount
             self._bump("resent", n)
             self.puts += 1  # like a put: a sender's read-ahead must look again
+        self._put_event.set()
+        return n
+
+    def oldest_held(self) -> float | None:
+        """The oldest ``sent`` time among messages awaiting a receipt; None when none is held."""
+        with self._lock:
+            try:
+                return self._db.execute("SELECT MIN(sent) FROM outbox WHERE sent IS NOT NULL").fetchone()[0]
+            except sqlite3.Error as exc:
+                raise self._error(exc, "read") from exc
+
+    def forget_receipts(self) -> int:
+        """The fleet has stopped sending receipts: clear :attr:`receipts_seen` (so messages
+        are deleted on the PUBACK again, until the next receipt) and put every held message
+        back in the queue, to go out once more; returns how many."""
+        with self._transaction("reset receipts in"):
+            n = self._db.execute("UPDATE outbox SET sent = NULL, resends = resends + 1 "
+                                 "WHERE sent IS NOT NULL").rowcount
+            self._bump("resent", n)
+            self._db.execute("UPDATE counters SET value = 0 WHERE name = 'receipts_seen'")
+            self.puts += 1
+        self._receipts_seen = False
         self._put_event.set()
         return n
 

@@ -387,3 +387,18 @@ def test_full_queue_evicts_messages_awaiting_a_receipt_first(tmp_path: Path) -> 
         assert [m.payload[:3] for m in box.peek_batch(10)] == [b"r00", b"r01", b"r03", b"r04"]
         st = box.stats()
         assert (st.awaiting_receipt, st.dropped_messages) == (0, 1)
+
+
+def test_forget_receipts_releases_every_held_message(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite") as box:
+        ids = [box.put(T, b"m%d" % i, 1) for i in range(3)]
+        box.receipt([])
+        assert box.oldest_held() is None
+        box.mark_sent(ids[:2], 200.0)
+        box.mark_sent(ids[:1], 100.0)
+        assert box.oldest_held() == 100.0
+        assert box.forget_receipts() == 2
+        assert not box.receipts_seen and box.oldest_held() is None
+        assert [m.id for m in box.peek_batch(10)] == ids and box.stats().resent == 2
+    with Outbox(tmp_path / "o.sqlite") as box:
+        assert not box.receipts_seen

@@ -224,6 +224,24 @@ def test_without_receipts_messages_are_deleted_on_puback(session_broker: Mosquit
         fleet.close()
 
 
+def test_a_fleet_that_stops_receipting_lets_the_device_delete_on_puback_again(
+        session_broker: MosquittoBroker, tmp_path: Path, topics: proto.TopicScheme) -> None:
+    fleet = ReceiptingFleet(session_broker, topics, receipts=False)  # e.g. its receipts switched off
+    box = outbox(tmp_path, receipts_seen=True)
+    # lapse: 32 x 0.05 s of connected time with messages held and no receipt
+    link = make_link(session_broker, box, topics, receipt_grace_s=1000.0, receipt_timeout_s=0.05).start()
+    try:
+        telemetry(link, 1, 2)
+        assert link.wait_until(lambda: not box.receipts_seen, WAIT)
+        assert link.wait_drained(WAIT) and len(box) == 0  # sent once more, deleted on the PUBACK
+        assert box.stats().resent >= 2 and set(fleet.seqs()) == {1, 2}
+        telemetry(link, 3)
+        assert link.wait_drained(WAIT) and len(box) == 0
+    finally:
+        link.close()
+        fleet.close()
+
+
 def test_a_receipt_is_applied_while_the_command_thread_is_busy(session_broker: MosquittoBroker, tmp_path: Path,
                                                                topics: proto.TopicScheme) -> None:
     entered, release = threading.Event(), threading.Event()
