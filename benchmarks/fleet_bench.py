@@ -47,6 +47,8 @@ class FleetBenchConfig:
     devices: int = 1000
     processes: int = 1  # swarm processes (each one event loop); the fleet is another process
     rates: tuple[float, ...] = (2000.0, 5000.0, 8000.0)  # offered drift reports/s
+    drain: int = 0  # reports queued at the broker, then drained by the fleet (0: skip; the CLI's default 50,000)
+    ingest_workers: int = 1  # fleet ingest processes (fleet.toml [ingest] workers)
     phase_s: float = 10.0
     db: str = "sqlite"
     bundle_mb: tuple[float, ...] = (1.0, 10.0)
@@ -55,7 +57,8 @@ class FleetBenchConfig:
     offline_share: float = 0.05
     offline_s: float = 20.0
     corrupt_share: float = 0.02
-    corrupt_retries: int = 0
+    corrupt_retries: int = 2
+    broker_crash: bool = False  # faults: SIGKILL the broker (it loses every session) instead of SIGTERM
     background_rate: float = 200.0  # drift reports/s while rolling out
     job_timeout_s: float = 180.0
     rollout_timeout_s: float = 600.0
@@ -81,14 +84,15 @@ def _cpu_s(pid: int) -> float:
 class CpuMeter:
     """CPU seconds spent by the fleet (this process), the device swarms and the broker over a phase."""
 
-    def __init__(self, swarms: list[SwarmHandle], broker: Broker) -> None:
+    def __init__(self, swarms: list[SwarmHandle], broker: Broker, fleet_pids: list[int] | None = None) -> None:
         self.swarms, self.broker = swarms, broker
+        self.fleet_pids = [os.getpid(), *(fleet_pids or [])]  # this process + extra ingest processes
         self.t0, self.start = time.monotonic(), self._now()
 
     def _now(self) -> dict[str, float]:
         b = self.broker.proc.pid if self.broker.proc is not None else 0
-        return {"fleet": _cpu_s(os.getpid()), "devices": sum(_cpu_s(s.proc.pid) for s in self.swarms),
-                "broker": _cpu_s(b) if b else 0.0}
+        return {"fleet": sum(_cpu_s(p) for p in self.fleet_pids),
+                "devices": sum(_cpu_s(s.proc.pid) for s in self.swarms), "broker": _cpu_s(b) if b else 0.0}
 
     def result(self) -> dict[str, float]:
         """CPU seconds per side and, as ``*_cores``, the average cores each kept busy."""
@@ -162,17 +166,17 @@ class BenchFleet:
     """The real fleet services in this process, instrumented through an ingest hook."""
 
     def __init__(self, workdir: Path, broker_port: int, db_url: str, *, corrupt_share: float = 0.0,
-                 seed: int = 0, fix_bundle_url: bool = True) -> None:
+                 seed: int = 0, fix_bundle_url: bool = True, ingest_workers: int = 1) -> None:
         from edge_agent.protocol import TopicScheme
         from fleet.api import ApiServer
-        from fleet.config import ApiConfig, BrokerConfig, DatabaseConfig, FleetConfig
-        from fleet.ingest import IngestService
+        from fleet.config import ApiConfig, BrokerConfig, DatabaseConfig, FleetConfig, IngestConfig
+        from fleet.ingest import IngestService, IngestWorkers
         from fleet.registry import Registry
         from fleet.rollout_driver import RolloutDriver
 
         self.cfg = FleetConfig(data_dir=workdir / "fleet", database=DatabaseConfig(url=db_url),
                                broker=BrokerConfig(port=broker_port, client_id="bench-fleet"),
-                               api=ApiConfig(port=free_port()))
+                               api=ApiConfig(port=free_port()), ingest=IngestConfig(workers=ingest_workers))
         self.registry = Registry.open(db_url)
         self.lock = threading.Lock()
         self.latencies: list[float] = []
@@ -180,6 +184,7 @@ class BenchFleet:
         self.ingest = IngestService(self.cfg, self.registry)
         self.ingest.add_hook(self._hook)
         self.ingest.start()
+        self.workers = IngestWorkers(self.cfg, ingest_workers - 1).start()
         self.api = ApiServer(self.cfg, self.registry).start()
         self.publisher = CorruptingPublisher(self.ingest.client, corrupt_share, seed)
         self.driver = RolloutDriver(self.registry, self.publisher, topics=TopicScheme(self.cfg.prefix),
@@ -244,10 +249,31 @@ class BenchFleet:
     def wait_idle(self, timeout: float) -> bool:
         return self.ingest.wait_idle(timeout)
 
+    def pause_ingest(self) -> None:
+        """Disconnect the ingest subscribers cleanly; their persistent sessions make the broker queue for them."""
+        self.workers.stop()
+        self.ingest.stop()
+
+    def resume_ingest(self) -> None:
+        self.ingest.start()
+        self.publisher.inner = self.ingest.client  # the rollout driver publishes through the new connection
+        self.workers.start()
+
+    def drift_rows(self) -> int:
+        """Drift reports of simulated devices in the registry (every ingest process writes there)."""
+        from sqlalchemy import func, select
+
+        from fleet.models import DriftRow
+
+        with self.registry.session() as s:
+            return int(s.execute(select(func.count()).select_from(DriftRow)
+                                 .where(DriftRow.device_id.like("sim-%"))).scalar_one())
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
         self._ticker.join(10)
+        self.workers.stop()
         self.ingest.stop()
         self.api.stop()
         self.registry.close()
@@ -286,7 +312,7 @@ class _SysBytes:
 # --------------------------------------------------------------------------- phases
 def _swarm_stats(swarms: list[SwarmHandle]) -> dict[str, Any]:
     out: dict[str, Any] = {"counters": {}, "acked_drift": {}, "versions": {}, "installed_sha": {}, "bricked": [],
-                           "connected": 0, "unacked": 0, "busy_jobs": 0}
+                           "connected": 0, "unacked": 0, "busy_jobs": 0, "awaiting_receipt": 0, "held": 0}
     for s in swarms:
         st = s.call("stats")
         for k, v in st["counters"].items():
@@ -294,7 +320,7 @@ def _swarm_stats(swarms: list[SwarmHandle]) -> dict[str, Any]:
         for k in ("acked_drift", "versions", "installed_sha"):
             out[k].update(st[k])
         out["bricked"] += st["bricked"]
-        for k in ("connected", "unacked", "busy_jobs"):
+        for k in ("connected", "unacked", "busy_jobs", "awaiting_receipt", "held"):
             out[k] += st[k]
     return out
 
@@ -357,30 +383,66 @@ def ingestion_phase(fleet: BenchFleet, swarms: list[SwarmHandle], rate: float, s
                     broker: Broker) -> dict[str, Any]:
     """Offer ``rate`` reports/s for ``seconds``; measure what the fleet commits and how late."""
     load0 = _load()
-    cpu = CpuMeter(swarms, broker)
+    cpu = CpuMeter(swarms, broker, fleet.workers.cpu_pids())
     before = _swarm_stats(swarms)["counters"]["acked"]
+    rows0 = fleet.drift_rows()
     fleet.take_measurements()
     t0 = time.time()
     for s in swarms:
         s.call("reports", rate / len(swarms), seconds)
     time.sleep(seconds)
     t_end = time.time()
-    # drain: until every report was acknowledged by the broker and the fleet is idle
+    in_window = fleet.drift_rows() - rows0
+    cpu_window = cpu.result()
+    # drain: until every report was acknowledged by the broker and is in the registry
     _wait(lambda: _swarm_stats(swarms)["unacked"] == 0, 60)
-    drained = fleet.wait_idle(120)
+    offered = _swarm_stats(swarms)["counters"]["acked"] - before
+    drained = _wait(lambda: fleet.drift_rows() - rows0 >= offered, 120, poll=0.05)
     t_drained = time.time()
-    lat, commits = fleet.take_measurements()
-    stats = _swarm_stats(swarms)
-    offered = stats["counters"]["acked"] - before
-    in_window = sum(n for t, n in commits if t <= t_end)
-    total = sum(n for _t, n in commits)
-    last_commit = max((t for t, n in commits if n), default=t_end)
+    fleet.wait_idle(30)
+    lat, _commits = fleet.take_measurements()
+    total = fleet.drift_rows() - rows0
     lat_stats = summarize([x * 1000 for x in lat]) if lat else None
     return {"offered_per_s": rate, "published": offered, "published_per_s": offered / seconds,
             "committed_in_window_per_s": in_window / seconds, "committed": total,
-            "drain_s": max(0.0, last_commit - t_end), "overall_per_s": total / max(1e-9, last_commit - t0),
+            "drain_s": round(max(0.0, t_drained - t_end), 2), "overall_per_s": total / max(1e-9, t_drained - t0),
             "idle_after_s": round(t_drained - t_end, 2), "drained": drained,
-            "latency_ms": asdict(lat_stats) if lat_stats else None, "cpu": cpu.result(), "load_avg": [load0, _load()]}
+            "latency_ms": asdict(lat_stats) if lat_stats else None, "cpu": cpu_window,
+            "load_avg": [load0, _load()]}
+
+
+def drain_phase(fleet: BenchFleet, swarms: list[SwarmHandle], count: int, broker: Broker) -> dict[str, Any]:
+    """The fleet's own ingestion capacity, with the device swarm out of the way.
+
+    On 2 shared cores the swarm's 1,000 MQTT clients compete with the fleet for CPU, so
+    the concurrent phases measure the box, not the fleet.  Here the fleet's subscriber
+    disconnects (its persistent session stays), the devices publish ``count`` reports that
+    the broker queues for that session, and the fleet reconnects and drains the queue:
+    reports committed per second from its reconnect to the last commit.
+    """
+    fleet.wait_idle(60)
+    fleet.pause_ingest()
+    st0 = _swarm_stats(swarms)["counters"]["acked"]
+    t_pub = time.time()
+    for i, s in enumerate(swarms):
+        s.call("burst", count // len(swarms) + (1 if i < count % len(swarms) else 0))
+    queued = _wait(lambda: _swarm_stats(swarms)["counters"]["acked"] - st0 >= count, 300)
+    publish_s = time.time() - t_pub
+    rows0 = fleet.drift_rows()
+    load0 = _load()
+    t0 = time.time()
+    fleet.resume_ingest()
+    cpu = CpuMeter(swarms, broker, fleet.workers.cpu_pids())  # after the workers (re)started
+    _wait(lambda: fleet.drift_rows() - rows0 >= count, 300, poll=0.05)
+    last = time.time()
+    cpu_result = cpu.result()
+    got = fleet.drift_rows() - rows0
+    fleet.wait_idle(60)
+    fleet.take_measurements()
+    return {"queued": count, "all_queued": queued, "publish_s": round(publish_s, 2), "committed": got,
+            "ingest_processes": 1 + fleet.workers.count,
+            "drain_s": round(last - t0, 2), "drain_per_s": got / max(1e-9, last - t0), "cpu": cpu_result,
+            "load_avg": [load0, _load()]}
 
 
 def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, version: str, cfg: FleetBenchConfig,
@@ -420,9 +482,10 @@ def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, ve
             break
         done = sum(1 for d in state.devices if d.status in ("updated", "failed", "timed_out"))
         if faults and broker is not None and not restarted and done >= 0.25 * n:
-            down = broker.restart_for(2.0)
+            down = broker.restart_for(2.0, crash=cfg.broker_crash)
             restarted = True
-            events.append({"t": round(time.time() - t0, 2), "event": f"broker restarted ({down:.1f} s down)"})
+            how = "killed (SIGKILL, sessions lost) and restarted" if cfg.broker_crash else "restarted"
+            events.append({"t": round(time.time() - t0, 2), "event": f"broker {how} ({down:.1f} s down)"})
         if faults and not back and time.time() - t0 >= cfg.offline_s:
             for s in swarms:
                 s.call("online", [d for d in offline if d in s.spec.device_ids])
@@ -459,15 +522,23 @@ def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, ve
                          if d.status not in ("updated", "pending")][:5], "load_avg": [load0, _load()]}
 
 
-def loss_check(fleet: BenchFleet, swarms: list[SwarmHandle], timeout: float = 120.0) -> dict[str, Any]:
-    """Acknowledged drift reports vs the unique (device, seq) rows in the registry."""
-    _wait(lambda: _swarm_stats(swarms)["unacked"] == 0, timeout)
+def loss_check(fleet: BenchFleet, swarms: list[SwarmHandle], timeout: float = 240.0) -> dict[str, Any]:
+    """Acknowledged drift reports vs the unique (device, seq) rows in the registry.
+
+    Waits until nothing is in flight and nothing awaits a receipt (a message the fleet
+    lost is re-sent after the receipt timeout), then compares.
+    """
+    t0 = time.monotonic()
+    _wait(lambda: (lambda st: st["unacked"] == 0 and st["held"] == 0)(_swarm_stats(swarms)), timeout)
     fleet.wait_idle(timeout)
     st = _swarm_stats(swarms)
     sent, got = _acked_ids(st), fleet.ingested_drift()
     got_sim = {x for x in got if x[0].startswith("sim-")}
+    c = st["counters"]
     return {"acked": len(sent), "ingested_unique": len(got_sim), "lost": len(sent - got_sim),
-            "unacked_left": st["unacked"], "lost_examples": sorted(sent - got_sim)[:5]}
+            "unacked_left": st["unacked"], "awaiting_receipt_left": st["held"], "resent": c.get("resent", 0),
+            "receipts": c.get("receipts", 0), "waited_s": round(time.monotonic() - t0, 1),
+            "lost_examples": sorted(sent - got_sim)[:5]}
 
 
 # --------------------------------------------------------------------------- driver
@@ -482,7 +553,7 @@ def run_fleet_bench(cfg: FleetBenchConfig, workdir: Path, *, say: Any = print) -
     result: dict[str, Any] = {"config": asdict(cfg), "db": "sqlite" if cfg.db == "sqlite" else "postgresql"}
     try:
         fleet = BenchFleet(workdir, broker.port, db.url, corrupt_share=cfg.corrupt_share if cfg.faults else 0.0,
-                           seed=cfg.seed)
+                           seed=cfg.seed, ingest_workers=cfg.ingest_workers)
         sysb = _SysBytes(broker.port)
         say("registry write rate ...")
         result["registry_write"] = measure_registry_writes(fleet.registry, cfg.devices)
@@ -501,6 +572,10 @@ def run_fleet_bench(cfg: FleetBenchConfig, workdir: Path, *, say: Any = print) -
         for rate in cfg.rates:
             say(f"ingestion at {rate:g} reports/s offered ...")
             result["ingestion"].append(ingestion_phase(fleet, swarms, rate, cfg.phase_s, broker))
+        if cfg.drain > 0:
+            say(f"fleet capacity: draining {cfg.drain:,} queued reports ...")
+            result["drain"] = drain_phase(fleet, swarms, cfg.drain, broker)
+            say(f"  {result['drain']['drain_per_s']:,.0f} reports/s")
         result["ingestion_loss"] = loss_check(fleet, swarms)
         result["rollouts"] = []
         sizes = cfg.bundle_mb[:1] if cfg.faults else cfg.bundle_mb
@@ -563,6 +638,12 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {p['offered_per_s']:,.0f} | {p['published_per_s']:,.0f} | {p['committed_in_window_per_s']:,.0f} "
                          f"| {p['overall_per_s']:,.0f} | {_f(p['drain_s'], 2)} | {_f(lat.get('p50_ms'))} "
                          f"| {_f(lat.get('p99_ms'))} | {_cores(p.get('cpu'))} | {p['load_avg'][0][0]} → {p['load_avg'][1][0]} |")
+        d = result.get("drain")
+        if d:
+            lines += ["", f"Fleet capacity (the swarm idle, {d.get('ingest_processes', 1)} ingest process(es)): "
+                          f"{d['committed']:,} reports queued at the broker while the "
+                          f"fleet was away drained in {d['drain_s']:.1f} s = **{d['drain_per_s']:,.0f} reports/s** "
+                          f"(cores busy: fleet / devices / broker {_cores(d.get('cpu'))})."]
         loss = result.get("ingestion_loss", {})
         lines += ["", f"Loss over the ingestion phases: {loss.get('lost')} of {loss.get('acked')} acknowledged "
                       f"reports ({loss.get('ingested_unique')} unique rows).", ""]
@@ -587,7 +668,9 @@ def markdown(result: dict[str, Any]) -> str:
     fl = result.get("final_loss")
     if fl:
         lines += ["", f"Lost drift reports over the whole run: **{fl['lost']}** of {fl['acked']} acknowledged "
-                      f"(unacknowledged at the end: {fl['unacked_left']})."]
+                      f"(unacknowledged at the end: {fl['unacked_left']}; awaiting a receipt: "
+                      f"{fl.get('awaiting_receipt_left', 0)}; messages re-sent for want of a receipt: "
+                      f"{fl.get('resent', 0)})."]
     sysinfo = result.get("system", {})
     lines += ["", f"Machine: {sysinfo.get('cpu')} ({sysinfo.get('cores')} cores), load avg at start "
                   f"{result.get('load_avg_start')}. Command: `{sysinfo.get('command', '')}`"]
@@ -604,13 +687,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1, help="device-swarm processes (default 1)")
     p.add_argument("--rates", type=_floats, default=(2000.0, 5000.0, 8000.0), help="offered drift reports/s")
     p.add_argument("--phase-s", type=float, default=10.0, help="seconds per ingestion rate")
+    p.add_argument("--ingest-workers", type=int, default=1,
+                   help="fleet ingest processes ([ingest] workers; >1 splits the drift/telemetry load)")
+    p.add_argument("--drain", type=int, default=50_000,
+                   help="reports queued while the fleet is away, then drained: its capacity (0: skip)")
     p.add_argument("--db", default="sqlite", help="sqlite, or a PostgreSQL URL (a fresh schema is used and dropped)")
     p.add_argument("--bundle-mb", type=_floats, default=(1.0, 10.0), help="bundle sizes to roll out")
     p.add_argument("--delivery", choices=("http", "mqtt"), default="http")
     p.add_argument("--faults", action="store_true", help="broker restart, 5%% offline, corrupted chunks (MQTT)")
     p.add_argument("--corrupt-share", type=float, default=0.02)
-    p.add_argument("--corrupt-retries", type=int, default=0, help="device re-requests after a corrupt transfer "
-                                                                   "(0 = the agent's behaviour today)")
+    p.add_argument("--broker-crash", action="store_true",
+                   help="with --faults: SIGKILL the broker, losing its sessions and queues, instead of SIGTERM")
+    p.add_argument("--corrupt-retries", type=int, default=2, help="device re-requests after a corrupt transfer "
+                                                                   "(2 = the agent's update.mqtt_corrupt_retries)")
     p.add_argument("--job-timeout", type=float, default=180.0)
     p.add_argument("--out", type=Path, default=Path("bench-results/fleet"))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -623,18 +712,22 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = FleetBenchConfig(devices=args.devices, processes=args.processes, rates=args.rates, phase_s=args.phase_s,
+                           drain=args.drain, ingest_workers=args.ingest_workers,
                            db=args.db, bundle_mb=args.bundle_mb, delivery=args.delivery, faults=args.faults,
                            corrupt_share=args.corrupt_share, corrupt_retries=args.corrupt_retries,
+                           broker_crash=args.broker_crash,
                            job_timeout_s=args.job_timeout)
     load = _load()
-    say = (lambda m: print(f"  {m}", file=sys.stderr))
+    def say(m: str) -> None:
+        print(f"  {m}", file=sys.stderr)
+
     with tempfile.TemporaryDirectory(prefix="edgeloop-fleet-bench-") as tmp:
         result = run_fleet_bench(cfg, Path(tmp), say=say)
     argv_used = ["python", "-m", "benchmarks.fleet_bench", *(argv if argv is not None else sys.argv[1:])]
     result = {"schema_version": RESULT_SCHEMA_VERSION, "kind": "fleet", "system": system_info(argv_used),
               "load_avg_start": load, "load_avg_end": _load(), **result}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"fleet-{result['db']}-{cfg.devices}{'-faults' if cfg.faults else ''}"
+    stem = f"fleet-{result['db']}-{cfg.devices}{'-faults' if cfg.faults else ''}{'-crash' if cfg.broker_crash else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     md = markdown(result)
     (args.out / f"{stem}.md").write_text(md)

@@ -19,8 +19,13 @@ slot and the ONNX health check (per-device CPU work that says nothing about the 
 
 A swarm runs in a child process (:class:`SwarmHandle`) and obeys commands over a pipe.
 QoS 1 messages a device published while disconnected stay in paho's queue and go out on
-reconnect, like the agent's outbox; a message counts as *sent* only once the broker
+reconnect, like the agent's outbox; a message counts as *sent* once the broker
 acknowledged it (PUBACK), so ``lost = acknowledged - ingested`` is an honest loss count.
+Delivery receipts follow the agent's rules (``docs/protocol.md``, "Receipts"): messages of
+the receipted kinds carry the ``oid`` user property and, once the device has seen a
+receipt, stay held after the PUBACK until the fleet's ``Receipt`` names them; a held
+message is sent again when a message PUBACKed ``receipt_grace_s`` later was receipted
+first, or after ``receipt_timeout_s`` (doubling per resend).
 """
 
 from __future__ import annotations
@@ -41,15 +46,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties, VariableByteIntegers
+
 from edge_agent.chunks import Reassembler, parse_frame
 from edge_agent.errors import EdgeloopError, ProtocolError
 from edge_agent.protocol import (
     DEFAULT_PREFIX,
+    RECEIPT_KINDS,
+    RECEIPT_PROPERTY,
     BundleRequest,
     DeployCommand,
     DeviceState,
     DriftReportMsg,
     JobStatus,
+    Receipt,
     RollbackCommand,
     TopicScheme,
     decode,
@@ -79,9 +90,18 @@ class Broker(MosquittoBroker):
                          extra_conf=("autosave_interval 0", "sys_interval 1", "max_inflight_messages 100",
                                      "persistent_client_expiration 1h"))
 
-    def restart_for(self, down_s: float = 2.0) -> float:
-        """Stop, stay down ``down_s``, start on the same port; returns the seconds it was unreachable."""
+    def restart_for(self, down_s: float = 2.0, *, crash: bool = False) -> float:
+        """Stop, stay down ``down_s``, start on the same port; returns the seconds it was unreachable.
+
+        ``crash``: SIGKILL instead of SIGTERM, so the broker saves nothing: every session,
+        subscription and queued message is gone when it comes back.
+        """
         t0 = time.monotonic()
+        if crash and self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+            (self.workdir / "mosquitto.db").unlink(missing_ok=True)  # nothing saved since start
         self.stop()
         time.sleep(down_s)
         self.start()
@@ -142,10 +162,13 @@ class SwarmSpec:
     workdir: str = ""
     trusted_key: str | None = None  # public key file: verify downloaded bundles' signatures
     download_threads: int = 6
-    corrupt_retries: int = 0  # 0 = the agent's behaviour: a corrupt transfer fails the job
+    corrupt_retries: int = 2  # the agent's update.mqtt_corrupt_retries: ask again from chunk 0
     rerequest_s: float = 10.0  # MQTT delivery: ask again from the first missing chunk after this silence
     job_timeout_s: float = 600.0
     keepalive: int = 60
+    receipts: bool = True  # the agent's mqtt.receipts
+    receipt_grace_s: float = 10.0
+    receipt_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.delivery not in ("http", "mqtt"):
@@ -161,6 +184,30 @@ class _Job:
     retries_left: int = 0
 
 
+class _OidProperty(Properties):
+    """The ``oid`` user property, packed once: paho's ``Properties`` costs ~30 µs to build
+    and pack, the simulator sends thousands of messages a second (the bytes are the same)."""
+
+    def __init__(self, oid: int) -> None:  # skips Properties' slow set-up and validation
+        key, val = RECEIPT_PROPERTY.encode(), str(oid).encode()
+        body = b"\x26" + len(key).to_bytes(2, "big") + key + len(val).to_bytes(2, "big") + val
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "_packed", VariableByteIntegers.encode(len(body)) + body)
+
+    def pack(self) -> bytes:
+        return self._packed  # type: ignore[no-any-return]
+
+
+@dataclass
+class _Held:
+    topic: str
+    payload: bytes
+    seq: int  # drift seq, -1 for other kinds
+    sent: float | None = None  # PUBACK time while awaiting the receipt
+    resends: int = 0
+    acked_once: bool = False
+
+
 @dataclass
 class _Device:
     id: str
@@ -174,7 +221,11 @@ class _Device:
     reconnect_at: float | None = None
     backoff: float = 1.0
     sock: Any = None
-    inflight: dict[int, int] = field(default_factory=dict)  # mid -> drift seq (-1: other message)
+    inflight: dict[int, int] = field(default_factory=dict)  # paho mid -> oid (0: not a receipted kind)
+    held: dict[int, _Held] = field(default_factory=dict)  # oid -> message kept until the fleet's receipt
+    next_oid: int = 1
+    receipts_seen: bool = False
+    watermark: float = 0.0  # newest PUBACK time among receipted messages
     acked_drift: list[int] = field(default_factory=list)
     job: _Job | None = None
     done_jobs: dict[str, str] = field(default_factory=dict)
@@ -211,9 +262,11 @@ class _Swarm:
         self.report_done = 0
         self.report_rr = 0
         self.waiting_reports: list[Any] = []
+        self.burst_left = 0
+        self._order: list[_Device] = []
         self.counters = {"published": 0, "acked": 0, "reconnects": 0, "bundle_frame_bytes": 0, "http_bytes": 0,
                          "jobs_completed": 0, "jobs_failed": 0, "corrupt_detected": 0, "bundle_requests": 0,
-                         "commands": 0}
+                         "commands": 0, "receipts": 0, "receipted": 0, "resent": 0}
         self.stopping = False
 
     # ------------------------------------------------------------------ paho plumbing
@@ -259,18 +312,68 @@ class _Swarm:
             dev.backoff = min(10.0, dev.backoff * 2)
 
     def _on_publish(self, client: Any, dev: _Device, mid: int, reason: Any, props: Any) -> None:
-        seq = dev.inflight.pop(mid, None)
-        if seq is None:
+        oid = dev.inflight.pop(mid, None)
+        if oid is None:
             return
-        self.counters["acked"] += 1
-        if seq >= 0:
-            dev.acked_drift.append(seq)
+        held = dev.held.get(oid)
+        if held is None:
+            self.counters["acked"] += 1  # not a receipted kind (or a receipt overtook the PUBACK)
+            return
+        if not held.acked_once:
+            held.acked_once = True
+            self.counters["acked"] += 1
+            if held.seq >= 0:
+                dev.acked_drift.append(held.seq)
+        if dev.receipts_seen and self.spec.receipts:
+            held.sent = time.monotonic()
+        else:
+            del dev.held[oid]  # no fleet receipts (yet): the PUBACK is the end, like the agent
 
     def _publish(self, dev: _Device, topic: str, payload: bytes, *, retain: bool = False, seq: int = -1) -> None:
+        kind = topic.rsplit("/", 1)[-1]
+        if kind in RECEIPT_KINDS:
+            oid, dev.next_oid = dev.next_oid, dev.next_oid + 1
+            dev.held[oid] = _Held(topic, payload, seq)
+            self._send_held(dev, oid)
+            return
         info = dev.client.publish(topic, payload, qos=1, retain=retain)
-        dev.inflight[info.mid] = seq
+        dev.inflight[info.mid] = 0
         self.counters["published"] += 1
         self.dirty.add(dev.id)
+
+    def _send_held(self, dev: _Device, oid: int) -> None:
+        held = dev.held[oid]
+        info = dev.client.publish(held.topic, held.payload, qos=1, properties=_OidProperty(oid))
+        dev.inflight[info.mid] = oid
+        self.counters["published"] += 1
+        self.dirty.add(dev.id)
+
+    def _on_receipt(self, dev: _Device, payload: bytes) -> None:
+        try:
+            r = decode(payload)
+        except ProtocolError:
+            return
+        if not isinstance(r, Receipt):
+            return
+        self.counters["receipts"] += 1
+        dev.receipts_seen = True
+        for oid in r.ids:
+            held = dev.held.pop(oid, None)
+            if held is not None:
+                self.counters["receipted"] += 1
+                if held.sent is not None:
+                    dev.watermark = max(dev.watermark, held.sent)
+
+    def _requeue_overdue(self, dev: _Device, now: float) -> None:
+        """The agent's ``Outbox.requeue_overdue``: send again what the fleet evidently lost."""
+        grace, timeout = self.spec.receipt_grace_s, self.spec.receipt_timeout_s
+        for oid, held in list(dev.held.items()):
+            if held.sent is None:
+                continue
+            if held.sent < dev.watermark - grace or held.sent < now - timeout * 2 ** min(held.resends, 4):
+                held.sent, held.resends = None, held.resends + 1
+                self.counters["resent"] += 1
+                self._send_held(dev, oid)
 
     def _state(self, dev: _Device) -> DeviceState:
         return DeviceState(device_id=dev.id, online=True, model_name=self.spec.model_name, model_version=dev.version,
@@ -298,6 +401,9 @@ class _Swarm:
     # ------------------------------------------------------------------ commands from the fleet
     def _on_message(self, client: Any, dev: _Device, msg: Any) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
+        if kind == "receipt":
+            self._on_receipt(dev, msg.payload)
+            return
         try:
             if kind == "bundle":
                 self.counters["bundle_frame_bytes"] += len(msg.payload)
@@ -466,19 +572,30 @@ class _Swarm:
                              class_counts=(10, 11, 9, 10, 10, 12, 8, 10, 10, 10))
         self._publish(dev, self.topics.device(dev.id, "drift"), msg.encode(), seq=dev.seq)
 
+    def _next_reporter(self) -> _Device:
+        if len(self._order) != len(self.devices):
+            self._order = list(self.devices.values())
+        dev = self._order[self.report_rr % len(self._order)]
+        self.report_rr += 1
+        return dev
+
     def _due_reports(self, now: float) -> float | None:
-        """Publish what the schedule says is due; returns seconds until the next one."""
+        """Publish what the schedule (or a burst) says is due; returns seconds until the next one."""
+        if self.burst_left > 0:  # as fast as the loop goes, a bounded slice per pass so reads are never starved
+            for _ in range(min(self.burst_left, 500)):
+                self._report(self._next_reporter())
+                self.burst_left -= 1
+            return 0.0
         if self.report_rate <= 0:
             return None
         horizon = min(now, self.report_until)
-        due = int((horizon - self.report_t0) * self.report_rate) - self.report_done
-        ids = list(self.devices)
-        for _ in range(min(due, 2000)):  # bounded, so reads are never starved
-            dev = self.devices[ids[self.report_rr % len(ids)]]
-            self.report_rr += 1
-            self._report(dev)
+        total = int((horizon - self.report_t0) * self.report_rate)
+        if now >= self.report_until:  # the whole schedule, exactly: rate x duration, rounded once
+            total = round((self.report_until - self.report_t0) * self.report_rate)
+        for _ in range(min(total - self.report_done, 2000)):
+            self._report(self._next_reporter())
             self.report_done += 1
-        if now >= self.report_until:
+        if now >= self.report_until and self.report_done >= total:
             self.report_rate = 0.0
             return None
         return 1.0 / self.report_rate
@@ -489,6 +606,9 @@ class _Swarm:
         if op == "reports":  # ("reports", total rate per s, duration s)
             self.report_rate, self.report_t0 = float(cmd[1]), time.monotonic()
             self.report_until, self.report_done = self.report_t0 + float(cmd[2]), 0
+            return {"ok": True}
+        if op == "burst":  # ("burst", n): publish n reports round-robin as fast as possible
+            self.burst_left += int(cmd[1])
             return {"ok": True}
         if op == "offline":
             for d in cmd[1]:
@@ -516,7 +636,9 @@ class _Swarm:
                     "installed_sha": {d.id: d.installed_sha for d in devs},
                     "bricked": [d.id for d in devs if d.bricked],
                     "busy_jobs": sum(d.job is not None for d in devs),
-                    "unacked": sum(len(d.inflight) for d in devs)}
+                    "unacked": sum(len(d.inflight) for d in devs),
+                    "awaiting_receipt": sum(1 for d in devs for h in d.held.values() if h.sent is not None),
+                    "held": sum(len(d.held) for d in devs)}
         raise ValueError(f"unknown swarm command {op!r}")
 
     def _reply(self, value: Any) -> None:
@@ -539,7 +661,7 @@ class _Swarm:
             wait = 0.05
             nxt = self._due_reports(now)
             if nxt is not None:
-                wait = min(wait, max(0.0005, nxt))
+                wait = min(wait, nxt if nxt == 0.0 else max(0.0005, nxt))
             for key, mask in self.sel.select(wait if not pending else 0):
                 obj = key.data
                 if obj == "wake":
@@ -597,6 +719,8 @@ class _Swarm:
         for dev in self.devices.values():
             if dev.sock is not None:
                 dev.client.loop_misc()
+                if dev.held and dev.connected:
+                    self._requeue_overdue(dev, now)
             elif dev.reconnect_at is not None and now >= dev.reconnect_at and not dev.forced_offline:
                 self._connect(dev)
             job = dev.job

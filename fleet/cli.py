@@ -152,13 +152,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
     from fleet.api import ApiServer
-    from fleet.ingest import IngestService
+    from fleet.ingest import IngestService, IngestWorkers
 
     log = logging.getLogger("fleet.serve")
     cfg = _config(args)
     registry = _registry(cfg)
     ingest = IngestService(cfg, registry)
     ingest.start()
+    extra = None
+    if cfg.ingest.workers > 1:
+        if ingest.protocol != "5":
+            log.warning("ingest.workers = %d needs MQTT 5 shared subscriptions; the broker speaks %s: "
+                        "ingesting in one process", cfg.ingest.workers, ingest.protocol)
+        else:
+            extra = IngestWorkers(cfg, cfg.ingest.workers - 1).start()
     # One context for the API (and its dashboard) and the workers, so dashboard actions
     # drive the same rollout driver the workers run.
     ctx = SimpleNamespace(config=cfg, registry=registry, client=ingest.client, ingest=ingest,
@@ -177,7 +184,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"fleet serving: broker {cfg.broker.host}:{cfg.broker.port} (MQTT {ingest.protocol}), "
+    print(f"fleet serving: broker {cfg.broker.host}:{cfg.broker.port} (MQTT {ingest.protocol}, "
+          f"{1 + (extra.count if extra else 0)} ingest process(es)), "
           f"API {api.url if api else 'off'}, database {cfg.database_url.split('@')[-1]}", flush=True)
     try:
         while not stop.wait(1.0):
@@ -187,6 +195,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             workers.stop()
         if api is not None:
             api.stop()
+        if extra is not None:
+            extra.stop()
         ingest.stop()
         registry.close()
     return 0

@@ -121,6 +121,7 @@ class IngestConfig:
     max_sample_bytes: int = 8 << 20
     receipts: bool = True  # tell MQTT 5 devices which of their messages are committed (docs/protocol.md)
     receipt_ms: int = 1000  # gather receipts for this long: one Receipt per device per interval
+    workers: int = 1  # ingest processes; >1 splits drift/telemetry/feedback over MQTT 5 shared subscriptions
 
     def __post_init__(self) -> None:
         if not 1 <= self.flush_ms <= 60_000:
@@ -129,6 +130,8 @@ class IngestConfig:
             raise _bad("ingest.receipt_ms", self.receipt_ms, "0-60000 ms (0: after every batch)")
         if self.batch_max < 1:
             raise _bad("ingest.batch_max", self.batch_max, "at least 1")
+        if not 1 <= self.workers <= 64:
+            raise _bad("ingest.workers", self.workers, "1-64 processes")
         if self.queue_max < self.batch_max:
             raise _bad("ingest.queue_max", self.queue_max, "must be >= ingest.batch_max")
 

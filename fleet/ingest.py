@@ -30,6 +30,7 @@ per device every ``ingest.receipt_ms``; a lost one only costs a re-send.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -60,13 +61,19 @@ from .config import BrokerConfig, FleetConfig
 from .registry import IngestBatch, Registry, SampleRecord
 from .samples import SampleStore, sample_record
 
-__all__ = ["IngestStats", "IngestService", "Hook", "connect_client"]
+__all__ = ["IngestStats", "IngestService", "Hook", "connect_client", "BULK_KINDS", "IngestWorkers",
+           "run_bulk_worker"]
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[[list[Message]], None]
 
 _SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-req")
+# What extra ingest processes (``ingest.workers`` > 1) take: the high-volume kinds whose
+# messages stand alone.  Samples stay with the main process (a transfer's chunks must meet
+# in one reassembler), and so do jobs and bundle requests (the main process's hooks drive
+# rollouts from them) and retained states (never delivered to shared subscriptions).
+BULK_KINDS = ("telemetry", "drift", "feedback")
 
 # (device id, outbox id): one message a device waits to hear about
 Ack = tuple[str, int]
@@ -120,8 +127,10 @@ class IngestService:
     """
 
     def __init__(self, config: FleetConfig, registry: Registry, *, store: SampleStore | None = None,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, bulk_only: bool = False) -> None:
+        """``bulk_only``: subscribe only to :data:`BULK_KINDS` (an extra ingest process)."""
         self.config = config
+        self.bulk_only = bulk_only
         self.registry = registry
         self.store = store or SampleStore(config.samples_dir)
         self.topics = TopicScheme(config.prefix)
@@ -162,8 +171,11 @@ class IngestService:
         from edge_agent.mqtt import connect_client as _connect
 
         b = self.config.broker
-        plain = [self.topics.all_devices("state"), self.topics.operator_feedback]
-        shared = [self.topics.all_devices(k) for k in _SHARED_KINDS]
+        if self.bulk_only:
+            plain, shared = [], [self.topics.all_devices(k) for k in BULK_KINDS]
+        else:
+            plain = [self.topics.all_devices("state"), self.topics.operator_feedback]
+            shared = [self.topics.all_devices(k) for k in _SHARED_KINDS]
         # A configured client id gets a persistent session (the broker queues QoS 1 messages
         # while the fleet restarts); without one, a unique id and a clean session.
         client_id = self._client_id or f"edgeloop-fleet-{uuid.uuid4().hex[:12]}"
@@ -482,3 +494,105 @@ def connect_client(broker: BrokerConfig, *, client_id: str, subscriptions: Seque
                     keepalive=broker.keepalive, protocol=broker.protocol,  # type: ignore[arg-type]
                     clean=True, subscriptions=list(subscriptions), on_message=on_message, wait_s=timeout)
     return conn.client, conn.protocol_version
+
+
+# --------------------------------------------------------------------------- extra processes
+def run_bulk_worker(config: FleetConfig, index: int, conn: Any) -> None:
+    """Entry point of one extra ingest process: bulk kinds only, until ``conn`` says stop.
+
+    It opens its own registry connection; its client id is the main one's plus
+    ``-bulk<index>`` (a persistent session of its own when the main one has one).
+    """
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s ingest-{index} %(levelname)s %(message)s")
+    registry = Registry.open(config.database.url)
+    base = config.broker.client_id
+    service = IngestService(config, registry, client_id=f"{base}-bulk{index}" if base else None, bulk_only=True)
+    try:
+        service.start()
+        conn.send(("ready", None))
+        while True:
+            if conn.poll(1.0):
+                if conn.recv() == "stop":
+                    break
+            conn.send(("stats", dataclasses.asdict(service.stats)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which logs it
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+    finally:
+        service.stop()
+        registry.close()
+        conn.close()
+
+
+class IngestWorkers:
+    """``ingest.workers - 1`` extra ingest processes next to the main :class:`IngestService`.
+
+    One Python process tops out near 3-4k MQTT messages/s (paho's per-packet work, the
+    decode and the write share one interpreter lock); MQTT 5 shared subscriptions let the
+    broker deal the high-volume kinds (:data:`BULK_KINDS`) round-robin to every process of
+    the share group.  Needs MQTT 5 (a 3.1.1 broker would give every process every message:
+    the unique indexes would drop the duplicates, but nothing would be gained).
+    """
+
+    def __init__(self, config: FleetConfig, count: int) -> None:
+        import multiprocessing
+
+        self.config = config
+        self.count = max(0, count)
+        self._ctx = multiprocessing.get_context("spawn")  # no inherited threads, sockets or DB handles
+        self.procs: list[Any] = []
+        self._conns: list[Any] = []
+        self.stats: list[dict[str, Any]] = [{} for _ in range(self.count)]
+
+    def start(self, timeout: float = 60.0) -> IngestWorkers:
+        for i in range(self.count):
+            parent, child = self._ctx.Pipe()
+            proc = self._ctx.Process(target=run_bulk_worker, args=(self.config, i + 1, child),
+                                     name=f"edgeloop-ingest-{i + 1}", daemon=True)
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self._conns.append(parent)
+        for i, c in enumerate(self._conns):
+            if not c.poll(timeout):
+                raise EdgeloopError(f"ingest worker {i + 1} did not start within {timeout:g} s",
+                                    hint="check the broker and database settings in fleet.toml")
+            kind, detail = c.recv()
+            if kind != "ready":
+                raise EdgeloopError(f"ingest worker {i + 1} failed to start: {detail}",
+                                    hint="check the broker and database settings in fleet.toml")
+        return self
+
+    def poll_stats(self) -> list[dict[str, Any]]:
+        """The latest counters each worker reported (once a second)."""
+        for i, c in enumerate(self._conns):
+            try:
+                while c.poll():
+                    kind, detail = c.recv()
+                    if kind == "stats":
+                        self.stats[i] = detail
+                    elif kind == "error":
+                        log.error("ingest worker %d: %s", i + 1, detail)
+            except (EOFError, OSError):
+                continue
+        return self.stats
+
+    def cpu_pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for c in self._conns:
+            try:
+                c.send("stop")
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+        for c in self._conns:
+            c.close()
+        self.procs, self._conns = [], []

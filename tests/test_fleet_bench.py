@@ -54,23 +54,34 @@ def test_ingestion_and_rollout_account_for_every_message(tmp_path: Path) -> None
     assert "| 200 |" in markdown({**r, "system": {}})
 
 
-def test_faults_are_injected_detected_and_accounted(tmp_path: Path) -> None:
-    """Every fault happens and is counted; nothing is bricked.
+def test_faults_are_injected_detected_and_recovered(tmp_path: Path) -> None:
+    """Every fault happens, is counted and recovered from: nothing lost, nothing bricked, all converge.
 
-    Not asserted: convergence and zero loss.  On Mosquitto 2.0.11 a message a device
-    publishes after the broker restarted but before the fleet's session is back is
-    acknowledged to the device and never delivered (measured: see benchmarks/fleet_results.md),
-    so under a restart the benchmark reports losses instead of this test hiding them.
+    The broker restart loses the reports devices publish before the fleet's session is back
+    (Mosquitto PUBACKs them and delivers them to nobody); the fleet's receipts make the
+    devices send them again, and re-sent deploys reach devices whose commands were lost.
     """
     cfg = FleetBenchConfig(devices=20, rates=(100.0,), phase_s=1.0, bundle_mb=(0.05,), faults=True,
                            offline_share=0.1, offline_s=3.0, corrupt_share=0.3, corrupt_retries=1,
-                           background_rate=20.0, job_timeout_s=30.0, rollout_timeout_s=120.0)
+                           background_rate=20.0, job_timeout_s=60.0, rollout_timeout_s=180.0)
     r = run_fleet_bench(cfg, tmp_path, say=lambda m: None)
     ro = r["rollouts"][0]
     kinds = " ".join(e["event"] for e in ro["faults"])
     assert "broker restarted" in kinds and "2 devices offline" in kinds and "back online" in kinds
     assert ro["corrupted_transfers"] >= 1 and ro["corrupt_detected"] == ro["corrupted_transfers"]
-    assert ro["bricked"] == 0 and ro["status"] in ("completed", "rolled_back")
+    assert ro["bricked"] == 0 and ro["status"] == "completed", ro["failures"]
+    assert ro["convergence_pct"] == 100.0
     assert ro["http_payload_bytes"] == 0 and ro["mqtt_bundle_frame_bytes"] > 0
     loss = r["final_loss"]
-    assert loss["unacked_left"] == 0 and loss["acked"] == loss["ingested_unique"] + loss["lost"]
+    assert loss["unacked_left"] == 0 and loss["awaiting_receipt_left"] == 0
+    assert loss["lost"] == 0 and loss["acked"] == loss["ingested_unique"]
+
+
+def test_drain_measures_the_fleet_alone_with_extra_ingest_processes(tmp_path: Path) -> None:
+    cfg = FleetBenchConfig(devices=20, rates=(100.0,), phase_s=1.0, bundle_mb=(), drain=400, ingest_workers=2)
+    r = run_fleet_bench(cfg, tmp_path, say=lambda m: None)
+    d = r["drain"]
+    assert d["all_queued"] and d["committed"] == 400 and d["ingest_processes"] == 2
+    assert r["ingestion"][0]["committed"] == 100
+    assert r["final_loss"]["lost"] == 0 and r["final_loss"]["acked"] == 500
+    assert "2 ingest process(es)" in markdown({**r, "system": {}})
