@@ -49,6 +49,7 @@ class FleetBenchConfig:
     rates: tuple[float, ...] = (2000.0, 5000.0, 8000.0)  # offered drift reports/s
     drain: int = 0  # reports queued at the broker, then drained by the fleet (0: skip; the CLI's default 50,000)
     ingest_workers: int = 1  # fleet ingest processes (fleet.toml [ingest] workers)
+    receipt_timeout_s: float = 60.0  # the devices' [broker] receipt_timeout_s (the agent's default)
     phase_s: float = 10.0
     db: str = "sqlite"
     bundle_mb: tuple[float, ...] = (1.0, 10.0)
@@ -312,7 +313,8 @@ class _SysBytes:
 # --------------------------------------------------------------------------- phases
 def _swarm_stats(swarms: list[SwarmHandle]) -> dict[str, Any]:
     out: dict[str, Any] = {"counters": {}, "acked_drift": {}, "versions": {}, "installed_sha": {}, "bricked": [],
-                           "connected": 0, "unacked": 0, "busy_jobs": 0, "awaiting_receipt": 0, "held": 0}
+                           "connected": 0, "unacked": 0, "busy_jobs": 0, "awaiting_receipt": 0, "held": 0,
+                           "reporting": 0}
     for s in swarms:
         st = s.call("stats")
         for k, v in st["counters"].items():
@@ -320,7 +322,7 @@ def _swarm_stats(swarms: list[SwarmHandle]) -> dict[str, Any]:
         for k in ("acked_drift", "versions", "installed_sha"):
             out[k].update(st[k])
         out["bricked"] += st["bricked"]
-        for k in ("connected", "unacked", "busy_jobs", "awaiting_receipt", "held"):
+        for k in ("connected", "unacked", "busy_jobs", "awaiting_receipt", "held", "reporting"):
             out[k] += st[k]
     return out
 
@@ -394,8 +396,8 @@ def ingestion_phase(fleet: BenchFleet, swarms: list[SwarmHandle], rate: float, s
     t_end = time.time()
     in_window = fleet.drift_rows() - rows0
     cpu_window = cpu.result()
-    # drain: until every report was acknowledged by the broker and is in the registry
-    _wait(lambda: _swarm_stats(swarms)["unacked"] == 0, 60)
+    # drain: until every report was published and acknowledged by the broker, and is in the registry
+    _wait(lambda: (lambda st: st["unacked"] == 0 and not st["reporting"])(_swarm_stats(swarms)), 60)
     offered = _swarm_stats(swarms)["counters"]["acked"] - before
     drained = _wait(lambda: fleet.drift_rows() - rows0 >= offered, 120, poll=0.05)
     t_drained = time.time()
@@ -563,7 +565,9 @@ def run_fleet_bench(cfg: FleetBenchConfig, workdir: Path, *, say: Any = print) -
         t = time.time()
         swarms = start_swarms(broker.port, ids, cfg.processes, delivery="mqtt" if cfg.faults else cfg.delivery,
                               workdir=str(workdir / "swarm"), trusted_key=str(keys.public),
-                              corrupt_retries=cfg.corrupt_retries, job_timeout_s=cfg.job_timeout_s)
+                              corrupt_retries=cfg.corrupt_retries, job_timeout_s=cfg.job_timeout_s,
+                              receipt_timeout_s=cfg.receipt_timeout_s,
+                              receipt_grace_s=min(10.0, cfg.receipt_timeout_s / 2))
         ok = _wait(lambda: fleet is not None and fleet.registry.status().online >= cfg.devices, 120)
         result["connect"] = {"devices": cfg.devices, "seconds_to_all_online_in_registry": round(time.time() - t, 2),
                              "all_online": ok, "load_avg": _load()}

@@ -637,6 +637,7 @@ class _Swarm:
                     "bricked": [d.id for d in devs if d.bricked],
                     "busy_jobs": sum(d.job is not None for d in devs),
                     "unacked": sum(len(d.inflight) for d in devs),
+                    "reporting": int(self.report_rate > 0 or self.burst_left > 0),
                     "awaiting_receipt": sum(1 for d in devs for h in d.held.values() if h.sent is not None),
                     "held": sum(len(d.held) for d in devs)}
         raise ValueError(f"unknown swarm command {op!r}")

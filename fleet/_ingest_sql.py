@@ -118,7 +118,8 @@ def apply_batch(s: Session, batch: Any, *, without_dedupe: frozenset[str] = froz
         telemetry = _first_of_each(batch.telemetry, _series_key)
         rows, data = [], []
         for msg, received in telemetry:
-            d = dataclasses.asdict(msg)
+            d = msg.to_dict()  # dataclasses.asdict deep-copies recursively: ~4x slower
+            del d["type"], d["schema_version"]
             data.append(d)
             rows.append({"device_id": msg.device_id, "ts": msg.ts, "received": received,
                          **{k: d[k] for k in _TELEMETRY_COLUMNS}, "data": d})

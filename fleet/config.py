@@ -120,7 +120,7 @@ class IngestConfig:
     queue_max: int = 200_000  # messages held in memory before the subscriber applies back-pressure
     max_sample_bytes: int = 8 << 20
     receipts: bool = True  # tell MQTT 5 devices which of their messages are committed (docs/protocol.md)
-    receipt_ms: int = 1000  # gather receipts for this long: one Receipt per device per interval
+    receipt_ms: int = 3000  # gather receipts for this long: one Receipt per device per interval
     workers: int = 1  # ingest processes; >1 splits drift/telemetry/feedback over MQTT 5 shared subscriptions
 
     def __post_init__(self) -> None:

@@ -63,7 +63,7 @@ def test_faults_are_injected_detected_and_recovered(tmp_path: Path) -> None:
     """
     cfg = FleetBenchConfig(devices=20, rates=(100.0,), phase_s=1.0, bundle_mb=(0.05,), faults=True,
                            offline_share=0.1, offline_s=3.0, corrupt_share=0.3, corrupt_retries=1,
-                           background_rate=20.0, job_timeout_s=60.0, rollout_timeout_s=180.0)
+                           background_rate=20.0, job_timeout_s=60.0, rollout_timeout_s=180.0, receipt_timeout_s=8.0)
     r = run_fleet_bench(cfg, tmp_path, say=lambda m: None)
     ro = r["rollouts"][0]
     kinds = " ".join(e["event"] for e in ro["faults"])
@@ -74,7 +74,7 @@ def test_faults_are_injected_detected_and_recovered(tmp_path: Path) -> None:
     assert ro["http_payload_bytes"] == 0 and ro["mqtt_bundle_frame_bytes"] > 0
     loss = r["final_loss"]
     assert loss["unacked_left"] == 0 and loss["awaiting_receipt_left"] == 0
-    assert loss["lost"] == 0 and loss["acked"] == loss["ingested_unique"]
+    assert loss["lost"] == 0 and loss["acked"] == loss["ingested_unique"], (loss, ro["faults"], r["ingestion_loss"])
 
 
 def test_drain_measures_the_fleet_alone_with_extra_ingest_processes(tmp_path: Path) -> None:

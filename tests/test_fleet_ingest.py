@@ -246,6 +246,16 @@ def test_committed_and_malformed_messages_are_receipted_with_their_outbox_ids(
     dev.close()
 
 
+def test_a_device_coming_online_gets_an_empty_receipt(fleet: tuple[IngestService, Registry],
+                                                      broker: MosquittoBroker) -> None:
+    """The birth tells the device at once that this fleet receipts, before it sends anything."""
+    svc, _reg = fleet
+    dev = ReceiptDevice(broker, svc.topics, "cam-born")
+    dev.send("state", DeviceState("cam-born", online=True).encode())
+    assert dev.next_receipt() == ()
+    dev.close()
+
+
 def test_no_receipt_without_an_oid_or_on_mqtt_311(fleet: tuple[IngestService, Registry],
                                                   broker: MosquittoBroker) -> None:
     svc, reg = fleet
