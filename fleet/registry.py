@@ -560,6 +560,28 @@ class Registry:
         with self._sessions() as s:
             return [_rec(RolloutRecord, r) for r in s.scalars(q)]
 
+    def rollout_ids(self, *, statuses: Sequence[str] | None = None) -> list[str]:
+        """Ids of rollouts, oldest first, without loading their (large) states."""
+        q = select(RolloutRow.id).order_by(RolloutRow.created, RolloutRow.id)
+        if statuses is not None:
+            q = q.where(RolloutRow.status.in_(list(statuses)))
+        with self._sessions() as s:
+            return list(s.scalars(q))
+
+    def replace_rollout_state(self, rollout_id: str, *, status: str, reason: str | None,
+                              state: Mapping[str, Any]) -> None:
+        """Overwrite a rollout's status, reason and state in one UPDATE (the rollout driver's
+        every tick: loading the old state first only to replace it cost a JSON parse of
+        every device's progress)."""
+        self._check_rollout_status(status)
+        values: dict[str, Any] = {"status": status, "state": dict(state), "updated": time.time()}
+        if reason is not None:
+            values["reason"] = reason
+        with self._sessions.begin() as s:
+            done = s.execute(update(RolloutRow).where(RolloutRow.id == rollout_id).values(**values)).rowcount
+        if not done:
+            raise RolloutError(f"no rollout {rollout_id}", rollout=rollout_id)
+
     def update_rollout(self, rollout_id: str, *, status: str | None = None, reason: str | None = None,
                        state: Mapping[str, Any] | None = None, merge_state: bool = True) -> RolloutRecord:
         """Change a rollout's status / reason / state (merged into the stored dict unless ``merge_state=False``)."""

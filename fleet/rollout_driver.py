@@ -50,6 +50,9 @@ _TARGET_STATUS = {"pending": "pending", "sent": "sent", "updated": "updated", "f
                   "rolled_back": "rolled_back", "rollback_failed": "failed"}
 
 
+_ACTIVE = ("pending", "running", "paused", "halted")  # registry statuses of unfinished rollouts
+
+
 class Publisher(Protocol):
     """What the driver needs of an MQTT client (paho's ``Client.publish`` fits)."""
 
@@ -138,18 +141,18 @@ class RolloutDriver:
 
     def active(self) -> list[rm.RolloutState]:
         """Rollouts that are not finished (the registry's ``halted`` is the machine's rolling back)."""
-        recs = self.registry.rollouts(statuses=("pending", "running", "paused", "halted"))
+        recs = self.registry.rollouts(statuses=_ACTIVE)
         return [rm.RolloutState.from_dict(r.state) for r in recs if r.state]
 
     # ------------------------------------------------------------------ driving
     def tick(self) -> list[rm.RolloutState]:
         """Advance every active rollout once; returns their new states."""
         out = []
-        for state in self.active():
+        for rollout_id in self.registry.rollout_ids(statuses=_ACTIVE):
             try:
-                out.append(self.tick_one(state.rollout_id))
+                out.append(self.tick_one(rollout_id))
             except RolloutError as exc:  # one broken rollout must not stop the others
-                log.error("rollout %s: %s", state.rollout_id, exc)
+                log.error("rollout %s: %s", rollout_id, exc)
         return out
 
     def tick_one(self, rollout_id: str) -> rm.RolloutState:
@@ -211,8 +214,8 @@ class RolloutDriver:
 
     # ------------------------------------------------------------------ persistence
     def _save(self, new: rm.RolloutState, old: rm.RolloutState) -> None:
-        self.registry.update_rollout(new.rollout_id, status=REGISTRY_STATUS[new.status], reason=new.reason or None,
-                                     state=new.to_dict(), merge_state=False)
+        self.registry.replace_rollout_state(new.rollout_id, status=REGISTRY_STATUS[new.status],
+                                            reason=new.reason or None, state=new.to_dict())
         # One transaction per (status, detail) group, not per device: a wave of 1,000 devices
         # changing state in one tick was 1,000 commits (~10 s on PostgreSQL, measured).
         before = {d.device_id: (d.status, d.detail, d.job_id) for d in old.devices}
