@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import DEDUPE_KEYS, Device, DriftRow, JobRow, PendingLabel, SampleRow, TelemetryRow
@@ -187,8 +187,21 @@ def _update_devices(s: Session, changes: dict[str, dict[str, Any]], alarms: dict
     table = Device.__table__
     conn = s.connection()
     for cols, rows in groups.items():
-        stmt = update(table).where(table.c.id == bindparam("_id")).values({c: bindparam(c) for c in cols})
+        stmt = update(table).where(table.c.id == bindparam("_id")).values({c: _set(table, c, cols) for c in cols})
         conn.execute(stmt, rows)
+
+
+_DRIFT_COLUMNS = frozenset({"drift_alarm", "drift_risk", "drift_ts", "alarm_since"})
+
+
+def _set(table: Any, column: str, cols: tuple[str, ...]) -> Any:
+    """The new value of one device column.  The drift columns change only for a report at
+    least as new as the stored one: with several ingest processes (``ingest.workers``) an
+    older report can commit after a newer one, and must not put the device's drift state back."""
+    if column not in _DRIFT_COLUMNS or "drift_ts" not in cols:
+        return bindparam(column)
+    newer = or_(table.c.drift_ts.is_(None), table.c.drift_ts <= bindparam("drift_ts"))
+    return case((newer, bindparam(column)), else_=table.c[column])
 
 
 def _insert_samples(s: Session, samples: list[Any]) -> None:

@@ -104,6 +104,18 @@ def test_drift_time_series_and_alarm_streaks(registry: Registry) -> None:
     assert dev is not None and not dev.drift_alarm and dev.alarm_since is None
 
 
+def test_an_older_report_committed_later_does_not_put_the_drift_state_back(registry: Registry) -> None:
+    """Two ingest processes can commit one device's reports out of order (ingest.workers > 1)."""
+    t = 2000.0
+    registry.apply(IngestBatch(drift=[(DriftReportMsg("cam-9", 2, 100, 100, ts=t + 2, risk=0.9, alarm=True), t + 3)]))
+    registry.apply(IngestBatch(drift=[(DriftReportMsg("cam-9", 1, 100, 100, ts=t + 1, risk=0.1), t + 4)],
+                               seen={"cam-9": t + 4}))
+    dev = registry.device("cam-9")
+    assert dev is not None and dev.drift_alarm and dev.drift_risk == 0.9 and dev.drift_ts == t + 2
+    assert dev.alarm_since == t + 2 and dev.last_seen == t + 4  # the rest of the row still moves on
+    assert [r.seq for r in registry.drift_reports(device_id="cam-9")] == [1, 2]  # both stored
+
+
 def test_jobs_samples_and_labels(registry: Registry) -> None:
     t = time.time()
     jobs = [JobStatus("cam-1", "r1-w0-cam-1", "2", step, ts=t + i) for i, step in
