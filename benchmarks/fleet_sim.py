@@ -51,6 +51,7 @@ from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from edge_agent.chunks import Reassembler, parse_frame
 from edge_agent.errors import EdgeloopError, ProtocolError
+from edge_agent.outbox import receipt_overdue
 from edge_agent.protocol import (
     DEFAULT_PREFIX,
     RECEIPT_KINDS,
@@ -366,11 +367,11 @@ class _Swarm:
 
     def _requeue_overdue(self, dev: _Device, now: float) -> None:
         """The agent's ``Outbox.requeue_overdue``: send again what the fleet evidently lost."""
-        grace, timeout = self.spec.receipt_grace_s, self.spec.receipt_timeout_s
         for oid, held in list(dev.held.items()):
             if held.sent is None:
                 continue
-            if held.sent < dev.watermark - grace or held.sent < now - timeout * 2 ** min(held.resends, 4):
+            if receipt_overdue(held.sent, held.resends, now, watermark=dev.watermark,
+                               grace_s=self.spec.receipt_grace_s, timeout_s=self.spec.receipt_timeout_s):
                 held.sent, held.resends = None, held.resends + 1
                 self.counters["resent"] += 1
                 self._send_held(dev, oid)

@@ -49,7 +49,7 @@ from typing import Literal
 from .errors import QueueError
 from .protocol import PRIORITY_CONTROL, PRIORITY_SAMPLES
 
-__all__ = ["Outbox", "OutboxMessage", "OutboxStats", "SendWindow", "DEFAULT_MAX_BYTES"]
+__all__ = ["Outbox", "OutboxMessage", "OutboxStats", "SendWindow", "DEFAULT_MAX_BYTES", "receipt_overdue"]
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _SCHEMA_VERSION = 2
@@ -333,7 +333,7 @@ class Outbox:
         """
         if grace_s < 0 or timeout_s <= 0:
             raise ValueError("grace_s must be >= 0 and timeout_s > 0")
-        cut = watermark - grace_s if watermark is not None and watermark <= now else float("-inf")
+        cut = _watermark_cut(now, watermark, grace_s)
         where = (f"sent IS NOT NULL AND (sent < ? OR sent > ? "
                  f"OR sent < ? - ? * (1 << MIN(resends, {_MAX_BACKOFF_EXP})))")
         args = (cut, now, now, timeout_s)
@@ -474,6 +474,19 @@ def _chunks(ids: list[int]) -> Iterator[tuple[list[int], str]]:
     for i in range(0, len(ids), 500):
         part = ids[i:i + 500]
         yield part, ",".join("?" * len(part))
+
+
+def _watermark_cut(now: float, watermark: float | None, grace_s: float) -> float:
+    """Held messages PUBACKed before this were evidently lost; a watermark ahead of the clock is ignored."""
+    return watermark - grace_s if watermark is not None and watermark <= now else float("-inf")
+
+
+def receipt_overdue(sent: float, resends: int, now: float, *, watermark: float | None, grace_s: float,
+                    timeout_s: float) -> bool:
+    """:meth:`Outbox.requeue_overdue`'s rule for one held message, for senders that keep
+    held messages in memory (the fleet benchmark's simulated devices)."""
+    return (sent < _watermark_cut(now, watermark, grace_s) or sent > now
+            or sent < now - timeout_s * 2 ** min(resends, _MAX_BACKOFF_EXP))
 
 
 class SendWindow:

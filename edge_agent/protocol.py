@@ -32,6 +32,7 @@ A device may publish only under ``{p}/devices/{its id}/`` (not ``cmd/``) and rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -239,14 +240,9 @@ class Message:
         return decode_as(json.dumps(data, allow_nan=False), cls)
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
-
+@functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _plain(value: Any) -> Any:

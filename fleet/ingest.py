@@ -30,7 +30,6 @@ per device every ``ingest.receipt_ms``; a lost one only costs a re-send.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -519,11 +518,10 @@ def run_bulk_worker(config: FleetConfig, index: int, conn: Any) -> None:
     try:
         service.start()
         conn.send(("ready", None))
-        while True:
-            if conn.poll(1.0):
-                if conn.recv() == "stop":
-                    break
-            conn.send(("stats", dataclasses.asdict(service.stats)))
+        while conn.recv() != "stop":
+            pass
+    except EOFError:
+        pass  # the parent is gone: stop
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which logs it
         try:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -553,7 +551,6 @@ class IngestWorkers:
         self._ctx = multiprocessing.get_context("spawn")  # no inherited threads, sockets or DB handles
         self.procs: list[Any] = []
         self._conns: list[Any] = []
-        self.stats: list[dict[str, Any]] = [{} for _ in range(self.count)]
 
     def start(self, timeout: float = 60.0) -> IngestWorkers:
         for i in range(self.count):
@@ -573,20 +570,6 @@ class IngestWorkers:
                 raise EdgeloopError(f"ingest worker {i + 1} failed to start: {detail}",
                                     hint="check the broker and database settings in fleet.toml")
         return self
-
-    def poll_stats(self) -> list[dict[str, Any]]:
-        """The latest counters each worker reported (once a second)."""
-        for i, c in enumerate(self._conns):
-            try:
-                while c.poll():
-                    kind, detail = c.recv()
-                    if kind == "stats":
-                        self.stats[i] = detail
-                    elif kind == "error":
-                        log.error("ingest worker %d: %s", i + 1, detail)
-            except (EOFError, OSError):
-                continue
-        return self.stats
 
     def cpu_pids(self) -> list[int]:
         return [p.pid for p in self.procs if p.pid is not None]
