@@ -53,7 +53,7 @@ def _images(spec_size: tuple[int, int], channels: int, n: int = 256, seed: int =
 
 def _agent(bundle: Path, state: Path, key: Path | None, threads: int) -> Any:
     from edge_agent.agent import Agent
-    from edge_agent.config import parse_config
+    from core.agent_config import parse_config
 
     cfg = {"agent": {"device_id": "bench-overhead", "state_dir": str(state)},
            "broker": {"enabled": False}, "http": {"enabled": False},
@@ -79,9 +79,9 @@ def measure_overhead(bundle: Path, *, runs: int = 2000, warmup: int = 200, key: 
     """Interleaved agent vs bare ORT timings, a per-part split and the top profile entries."""
     import onnxruntime as ort
 
-    from edge_agent.drift import DriftMonitor
+    from core.drift import DriftMonitor
+    from core.preprocess import preprocess
     from edge_agent.inference import softmax
-    from edge_agent.preprocess import preprocess
 
     with tempfile.TemporaryDirectory(prefix="edgeloop-overhead-") as tmp:
         agent = _agent(bundle, Path(tmp) / "state", key, threads)
@@ -124,7 +124,7 @@ def measure_overhead(bundle: Path, *, runs: int = 2000, warmup: int = 200, key: 
 def _parts(model: Any, imgs: list[np.ndarray], xs: list[np.ndarray], *, runs: int, monitor_cls: Any,
            softmax: Any) -> dict[str, float]:
     """Median ms of each stage on its own (same inputs; a separate monitor so the agent's state is untouched)."""
-    from edge_agent.preprocess import preprocess
+    from core.preprocess import preprocess
 
     spec = model.spec
     monitor = monitor_cls(model.baseline, window=model.monitor.window) if model.monitor is not None else None

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from edge_agent.cliutil import add_json_flag, emit
-from edge_agent.errors import BenchmarkError
+from core.cliutil import add_json_flag, emit
+from core.errors import BenchmarkError
 
 __all__ = ["register"]
 
@@ -98,7 +98,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         bundle = target
     key = None
     if args.key is not None:
-        from edge_agent.signing import load_public_key
+        from core.signing import load_public_key
 
         key = load_public_key(args.key)
     with workdir() as tmp:

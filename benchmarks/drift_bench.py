@@ -11,7 +11,7 @@ Protocol (no image is used for two roles):
 3. Undrifted false alarms: ``--null-windows`` windows per size, each drawn with replacement
    from the *evaluation* images (bootstrap: 270 images cannot give 600 disjoint windows);
    reported as the fraction of windows with the alarm on, the risk flag on, etc.
-4. Shifts are applied to the raw uint8 evaluation images (``fleet.demo.shifts``) before
+4. Shifts are applied to the raw uint8 evaluation images (``demo.shifts``) before
    preprocessing, as a camera would produce them; delay = windows until the alarm is on
    (1 = the first window), over ``--trials`` fresh monitors; ``power`` = fraction of single
    shifted windows whose risk flag is on.
@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.drift import TEST_NAMES, Baseline, DriftMonitor, Hysteresis, compute_baseline
-from edge_agent.manifest import Preprocessing
-from edge_agent.preprocess import preprocess
+from core.drift import TEST_NAMES, Baseline, DriftMonitor, Hysteresis, compute_baseline
+from core.manifest import Preprocessing
+from core.preprocess import preprocess
 
 SIZE = 32
 N_REF = N_CAL = 270
@@ -49,7 +49,7 @@ class Shift:
     noise: float = 0.0
 
     def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        from fleet.demo.shifts import darken, gaussian_blur, rotate
+        from demo.shifts import darken, gaussian_blur, rotate
 
         x = images
         if self.rotate:

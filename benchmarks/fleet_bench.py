@@ -168,7 +168,7 @@ class BenchFleet:
 
     def __init__(self, workdir: Path, broker_port: int, db_url: str, *, corrupt_share: float = 0.0,
                  seed: int = 0, fix_bundle_url: bool = True, ingest_workers: int = 1) -> None:
-        from edge_agent.protocol import TopicScheme
+        from core.protocol import TopicScheme
         from fleet.api import ApiServer
         from fleet.config import ApiConfig, BrokerConfig, DatabaseConfig, FleetConfig, IngestConfig
         from fleet.ingest import IngestService, IngestWorkers
@@ -204,7 +204,7 @@ class BenchFleet:
 
     def _hook(self, msgs: list[Any]) -> None:
         """After each committed batch (the ingest writer thread): latency, bundle requests, job wake-ups."""
-        from edge_agent.protocol import BundleRequest, DriftReportMsg, JobStatus
+        from core.protocol import BundleRequest, DriftReportMsg, JobStatus
 
         now = time.time()
         lat = [now - m.ts for m in msgs if isinstance(m, DriftReportMsg)]
@@ -346,7 +346,7 @@ def _acked_ids(stats: dict[str, Any]) -> set[tuple[str, int]]:
 
 def measure_registry_writes(registry: Any, devices: int, *, batches: int = 10, batch_size: int = 2000) -> dict[str, Any]:
     """Rows/s of ``Registry.apply`` on decoded drift batches (no MQTT, no decoding): the write ceiling."""
-    from edge_agent.protocol import DriftReportMsg, decode
+    from core.protocol import DriftReportMsg, decode
     from fleet.registry import IngestBatch
 
     ids = device_ids(devices, offset=90000 - devices)  # a disjoint id range: the measured runs stay clean
@@ -450,7 +450,7 @@ def drain_phase(fleet: BenchFleet, swarms: list[SwarmHandle], count: int, broker
 def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, version: str, cfg: FleetBenchConfig,
                   sysbytes: _SysBytes, *, broker: Broker | None = None, faults: bool = False) -> dict[str, Any]:
     """Register and roll ``bundle`` out in waves (canary 10 %, 25/50/100 %, no soak); time it to the last device."""
-    from edge_agent.signing import load_public_key
+    from core.signing import load_public_key
     from fleet.rollout import RolloutPlan
 
     load0 = _load()
@@ -545,7 +545,7 @@ def loss_check(fleet: BenchFleet, swarms: list[SwarmHandle], timeout: float = 24
 
 # --------------------------------------------------------------------------- driver
 def run_fleet_bench(cfg: FleetBenchConfig, workdir: Path, *, say: Any = print) -> dict[str, Any]:
-    from edge_agent.signing import generate_keypair, save_keypair
+    from core.signing import generate_keypair, save_keypair
 
     db = _Database(cfg.db, workdir)
     broker = Broker(workdir / "broker").start()
@@ -608,7 +608,7 @@ def run_fleet_bench(cfg: FleetBenchConfig, workdir: Path, *, say: Any = print) -
 
 
 def _private(path: Path) -> Any:
-    from edge_agent.signing import load_private_key
+    from core.signing import load_private_key
 
     return load_private_key(path)
 

@@ -10,11 +10,11 @@ client id, MQTT 5 persistent session, retained birth state and Last Will -- but 
 clients are driven by one ``selectors`` loop per process (paho's documented external
 event-loop mode: ``loop_read`` / ``loop_write`` / ``loop_misc``), so 1,000 devices cost
 one thread.  The messages are the real protocol dataclasses from
-:mod:`edge_agent.protocol`; updates follow :mod:`edge_agent.deploy` step by step
+:mod:`core.protocol`; updates follow :mod:`edge_agent.deploy` step by step
 (HTTP with :func:`edge_agent.updater.download_http`: Range resume and sha256; or MQTT
 chunk frames requested with ``BundleRequest`` and reassembled by
-:class:`edge_agent.chunks.Reassembler`), and the downloaded bundle's signature is checked
-with :func:`edge_agent.bundle.open_bundle`.  What is *not* simulated: unpacking into a
+:class:`core.chunks.Reassembler`), and the downloaded bundle's signature is checked
+with :func:`core.bundle.open_bundle`.  What is *not* simulated: unpacking into a
 slot and the ONNX health check (per-device CPU work that says nothing about the fleet).
 
 A swarm runs in a child process (:class:`SwarmHandle`) and obeys commands over a pipe.
@@ -49,10 +49,9 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
-from edge_agent.chunks import Reassembler, parse_frame
-from edge_agent.errors import EdgeloopError, ProtocolError
-from edge_agent.outbox import receipt_overdue
-from edge_agent.protocol import (
+from core.chunks import Reassembler, parse_frame
+from core.errors import EdgeloopError, ProtocolError
+from core.protocol import (
     DEFAULT_PREFIX,
     RECEIPT_KINDS,
     RECEIPT_PROPERTY,
@@ -66,6 +65,7 @@ from edge_agent.protocol import (
     TopicScheme,
     decode,
 )
+from edge_agent.outbox import receipt_overdue
 from fleet.mosquitto import MosquittoBroker, find_mosquitto, free_port
 
 __all__ = ["Broker", "find_mosquitto_binary", "free_port", "make_sized_bundle", "SwarmSpec", "SwarmHandle", "run_swarm", "device_ids"]
@@ -120,8 +120,8 @@ def make_sized_bundle(out: Path, *, name: str, version: str, size_bytes: int, si
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from edge_agent.bundle import write_bundle
-    from edge_agent.manifest import InputSpec, Manifest, OutputSpec, Preprocessing, Variant
+    from core.bundle import write_bundle
+    from core.manifest import InputSpec, Manifest, OutputSpec, Preprocessing, Variant
 
     hidden = max(8, int(size_bytes / ((64 + 10) * 4)))
     rng = np.random.default_rng(seed)
@@ -254,7 +254,7 @@ class _Swarm:
         self.workdir = Path(spec.workdir or tempfile.mkdtemp(prefix="edgeloop-swarm-"))
         self.key = None
         if spec.trusted_key:
-            from edge_agent.signing import load_public_key
+            from core.signing import load_public_key
 
             self.key = load_public_key(Path(spec.trusted_key))
         self.report_rate = 0.0
@@ -513,7 +513,7 @@ class _Swarm:
         self._post("done", dev_id, cmd, False, f"download: {err}", None)
 
     def _verify_job(self, dev_id: str, cmd: DeployCommand, data: bytes | None, path: Path | None = None) -> None:
-        from edge_agent.bundle import open_bundle
+        from core.bundle import open_bundle
 
         try:
             if path is None:

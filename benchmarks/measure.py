@@ -93,7 +93,7 @@ def _load(spec: CellSpec) -> Any:
                 return model(torch.from_numpy(x))
 
         return run_torch
-    from edge_agent.runtime import open_model
+    from core.runtime import open_model
 
     backend = open_model(spec.path, threads=spec.threads)
     return backend.run

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import BenchmarkError
+from core.errors import BenchmarkError
 
 from .measure import CellSpec
 
@@ -69,7 +69,7 @@ class Cell:
 def entries_from_bundle(bundle_path: Path, workdir: Path, *, trusted_key: Any = None,
                         only: Sequence[str] = ()) -> list[ModelEntry]:
     """Extract the bundle's variants into ``workdir`` and describe each (accuracy from the export gate)."""
-    from edge_agent.bundle import open_bundle
+    from core.bundle import open_bundle
 
     bundle = open_bundle(bundle_path, trusted_key=trusted_key, require_signature=trusted_key is not None)
     m = bundle.manifest

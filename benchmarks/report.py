@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import BenchmarkError
+from core.errors import BenchmarkError
 
 from .stats import pareto_front, ratio
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import BenchmarkError
+from core.errors import BenchmarkError
 
 __all__ = ["ZOO_MODELS", "INPUT_SHAPE", "GOALS", "ZooModel", "export_fp32", "build_variants", "run_zoo",
            "summary_table", "main"]

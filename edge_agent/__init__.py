@@ -1,5 +1,5 @@
 """edgeloop's device agent: numpy + onnxruntime (or LiteRT) + paho-mqtt, never torch."""
 
-from .errors import EdgeloopError
+from core.errors import EdgeloopError
 
 __all__ = ["EdgeloopError"]

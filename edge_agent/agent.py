@@ -26,15 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from . import chunks
-from .config import AgentConfig
-from .deploy import CommandWorker
-from .drift import DriftReport
-from .errors import EdgeloopError, QueueError, UpdateError
-from .inference import FolderSource, InferencePipeline, LoadedModel, Prediction
-from .manifest import Manifest
-from .outbox import Outbox
-from .protocol import (
+from core import chunks
+from core.drift import DriftReport
+from core.errors import EdgeloopError, QueueError, UpdateError
+from core.manifest import Manifest
+from core.protocol import (
     PRIORITY_SAMPLES,
     SAMPLES_KIND,
     DeviceState,
@@ -45,7 +41,12 @@ from .protocol import (
     TopicScheme,
     route,
 )
-from .sampling import DriftSample, SampleSelector, encode_sample
+from core.sampling import DriftSample, SampleSelector, encode_sample
+
+from core.agent_config import AgentConfig
+from .deploy import CommandWorker
+from .inference import FolderSource, InferencePipeline, LoadedModel, Prediction
+from .outbox import Outbox
 from .select import VariantChoice
 from .slots import Pointer, SlotStore
 from .telemetry import InferenceStats, ProcessSampler
@@ -109,7 +110,7 @@ class Agent:
                                           on_report=self._on_report, on_sample=self._on_sample)
         self.installer = Installer(config, self.slots, trusted_key=self._trusted_key())
         self.outbox: Outbox | None = None
-        self.link: Any = None  # edge_agent.mqtt.AgentLink when a broker is configured
+        self.link: Any = None  # edge_agent.link.AgentLink when a broker is configured
         self.http: Any = None
         self.worker: CommandWorker | None = None  # runs fleet commands (deploy, rollback)
         self.selector: SampleSelector | None = None
@@ -127,12 +128,12 @@ class Agent:
         path = self.config.trusted_key_path
         if path is None:
             return None
-        from .signing import load_public_key
+        from core.signing import load_public_key
 
         try:
             return load_public_key(path)
         except EdgeloopError as exc:
-            from .errors import ConfigError
+            from core.errors import ConfigError
 
             raise ConfigError(f"{Path(self.config.source).name}: [agent].trusted_key cannot be loaded: {exc.message}",
                               hint=exc.hint, key="agent.trusted_key") from exc
@@ -166,7 +167,9 @@ class Agent:
         return self
 
     def _make_link(self) -> Any:
-        from .mqtt import AgentLink, TlsConfig
+        from core.mqtt import TlsConfig
+
+        from .link import AgentLink
 
         b = self.config.broker
         tls = TlsConfig(ca_file=Path(b.ca_file) if b.ca_file else None) if b.tls else None
@@ -398,7 +401,7 @@ class Agent:
                 self._job(job, version, step, ok, detail, progress, prev_version)
 
             try:
-                from .bundle import read_manifest_unverified
+                from core.bundle import read_manifest_unverified
 
                 try:
                     version = read_manifest_unverified(path).version  # for the reports only; verified next

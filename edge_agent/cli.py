@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cliutil import add_json_flag, emit, to_jsonable
+from core.cliutil import add_json_flag, emit, to_jsonable
 
 __all__ = ["register"]
 
@@ -75,7 +75,7 @@ def register(subparsers: Any) -> None:
 
 def _agent(args: argparse.Namespace) -> Any:
     from .agent import Agent
-    from .config import load_config
+    from core.agent_config import load_config
 
     return Agent(load_config(args.config))
 
@@ -83,8 +83,9 @@ def _agent(args: argparse.Namespace) -> Any:
 def _cmd_init(args: argparse.Namespace) -> int:
     import socket
 
-    from .config import write_template
-    from .protocol import validate_device_id
+    from core.protocol import validate_device_id
+
+    from core.agent_config import write_template
 
     device_id = args.device_id
     if device_id is None:
@@ -126,8 +127,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .errors import EdgeloopError, InputError
-    from .preprocess import IMAGE_SUFFIXES, load_image
+    from core.errors import EdgeloopError, InputError
+    from core.preprocess import IMAGE_SUFFIXES, load_image
 
     if not args.path.exists():
         raise InputError(f"{args.path}: no such file or folder", path=str(args.path))

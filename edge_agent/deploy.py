@@ -24,9 +24,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .chunks import Reassembler
-from .errors import EdgeloopError, ProtocolError, UpdateError
-from .protocol import BUNDLE_KIND, BundleRequest, DeployCommand, Frame, RollbackCommand
+from core.chunks import Reassembler
+from core.errors import EdgeloopError, ProtocolError, UpdateError
+from core.protocol import BUNDLE_KIND, BundleRequest, DeployCommand, Frame, RollbackCommand
+
 from .updater import disk_error, download_http
 
 if TYPE_CHECKING:

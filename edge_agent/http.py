@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DataError, EdgeloopError, InputError
+from core.errors import DataError, EdgeloopError, InputError
+
 from .telemetry import prometheus_text
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def decode_image(body: bytes, content_type: str = "") -> np.ndarray:
     suffix = next((s for magic, s in _SUFFIX_BY_MAGIC if body.startswith(magic)), None)
     if suffix is None:
         raise InputError("unrecognised image format", hint="send .npy, PGM/PPM, PNG or JPEG bytes, or a JSON array")
-    from .preprocess import load_image
+    from core.preprocess import load_image
 
     # load_image reads files; a temp file keeps one decoder for files and requests
     with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from .drift import Baseline, DriftMonitor, DriftReport
-from .errors import BundleError, EdgeloopError, InputError
-from .manifest import Manifest, Variant
-from .preprocess import preprocess
-from .runtime import Backend, open_model
+from core.drift import Baseline, DriftMonitor, DriftReport
+from core.errors import BundleError, EdgeloopError, InputError
+from core.manifest import Manifest, Variant
+from core.preprocess import preprocess
+from core.runtime import Backend, open_model
+
 from .telemetry import InferenceStats
 
 __all__ = ["Prediction", "LoadedModel", "InferencePipeline", "FolderSource", "softmax", "read_reference", "SampleHook", "ReportHook"]
@@ -142,7 +143,7 @@ class InferencePipeline:
     def _check(self, image: Any, spec_size: tuple[int, int]) -> np.ndarray:
         if isinstance(image, (bytes, str, Path)):
             raise InputError(f"predict() takes an image array, got {type(image).__name__}",
-                             hint="load files with edge_agent.preprocess.load_image()")
+                             hint="load files with core.preprocess.load_image()")
         arr = np.asarray(image)
         if arr.dtype == object or arr.dtype.kind not in "uif":
             raise InputError(f"image has dtype {arr.dtype}; expected uint8 pixels (H, W) or (H, W, C)",
@@ -217,7 +218,7 @@ class FolderSource:
 
     def new_images(self) -> list[tuple[Path, np.ndarray]]:
         """Images not yielded before (by name and mtime), oldest first; unreadable files are logged and skipped."""
-        from .preprocess import IMAGE_SUFFIXES, load_image
+        from core.preprocess import IMAGE_SUFFIXES, load_image
 
         out = []
         try:

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import QueueError
-from .protocol import PRIORITY_CONTROL, PRIORITY_SAMPLES
+from core.errors import QueueError
+from core.protocol import PRIORITY_CONTROL, PRIORITY_SAMPLES
 
 __all__ = ["Outbox", "OutboxMessage", "OutboxStats", "SendWindow", "DEFAULT_MAX_BYTES", "receipt_overdue"]
 

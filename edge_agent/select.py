@@ -9,17 +9,16 @@ MobileNetV3 INT8 was 3.8x slower on one CPU), so the decision is measured, not a
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeloopError, UpdateError
-from .manifest import Manifest, Variant
-from .runtime import open_model
+from core.errors import EdgeloopError, UpdateError
+from core.manifest import Manifest, Variant
+from core.runtime import measure_latency
 
-__all__ = ["VariantChoice", "within_budget", "measure_latency", "select_variant"]
+__all__ = ["VariantChoice", "within_budget", "select_variant"]
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +43,6 @@ def within_budget(manifest: Manifest, variant: Variant) -> bool:
     if drop is None:  # the reference itself, or a variant the export did not measure: trust it
         return True
     return drop <= manifest.accuracy_budget + 1e-9
-
-
-def measure_latency(model_path: Path, variant: Variant | None, x1: np.ndarray, *, threads: int = 1, runs: int = 30,
-                    warmup: int = 5) -> float:
-    """Median wall time (ms) of batch-1 inference on this device."""
-    backend = open_model(model_path, variant, threads=threads)
-    try:
-        for _ in range(warmup):
-            backend.run(x1)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            backend.run(x1)
-            times.append((time.perf_counter() - t0) * 1000.0)
-        return float(np.median(times))
-    finally:
-        backend.close()
 
 
 def select_variant(manifest: Manifest, slot_dir: Path, preference: str, x1: np.ndarray, *, threads: int = 1,

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UpdateError
+from core.errors import UpdateError
 
 __all__ = ["Pointer", "SlotStore", "atomic_write_bytes", "fsync_dir"]
 

@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import open_bundle
-from .config import AgentConfig
-from .errors import BundleError, EdgeloopError, UpdateError
+from core.bundle import open_bundle
+from core.errors import BundleError, EdgeloopError, UpdateError
+from core.manifest import Manifest
+
+from core.agent_config import AgentConfig
 from .inference import LoadedModel, read_reference
-from .manifest import Manifest
 from .select import VariantChoice, select_variant
 from .slots import SlotStore, fsync_dir
 
@@ -161,7 +162,7 @@ def _reference_inputs(ref: dict[str, np.ndarray], manifest: Manifest) -> np.ndar
         if key in ref:
             return np.asarray(ref[key], dtype=np.float32)
     if "images" in ref:  # raw images: preprocess here, which checks preprocessing too
-        from .preprocess import preprocess
+        from core.preprocess import preprocess
 
         return preprocess(np.asarray(ref["images"]), manifest.preprocessing)
     return None

@@ -12,17 +12,18 @@ import logging
 import os
 import sys
 
-from edge_agent.errors import EdgeloopError
+from core.errors import EdgeloopError
 
 from . import __version__
 
-# Package CLI modules, each with ``register(subparsers)``.  A module that cannot be
-# imported (a half-installed checkout) is skipped rather than breaking every command.
+# Package CLI modules, each with ``register(subparsers)``.  None imports anything heavy at
+# module level, so every one loads on a device with only ``[agent]`` installed.
 _COMMAND_MODULES = (
     "train.cli",
     "export.cli",
     "edge_agent.cli",
     "fleet.cli",
+    "demo.cli",
     "benchmarks.cli",
 )
 
@@ -36,13 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # pragma: no cover - partial installs
-            if exc.name and exc.name.split(".")[0] == name.split(".")[0]:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

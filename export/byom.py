@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.cliutil import emit
-from edge_agent.errors import ConfigError, DataError
-from edge_agent.manifest import InputSpec, Lineage, Manifest, OutputSpec, Preprocessing, Variant
-from edge_agent.runtime import model_format, open_model
+from core.cliutil import emit
+from core.errors import ConfigError, DataError
+from core.manifest import InputSpec, Lineage, Manifest, OutputSpec, Preprocessing, Variant
+from core.runtime import model_format, open_model
 
 from .pack import baseline_npz, load_signing_key, pack_bundle, reference_npz, utc_now
 
@@ -55,7 +55,7 @@ def _read_labels(path: Path) -> tuple[str, ...]:
 
 
 def _sample_images(folder: Path, spec: Preprocessing) -> np.ndarray:
-    from edge_agent.preprocess import load_image, preprocess
+    from core.preprocess import load_image, preprocess
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from edge_agent.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["CALIBRATION_METHODS", "CalibrationConfig", "DEFAULT_CALIBRATION", "select_samples", "ImageCalibrationReader"]
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_agent.cliutil import add_json_flag, emit
-from edge_agent.errors import ConfigError
+from core.cliutil import add_json_flag, emit
+from core.errors import ConfigError
 
 __all__ = ["register"]
 
@@ -40,10 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workdir", type=Path, metavar="DIR", help="keep intermediate files here")
     add_json_flag(p)
     p.set_defaults(func=_export)
-    try:
-        from . import cli_bundle
-    except ImportError:  # pragma: no cover - the bundle commands are written separately
-        return
+    from . import cli_bundle
+
     cli_bundle.register(subparsers)
 
 

@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from edge_agent.cliutil import add_json_flag, emit
-from edge_agent.errors import ConfigError, ExportError
+from core.cliutil import add_json_flag, emit
+from core.errors import ConfigError, ExportError
 
 __all__ = ["register"]
 
@@ -63,7 +63,7 @@ def register(subparsers: Any) -> None:
 
 
 def _keys_new(args: argparse.Namespace) -> int:
-    from edge_agent.signing import save_keypair
+    from core.signing import save_keypair
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file, not a directory", hint="give a directory for the key files")
@@ -88,7 +88,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from edge_agent.bundle import read_manifest_unverified, read_signature_unverified
+    from core.bundle import read_manifest_unverified, read_signature_unverified
 
     manifest = read_manifest_unverified(args.file)
     sig = read_signature_unverified(args.file)
@@ -122,7 +122,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from edge_agent.bundle import open_bundle
+    from core.bundle import open_bundle
 
     bundle = open_bundle(args.file, trusted_key=args.key, require_signature=not args.allow_unsigned)
     m = bundle.manifest

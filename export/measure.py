@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.runtime import ModelOutput, open_model
+from core.runtime import ModelOutput, open_model
 
 __all__ = ["run_model", "accuracy", "latency_ms", "percentage_points"]
 
@@ -38,7 +38,7 @@ def latency_ms(path: Path, sample: np.ndarray, *, threads: int = 1, warmup: int 
 
     The same measurement the agent makes when it picks a variant (``edge_agent.select``).
     """
-    from edge_agent.select import measure_latency
+    from core.runtime import measure_latency
 
     x = np.ascontiguousarray(sample[:1], dtype=np.float32)
     return round(measure_latency(path, None, x, threads=threads, runs=repeats, warmup=warmup), 4)

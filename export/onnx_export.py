@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ExportError
+from core.errors import ExportError
 
 __all__ = ["OnnxExport", "export_onnx", "torch_outputs", "EmbeddingHead", "INPUT_NAME"]
 
@@ -137,7 +137,7 @@ def export_onnx(model: Any, path: str | Path, sample: np.ndarray, *, check_input
         raise ExportError(f"exported ONNX graph is invalid: {exc}", path=str(path)) from exc
     onnx.save(proto, str(path))
 
-    from edge_agent.runtime import open_model
+    from core.runtime import open_model
 
     xs = np.ascontiguousarray(sample if check_inputs is None else check_inputs, dtype=np.float32)
     ref_logits, ref_emb = torch_outputs(model, xs)

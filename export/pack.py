@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.bundle import write_bundle
-from edge_agent.errors import DataError
-from edge_agent.manifest import Manifest
-from edge_agent.signing import PrivateKey, load_private_key
+from core.bundle import write_bundle
+from core.errors import DataError
+from core.manifest import Manifest
+from core.signing import PrivateKey, load_private_key
 
 __all__ = ["softmax", "reference_npz", "baseline_npz", "load_signing_key", "pack_bundle", "utc_now",
            "default_version", "QUANTIZED_TOLERANCE_FLOOR", "FLOAT_TOLERANCE_FLOOR"]
@@ -72,11 +72,11 @@ def reference_npz(x: np.ndarray, fp32_logits: np.ndarray, variant_logits: Mappin
 
 def baseline_npz(x_val: np.ndarray, logits: np.ndarray, embedding: np.ndarray | None, *,
                  class_counts: np.ndarray | None = None, seed: int = 0) -> bytes | None:
-    """The drift baseline (``edge_agent.drift``), or None when the held-out set is too small.
+    """The drift baseline (``core.drift``), or None when the held-out set is too small.
 
     A model without an embedding output uses its softmax as the embedding.
     """
-    from edge_agent.drift import compute_baseline
+    from core.drift import compute_baseline
 
     probs = softmax(logits)
     emb = probs if embedding is None else embedding

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConfigError, EdgeloopError, ExportError
-from edge_agent.manifest import InputSpec, Lineage, Manifest, OutputSpec, Variant
-from edge_agent.signing import PrivateKey
+from core.errors import ConfigError, EdgeloopError, ExportError
+from core.manifest import InputSpec, Lineage, Manifest, OutputSpec, Variant
+from core.signing import PrivateKey
 
 from .calibration import DEFAULT_CALIBRATION, CalibrationConfig, select_samples
 from .gate import GateResult, check_variant, gate_static_int8

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConfigError, QuantizationError
+from core.errors import ConfigError, QuantizationError
 
 from .calibration import DEFAULT_CALIBRATION, CalibrationConfig, ImageCalibrationReader
 

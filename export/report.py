@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.cliutil import to_jsonable
+from core.cliutil import to_jsonable
 
 __all__ = ["VariantReport", "ExportReport", "REPORT_SCHEMA_VERSION"]
 

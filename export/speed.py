@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import ConfigError, QuantizationError
+from core.errors import ConfigError, QuantizationError
 
 __all__ = [
     "QUANT_FORMATS",
@@ -291,11 +291,11 @@ def interleaved_latency_ms(paths: Sequence[Path], *, threads: int = 1, rounds: i
     All sessions are loaded first, then each round runs every model ``runs_per_round``
     times, alternating the order between rounds: on a shared, noisy machine the load
     then falls on all models alike and the *ratios* stay meaningful.  Sessions are
-    opened the way the device opens them (:func:`edge_agent.runtime.open_model`).
+    opened the way the device opens them (:func:`core.runtime.open_model`).
     """
     import numpy as np
 
-    from edge_agent.runtime import open_model
+    from core.runtime import open_model
 
     if rounds < 1 or runs_per_round < 1:
         raise ConfigError("rounds and runs_per_round must be >= 1")

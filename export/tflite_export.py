@@ -3,7 +3,7 @@
 litert-torch is heavy (JAX, torchao, the LiteRT converter), so it lives in the
 ``edgeloop[tflite-export]`` extra and is imported only here, inside the functions.
 Both graphs keep NCHW and return ``(logits, embedding)`` like the ONNX export; the
-INT8 file has int8 inputs and outputs, which ``edge_agent.runtime`` (de)quantizes.
+INT8 file has int8 inputs and outputs, which ``core.runtime`` (de)quantizes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ExportError, QuantizationError
+from core.errors import ExportError, QuantizationError
 
 from .onnx_export import EmbeddingHead
 

@@ -22,8 +22,8 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from edge_agent.errors import FleetError
-from edge_agent.protocol import DEVICE_KINDS, validate_device_id
+from core.errors import FleetError
+from core.protocol import DEVICE_KINDS, validate_device_id
 
 __all__ = ["hash_password", "check_password", "new_password", "render_password_file", "render_acl",
            "write_private", "MOSQUITTO_ITERATIONS"]

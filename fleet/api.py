@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse
 
-from edge_agent.errors import FleetError
+from core.errors import FleetError
 
 from .config import FleetConfig
 from .registry import Registry

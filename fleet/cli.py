@@ -8,7 +8,7 @@
 
 Reporting commands read the database directly (SQLite in WAL mode lets them read
 while ``serve`` writes).  ``rollout``/``pause``/``resume``/``abort`` come from
-``fleet.cli_rollout``; ``edgeloop demo`` from ``fleet.cli_demo``.
+``fleet.cli_rollout``; ``edgeloop demo`` from ``demo.cli``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.cliutil import add_json_flag, emit
+from fleet.cli_rollout import register_rollout
+from core.cliutil import add_json_flag, emit
 
 __all__ = ["register"]
 
@@ -105,25 +106,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add_json_flag(p)
     p.set_defaults(func=_cmd_label_teacher)
 
-    try:  # the loop engineer's commands: rollout, pause, resume, abort
-        from fleet.cli_rollout import register_rollout
-    except ImportError:  # pragma: no cover - partial checkout
-        pass
-    else:
-        register_rollout(sub)
-    try:
-        from fleet.cli_demo import register as register_demo
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        register_demo(subparsers)
+    register_rollout(sub)
 
 
 # --------------------------------------------------------------------------- handlers
 def _cmd_init(args: argparse.Namespace) -> int:
     import secrets
 
-    from edge_agent.errors import ConfigError
+    from core.errors import ConfigError
     from fleet.acl import new_password
     from fleet.config import ApiConfig, BrokerConfig, default_config, render_config
     from fleet.provision import ensure_signing_key
@@ -174,13 +164,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     ctx.api_base_url = cfg.api.public_url or (api.url if api else None)
     workers = None
     if not args.no_workers:
-        try:
-            from fleet.worker import start_workers
-        except ImportError:
-            log.info("fleet.worker not installed: no retraining / rollout workers")
-        else:
-            workers = start_workers(ctx)
-            ctx.worker = workers
+        from fleet.worker import start_workers
+
+        workers = start_workers(ctx)
+        ctx.worker = workers
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -12,8 +12,8 @@ import argparse
 import re
 from typing import Any
 
-from edge_agent.cliutil import add_json_flag, emit
-from edge_agent.errors import ConfigError
+from core.cliutil import add_json_flag, emit
+from core.errors import ConfigError
 
 __all__ = ["register_rollout", "parse_share", "parse_duration"]
 
@@ -65,7 +65,7 @@ def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # t
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from edge_agent.protocol import TopicScheme
+    from core.protocol import TopicScheme
     from fleet.config import load_config
     from fleet.ingest import connect_client
     from fleet.registry import Registry
@@ -89,7 +89,7 @@ def _summary(state: Any) -> dict[str, Any]:
 def _cmd_rollout(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from edge_agent.signing import load_public_key
+    from core.signing import load_public_key
     from fleet.rollout import RolloutPlan
     from fleet.rollout_driver import plan_from_config
 

@@ -24,8 +24,8 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from edge_agent.errors import ConfigError
-from edge_agent.protocol import DEFAULT_PREFIX
+from core.errors import ConfigError
+from core.protocol import DEFAULT_PREFIX
 from fleet.dashboard.config import DashboardConfig
 
 __all__ = [

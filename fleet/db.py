@@ -25,7 +25,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateIndex
 
-from edge_agent.errors import ConfigError, FleetError
+from core.errors import ConfigError, FleetError
 
 __all__ = ["make_engine", "make_sessionmaker", "create_schema", "is_sqlite"]
 

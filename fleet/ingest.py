@@ -19,7 +19,7 @@ messages (the rollout engine follows job statuses and bundle requests that way).
 
 Receipts (``docs/protocol.md``): an MQTT 5 device tags each message of the
 ``RECEIPT_KINDS`` with its outbox id (user property ``oid``) and keeps it until the
-fleet names that id in a :class:`~edge_agent.protocol.Receipt` on ``cmd/receipt``.
+fleet names that id in a :class:`~core.protocol.Receipt` on ``cmd/receipt``.
 The writer collects the ids of a batch and hands them to the receipt queue only once
 the batch is **committed** (a failed write receipts nothing: the devices send again and
 the unique indexes drop what was stored twice); malformed messages are receipted too,
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.chunks import Completed, Dropped, Reassembler, is_frame, parse_frame
-from edge_agent.errors import EdgeloopError, ProtocolError
-from edge_agent.protocol import (
+from core.chunks import Completed, Dropped, Reassembler, is_frame, parse_frame
+from core.errors import EdgeloopError, ProtocolError
+from core.protocol import (
     RECEIPT_KINDS,
     RECEIPT_PROPERTY,
     BundleRequest,
@@ -166,8 +166,8 @@ class IngestService:
             self._connect()
 
     def _connect(self) -> None:
-        from edge_agent.mqtt import TlsConfig
-        from edge_agent.mqtt import connect_client as _connect
+        from core.mqtt import TlsConfig
+        from core.mqtt import connect_client as _connect
 
         b = self.config.broker
         if self.bulk_only:
@@ -489,12 +489,12 @@ def connect_client(broker: BrokerConfig, *, client_id: str, subscriptions: Seque
                    on_message: Callable[[Any], None] | None = None, timeout: float = 15.0) -> tuple[Any, str]:
     """Connect a publisher/subscriber for fleet tools; returns ``(paho client, "5" | "3.1.1")``.
 
-    Built on :func:`edge_agent.mqtt.connect_client` (MQTT 5 with a 3.1.1 fallback);
+    Built on :func:`core.mqtt.connect_client` (MQTT 5 with a 3.1.1 fallback);
     the returned object is the plain paho client, so ``publish``, ``disconnect`` and
     ``loop_stop`` work as in paho.  Raises :class:`BrokerError` when it cannot connect.
     """
-    from edge_agent.mqtt import TlsConfig
-    from edge_agent.mqtt import connect_client as _connect
+    from core.mqtt import TlsConfig
+    from core.mqtt import connect_client as _connect
 
     conn = _connect(broker.host, broker.port, client_id=client_id, username=broker.username,
                     password=broker.password,

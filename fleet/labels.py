@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.errors import DataError
+from core.errors import DataError
 
 from .registry import Registry
 from .samples import SampleStore
@@ -110,10 +110,10 @@ def pseudo_label(registry: Registry, store: SampleStore, bundle_path: str | Path
     and run with the agent's own runtime and preprocessing, so it sees exactly what
     the device saw.  True labels are never overwritten.
     """
-    from edge_agent.bundle import open_bundle
-    from edge_agent.preprocess import preprocess
-    from edge_agent.runtime import open_model
-    from edge_agent.sampling import decode_sample
+    from core.bundle import open_bundle
+    from core.preprocess import preprocess
+    from core.runtime import open_model
+    from core.sampling import decode_sample
 
     if not 0 < threshold <= 1:
         raise DataError(f"teacher confidence threshold {threshold} is not in (0, 1]", hint="e.g. --threshold 0.9")

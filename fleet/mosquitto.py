@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from edge_agent.errors import BrokerError
+from core.errors import BrokerError
 
 __all__ = ["MosquittoBroker", "find_mosquitto", "free_port", "write_password_file", "HOST"]
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = [
     "RetrainPolicyConfig",

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from edge_agent.errors import FleetError
-from edge_agent.protocol import validate_device_id
+from core.errors import FleetError
+from core.protocol import validate_device_id
 
 from .acl import hash_password, new_password, render_acl, render_password_file, write_private
 from .config import FleetConfig
@@ -54,14 +54,14 @@ class ProvisionResult:
 
 def ensure_signing_key(config: FleetConfig) -> Path:
     """The fleet's Ed25519 signing key (created on first use, 0600); returns the public key path."""
-    from edge_agent.signing import save_keypair
+    from core.signing import save_keypair
 
     priv, pub = config.signing_key_path, config.public_key_path
     if not priv.exists():
         paths = save_keypair(priv.with_suffix(""))
         return paths.public
     if not pub.exists():
-        from edge_agent.signing import load_private_key
+        from core.signing import load_private_key
 
         save_keypair(priv.with_suffix(""), load_private_key(priv), overwrite=True)
     return pub
@@ -119,7 +119,7 @@ def _replace_key(text: str, section: str, key: str, value: str) -> str:
                       text[start:end], count=1)
     if n != 1:
         raise FleetError(f"the agent config template has no [{section}].{key}",
-                         hint="edge_agent.config.TEMPLATE changed; update fleet.provision")
+                         hint="core.agent_config.TEMPLATE changed; update fleet.provision")
     return text[:start] + body + text[end:]
 
 
@@ -130,7 +130,7 @@ def _toml_str(s: str) -> str:
 def render_agent_toml(config: FleetConfig, device_id: str, *, username: str, password_file: str,
                       trusted_key: str, broker_host: str | None = None, broker_port: int | None = None) -> str:
     """The agent's documented template with this device's identity, broker and pinned key filled in."""
-    from edge_agent.config import TEMPLATE, parse_config
+    from core.agent_config import TEMPLATE, parse_config
 
     from .config import tomllib
 

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, and_, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from edge_agent.errors import FleetError, RolloutError
-from edge_agent.protocol import DeviceState, DriftReportMsg, Feedback, JobStatus, Telemetry
+from core.errors import FleetError, RolloutError
+from core.protocol import DeviceState, DriftReportMsg, Feedback, JobStatus, Telemetry
 
 from . import db
 from .models import (
@@ -456,7 +456,7 @@ class Registry:
         bundle: verification failures raise :class:`SignatureError` / :class:`BundleError`.
         Metrics default to the manifest's (per variant); lineage to the manifest's.
         """
-        from edge_agent.bundle import open_bundle
+        from core.bundle import open_bundle
 
         p = Path(bundle_path).resolve()
         bundle = open_bundle(p, trusted_key=trusted_key, require_signature=True)

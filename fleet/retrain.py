@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import EdgeloopError, FleetError
+from core.errors import EdgeloopError, FleetError
 
 from .policy import GatePolicy, RetrainPolicyConfig
 from .registry import ModelVersion, Registry, SampleRecord
@@ -153,9 +153,9 @@ def gate_verdict(gate: GatePolicy, holdout_current: float, holdout_candidate: fl
 def evaluate_bundle(bundle_path: Path, images: np.ndarray, labels: np.ndarray, *, variant_id: str | None = None,
                     trusted_key: Any = None, batch: int = 256) -> float:
     """Accuracy of a bundle's variant on raw uint8 images, in the runtime the device uses."""
-    from edge_agent.bundle import open_bundle
-    from edge_agent.preprocess import preprocess
-    from edge_agent.runtime import open_model
+    from core.bundle import open_bundle
+    from core.preprocess import preprocess
+    from core.runtime import open_model
 
     if len(images) == 0:
         raise FleetError("no images to evaluate on")
@@ -184,7 +184,7 @@ def _served_variant(registry: Registry, version: str) -> str | None:
 
 def _decode(store_root: Path, recs: Sequence[SampleRecord], labels: Sequence[str]
             ) -> tuple[list[str], list[np.ndarray], list[int]]:
-    from edge_agent.sampling import decode_sample
+    from core.sampling import decode_sample
 
     from .samples import SampleStore
 
@@ -252,8 +252,8 @@ def _export(run_dir: Path, settings: RetrainSettings, manifest: Any, version: st
 def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, trigger: str = "manual",
                 clock: Callable[[], float] = time.time) -> RetrainOutcome:
     """Run one retraining job for model ``name``; see the module docstring for the steps."""
-    from edge_agent.bundle import open_bundle
-    from edge_agent.signing import load_public_key
+    from core.bundle import open_bundle
+    from core.signing import load_public_key
     from train.api import TrainConfig, load_run, train_run
 
     t0 = time.monotonic()

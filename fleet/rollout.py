@@ -29,7 +29,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.errors import ConfigError, RolloutError
+from core.errors import ConfigError, RolloutError
 
 __all__ = [
     "HealthPolicy",

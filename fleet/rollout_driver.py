@@ -31,9 +31,9 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_agent import chunks
-from edge_agent.errors import RolloutError
-from edge_agent.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, DeployCommand, RollbackCommand, TopicScheme
+from core import chunks
+from core.errors import RolloutError
+from core.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, DeployCommand, RollbackCommand, TopicScheme
 
 from . import rollout as rm
 from .registry import DeviceRecord, ModelVersion, Registry

@@ -1,6 +1,6 @@
 """Drift sample payloads on disk: ``<root>/<device>/<sample id>.bin``, indexed in the registry.
 
-The payload is stored exactly as the device encoded it (``edge_agent.sampling``), so
+The payload is stored exactly as the device encoded it (``core.sampling``), so
 the fleet never loses information by re-encoding; :func:`load_sample` decodes it for
 labelling tools and retraining.  Writes are atomic (temp file + rename): a crash never
 leaves half a sample that the index points to.
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import EdgeloopError, FleetError
-from edge_agent.protocol import validate_device_id
+from core.errors import EdgeloopError, FleetError
+from core.protocol import validate_device_id
 
 from .registry import SampleRecord
 
@@ -76,10 +76,8 @@ class SampleStore:
 
 def _meta_from_payload(data: bytes) -> dict[str, Any]:
     """What the device's sample encoding says about itself (prediction, confidence, ...), if readable."""
-    try:
-        from edge_agent.sampling import decode_sample  # the drift engineer's encoding
-    except ImportError:  # pragma: no cover - partial checkouts
-        return {}
+    from core.sampling import decode_sample
+
     try:
         meta = decode_sample(data).metadata()
     except EdgeloopError:  # an undecodable payload is still stored as sent

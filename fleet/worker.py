@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import EdgeloopError
-from edge_agent.protocol import BundleRequest, JobStatus, Message, TopicScheme
+from core.errors import EdgeloopError
+from core.protocol import BundleRequest, JobStatus, Message, TopicScheme
 
 from .policy import (
     Decision,

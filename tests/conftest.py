@@ -1,30 +1,21 @@
 """Shared fixtures: a real Mosquitto per test (``broker``) or per session (``session_broker``).
 
-Model fixtures (trained once per session) live in ``tests/fixtures_train.py`` and
-``tests/fixtures_export.py``; they are loaded as plugins when present.
+The other fixtures live in plugins under ``tests/plugins/``: trained and exported models
+(``train``, ``export``: once per session), the numpy-trained tiny bundles the agent tests
+use (``agent_kit``), a Range-capable file server (``files``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.broker import MosquittoBroker, find_mosquitto
+from tests.plugins.broker import MosquittoBroker, find_mosquitto
 
-
-def _present(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
-
-
-# Other engineers write these modules; a missing one must not break collection.
-pytest_plugins = [m for m in ("tests.fixtures_train", "tests.fixtures_export") if _present(m)]
+pytest_plugins = ["tests.plugins.train", "tests.plugins.export", "tests.plugins.agent_kit", "tests.plugins.files"]
 
 _NO_BROKER = "no mosquitto binary: install the Debian package mosquitto (apt-get install -y mosquitto)"
 

@@ -13,13 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import DataError, TrainError
-from edge_agent.manifest import Lineage, Preprocessing
+from core.errors import DataError, TrainError
+from core.manifest import Lineage, Preprocessing
 
+from .checkpoint import read_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, Split, data_hash, load_dataset
 from .models import EdgeModel, ModelArgs, build_model
-from .run import arrays_for, execute, read_checkpoint
+from .prepare import arrays_for
+from .run import execute
 
 __all__ = ["TrainConfig", "LoadedRun", "load_run", "load_model", "train_run"]
 

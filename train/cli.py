@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge_agent.cliutil import add_json_flag, emit
-from edge_agent.errors import ConfigError
+from core.cliutil import add_json_flag, emit
+from core.errors import ConfigError
 
 __all__ = ["register"]
 

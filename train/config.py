@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import ConfigError
+from core.errors import ConfigError
 
 from .models import MODELS
 

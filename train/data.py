@@ -1,7 +1,7 @@
 """Datasets: scikit-learn's digits (offline) or an image folder, split and hashed.
 
 An :class:`ImageDataset` holds raw uint8 "camera" images at one size; the model input is
-made from them by :func:`edge_agent.preprocess.preprocess`, the same function the
+made from them by :func:`core.preprocess.preprocess`, the same function the
 device runs.  Errors name the file or folder at fault.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import DataError, InputError
-from edge_agent.preprocess import IMAGE_SUFFIXES, load_image, resize, to_channels
+from core.errors import DataError, InputError
+from core.preprocess import IMAGE_SUFFIXES, load_image, resize, to_channels
 
 __all__ = [
     "BUILTIN_DATASETS",

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import DataError
+from core.errors import DataError
 
 __all__ = ["ClassMetrics", "EvalReport", "evaluate_logits", "softmax", "save_confusion_png"]
 

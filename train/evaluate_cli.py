@@ -1,8 +1,8 @@
 """What ``edgeloop eval`` evaluates: a run's checkpoint, or every variant inside a bundle.
 
 Bundles are evaluated through the device's own path: raw test images ->
-:func:`edge_agent.preprocess.preprocess` with the manifest's spec ->
-:func:`edge_agent.runtime.open_model` -> :func:`train.evaluate.evaluate_logits`.  The
+:func:`core.preprocess.preprocess` with the manifest's spec ->
+:func:`core.runtime.open_model` -> :func:`train.evaluate.evaluate_logits`.  The
 test split is rebuilt from the manifest's lineage (dataset, image size, split seed and
 fractions), so it is the split the model never saw.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 
 from .evaluate import EvalReport, evaluate_logits
 
@@ -74,9 +74,9 @@ def bundle_eval_data(manifest: Any, split: str = "test") -> tuple[np.ndarray, np
 def evaluate_bundle(path: Path, *, split: str = "test", variant: str | None = None,
                     trusted_key: Path | None = None) -> dict[str, EvalReport]:
     """Every variant of the bundle (or one) through the edge runtime, on the lineage's split."""
-    from edge_agent.bundle import open_bundle
-    from edge_agent.preprocess import preprocess
-    from edge_agent.runtime import open_model
+    from core.bundle import open_bundle
+    from core.preprocess import preprocess
+    from core.runtime import open_model
 
     bundle = open_bundle(path, trusted_key=trusted_key, require_signature=trusted_key is not None)
     manifest = bundle.manifest

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edge_agent.errors import ConfigError, TrainError
+from core.errors import ConfigError, TrainError
 
 __all__ = ["MODELS", "ModelArgs", "EdgeModel", "TinyCNN", "build_model", "load_weights", "freeze_backbone",
            "count_params", "default_image_size"]

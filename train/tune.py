@@ -11,11 +11,11 @@ import logging
 import math
 from typing import Any
 
-from edge_agent.errors import TrainError
+from core.errors import TrainError
 
 from .config import TrainConfig
 from .loop import EpochStats, deterministic, fit
-from .run import Prepared, build, fit_params
+from .prepare import Prepared, build, fit_params
 
 __all__ = ["tune", "search_space"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from edge_agent.errors import ConfigError, FleetError, RolloutError
+from core.errors import ConfigError, FleetError, RolloutError
 
 from .data import DashContext, class_names, model_labels, parse_shares
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["ROLES", "DashboardUser", "DashboardConfig", "dashboard_config_from"]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Integer, case, cast, func, or_, select
 
-from edge_agent.errors import FleetError
+from core.errors import FleetError
 
 from ..models import Device, DriftRow, SampleRow
 from ..registry import ACTIVE_ROLLOUT_STATUSES, Registry
@@ -50,7 +50,7 @@ class DashContext:
         src = self.source
         found = getattr(src, "driver", None) or getattr(getattr(src, "worker", None), "driver", None)
         if found is None and getattr(src, "client", None) is not None and self.fleet_config is not None:
-            from edge_agent.protocol import TopicScheme
+            from core.protocol import TopicScheme
 
             from ..rollout_driver import RolloutDriver
 
@@ -102,7 +102,7 @@ def model_labels(ctx: DashContext) -> list[str] | None:
     if model is None or not model.bundle_path or not Path(model.bundle_path).exists():
         return None
     try:
-        from edge_agent.bundle import open_bundle
+        from core.bundle import open_bundle
 
         # The registry verified the signature when the bundle was registered; here we only read labels.
         return list(open_bundle(model.bundle_path, require_signature=False).manifest.labels)

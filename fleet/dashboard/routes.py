@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from edge_agent.errors import EdgeloopError
+from core.errors import EdgeloopError
 
 from . import actions, data
 from .auth import PRELOGIN_COOKIE, SESSION_COOKIE, Authenticator, Session, is_loopback

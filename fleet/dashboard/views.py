@@ -73,8 +73,8 @@ class Views:
     @staticmethod
     def sample_png(ctx: DashContext, sample_id: str) -> bytes:
         """The sample's image as a PNG, enlarged so 8×8 digits are visible."""
-        from edge_agent.errors import EdgeloopError
-        from edge_agent.sampling import decode_sample
+        from core.errors import EdgeloopError
+        from core.sampling import decode_sample
 
         from ..samples import SampleStore
 

@@ -1,0 +1,410 @@
+"""Vectorised two-sample statistics for drift detection, numpy only (no scipy on the device).
+
+Every function here is pure: it takes arrays and returns numbers.  ``core.drift``
+decides which statistics to compute per window and how to calibrate their thresholds;
+the functions below are shared by the export-time calibration and the on-device monitor
+so that the two can never disagree.
+
+The analytic p-values (Kolmogorov, chi-square) are reported for information; alarm
+thresholds are calibrated empirically per window size (see ``drift.compute_baseline``),
+because stream windows are small and the asymptotic laws are loose there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = [
+    "ks_statistic",
+    "ks_statistic_columns",
+    "EcdfIndex",
+    "ks_from_codes",
+    "kolmogorov_sf",
+    "ks_pvalue",
+    "chi2_sf",
+    "chi2_statistic",
+    "merge_small_classes",
+    "psi",
+    "histogram_counts",
+    "pool_grid",
+    "sq_distances",
+    "median_heuristic_gamma",
+    "mmd2_with_reference",
+    "knn_distance",
+    "Hysteresis",
+    "HysteresisState",
+    "alarm_on_fraction",
+    "flag_rate_for_alarm_rate",
+]
+
+
+# ---------------------------------------------------------------------------- KS
+
+
+def ks_statistic(a: np.ndarray, ref_sorted: np.ndarray) -> float:
+    """Two-sample Kolmogorov–Smirnov D between sample ``a`` and an already-sorted reference."""
+    a = np.asarray(a, dtype=np.float64)[:, None]
+    return float(ks_statistic_columns(a, np.asarray(ref_sorted, dtype=np.float64)[:, None])[0])
+
+
+def ks_statistic_columns(a: np.ndarray, ref_sorted: np.ndarray) -> np.ndarray:
+    """Column-wise two-sample KS D for ``a`` (n, F) against ``ref_sorted`` (m, F), sorted per column."""
+    return ks_from_codes(EcdfIndex(ref_sorted).codes(a), ref_sorted.shape[0])
+
+
+class EcdfIndex:
+    """A per-column sorted reference that tells where new values sit in it (for KS).
+
+    ``codes(values)`` gives ``left * (m + 1) + right`` per value and column (int64, (n, F)),
+    ``left`` = #ref < v and ``right`` = #ref <= v.  The code is monotone in ``v`` and is all a
+    KS statistic against this reference needs, so it is computed once per sample (on the
+    device when the sample arrives; at calibration once per image, then reused by
+    thousands of bootstrap windows).  One ``searchsorted`` serves all columns: values are
+    clipped just outside the reference range (which changes no count) and each column is
+    shifted into its own band of the real line.
+    """
+
+    def __init__(self, ref_sorted: np.ndarray) -> None:
+        ref = np.asarray(ref_sorted, dtype=np.float64)
+        if ref.ndim != 2:
+            raise ValueError("ref_sorted must be (m, F)")
+        self.m, self.f = ref.shape
+        self._lo = float(ref[0].min()) - 1.0
+        self._hi = float(ref[-1].max()) + 1.0
+        self._offs = np.arange(self.f, dtype=np.float64) * (self._hi - self._lo + 1.0) - self._lo
+        self._flat = (ref + self._offs).T.ravel()
+        self._base = np.arange(self.f) * self.m
+
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        """Codes of ``values`` (n, F) in this reference."""
+        v = np.clip(np.asarray(values, dtype=np.float64), self._lo, self._hi)
+        if v.shape[-1] != self.f:
+            raise ValueError(f"column mismatch: {v.shape[-1]} vs {self.f}")
+        v = v + self._offs
+        left = np.searchsorted(self._flat, v, side="left") - self._base
+        right = np.searchsorted(self._flat, v, side="right") - self._base
+        return left * (self.m + 1) + right
+
+
+def ks_from_codes(codes: np.ndarray, m: int) -> np.ndarray:
+    """KS D of windows along axis -2 of ``codes`` (..., W, F) against a reference of size m -> (..., F).
+
+    With the window sorted, the ECDF gap is largest just at or just before a window point:
+    D = max_i max(i/W - R_i/m, L_i/m - (i-1)/W), R/L the reference counts <= / < the
+    i-th smallest window value.  Ties inside the window are handled by the same formula.
+    """
+    c = np.sort(codes, axis=-2)
+    w = c.shape[-2]
+    left, right = np.divmod(c, m + 1)
+    i = np.arange(1, w + 1, dtype=np.float64)[:, None]
+    up = i / w - right / m
+    down = left / m - (i - 1.0) / w
+    return np.maximum(up.max(axis=-2), down.max(axis=-2))
+
+
+def kolmogorov_sf(z: float | np.ndarray) -> np.ndarray:
+    """Survival function of the Kolmogorov distribution, P(K > z) (scipy's ``kstwobign.sf``)."""
+    z = np.atleast_1d(np.asarray(z, dtype=np.float64))
+    out = np.ones_like(z)
+    big = z >= 1.0
+    # Two series, each fast where the other is slow: the alternating exp(-2 k^2 z^2) series
+    # for large z, the theta-function form for small z.
+    if big.any():
+        zb = z[big][:, None]
+        k = np.arange(1, 101, dtype=np.float64)[None, :]
+        out[big] = 2.0 * np.sum((-1.0) ** (k - 1) * np.exp(-2.0 * k * k * zb * zb), axis=1)
+    small = (~big) & (z > 0.0)
+    if small.any():
+        zs = z[small][:, None]
+        k = np.arange(1, 101, dtype=np.float64)[None, :]
+        cdf = math.sqrt(2.0 * math.pi) / zs[:, 0] * np.sum(
+            np.exp(-((2.0 * k - 1.0) ** 2) * math.pi**2 / (8.0 * zs * zs)), axis=1
+        )
+        out[small] = 1.0 - cdf
+    return np.clip(out, 0.0, 1.0)
+
+
+def ks_pvalue(d: float, n: int, m: int) -> float:
+    """Asymptotic two-sided p-value of a two-sample KS statistic ``d`` (sizes n, m).
+
+    Stephens' small-sample correction ``(sqrt(en) + 0.12 + 0.11/sqrt(en)) * d`` keeps it
+    within ~0.01 of the exact law for en >= 20 or so.
+    """
+    en = math.sqrt(n * m / (n + m))
+    return float(kolmogorov_sf((en + 0.12 + 0.11 / en) * d)[0])
+
+
+# -------------------------------------------------------------------- chi-square
+
+
+def _gammainc_lower_series(a: float, x: float) -> float:
+    term = 1.0 / a
+    total = term
+    ap = a
+    for _ in range(1000):
+        ap += 1.0
+        term *= x / ap
+        total += term
+        if abs(term) < abs(total) * 1e-15:
+            break
+    return total * math.exp(-x + a * math.log(x) - math.lgamma(a))
+
+
+def _gammainc_upper_cf(a: float, x: float) -> float:
+    # Modified Lentz continued fraction (Numerical Recipes 6.2).
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c = 1.0 / tiny
+    d = 1.0 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return math.exp(-x + a * math.log(x) - math.lgamma(a)) * h
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X > x) for a chi-square variable with ``dof`` degrees of freedom (scipy's ``chi2.sf``)."""
+    if dof <= 0:
+        raise ValueError("dof must be positive")
+    if x <= 0.0:
+        return 1.0
+    a, h = dof / 2.0, x / 2.0
+    if h < a + 1.0:
+        return max(0.0, 1.0 - _gammainc_lower_series(a, h))
+    return _gammainc_upper_cf(a, h)
+
+
+def merge_small_classes(expected: np.ndarray, min_expected: float = 5.0) -> np.ndarray:
+    """Group classes so that every group's expected count is at least ``min_expected``.
+
+    Returns ``group_of_class`` (K,) int.  Classes are merged smallest-first, the usual
+    remedy for the chi-square approximation breaking down on small expected counts
+    (a 25-image window over 10 classes expects 2.5 per class).  At least two groups are
+    always kept so the test stays defined.
+    """
+    expected = np.asarray(expected, dtype=np.float64)
+    order = np.argsort(expected, kind="stable")
+    groups: list[list[int]] = []
+    current: list[int] = []
+    acc = 0.0
+    for k in order:
+        current.append(int(k))
+        acc += expected[k]
+        if acc >= min_expected:
+            groups.append(current)
+            current, acc = [], 0.0
+    if current:
+        if groups:
+            groups[-1].extend(current)
+        else:
+            groups.append(current)
+    if len(groups) < 2 and len(order) >= 2:
+        # Too few expected counts overall: split into the largest class vs the rest.
+        groups = [[int(k) for k in order[:-1]], [int(order[-1])]]
+    group_of = np.empty(len(expected), dtype=np.int64)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    return group_of
+
+
+def chi2_statistic(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Pearson chi-square sum((O - E)^2 / E); ``expected`` must be positive."""
+    observed = np.asarray(observed, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.sum((observed - expected) ** 2 / expected))
+
+
+# --------------------------------------------------------------------------- PSI
+
+
+def histogram_counts(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    """Per-row counts of ``values`` (R, ...) in ``bins`` equal-width bins over [lo, hi] -> (R, bins).
+
+    Values outside the range are counted in the outer bins rather than dropped, so a
+    shifted input still shows up.  Equal widths make binning one multiply per pixel
+    (a ``searchsorted`` over 100k pixels was most of a window's cost).
+    """
+    values = np.asarray(values, dtype=np.float32)
+    r = values.shape[0]
+    scale = np.float32(bins / (hi - lo)) if hi > lo else np.float32(0.0)
+    idx = ((values.reshape(r, -1) - np.float32(lo)) * scale).astype(np.int64)
+    np.clip(idx, 0, bins - 1, out=idx)
+    idx += (np.arange(r) * bins)[:, None]
+    return np.bincount(idx.ravel(), minlength=r * bins).reshape(r, bins)
+
+
+def psi(counts: np.ndarray, ref_fraction: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Population stability index of histogram ``counts`` (..., B) against ``ref_fraction`` (..., B).
+
+    Both distributions are floored at ``eps`` so empty bins do not give infinities.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    p = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
+    p = np.maximum(p, eps)
+    q = np.maximum(np.asarray(ref_fraction, dtype=np.float64), eps)
+    return np.sum((p - q) * np.log(p / q), axis=-1)
+
+
+def pool_grid(x: np.ndarray, grid: int) -> np.ndarray:
+    """Average-pool images (N, C, H, W) to (N, C * g * g) features, g = min(grid, H, W).
+
+    A coarse spatial summary: per-cell mean intensity sees rotations and translations
+    that a whole-image intensity histogram cannot.
+    """
+    n, c, h, w = x.shape
+    rows, cols, area = _grid_cells(h, w, grid)
+    s = np.add.reduceat(np.asarray(x, dtype=np.float64), rows, axis=2)
+    s = np.add.reduceat(s, cols, axis=3)
+    s /= area
+    return s.reshape(n, c * len(rows) * len(cols))
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_cells(h: int, w: int, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = np.linspace(0, h, min(grid, h) + 1).astype(np.int64)
+    cols = np.linspace(0, w, min(grid, w) + 1).astype(np.int64)
+    return rows[:-1], cols[:-1], np.diff(rows)[:, None] * np.diff(cols)[None, :]
+
+
+# --------------------------------------------------------------------- embedding
+
+
+def sq_distances(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+    """Squared Euclidean distances (len(a), len(b)), clipped at zero against rounding."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a_sq = np.einsum("ij,ij->i", a, a)
+    if b_sq is None:
+        b_sq = np.einsum("ij,ij->i", b, b)
+    d = a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
+    return np.maximum(d, 0.0)
+
+
+def median_heuristic_gamma(ref: np.ndarray) -> float:
+    """RBF ``gamma`` = 1 / median pairwise squared distance of ``ref`` (k = exp(-gamma d^2))."""
+    d = sq_distances(ref, ref)
+    iu = np.triu_indices(d.shape[0], k=1)
+    med = float(np.median(d[iu]))
+    return 1.0 / med if med > 0 else 1.0
+
+
+def mmd2_with_reference(
+    k_ww: np.ndarray, k_wr: np.ndarray, k_rr_mean: float, *, pair_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Squared MMD (V-statistic form, k(x, x) = 1) of windows against a fixed reference.
+
+    ``k_ww`` (B, W, W) and ``k_wr`` (B, W, R) are kernel blocks for B windows;
+    ``k_rr_mean`` is the reference's precomputed mean kernel.  The within-window term is
+    ``1/W + (W-1)/W * mean_{i != j} k`` over the pairs in ``pair_mask`` (B, W, W): the
+    calibration passes a mask that drops pairs drawn from the *same* calibration image,
+    so bootstrap duplicates do not inflate the null (they would, by ~1/n_cal, which at
+    W=200 is most of the null's mean).
+    """
+    b, w, _ = k_ww.shape
+    off = ~np.eye(w, dtype=bool)[None, :, :]
+    mask = off if pair_mask is None else (pair_mask & off)
+    n_pairs = np.maximum(mask.sum(axis=(1, 2)), 1)
+    within = (k_ww * mask).sum(axis=(1, 2)) / n_pairs
+    within = 1.0 / w + (w - 1.0) / w * within
+    cross = k_wr.mean(axis=(1, 2))
+    return within + k_rr_mean - 2.0 * cross
+
+
+def knn_distance(d2: np.ndarray, k: int) -> np.ndarray:
+    """Distance to the k-th nearest reference point from a squared-distance matrix (N, R)."""
+    k = min(k, d2.shape[1])
+    part = np.partition(d2, k - 1, axis=1)[:, k - 1]
+    return np.sqrt(part)
+
+
+# -------------------------------------------------------------------- hysteresis
+
+
+@dataclass(frozen=True)
+class Hysteresis:
+    """Alarm hysteresis: on when ``on_k`` of the last ``on_m`` windows are flagged, off after
+    ``off_j`` consecutive clean windows (the flag history is cleared when it turns off)."""
+
+    on_k: int = 1
+    on_m: int = 1
+    off_j: int = 2
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.on_k <= self.on_m <= 8) or self.off_j < 1:
+            raise ConfigError(
+                f"invalid hysteresis on_k={self.on_k} on_m={self.on_m} off_j={self.off_j}",
+                hint="need 1 <= on_k <= on_m <= 8 and off_j >= 1",
+            )
+
+
+class HysteresisState:
+    """The alarm's state machine; O(1) memory (a bit mask of the last ``on_m`` flags)."""
+
+    def __init__(self, hysteresis: Hysteresis) -> None:
+        self.h = hysteresis
+        self.alarm = False
+        self.history = 0  # bit i = flag of the window i steps ago, while the alarm is off
+        self.clean = 0  # consecutive clean windows, while the alarm is on
+
+    def step(self, flag: bool) -> bool:
+        """Feed one window's flag; returns the new alarm state."""
+        if not self.alarm:
+            self.history = ((self.history << 1) | int(flag)) & ((1 << self.h.on_m) - 1)
+            if bin(self.history).count("1") >= self.h.on_k:
+                self.alarm, self.clean, self.history = True, 0, 0
+        else:
+            self.clean = 0 if flag else self.clean + 1
+            if self.clean >= self.h.off_j:
+                self.alarm, self.history, self.clean = False, 0, 0
+        return self.alarm
+
+
+def alarm_on_fraction(p: float, hysteresis: Hysteresis) -> float:
+    """Long-run fraction of windows with the alarm on when each window is flagged i.i.d. with prob ``p``.
+
+    Exact: the stationary distribution of the (small) Markov chain ``HysteresisState`` runs.
+    """
+    m, j = hysteresis.on_m, hysteresis.off_j
+    states = [(False, hb, 0) for hb in range(1 << m)] + [(True, 0, c) for c in range(j)]
+    index = {s: i for i, s in enumerate(states)}
+    t = np.zeros((len(states), len(states)))
+    for s in states:
+        for flag, prob in ((True, p), (False, 1.0 - p)):
+            hs = HysteresisState(hysteresis)
+            hs.alarm, hs.history, hs.clean = s
+            hs.step(flag)
+            t[index[s], index[(hs.alarm, hs.history, hs.clean)]] += prob
+    # Solve pi (T - I) = 0 with sum(pi) = 1.
+    a = np.vstack([(t - np.eye(len(states))).T, np.ones(len(states))])
+    rhs = np.zeros(len(states) + 1)
+    rhs[-1] = 1.0
+    pi = np.linalg.lstsq(a, rhs, rcond=None)[0]
+    return float(sum(pi[i] for i, s in enumerate(states) if s[0]))
+
+
+def flag_rate_for_alarm_rate(target: float, hysteresis: Hysteresis) -> float:
+    """The largest per-window flag probability whose alarm-on fraction is <= ``target`` (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if alarm_on_fraction(mid, hysteresis) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo

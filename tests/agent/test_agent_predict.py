@@ -1,0 +1,116 @@
+"""Agent.predict and `edgeloop agent predict`: real ONNX Runtime on a real signed bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.errors import EdgeloopError, InputError
+from edge_agent.agent import Agent
+from tests.plugins.agent_kit import agent_config, digits
+
+
+@pytest.fixture()
+def agent(tmp_path: Path, tiny_bundles: dict[str, Path]) -> Agent:
+    a = Agent(agent_config(tmp_path / "state")).start()
+    a.install(tiny_bundles["v1"])
+    yield a
+    a.close()
+
+
+def test_predict_matches_labels_and_reports_everything(agent: Agent) -> None:
+    d = digits()
+    preds = [agent.predict(img) for img in d.test_x[:200]]
+    acc = np.mean([p.index for p in preds] == d.test_y[:200])
+    assert acc > 0.9
+    p = preds[0]
+    assert p.label == str(p.index) and p.model_version == "1.0.0" and p.variant == "onnx-fp32"
+    assert 0.0 < p.confidence <= 1.0 and abs(sum(p.probs) - 1.0) < 1e-4
+    assert p.latency_ms > 0 and p.drift_alarm is False and p.sample_score is not None
+    assert agent.stats.snapshot().inferences == 200
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.zeros((8, 8, 2), np.uint8), r"shape \(8, 8, 2\)"),  # wrong channel count
+        (np.zeros((2, 3, 8, 8), np.uint8), r"shape \(2, 3, 8, 8\)"),  # a batch / tensor, not an image
+        (np.array([["a", "b"]]), "dtype"),  # wrong dtype
+        (np.full((8, 8), 300.0), r"values in \[300, 300\]"),  # not raw pixels
+        (b"not an array", "takes an image array"),
+    ],
+)
+def test_wrong_input_is_a_clear_error_and_the_agent_keeps_serving(agent: Agent, bad: object, message: str) -> None:
+    img = digits().test_x[0]
+    before = agent.predict(img)
+    with pytest.raises(InputError, match=message) as info:
+        agent.predict(bad)
+    assert "\n" not in str(info.value)
+    after = agent.predict(img)
+    assert after.index == before.index and after.probs == pytest.approx(before.probs)
+    assert agent.stats.snapshot().errors == 1
+
+
+def test_other_sizes_resize_unless_strict(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
+    img = np.kron(digits().test_x[0], np.ones((4, 4), np.uint8))  # 32x32: the camera sees bigger frames
+    with Agent(agent_config(tmp_path / "a")).start() as a:
+        a.install(tiny_bundles["v1"])
+        assert a.predict(img).index == a.predict(digits().test_x[0]).index
+    with Agent(agent_config(tmp_path / "b", model={"strict_size": True})).start() as a:
+        a.install(tiny_bundles["v1"])
+        with pytest.raises(InputError, match="image is 32x32; this model takes 8x8"):
+            a.predict(img)
+        assert a.predict(digits().test_x[0]).model_version == "1.0.0"
+
+
+def test_predict_without_model_says_how_to_install(tmp_path: Path) -> None:
+    with Agent(agent_config(tmp_path / "s")).start() as a:
+        with pytest.raises(EdgeloopError, match="no model is installed") as info:
+            a.predict(digits().test_x[0])
+        assert "edgeloop agent install" in str(info.value)
+
+
+def _config_file(tmp_path: Path, state: Path) -> Path:
+    from tests.plugins.agent_kit import keys
+
+    p = tmp_path / "agent.toml"
+    p.write_text(f'[agent]\ndevice_id = "cli-dev"\nstate_dir = "{state}"\ntrusted_key = "{keys().public}"\n'
+                 '[broker]\nenabled = false\n[http]\nenabled = false\n[model]\nbenchmark_runs = 3\n'
+                 '[update]\nmin_free_mb = 0.0\n')
+    return p
+
+
+def test_cli_install_predict_file_and_folder(tmp_path: Path, tiny_bundles: dict[str, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeloop.cli import main
+
+    cfg = _config_file(tmp_path, tmp_path / "state")
+    assert main(["agent", "install", "-c", str(cfg), str(tiny_bundles["v1"]), "--json"]) == 0
+    installed = json.loads(capsys.readouterr().out)
+    assert installed["version"] == "1.0.0" and installed["choice"]["variant"] == "onnx-fp32"
+
+    d = digits()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        np.save(folder / f"img{i}.npy", d.test_x[i])
+    assert main(["agent", "predict", "-c", str(cfg), str(folder / "img0.npy"), "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["index"] == int(d.test_y[0]) or one["confidence"] < 0.9
+    assert main(["agent", "predict", "-c", str(cfg), str(folder), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(r["file"]).name for r in rows] == [f"img{i}.npy" for i in range(5)]
+    assert rows[0]["probs"] == pytest.approx(one["probs"])
+
+    np.save(folder / "img9.npy", np.zeros((8, 8, 2), np.uint8))  # one bad file: reported, the rest served
+    assert main(["agent", "predict", "-c", str(cfg), str(folder), "--json"]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 6 and "error" in rows[-1] and "label" in rows[0]
+
+    assert main(["agent", "status", "-c", str(cfg), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["model_version"] == "1.0.0" and st["choice"]["mode"] == "auto"
+    assert st["choice"]["latency_ms"]["onnx-fp32"] > 0

@@ -1,0 +1,175 @@
+"""core.preprocess: resize against reference implementations, channels, errors, readers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.errors import InputError
+from core.manifest import Preprocessing
+from core.preprocess import load_image, preprocess, resize
+
+RAW = Preprocessing(size=(8, 8), channels=1, mean=(0.0,), std=(1.0,), scale=1.0)
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def _naive_bilinear(img: np.ndarray, oh: int, ow: int) -> np.ndarray:
+    """Loop reference of PIL's BILINEAR: triangle filter at half-pixel centres, widened when shrinking."""
+    def axis_weights(n_in: int, n_out: int) -> np.ndarray:
+        scale = n_in / n_out
+        support = max(scale, 1.0)
+        w = np.zeros((n_out, n_in))
+        for o in range(n_out):
+            centre = (o + 0.5) * scale
+            for i in range(n_in):
+                w[o, i] = max(0.0, 1.0 - abs(i + 0.5 - centre) / support)
+            w[o] /= w[o].sum()
+        return w
+    return axis_weights(img.shape[0], oh) @ img.astype(np.float64) @ axis_weights(img.shape[1], ow).T
+
+
+@pytest.mark.parametrize("shape,out", [((8, 8), (32, 32)), ((7, 13), (20, 9)), ((48, 64), (12, 16)), ((5, 5), (5, 9))])
+def test_resize_matches_loop_reference(shape: tuple[int, int], out: tuple[int, int]) -> None:
+    img = _rng().integers(0, 256, shape).astype(np.float32)
+    got = resize(img[None, None], out)[0, 0]
+    np.testing.assert_allclose(got, _naive_bilinear(img, *out), atol=1e-3)
+
+
+def test_resize_matches_torch_and_pil() -> None:
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+
+    img = _rng().integers(0, 256, (2, 3, 30, 40)).astype(np.float32)
+    for size in [(17, 55), (64, 80), (8, 8)]:
+        ref = torch.nn.functional.interpolate(torch.from_numpy(img), size, mode="bilinear", align_corners=False,
+                                              antialias=True).numpy()
+        np.testing.assert_allclose(resize(img, size), ref, atol=1e-3)
+    # Enlarging: identical to plain half-pixel bilinear (OpenCV INTER_LINEAR).
+    ref = torch.nn.functional.interpolate(torch.from_numpy(img), (61, 97), mode="bilinear", align_corners=False).numpy()
+    np.testing.assert_allclose(resize(img, (61, 97)), ref, atol=1e-3)
+    # PIL rounds to uint8: within one grey level.
+    u8 = img[0, 0].astype(np.uint8)
+    pil = np.asarray(Image.fromarray(u8).resize((11, 9), Image.BILINEAR), dtype=np.float32)
+    assert np.abs(resize(u8[None, None].astype(np.float32), (9, 11))[0, 0] - pil).max() <= 1.0
+
+
+def test_same_size_is_identity_and_constant_stays_constant() -> None:
+    img = _rng().integers(0, 256, (1, 1, 9, 9)).astype(np.float32)
+    assert resize(img, (9, 9)) is img
+    flat = np.full((1, 1, 13, 7), 77.0, dtype=np.float32)
+    np.testing.assert_allclose(resize(flat, (40, 3)), 77.0, atol=1e-4)
+
+
+def test_rgb_to_gray_uses_luminance_weights() -> None:
+    img = np.zeros((4, 4, 3), dtype=np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 100, 200, 50
+    out = preprocess(img, Preprocessing(size=(4, 4), channels=1, scale=1.0))
+    assert out.shape == (1, 1, 4, 4)
+    np.testing.assert_allclose(out, 0.299 * 100 + 0.587 * 200 + 0.114 * 50, rtol=1e-6)
+
+
+def test_gray_replicated_to_three_channels_and_alpha_dropped() -> None:
+    gray = _rng().integers(0, 256, (6, 6), dtype=np.uint8)
+    out = preprocess(gray, Preprocessing(size=(6, 6), channels=3, mean=(0, 0, 0), std=(1, 1, 1), scale=1.0))
+    assert out.shape == (1, 3, 6, 6)
+    for c in range(3):
+        np.testing.assert_array_equal(out[0, c], gray.astype(np.float32))
+    rgba = np.dstack([np.full((6, 6), v, np.uint8) for v in (10, 20, 30, 255)])
+    out = preprocess(rgba, Preprocessing(size=(6, 6), channels=3, mean=(0, 0, 0), std=(1, 1, 1), scale=1.0))
+    assert out[0, :, 0, 0].tolist() == [10.0, 20.0, 30.0]
+
+
+def test_scale_mean_std_layout_and_bgr() -> None:
+    img = np.dstack([np.full((2, 2), v, np.uint8) for v in (51, 102, 204)])
+    spec = Preprocessing(size=(2, 2), channels=3, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.2))
+    out = preprocess(img, spec)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0, :, 0, 0], [(0.2 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.8 - 0.3) / 0.2], rtol=1e-5)
+    nhwc = preprocess(img, Preprocessing(size=(2, 2), channels=3, mean=(0, 0, 0), std=(1, 1, 1), layout="NHWC"))
+    assert nhwc.shape == (1, 2, 2, 3)
+    bgr = preprocess(img, Preprocessing(size=(2, 2), channels=3, mean=(0, 0, 0), std=(1, 1, 1), scale=1.0,
+                                        channel_order="BGR"))
+    assert bgr[0, :, 0, 0].tolist() == [204.0, 102.0, 51.0]
+
+
+def test_single_batch_list_and_float_inputs() -> None:
+    rng = _rng()
+    batch = rng.integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    out = preprocess(batch, RAW)
+    assert out.shape == (5, 1, 8, 8)
+    np.testing.assert_array_equal(preprocess(batch[2], RAW)[0], out[2])
+    np.testing.assert_array_equal(preprocess(batch.astype(np.float64), RAW), out)
+    mixed = [rng.integers(0, 256, (8, 8), dtype=np.uint8), rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)]
+    assert preprocess(mixed, RAW).shape == (2, 1, 8, 8)
+    assert preprocess(rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), RAW).shape == (3, 1, 8, 8)
+
+
+@pytest.mark.parametrize("bad,words", [
+    (np.zeros((2, 4, 4, 5), np.uint8), ["(2, 4, 4, 5)", "expected"]),
+    (np.zeros((4,), np.uint8), ["(4,)"]),
+    (np.zeros((2, 3, 4, 4, 1), np.uint8), ["(2, 3, 4, 4, 1)"]),
+    (np.zeros((4, 4), bool), ["bool"]),
+    (np.full((4, 4), 300.0), ["300", "[0, 255]"]),
+    (np.full((4, 4), -0.5, np.float32), ["-0.5"]),
+    (np.full((4, 4), np.nan, np.float32), ["nan"]),
+    ([], ["no images"]),
+])
+def test_invalid_inputs_raise_input_error_naming_the_problem(bad: object, words: list[str]) -> None:
+    with pytest.raises(InputError) as exc:
+        preprocess(bad, RAW)  # type: ignore[arg-type]
+    for w in words:
+        assert w in str(exc.value)
+
+
+def _write_pnm(path: Path, magic: bytes, img: np.ndarray, maxval: int = 255, comment: bool = True) -> None:
+    h, w = img.shape[:2]
+    header = magic + b"\n" + (b"# made by a test\n" if comment else b"") + f"{w} {h}\n{maxval}\n".encode()
+    raster = img.astype(">u2").tobytes() if maxval > 255 else img.astype(np.uint8).tobytes()
+    path.write_bytes(header + raster)
+
+
+def test_load_image_formats(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = _rng()
+    gray = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", rgb)
+    _write_pnm(tmp_path / "g.pgm", b"P5", gray)
+    _write_pnm(tmp_path / "c.ppm", b"P6", rgb, comment=False)
+    _write_pnm(tmp_path / "g16.pgm", b"P5", gray.astype(np.uint16) * 257, maxval=65535)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    Image.fromarray(np.dstack([rgb, np.full((5, 7), 9, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(gray).save(tmp_path / "g.bmp")
+    np.testing.assert_array_equal(load_image(tmp_path / "a.npy"), rgb)
+    np.testing.assert_array_equal(load_image(tmp_path / "g.pgm"), gray)
+    np.testing.assert_array_equal(load_image(tmp_path / "c.ppm"), rgb)
+    np.testing.assert_array_equal(load_image(tmp_path / "g16.pgm"), gray)
+    np.testing.assert_array_equal(load_image(tmp_path / "c.png"), rgb)
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), rgb)
+    np.testing.assert_array_equal(load_image(tmp_path / "g.bmp"), gray)
+
+
+def test_load_image_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "short.pgm").write_bytes(b"P5\n4 4\n255\n\x00\x01")
+    (tmp_path / "ascii.pgm").write_bytes(b"P2\n1 1\n255\n0\n")
+    np.save(tmp_path / "bad.npy", np.zeros((3, 3, 7), np.uint8))
+    for name in ("broken.png", "short.pgm", "ascii.pgm", "bad.npy", "missing.png"):
+        with pytest.raises(InputError) as exc:
+            load_image(tmp_path / name)
+        assert name in str(exc.value)
+
+
+def test_preprocess_does_not_import_torch_or_pillow() -> None:
+    code = ("import sys, numpy as np, core.preprocess as p, core.manifest as m;"
+            "p.preprocess(np.zeros((9, 9), np.uint8), m.Preprocessing(size=(4, 4)));"
+            "assert 'torch' not in sys.modules and 'PIL' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
