@@ -13,6 +13,7 @@ import os
 import sys
 
 from core.errors import EdgeloopError
+from core.progress import set_quiet
 
 from . import __version__
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edgeloop {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress or status lines on stderr (results and errors still print)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    set_quiet(args.quiet)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

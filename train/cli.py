@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
         weights=args.weights, freeze_backbone=args.freeze_backbone, init_from=args.init_from,
         out_dir=str(args.out), run_name=args.name, threads=args.threads, trials=args.trials,
     )
-    run_dir = train_run(config, progress=not args.json)
+    run_dir = train_run(config, progress=True)  # stderr: --json output stays clean
     import json
 
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -12,7 +12,6 @@ import copy
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from core.progress import Progress
 
 from .models import EdgeModel
 
@@ -167,17 +168,6 @@ def _val_metrics(model: EdgeModel, x: Tensor, y: Tensor) -> tuple[float, float]:
     return float(nn.functional.cross_entropy(lt, y)), float((lt.argmax(1) == y).float().mean())
 
 
-def _progress(enabled: bool, total: int) -> Any:
-    if not enabled or not sys.stderr.isatty():
-        return contextlib.nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # stderr: stdout carries the result (and must stay clean JSON with --json).
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[status]}"), transient=True, console=Console(stderr=True))
-
-
 def fit(model: EdgeModel, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, params: FitParams, *,
         on_epoch: Callable[[EpochStats], None] | None = None, progress: bool = False) -> FitResult:
     """Train ``model`` in place; it ends holding the weights of its best validation epoch.
@@ -198,8 +188,7 @@ def fit(model: EdgeModel, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val
     best = (-1.0, math.inf)
     best_epoch, best_state, since_best, stopped = 0, copy.deepcopy(model.state_dict()), 0, False
     t_start = time.perf_counter()
-    with _progress(progress, params.epochs) as bar:
-        task = bar.add_task("training", total=params.epochs, status="") if bar is not None else None
+    with Progress("training", params.epochs, enabled=progress) as bar:
         for epoch in range(1, params.epochs + 1):
             t0 = time.perf_counter()
             set_train_mode(model)
@@ -233,8 +222,7 @@ def fit(model: EdgeModel, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 since_best += 1
-            if bar is not None:
-                bar.update(task, advance=1, status=f"val_acc {val_acc:.3f} (best {best[0]:.3f} @ {best_epoch})")
+            bar.advance(status=f"val_acc {val_acc:.3f} (best {best[0]:.3f} @ epoch {best_epoch})")
             if on_epoch is not None:
                 on_epoch(stats)
             if since_best >= params.patience:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, EdgeloopError, TrainError
+from core.progress import say
 
 from .checkpoint import save_checkpoint, spec_dict
 from .config import TrainConfig
@@ -72,6 +73,7 @@ def execute(config: TrainConfig, *, extra_images: Any = None, extra_labels: Any 
     """Train (tuning first when ``config.trials``) and write a complete run directory."""
     prep = prepare(config, extra_images=extra_images, extra_labels=extra_labels)
     run_id, run_dir = _run_dir(prep.config)
+    say(f"train: {prep.config.model} on {len(prep.dataset.labels)} images -> {run_dir}")
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     prev_level, prev_propagate = log.level, log.propagate
