@@ -73,7 +73,6 @@ def execute(config: TrainConfig, *, extra_images: Any = None, extra_labels: Any 
     """Train (tuning first when ``config.trials``) and write a complete run directory."""
     prep = prepare(config, extra_images=extra_images, extra_labels=extra_labels)
     run_id, run_dir = _run_dir(prep.config)
-    say(f"train: {prep.config.model} on {len(prep.dataset.labels)} images -> {run_dir}")
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     prev_level, prev_propagate = log.level, log.propagate
@@ -135,6 +134,8 @@ def _execute(prep: Prepared, run_id: str, run_dir: Path, progress: bool) -> Path
         (run_dir / "params.json").write_text(json.dumps(params, indent=2))
         x_tr, y_tr = prep.arrays("train")
         x_va, y_va = prep.arrays("val")
+        if progress:
+            say(f"train: {config.model} on {len(x_tr)} training images -> {run_dir}")
         fitted = fit(model, x_tr, y_tr, x_va, y_va, fit_params(config), progress=progress)
         reports: dict[str, EvalReport] = {}
         for part in ("val", "test"):
