@@ -72,6 +72,7 @@ __all__ = [
     "Message", "DeviceState", "Telemetry", "DriftReportMsg", "JobStatus", "Feedback",
     "DeployCommand", "RollbackCommand", "BundleRequest", "Receipt", "RECEIPT_PROPERTY", "RECEIPT_KINDS",
     "wants_receipt", "decode", "decode_as",
+    "LATENCY_BUCKET_BASE_MS", "LATENCY_BUCKETS_PER_OCTAVE", "LATENCY_BUCKETS", "latency_bucket", "latency_bucket_ms",
     # chunk framing (core.chunks)
     "CHUNK_MAGIC", "Frame", "Completed", "Dropped", "Reassembler", "split", "parse_frame", "is_frame",
     # the manifest is part of the protocol
@@ -293,6 +294,31 @@ class Telemetry(Message):
     queue_bytes: int = 0
     dropped_samples: int = 0
     drift_alarm: bool = False
+    # Added for the fleet's canary analysis (absent from older agents' messages, whose
+    # defaults say "not reported"): this interval's latencies as a sparse histogram
+    # (bucket index, see latency_bucket, -> count) and its inference errors.
+    latency_hist: dict[str, int] = field(default_factory=dict)
+    errors_interval: int | None = None
+
+
+# Latency histogram buckets shared by agents and the fleet: bucket k holds latencies in
+# [LATENCY_BUCKET_BASE_MS * 2**(k/4), ... * 2**((k+1)/4)) ms (19 % wide); k >= 0.
+LATENCY_BUCKET_BASE_MS = 0.01
+LATENCY_BUCKETS_PER_OCTAVE = 4
+LATENCY_BUCKETS = 100  # the last bucket (>= ~284 s) also holds everything slower
+
+
+def latency_bucket(ms: float) -> int:
+    """The histogram bucket of one latency in milliseconds."""
+    if not ms > LATENCY_BUCKET_BASE_MS:  # also NaN
+        return 0
+    k = int(math.floor(math.log2(ms / LATENCY_BUCKET_BASE_MS) * LATENCY_BUCKETS_PER_OCTAVE))
+    return min(k, LATENCY_BUCKETS - 1)
+
+
+def latency_bucket_ms(k: float) -> float:
+    """The lower edge (ms) of bucket ``k``; fractional ``k`` interpolates geometrically."""
+    return LATENCY_BUCKET_BASE_MS * 2.0 ** (k / LATENCY_BUCKETS_PER_OCTAVE)
 
 
 @dataclass(frozen=True)

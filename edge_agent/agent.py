@@ -369,7 +369,8 @@ class Agent:
             latency_p50_ms=snap.latency_p50_ms, latency_p99_ms=snap.latency_p99_ms,
             mean_confidence=snap.mean_confidence, cpu_percent=self._sampler.cpu_percent(),
             memory_mb=self._sampler.memory_mb(), queue_depth=q.depth if q else 0, queue_bytes=q.bytes if q else 0,
-            dropped_samples=q.dropped_samples if q else 0, drift_alarm=self.drift_alarm)
+            dropped_samples=q.dropped_samples if q else 0, drift_alarm=self.drift_alarm,
+            latency_hist=snap.latency_hist or {}, errors_interval=snap.errors_interval)
 
     def _job(self, job_id: str, version: str, step: str, ok: bool = True, detail: str = "",
              progress: float | None = None, previous: str | None = None) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.protocol import latency_bucket
+
 __all__ = ["LatencyRing", "ProcessSampler", "InferenceStats", "StatsSnapshot", "prometheus_text"]
 
 
@@ -100,6 +102,9 @@ class StatsSnapshot:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     mean_confidence: float | None
+    # this interval only (the fleet's canary analysis): sparse latency histogram and errors
+    latency_hist: dict[str, int] | None = None
+    errors_interval: int = 0
 
 
 class InferenceStats:
@@ -113,11 +118,15 @@ class InferenceStats:
         self._interval_start = 0
         self._conf_sum = 0.0
         self._conf_n = 0
+        self._hist: dict[str, int] = {}  # this interval's latencies, bucket -> count
+        self._errors_start = 0
         self.started = time.time()
 
     def record(self, latency_ms: float, confidence: float) -> None:
         self.latency.add(latency_ms)
+        bucket = str(latency_bucket(latency_ms))
         with self._lock:
+            self._hist[bucket] = self._hist.get(bucket, 0) + 1
             self.inferences += 1
             self._conf_sum += confidence
             self._conf_n += 1
@@ -132,10 +141,13 @@ class InferenceStats:
         with self._lock:
             interval = self.inferences - self._interval_start
             mean_conf = self._conf_sum / self._conf_n if self._conf_n else None
-            snap = StatsSnapshot(self.inferences, interval, self.errors, p50, p99, mean_conf)
+            snap = StatsSnapshot(self.inferences, interval, self.errors, p50, p99, mean_conf,
+                                 dict(self._hist), self.errors - self._errors_start)
             if reset_interval:
                 self._interval_start = self.inferences
+                self._errors_start = self.errors
                 self._conf_sum, self._conf_n = 0.0, 0
+                self._hist = {}
         return snap
 
 

@@ -2,8 +2,14 @@
 
 A rollout sends one bundle version to a canary group, then to growing waves of the
 fleet.  Per wave: deploy, wait for every device's job to end (or time out), soak, then
-judge the wave's health; if more than ``max_failures`` of the wave failed, the rollout
-halts and every device it updated is rolled back to its previous version.
+judge the wave with the canary analysis (:mod:`fleet.canary`: the wave against devices
+still on the old version over the same window).  A failed update counts against
+``max_failures``; a failed analysis, or more than ``max_failures`` of the wave failing,
+halts the rollout and rolls every device it updated back to its previous version.  An
+analysis without enough data extends the soak by ``analysis.step_s`` up to
+``analysis.max_extension_s``, then follows ``analysis.on_inconclusive``: ``hold`` pauses
+the rollout (an operator's resume then accepts the wave), ``proceed`` goes on with a
+warning event.  Every verdict is kept in ``RolloutState.verdicts`` with its evidence.
 
 :func:`advance` takes the state, the time and what was observed (job outcomes, and
 health verdicts once a soak is over) and returns the next state plus the commands to
@@ -31,10 +37,11 @@ from typing import Any
 
 from core.errors import ConfigError, RolloutError
 
+from .canary import CanaryPolicy, Verdict
+
 __all__ = [
-    "HealthPolicy",
-    "HealthSample",
-    "assess_health",
+    "CanaryPolicy",
+    "Verdict",
     "RolloutPlan",
     "DeviceProgress",
     "RolloutEvent",
@@ -66,59 +73,6 @@ _MAY_RUN_NEW = frozenset({"updated", "sent", "timed_out", "unhealthy"})
 
 
 @dataclass(frozen=True)
-class HealthPolicy:
-    """What makes an updated device unhealthy after its soak, compared with before the update."""
-
-    max_error_rate: float = 0.02  # inference errors / inferences
-    max_latency_ratio: float = 2.0  # p99 after / p99 before
-    max_confidence_drop: float = 0.15  # absolute drop of the mean top-1 confidence
-    max_accuracy_drop: float = 5.0  # percentage points, on feedback labels
-    min_feedback: int = 10  # fewer labels than this say nothing about accuracy
-    new_drift_alarm: bool = True  # an alarm that was not there before the update fails the device
-
-
-@dataclass(frozen=True)
-class HealthSample:
-    """A device's telemetry and feedback over one period (before or after an update)."""
-
-    inferences: int = 0
-    errors: int = 0
-    latency_p99_ms: float | None = None
-    mean_confidence: float | None = None
-    drift_alarm: bool = False
-    feedback_n: int = 0
-    feedback_correct: int = 0
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.feedback_correct / self.feedback_n if self.feedback_n else None
-
-
-def assess_health(before: HealthSample | None, after: HealthSample, policy: HealthPolicy) -> tuple[str, ...]:
-    """Reasons the device is unhealthy after the update (empty: healthy)."""
-    reasons = []
-    if after.inferences and after.errors / after.inferences > policy.max_error_rate:
-        reasons.append(f"error rate {after.errors / after.inferences:.1%}")
-    elif not after.inferences and after.errors:
-        reasons.append(f"{after.errors} errors and no inference")
-    if before is None:
-        return tuple(reasons)
-    if (before.latency_p99_ms and after.latency_p99_ms
-            and after.latency_p99_ms > policy.max_latency_ratio * before.latency_p99_ms):
-        reasons.append(f"p99 latency {before.latency_p99_ms:.1f} -> {after.latency_p99_ms:.1f} ms")
-    if (before.mean_confidence is not None and after.mean_confidence is not None
-            and before.mean_confidence - after.mean_confidence > policy.max_confidence_drop):
-        reasons.append(f"confidence {before.mean_confidence:.2f} -> {after.mean_confidence:.2f}")
-    if policy.new_drift_alarm and after.drift_alarm and not before.drift_alarm:
-        reasons.append("new drift alarm")
-    acc_b, acc_a = before.accuracy, after.accuracy
-    if (acc_b is not None and acc_a is not None and before.feedback_n >= policy.min_feedback
-            and after.feedback_n >= policy.min_feedback and 100 * (acc_b - acc_a) > policy.max_accuracy_drop):
-        reasons.append(f"accuracy on feedback {acc_b:.1%} -> {acc_a:.1%}")
-    return tuple(reasons)
-
-
-@dataclass(frozen=True)
 class RolloutPlan:
     """How to stage a rollout; fractions are of the target devices (0.1 = 10 %)."""
 
@@ -127,12 +81,12 @@ class RolloutPlan:
     soak_s: float = 60.0
     max_failures: float = 0.05  # share of a wave that may fail
     job_timeout_s: float = 300.0  # a device that has not finished by then failed
-    health: HealthPolicy = field(default_factory=HealthPolicy)
+    analysis: CanaryPolicy = field(default_factory=CanaryPolicy)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "waves", tuple(float(w) for w in self.waves))
-        if isinstance(self.health, Mapping):
-            object.__setattr__(self, "health", HealthPolicy(**self.health))
+        if isinstance(self.analysis, Mapping):
+            object.__setattr__(self, "analysis", CanaryPolicy(**self.analysis))
         if not 0.0 < self.canary <= 1.0:
             raise ConfigError(f"canary {self.canary:g} must be a share in (0, 1]", hint="e.g. --canary 10%")
         if any(not 0.0 < w <= 1.0 for w in self.waves) or list(self.waves) != sorted(set(self.waves)):
@@ -271,6 +225,10 @@ class RolloutState:
     reason: str = ""
     events: tuple[RolloutEvent, ...] = ()
     schema_version: int = ROLLOUT_SCHEMA_VERSION
+    soak_extended_s: float = 0.0  # the current soak's extensions while the analysis lacked data
+    verdicts: tuple[dict[str, Any], ...] = ()  # every canary analysis (Verdict.to_dict + wave, ts)
+    held: bool = False  # paused by on_inconclusive = "hold" (a resume accepts the wave)
+    accepted_wave: int = -1  # a held wave an operator resumed: an inconclusive verdict passes
 
     @property
     def terminal(self) -> bool:
@@ -292,7 +250,7 @@ class RolloutState:
     def wants_health(self, now: float) -> bool:
         """True when the current wave's soak is over and :func:`advance` needs health verdicts."""
         return (self.status == "running" and self.phase == "soaking" and self.phase_started_at is not None
-                and now - self.phase_started_at >= self.plan.soak_s)
+                and now - self.phase_started_at >= self.plan.soak_s + self.soak_extended_s)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -314,8 +272,14 @@ class RolloutState:
         try:
             d = dict(data)
             plan = dict(d["plan"])
-            plan["health"] = HealthPolicy(**plan.get("health", {}))
+            plan.pop("health", None)  # the before/after policy of rollouts stored before the canary analysis
+            analysis = dict(plan.get("analysis", {}))
+            for key in ("required", "critical"):
+                if key in analysis:
+                    analysis[key] = tuple(analysis[key])
+            plan["analysis"] = CanaryPolicy(**analysis)
             d["plan"] = RolloutPlan(**plan)
+            d["verdicts"] = tuple(d.get("verdicts", ()))
             d["devices"] = tuple(DeviceProgress(**x) for x in d["devices"])
             d["events"] = tuple(RolloutEvent(**x) for x in d.get("events", ()))
             if d.get("schema_version", ROLLOUT_SCHEMA_VERSION) != ROLLOUT_SCHEMA_VERSION:
@@ -410,12 +374,14 @@ def _record_jobs(state: RolloutState, jobs: Mapping[str, JobOutcome], now: float
 
 
 def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | None = None,
-            health: Mapping[str, Sequence[str]] | None = None) -> tuple[RolloutState, list[Action]]:
+            health: Mapping[str, Sequence[str]] | None = None,
+            verdict: Verdict | None = None) -> tuple[RolloutState, list[Action]]:
     """One step: record job outcomes, then move on if the current phase is over.
 
-    ``jobs`` maps job ids to their latest outcome; ``health`` maps each updated device of
-    the current wave to the reasons it is unhealthy (empty: healthy) and is only read
-    when :meth:`RolloutState.wants_health` is true.
+    ``jobs`` maps job ids to their latest outcome.  Once :meth:`RolloutState.wants_health`
+    is true the soak needs a judgement: ``verdict``, the wave's canary analysis, and/or
+    ``health``, reasons per updated device of the wave that it is unhealthy (empty:
+    healthy).  Without either the machine waits.
     """
     state = _record_jobs(state, jobs or {}, now)
     if state.terminal or state.status == "paused":
@@ -449,12 +415,13 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
             return _start_rollback(state, now, f"wave {state.wave}: {len(failed)}/{len(wave)} updates failed "
                                                f"({', '.join(d.device_id for d in failed)})")
         return _with(state, now, "soaking", f"wave {state.wave}: {len(wave) - len(failed)}/{len(wave)} updated",
-                     phase="soaking", phase_started_at=now), []
+                     phase="soaking", phase_started_at=now, soak_extended_s=0.0), []
     # soaking
     if not state.wants_health(now):
         return state, []
-    if health is None:
+    if health is None and verdict is None:
         return state, []  # the driver has to compute the verdicts first
+    health = health or {}
     updates = {}
     for d in wave:
         reasons = tuple(health.get(d.device_id, ()))
@@ -466,12 +433,46 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
     if len(failed) / len(wave) > state.plan.max_failures:
         return _start_rollback(state, now, f"wave {state.wave} unhealthy: {len(failed)}/{len(wave)} devices failed "
                                            f"({'; '.join(f'{d.device_id}: {d.detail}' for d in failed)})")
-    state = _with(state, now, "wave_healthy", f"wave {state.wave}: {len(wave) - len(failed)}/{len(wave)} healthy")
+    healthy = f"wave {state.wave}: {len(wave) - len(failed)}/{len(wave)} healthy"
+    if verdict is not None:
+        state, actions, go_on = _judged(state, now, verdict)
+        if not go_on:
+            return state, actions
+        healthy += f"; canary analysis {verdict.decision}"
+    state = _with(state, now, "wave_healthy", healthy)
     if state.wave + 1 < state.n_waves:
         return _start_wave(state, state.wave + 1, now)
     c = state.counts()
     return _with(state, now, "completed", f"{c.get('updated', 0)} devices on {state.version}",
                  status="completed", phase=""), []
+
+
+def _judged(state: RolloutState, now: float, verdict: Verdict) -> tuple[RolloutState, list[Action], bool]:
+    """Act on a wave's canary analysis: ``(state, actions, go on with the next wave)``."""
+    label = "canary" if state.wave == 0 else f"wave {state.wave}"
+    pol = state.plan.analysis
+    record = verdict.to_dict(wave=state.wave, ts=now, extended_s=state.soak_extended_s)
+    state = dataclasses.replace(state, verdicts=state.verdicts + (record,))
+    summary = verdict.summary()
+    if verdict.decision == "fail":
+        s, acts = _start_rollback(state, now, f"{label} failed the canary analysis: {summary}")
+        return s, acts, False
+    if verdict.decision == "pass":
+        return _with(state, now, "verdict", f"{label}: {summary}"), [], True
+    # marginal or inconclusive: wait for more data while the budget lasts
+    step = pol.step_s(state.plan.soak_s)
+    if state.soak_extended_s + step <= pol.max_extension_s + 1e-9:
+        extended = state.soak_extended_s + step
+        return _with(state, now, "soak_extended", f"{label}: +{step:g} s (extended {extended:g} of "
+                     f"{pol.max_extension_s:g} s): {summary}", soak_extended_s=extended), [], False
+    if state.accepted_wave == state.wave:
+        return _with(state, now, "warning", f"{label}: accepted by the operator despite: {summary}"), [], True
+    if pol.on_inconclusive == "proceed":
+        return _with(state, now, "warning", f"{label}: proceeding (on_inconclusive = proceed) despite: "
+                     f"{summary}"), [], True
+    reason = f"held: {label} {verdict.decision} after {state.soak_extended_s:g} s of extra soak; resume to accept it"
+    return _with(state, now, "held", f"{reason}: {summary}", status="paused", paused_at=now, held=True,
+                 reason=reason), [], False
 
 
 # --------------------------------------------------------------------------- lost commands
@@ -564,7 +565,9 @@ def resume(state: RolloutState, now: float) -> RolloutState:
     if started is not None and state.paused_at is not None:
         started += now - state.paused_at
     status = "pending" if state.phase == "" else "running"
-    return _with(state, now, "resumed", status=status, paused_at=None, phase_started_at=started)
+    accepted = state.wave if state.held else state.accepted_wave  # resuming a hold accepts the wave
+    return _with(state, now, "resumed", status=status, paused_at=None, phase_started_at=started, held=False,
+                 accepted_wave=accepted, reason="" if state.held else state.reason)
 
 
 def abort(state: RolloutState, now: float, reason: str = "aborted by operator") -> RolloutState:

@@ -4,8 +4,9 @@
 (``rollouts.state`` holds :class:`~fleet.rollout.RolloutState` as JSON, and the
 ``rollout_targets`` rows mirror each device's progress for ``edgeloop fleet rollouts``).
 Each :meth:`RolloutDriver.tick` loads the active rollouts, feeds the pure machine in
-:mod:`fleet.rollout` with the job outcomes and, after a soak, the health verdicts it
-computes from telemetry, drift reports and feedback labels; it persists the new state
+:mod:`fleet.rollout` with the job outcomes and, after a soak, the wave's canary analysis
+(:mod:`fleet.canary`: telemetry, drift reports and feedback labels of the wave against
+devices still on the old version, :mod:`fleet.canary_data`); it persists the new state
 *before* it publishes the commands, so a fleet restarted in between resends them (the
 job id is deterministic and the agent treats a repeated job id as the same job).
 
@@ -23,7 +24,6 @@ fleet API with range requests, or MQTT chunk frames sent in answer to ``BundleRe
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 import uuid
@@ -36,9 +36,12 @@ from core.errors import RolloutError
 from core.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, DeployCommand, RollbackCommand, TopicScheme
 
 from . import rollout as rm
+from .canary import CanaryPolicy, Verdict
+from .canary_data import analyse_wave
 from .registry import DeviceRecord, ModelVersion, Registry
 
-__all__ = ["Publisher", "RolloutDriver", "plan_from_config", "resend_from_config", "REGISTRY_STATUS"]
+__all__ = ["Publisher", "RolloutDriver", "plan_from_config", "analysis_from_config", "resend_from_config",
+           "REGISTRY_STATUS"]
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +67,18 @@ def resend_from_config(cfg: Any) -> rm.ResendPolicy:
     return rm.ResendPolicy(after_s=cfg.resend_after_s)
 
 
+def analysis_from_config(cfg: Any) -> CanaryPolicy:
+    """The canary analysis' thresholds: fleet.toml's ``[rollout]`` keys named ``canary_<field>``."""
+    fields = CanaryPolicy.__dataclass_fields__
+    return CanaryPolicy(**{name: getattr(cfg, f"canary_{name}") for name in fields
+                           if hasattr(cfg, f"canary_{name}")})
+
+
 def plan_from_config(cfg: Any, *, job_timeout_s: float | None = None) -> rm.RolloutPlan:
     """A :class:`~fleet.rollout.RolloutPlan` from fleet.toml's ``[rollout]`` table."""
     extra = {"job_timeout_s": job_timeout_s} if job_timeout_s else {}
     return rm.RolloutPlan(canary=cfg.canary, waves=tuple(cfg.waves), soak_s=cfg.soak_s,
-                          max_failures=cfg.max_failures, **extra)
+                          max_failures=cfg.max_failures, analysis=analysis_from_config(cfg), **extra)
 
 
 class RolloutDriver:
@@ -162,8 +172,8 @@ class RolloutDriver:
                 return state
             now = self.clock()
             jobs = self._job_outcomes(state)
-            health = self._health(state, now) if state.wants_health(now) else None
-            new, actions = rm.advance(state, now, jobs, health)
+            verdict = self._verdict(state, now) if state.wants_health(now) else None
+            new, actions = rm.advance(state, now, jobs, verdict=verdict)
             # This process may have missed what happened while it was down: resend all unanswered once.
             restarted = rollout_id not in self._resent
             settled = jobs.keys() | {a.job_id for a in actions}  # answered, or sent just now
@@ -251,35 +261,11 @@ class RolloutDriver:
         liveness = {dev: rm.Liveness(rec.online, rec.state_seen) for dev, rec in records.items()}
         return rm.resend(state, now, answered, liveness, self.resend, everything=everything)
 
-    def _health(self, state: rm.RolloutState, now: float) -> dict[str, tuple[str, ...]]:
-        """Health verdicts of the current wave's updated devices (see :func:`fleet.rollout.assess_health`)."""
-        out: dict[str, tuple[str, ...]] = {}
-        for d in state.in_wave(state.wave):
-            if d.status != "updated" or d.sent_at is None:
-                continue
-            start = d.done_at or d.sent_at
-            before = self._sample(d.device_id, since=d.sent_at - max(state.plan.soak_s, 60.0), until=d.sent_at,
-                                  version=d.previous_version)
-            after = self._sample(d.device_id, since=start, until=now + 1e-6, version=state.version)
-            out[d.device_id] = rm.assess_health(before, after, state.plan.health)
-        return out
-
-    def _sample(self, device_id: str, *, since: float, until: float, version: str | None) -> rm.HealthSample:
-        tel = [t for t in self.registry.telemetry(device_ids=[device_id], since=since, until=until)
-               if version is None or t.model_version in (None, version)]
-        drift = [r for r in self.registry.drift_reports(device_id=device_id, since=since, until=until)
-                 if version is None or r.model_version in (None, version)]
-        correct, total = (self.registry.feedback_accuracy(device_ids=[device_id], model_version=version)
-                          if version else (0, 0))
-        p99 = [t.latency_p99_ms for t in tel if t.latency_p99_ms is not None]
-        conf = [t.mean_confidence for t in tel if t.mean_confidence is not None]
-        # Telemetry counters are totals since the agent started: the window's errors are the growth.
-        errors = max(0, tel[-1].errors - tel[0].errors) if len(tel) >= 2 else 0
-        return rm.HealthSample(
-            inferences=sum(t.inferences_interval for t in tel), errors=errors,
-            latency_p99_ms=statistics.median(p99) if p99 else None,
-            mean_confidence=statistics.fmean(conf) if conf else None,
-            drift_alarm=bool(drift and drift[-1].alarm), feedback_n=total, feedback_correct=correct)
+    def _verdict(self, state: rm.RolloutState, now: float) -> Verdict:
+        """The canary analysis of the current wave (see :mod:`fleet.canary`)."""
+        verdict = analyse_wave(self.registry, state, now)
+        log.info("rollout %s wave %d: %s", state.rollout_id, state.wave, verdict.summary())
+        return verdict
 
     # ------------------------------------------------------------------ commands
     def _deploy_command(self, state: rm.RolloutState, model: ModelVersion | None, device: DeviceRecord | None,

@@ -7,17 +7,15 @@ import json
 import pytest
 
 from core.errors import ConfigError, RolloutError
+from fleet.canary import CanaryPolicy
 from fleet.rollout import (
     Deploy,
-    HealthPolicy,
-    HealthSample,
     JobOutcome,
     Rollback,
     RolloutPlan,
     RolloutState,
     abort,
     advance,
-    assess_health,
     new_rollout,
     pause,
     resume,
@@ -26,6 +24,9 @@ from fleet.rollout import (
 )
 
 PLAN = RolloutPlan(canary=0.1, waves=(0.5, 1.0), soak_s=60.0, max_failures=0.05, job_timeout_s=300.0)
+# The driver tests below are about the mechanics (restarts, re-sends): no telemetry, so the
+# canary analysis is inconclusive at once and proceeds with a warning.
+BLIND = CanaryPolicy(max_extension_s=0.0, on_inconclusive="proceed")
 DEVICES = [(f"d{i:02d}", "1.0.0") for i in range(10)]
 
 
@@ -148,19 +149,69 @@ def test_state_round_trips_through_json() -> None:
         RolloutState.from_dict({"rollout_id": "x"})
 
 
-def test_assess_health() -> None:
-    pol = HealthPolicy()
-    before = HealthSample(inferences=100, latency_p99_ms=2.0, mean_confidence=0.9, feedback_n=20, feedback_correct=19)
-    good = HealthSample(inferences=100, errors=1, latency_p99_ms=3.0, mean_confidence=0.85,
-                        feedback_n=20, feedback_correct=19)
-    assert assess_health(before, good, pol) == ()
-    bad = HealthSample(inferences=100, errors=10, latency_p99_ms=9.0, mean_confidence=0.5, drift_alarm=True,
-                       feedback_n=20, feedback_correct=10)
-    reasons = assess_health(before, bad, pol)
-    assert len(reasons) == 5
-    # too few labels say nothing about accuracy
-    few = HealthSample(inferences=10, feedback_n=3, feedback_correct=0)
-    assert assess_health(before, few, pol) == ()
+def _verdict(decision: str, metric: str = "latency"):
+    from fleet.canary import MetricResult, Verdict
+
+    m = MetricResult(metric, {"pass": "pass", "fail": "fail"}.get(decision, "insufficient"), "c", "k")
+    return Verdict(decision, 100.0 if decision == "pass" else None, "control", (m,), ("d00",), ("d05",))
+
+
+def test_failed_canary_analysis_rolls_back_with_the_evidence() -> None:
+    s, acts = advance(new_rollout("rv", "m", "2", DEVICES, PLAN, now=0.0), 0.0)
+    s, _ = advance(s, 1.0, done(acts))
+    s, rbs = advance(s, 61.0, verdict=_verdict("fail"))
+    assert s.status == "rolling_back" and "canary failed the canary analysis" in s.reason
+    assert [a.device_id for a in rbs] == ["d00"]
+    (v,) = s.verdicts
+    assert v["wave"] == 0 and v["decision"] == "fail" and v["metrics"][0]["metric"] == "latency"
+    assert RolloutState.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_inconclusive_analysis_extends_the_soak_then_holds() -> None:
+    from fleet.canary import CanaryPolicy
+
+    plan = RolloutPlan(canary=0.1, waves=(1.0,), soak_s=60.0, analysis=CanaryPolicy(max_extension_s=120.0))
+    s, acts = advance(new_rollout("rh", "m", "2", DEVICES, plan, now=0.0), 0.0)
+    s, _ = advance(s, 0.0, done(acts))
+    s, _ = advance(s, 60.0, verdict=_verdict("inconclusive"))
+    assert s.phase == "soaking" and s.soak_extended_s == 60.0 and s.events[-1].kind == "soak_extended"
+    assert not s.wants_health(119.0) and s.wants_health(120.0)
+    s, _ = advance(s, 120.0, verdict=_verdict("inconclusive"))
+    assert s.soak_extended_s == 120.0
+    s, acts = advance(s, 180.0, verdict=_verdict("inconclusive"))
+    assert s.status == "paused" and s.held and acts == [] and s.events[-1].kind == "held"
+    assert "resume to accept" in s.reason and len(s.verdicts) == 3
+    # the operator looked at the evidence and resumes: the wave is accepted, the next one starts
+    s = resume(s, 500.0)
+    assert not s.held and s.accepted_wave == 0 and s.wants_health(500.0)
+    s, acts = advance(s, 500.0, verdict=_verdict("inconclusive"))
+    assert s.wave == 1 and len(acts) == 9 and any(e.kind == "warning" for e in s.events)
+    # ... but data showing the model is worse still stops it
+    s, _ = advance(s, 501.0, done(acts))
+    s, _ = advance(s, 561.0, verdict=_verdict("fail"))
+    assert s.status == "rolling_back"
+
+
+def test_inconclusive_analysis_may_proceed_with_a_warning() -> None:
+    from fleet.canary import CanaryPolicy
+
+    plan = RolloutPlan(canary=0.5, waves=(1.0,), soak_s=10.0,
+                       analysis=CanaryPolicy(max_extension_s=10.0, on_inconclusive="proceed"))
+    s, acts = advance(new_rollout("rp", "m", "2", DEVICES[:2], plan, now=0.0), 0.0)
+    s, _ = advance(s, 0.0, done(acts))
+    s, _ = advance(s, 10.0, verdict=_verdict("marginal"))
+    assert s.events[-1].kind == "soak_extended"
+    s, acts = advance(s, 20.0, verdict=_verdict("inconclusive"))
+    assert s.wave == 1 and [e.kind for e in s.events if e.kind == "warning"] == ["warning"]
+    assert "on_inconclusive = proceed" in next(e.detail for e in s.events if e.kind == "warning")
+
+
+def test_old_rollout_state_with_the_before_after_health_policy_loads() -> None:
+    s, _ = advance(new_rollout("rold", "m", "2", DEVICES[:2], PLAN, now=0.0), 0.0)
+    data = json.loads(json.dumps(s.to_dict()))
+    del data["plan"]["analysis"], data["verdicts"], data["soak_extended_s"], data["held"], data["accepted_wave"]
+    data["plan"]["health"] = {"max_latency_ratio": 2.0}
+    assert RolloutState.from_dict(data) == s
 
 
 # --------------------------------------------------------------------------- driver + registry
@@ -220,7 +271,7 @@ def test_driver_restart_mid_rollout_resumes_from_the_database(tmp_path) -> None:
 
     reg = _fleet(tmp_path)
     pub, clock = Recorder(), Clock()
-    plan = RolloutPlan(canary=0.25, waves=(1.0,), soak_s=30.0, job_timeout_s=100.0)
+    plan = RolloutPlan(canary=0.25, waves=(1.0,), soak_s=30.0, job_timeout_s=100.0, analysis=BLIND)
     drv = RolloutDriver(reg, pub, api_base_url="http://fleet:8080", clock=clock)
     s = drv.start("m", "2", plan, rollout_id="r-restart")
     cmds = pub.take()
@@ -372,7 +423,7 @@ def test_rollout_and_rollback_with_real_agents_over_mqtt(tmp_path, digits_run, b
             if len(reg.devices(online=True, model_version="1.0.0")) == 2:
                 break
             stop.wait(0.1)
-        plan = RolloutPlan(canary=0.5, waves=(1.0,), soak_s=0.5, job_timeout_s=60.0)
+        plan = RolloutPlan(canary=0.5, waves=(1.0,), soak_s=0.5, job_timeout_s=60.0, analysis=BLIND)
         s = driver.start("digits", "2.0.0", plan, rollout_id="r-real")
         s = driver.run_until_done(s.rollout_id, interval_s=0.2, timeout_s=120)
         assert s.status == "completed", s.events

@@ -1,0 +1,301 @@
+"""The canary judge: is a wave on the new model worse than devices still on the old one?
+
+Pure logic, no I/O (:mod:`fleet.canary_data` gathers the observations from the
+registry).  Modelled on Kayenta: the wave's devices (the *canary*) are compared with a
+*control* group — devices of the same fleet still running the previous version, over the
+SAME time window, matched by a tag (``group``) where possible — so load, lighting or
+the time of day hit both sides alike and are not blamed on the model.  Per metric, a
+test fit for its kind:
+
+========== ============================================= ===================================
+metric     data                                          test (one-sided: canary worse)
+========== ============================================= ===================================
+latency    per-interval latency histograms (agents ≥     Mann-Whitney U (ties corrected) +
+           this version) or per-interval p50s (older)    bootstrap CI of the median ratio
+errors     inference errors / attempts                   two-proportion z test
+accuracy   feedback labels: wrong / labelled             two-proportion z test
+drift      drift windows in alarm / windows              two-proportion z test
+confidence per-interval mean top-1 confidence            Mann-Whitney U
+========== ============================================= ===================================
+
+A metric fails only when the difference is both significant (``p < alpha``) and larger
+than its tolerance (a 3 % slower median on 10,000 inferences is significant and
+harmless).  A metric with fewer samples than its minimum does not vote: it is
+``insufficient`` (some data, or a required metric) or ``nodata`` (an optional metric
+neither group reported, e.g. no labels at all).  The score is the share of voting
+metrics that passed; a failed *critical* metric fails the wave whatever the score.
+
+Decisions: ``fail`` (roll back), ``pass`` (score ≥ ``pass_score``), ``marginal``
+(≥ ``marginal_score``) and ``inconclusive`` (not enough data); the last two extend the
+soak (see :mod:`fleet.rollout`) and then follow ``on_inconclusive``.  Without a control
+group (every device targeted, a fleet of one, the last wave) the same tests compare the
+wave's devices with themselves before the update, and the verdict says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from core.errors import ConfigError
+
+from . import canary_stats as st
+
+__all__ = ["CanaryPolicy", "GroupData", "MetricResult", "Verdict", "METRICS", "judge", "verdict_line"]
+
+METRICS = ("latency", "errors", "accuracy", "drift", "confidence")
+DECISIONS = ("pass", "marginal", "inconclusive", "fail")
+
+
+@dataclass(frozen=True)
+class CanaryPolicy:
+    """Thresholds of the canary analysis (fleet.toml ``[rollout]``, see docs/fleet.md)."""
+
+    alpha: float = 0.05  # significance level of every one-sided test
+    max_latency_ratio: float = 1.5  # canary median / control median that fails (when significant)
+    max_error_increase: float = 0.02  # absolute increase of the error rate
+    max_accuracy_drop: float = 0.05  # absolute drop of the accuracy on feedback labels
+    max_drift_alarm_increase: float = 0.25  # absolute increase of the share of drift windows in alarm
+    max_confidence_drop: float = 0.10  # drop of the mean top-1 confidence
+    min_latency_samples: int = 100  # inferences per group (histograms)
+    min_latency_intervals: int = 5  # telemetry intervals per group (agents without histograms)
+    min_inferences: int = 100  # attempts per group for the error rate
+    min_feedback: int = 30  # labels per group
+    min_drift_windows: int = 5  # drift reports per group
+    min_confidence_intervals: int = 5  # telemetry intervals with a confidence per group
+    required: tuple[str, ...] = ("latency", "errors")  # must have data to decide
+    critical: tuple[str, ...] = ("latency", "errors", "accuracy")  # one failure fails the wave
+    pass_score: float = 90.0
+    marginal_score: float = 60.0
+    max_extension_s: float = 120.0  # how much longer a soak may run while data is missing
+    extension_step_s: float = 0.0  # each extension (0: the soak time, at least 1 s)
+    on_inconclusive: str = "hold"  # after the last extension: "hold" (pause) or "proceed" (warn)
+    match_tag: str = "group"  # device tag that pairs canary and control devices ("" = any control)
+
+    def __post_init__(self) -> None:
+        for name in ("required", "critical"):
+            value = tuple(str(m) for m in getattr(self, name))
+            object.__setattr__(self, name, value)
+            if any(m not in METRICS for m in value):
+                raise ConfigError(f"canary {name} {value}: unknown metric", hint=f"metrics: {', '.join(METRICS)}",
+                                  key=f"rollout.canary_{name}")
+        if not 0 < self.alpha < 0.5:
+            raise ConfigError(f"canary alpha {self.alpha:g} must be in (0, 0.5)", key="rollout.canary_alpha")
+        if not 0 <= self.marginal_score <= self.pass_score <= 100:
+            raise ConfigError("canary scores need 0 <= marginal <= pass <= 100", key="rollout.canary_pass_score")
+        if self.on_inconclusive not in ("hold", "proceed"):
+            raise ConfigError(f"on_inconclusive {self.on_inconclusive!r}", hint="use 'hold' or 'proceed'",
+                              key="rollout.canary_on_inconclusive")
+        if self.max_latency_ratio <= 1 or self.max_extension_s < 0 or self.extension_step_s < 0:
+            raise ConfigError("canary: max_latency_ratio must be > 1 and extension times >= 0",
+                              key="rollout.canary_max_latency_ratio")
+
+    def step_s(self, soak_s: float) -> float:
+        return self.extension_step_s or max(1.0, soak_s)
+
+
+@dataclass(frozen=True)
+class GroupData:
+    """What one group of devices reported over the analysis window."""
+
+    devices: tuple[str, ...] = ()
+    latency_hist: Mapping[str, int] = field(default_factory=dict)  # summed histograms
+    hist_devices: int = 0  # devices that sent histograms
+    latency_p50s: tuple[float, ...] = ()  # per-interval medians (every device)
+    attempts: int = 0  # inferences + errors
+    errors: int = 0
+    feedback_n: int = 0
+    feedback_correct: int = 0
+    drift_windows: int = 0
+    drift_alarms: int = 0
+    confidences: tuple[float, ...] = ()
+    silent: tuple[str, ...] = ()  # devices that sent no telemetry in the window
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric's evidence: the numbers of both groups, the test, and its decision."""
+
+    metric: str
+    decision: str  # pass | fail | insufficient | nodata
+    canary: str
+    control: str
+    statistic: str = ""
+    p_value: float | None = None
+    interval: tuple[float, float] | None = None  # 95 % interval of the effect
+    effect: str = ""
+    n_canary: int = 0
+    n_control: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "decision": self.decision, "canary": self.canary, "control": self.control,
+                "statistic": self.statistic, "p_value": self.p_value,
+                "interval": None if self.interval is None else [self.interval[0], self.interval[1]],
+                "effect": self.effect, "n_canary": self.n_canary, "n_control": self.n_control, "note": self.note}
+
+    def line(self) -> str:
+        p = "" if self.p_value is None else f", p={self.p_value:.3g}"
+        ci = "" if self.interval is None else f" [{self.interval[0]:.3g}, {self.interval[1]:.3g}]"
+        eff = f" {self.effect}{ci}" if self.effect else ""
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.metric} {self.decision}: {self.canary} vs {self.control}{eff}{p}{note}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The canary analysis of one wave."""
+
+    decision: str
+    score: float | None
+    mode: str  # "control" | "before_after"
+    metrics: tuple[MetricResult, ...]
+    canary: tuple[str, ...] = ()
+    control: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self, **extra: Any) -> dict[str, Any]:
+        """JSON-ready (lists, no tuples: a rollout state must equal itself after a JSON round trip)."""
+        return {**extra, "decision": self.decision, "score": self.score, "mode": self.mode,
+                "canary": list(self.canary), "control": list(self.control), "notes": list(self.notes),
+                "metrics": [m.to_dict() for m in self.metrics]}
+
+    def summary(self) -> str:
+        score = "" if self.score is None else f", score {self.score:.0f}"
+        against = (f"{len(self.canary)} canary vs {len(self.control)} control devices" if self.mode == "control"
+                   else f"{len(self.canary)} devices before/after the update (no control group)")
+        voted = "; ".join(m.line() for m in self.metrics if m.decision != "nodata")
+        notes = "; ".join(self.notes)
+        return f"{self.decision}{score} ({against}): {voted}" + (f" [{notes}]" if notes else "")
+
+
+# --------------------------------------------------------------------------- per metric
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g} ms"
+
+
+def _availability(metric: str, n1: int, n2: int, minimum: int, policy: CanaryPolicy) -> str | None:
+    """``insufficient`` / ``nodata`` when the metric may not vote, else None."""
+    if n1 >= minimum and n2 >= minimum:
+        return None
+    if (n1 == 0 or n2 == 0) and metric not in policy.required:
+        return "nodata"
+    return "insufficient"
+
+
+def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:
+    a, b = st.hist_array(c.latency_hist), st.hist_array(k.latency_hist)
+    kind, minimum = "inferences", pol.min_latency_samples
+    if not (a.sum() and b.sum()):
+        if c.latency_p50s or k.latency_p50s:  # older agents: one median per telemetry interval
+            a, b = st.samples_hist(c.latency_p50s), st.samples_hist(k.latency_p50s)
+            kind, minimum = "interval medians", pol.min_latency_intervals
+    n1, n2 = int(a.sum()), int(b.sum())
+    m1, m2 = st.hist_median_ms(a), st.hist_median_ms(b)
+    base = dict(metric="latency", canary=f"median {_ms(m1)} (n={n1})", control=f"median {_ms(m2)} (n={n2})",
+                n_canary=n1, n_control=n2)
+    gap = _availability("latency", n1, n2, minimum, pol)
+    if gap:
+        return MetricResult(decision=gap, note=f"needs {minimum} {kind} per group", **base)
+    test = st.mann_whitney(a, b)
+    ci = st.median_ratio_ci(a, b)
+    ratio = ci[0] if ci else 1.0
+    bad = test.p_value < pol.alpha and ratio > pol.max_latency_ratio
+    return MetricResult(decision="fail" if bad else "pass", statistic=f"Mann-Whitney {test.statistic}",
+                        p_value=test.p_value, interval=(ci[1], ci[2]) if ci else None,
+                        effect=f"median x{ratio:.2f} (fails > x{pol.max_latency_ratio:g})",
+                        note="" if kind == "inferences" else "from per-interval medians", **base)
+
+
+def _rate(metric: str, bad1: int, n1: int, bad2: int, n2: int, minimum: int, tolerance: float, what: str,
+          pol: CanaryPolicy, *, show_good: bool = False) -> MetricResult:
+    """A "bad outcome" rate compared one-sided (canary higher), as for errors, wrong labels, alarms."""
+    def show(bad: int, n: int) -> str:
+        return f"{(n - bad if show_good else bad) / n:.1%} of {n}" if n else "- of 0"
+    base = dict(metric=metric, canary=show(bad1, n1), control=show(bad2, n2), n_canary=n1, n_control=n2)
+    gap = _availability(metric, n1, n2, minimum, pol)
+    if gap:
+        return MetricResult(decision=gap, note=f"needs {minimum} {what} per group", **base)
+    test, (lo, hi) = st.two_proportions(bad1, n1, bad2, n2)
+    diff = bad1 / n1 - bad2 / n2
+    bad = test.p_value < pol.alpha and diff > tolerance
+    sign = -1 if show_good else 1  # accuracy: show the change of the good rate
+    interval = (sign * hi, sign * lo) if show_good else (lo, hi)
+    return MetricResult(decision="fail" if bad else "pass", statistic=f"two-proportion {test.statistic}",
+                        p_value=test.p_value, interval=interval,
+                        effect=f"{sign * diff:+.1%} (fails {'<' if show_good else '>'} {sign * tolerance:+.0%})",
+                        **base)
+
+
+def _confidence(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:
+    n1, n2 = len(c.confidences), len(k.confidences)
+    mean1 = float(np.mean(c.confidences)) if n1 else None
+    mean2 = float(np.mean(k.confidences)) if n2 else None
+    base = dict(metric="confidence", canary="-" if mean1 is None else f"mean {mean1:.3f} (n={n1})",
+                control="-" if mean2 is None else f"mean {mean2:.3f} (n={n2})", n_canary=n1, n_control=n2)
+    gap = _availability("confidence", n1, n2, pol.min_confidence_intervals, pol)
+    if gap:
+        return MetricResult(decision=gap, note=f"needs {pol.min_confidence_intervals} intervals per group", **base)
+    assert mean1 is not None and mean2 is not None
+    test = st.mann_whitney_samples(c.confidences, k.confidences, larger=False)
+    drop = mean2 - mean1
+    bad = test.p_value < pol.alpha and drop > pol.max_confidence_drop
+    return MetricResult(decision="fail" if bad else "pass", statistic=f"Mann-Whitney {test.statistic}",
+                        p_value=test.p_value, effect=f"{-drop:+.3f} (fails < {-pol.max_confidence_drop:+.2f})",
+                        **base)
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+def judge(canary: GroupData, control: GroupData, policy: CanaryPolicy, *, mode: str = "control",
+          notes: Sequence[str] = ()) -> Verdict:
+    """Compare the canary group with the control group (or with itself before, ``mode="before_after"``)."""
+    pol = policy
+    metrics = (
+        _latency(canary, control, pol),
+        _rate("errors", canary.errors, canary.attempts, control.errors, control.attempts, pol.min_inferences,
+              pol.max_error_increase, "inferences", pol),
+        _rate("accuracy", canary.feedback_n - canary.feedback_correct, canary.feedback_n,
+              control.feedback_n - control.feedback_correct, control.feedback_n, pol.min_feedback,
+              pol.max_accuracy_drop, "labels", pol, show_good=True),
+        _rate("drift", canary.drift_alarms, canary.drift_windows, control.drift_alarms, control.drift_windows,
+              pol.min_drift_windows, pol.max_drift_alarm_increase, "drift windows", pol),
+        _confidence(canary, control, pol),
+    )
+    all_notes = list(notes)
+    if canary.silent:
+        all_notes.append(f"no telemetry from {', '.join(canary.silent)}")
+    if mode == "before_after":
+        all_notes.insert(0, "no control group: compared with the same devices before the update")
+    voting = [m for m in metrics if m.decision in ("pass", "fail")]
+    score = 100.0 * sum(m.decision == "pass" for m in voting) / len(voting) if voting else None
+    waiting = [m.metric for m in metrics if m.decision == "insufficient"]
+    if any(m.decision == "fail" and m.metric in pol.critical for m in metrics):
+        decision = "fail"  # enough data to see it is worse: no need to wait for the rest
+    elif waiting or score is None:
+        decision = "inconclusive"
+        all_notes.append(f"not enough data: {', '.join(waiting) or 'no metric'}")
+    elif score >= pol.pass_score:
+        decision = "pass"
+    elif score >= pol.marginal_score:
+        decision = "marginal"
+    else:
+        decision = "fail"
+    return Verdict(decision, score, mode, metrics, tuple(canary.devices), tuple(control.devices), tuple(all_notes))
+
+
+def verdict_line(verdicts: Sequence[Mapping[str, Any]]) -> str:
+    """The latest stored verdict of a rollout state in one short line (for tables)."""
+    if not verdicts:
+        return ""
+    v = verdicts[-1]
+    score = "" if v.get("score") is None else f" {v['score']:.0f}"
+    failed = [m["metric"] for m in v.get("metrics", ()) if m.get("decision") in ("fail", "insufficient")]
+    mode = " before/after" if v.get("mode") == "before_after" else ""
+    return f"w{v.get('wave', '?')} {v.get('decision')}{score}{mode}" + (f" ({', '.join(failed)})" if failed else "")

@@ -1,0 +1,105 @@
+"""What the canary judge (:mod:`fleet.canary`) reads: groups and their observations from the registry.
+
+:func:`analyse_wave` picks the wave's control group — online devices of the same model
+still on a version the wave came from, not part of the current or an earlier wave —
+matched by the policy's ``match_tag`` (``group``) when any control device shares a tag
+value with the wave, and gathers both groups' telemetry, drift reports and feedback
+labels over the SAME window: from the moment the wave's last device finished its update
+(the soak's start) to now.  Without a control device it falls back to the wave's own
+devices before their update (a window as long, ending when the command went out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from . import rollout as rm
+from .canary import GroupData, Verdict, judge
+
+__all__ = ["observe", "control_group", "analyse_wave"]
+
+
+def observe(registry: Any, device_ids: Sequence[str], *, versions: Collection[str | None], since: float,
+            until: float, label_version: str | None) -> GroupData:
+    """Everything ``device_ids`` reported in ``[since, until)`` while running one of ``versions``."""
+    ids = list(device_ids)
+    if not ids:
+        return GroupData()
+    tel = [t for t in registry.telemetry(device_ids=ids, since=since, until=until) if t.model_version in versions]
+    hist: dict[str, int] = {}
+    hist_devices: set[str] = set()
+    first_errors: dict[str, int] = {}
+    last_errors: dict[str, int] = {}
+    attempts = errors = 0
+    for t in tel:
+        data = t.data or {}
+        for k, v in (data.get("latency_hist") or {}).items():
+            hist[k] = hist.get(k, 0) + int(v)
+            hist_devices.add(t.device_id)
+        interval_errors = data.get("errors_interval")
+        if interval_errors is not None:
+            errors += int(interval_errors)
+            attempts += int(interval_errors)
+        else:  # an older agent: its error counter's growth over the window
+            first_errors.setdefault(t.device_id, t.errors)
+            last_errors[t.device_id] = t.errors
+        attempts += t.inferences_interval
+    for dev, last in last_errors.items():
+        grown = max(0, last - first_errors[dev])
+        errors += grown
+        attempts += grown
+    drift = [r for r in registry.drift_reports(device_ids=ids, since=since, until=until)
+             if r.model_version in versions]
+    correct, total = (registry.feedback_accuracy(device_ids=ids, since=since, model_version=label_version)
+                      if label_version else (0, 0))
+    seen = {t.device_id for t in tel}
+    return GroupData(
+        devices=tuple(ids), latency_hist=hist, hist_devices=len(hist_devices),
+        latency_p50s=tuple(t.latency_p50_ms for t in tel if t.latency_p50_ms is not None and t.inferences_interval),
+        attempts=attempts, errors=errors, feedback_n=total, feedback_correct=correct,
+        drift_windows=len(drift), drift_alarms=sum(1 for r in drift if r.alarm),
+        confidences=tuple(t.mean_confidence for t in tel if t.mean_confidence is not None and t.inferences_interval),
+        silent=tuple(d for d in ids if d not in seen))
+
+
+def control_group(registry: Any, state: rm.RolloutState, wave: Sequence[rm.DeviceProgress],
+                  match_tag: str) -> tuple[list[str], set[str | None], str]:
+    """``(control device ids, their versions, how they were matched)``."""
+    old = {d.previous_version for d in wave if d.previous_version}
+    busy = {d.device_id for d in state.devices if d.wave <= state.wave or d.status != "pending"}
+    candidates = [r for r in registry.devices(online=True)
+                  if r.model_version in old and r.id not in busy and r.model_name in (None, state.name)]
+    if not candidates:
+        return [], old, ""
+    if match_tag:
+        recs = registry.devices_by_id([d.device_id for d in wave])
+        values = {(r.tags or {}).get(match_tag) for r in recs.values()} - {None}
+        matched = [r for r in candidates if (r.tags or {}).get(match_tag) in values]
+        if matched:
+            return [r.id for r in matched], old, f"control matched by {match_tag}={','.join(sorted(map(str, values)))}"
+        if values:
+            return [r.id for r in candidates], old, f"no control device shares {match_tag}; compared with all"
+    return [r.id for r in candidates], old, ""
+
+
+def analyse_wave(registry: Any, state: rm.RolloutState, now: float) -> Verdict:
+    """The canary analysis of the current wave's updated devices."""
+    pol = state.plan.analysis
+    wave = [d for d in state.in_wave(state.wave) if d.status == "updated" and d.sent_at is not None]
+    ids = [d.device_id for d in wave]
+    since = max((d.done_at or d.sent_at or now) for d in wave) if wave else now
+    until = now + 1e-6
+    canary = observe(registry, ids, versions={state.version}, since=since, until=until, label_version=state.version)
+    control_ids, old, how = control_group(registry, state, wave, pol.match_tag)
+    notes = [how] if how else []
+    if control_ids:
+        control = observe(registry, control_ids, versions=old, since=since, until=until,
+                          label_version=next(iter(old)) if len(old) == 1 else None)
+        return judge(canary, control, pol, mode="control", notes=notes)
+    # No control group: the same devices before the update, over a window as long as the soak's.
+    sent = min((d.sent_at or now) for d in wave) if wave else now
+    length = max(until - since, 1.0)
+    before = observe(registry, ids, versions=old, since=sent - length, until=sent,
+                     label_version=next(iter(old)) if len(old) == 1 else None)
+    return judge(canary, before, pol, mode="before_after", notes=notes)

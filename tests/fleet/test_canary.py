@@ -1,0 +1,116 @@
+"""The canary judge (pure): statistics, minimum samples, score, and the fallback without a control group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.errors import ConfigError
+from fleet import canary_stats as st
+from fleet.canary import CanaryPolicy, GroupData, judge, verdict_line
+
+POL = CanaryPolicy()
+
+
+def _latencies(rng: np.random.Generator, median_ms: float, n: int, spread: float = 0.35) -> dict[str, int]:
+    hist = st.samples_hist(rng.lognormal(np.log(median_ms), spread, n))
+    return {str(k): int(v) for k, v in enumerate(hist) if v}
+
+
+def group(rng: np.random.Generator, *, median_ms: float = 2.0, n: int = 600, errors: int = 0, labels: int = 0,
+          accuracy: float = 0.9, windows: int = 10, alarms: int = 0, conf: float = 0.9, devices: int = 3) -> GroupData:
+    correct = int(round(labels * accuracy))
+    return GroupData(devices=tuple(f"d{i}" for i in range(devices)), latency_hist=_latencies(rng, median_ms, n),
+                     hist_devices=devices, attempts=n + errors, errors=errors, feedback_n=labels,
+                     feedback_correct=correct, drift_windows=windows, drift_alarms=alarms,
+                     confidences=tuple(rng.normal(conf, 0.02, 12).clip(0, 1)))
+
+
+def test_mann_whitney_matches_the_textbook_on_ties() -> None:
+    # scipy.stats.mannwhitneyu(x, y, alternative="greater", method="asymptotic") on these: p = 0.0281
+    rng = np.random.default_rng(0)
+    x, y = np.round(rng.normal(5, 1, 300), 1), np.round(rng.normal(4.8, 1, 400), 1)
+    r = st.mann_whitney_samples(x, y)
+    assert r.p_value == pytest.approx(0.028138150367920844, rel=1e-9)
+    assert st.mann_whitney_samples(x, y, larger=False).p_value == pytest.approx(0.9718862198652589, rel=1e-9)
+    same = st.mann_whitney(np.array([0, 5, 0]), np.array([0, 7, 0]))  # everything tied
+    assert same.p_value == 1.0
+
+
+def test_two_proportions_and_median_ratio() -> None:
+    r, (lo, hi) = st.two_proportions(30, 100, 10, 100)
+    assert r.p_value < 0.001 and lo < 0.2 < hi and lo > 0
+    r, (lo, hi) = st.two_proportions(0, 50, 0, 50)  # rates at 0: no test, a sane interval
+    assert r.p_value == 1.0 and lo < 0 < hi
+    rng = np.random.default_rng(1)
+    a = st.samples_hist(rng.lognormal(np.log(6.0), 0.3, 500))
+    b = st.samples_hist(rng.lognormal(np.log(2.0), 0.3, 500))
+    ratio, lo, hi = st.median_ratio_ci(a, b)
+    assert 2.6 < lo < ratio < hi < 3.4
+    assert st.median_ratio_ci(a, b) == (ratio, lo, hi)  # fixed seed: the same data, the same verdict
+
+
+def test_good_model_passes_despite_noise_in_both_groups() -> None:
+    rng = np.random.default_rng(2)
+    # a loaded machine: both groups' latencies are up and noisy, the canary slightly more so
+    v = judge(group(rng, median_ms=7.0, labels=60), group(rng, median_ms=6.5, labels=60), POL)
+    assert v.decision == "pass" and v.score == 100.0 and v.mode == "control", v.summary()
+    lat = v.metrics[0]
+    assert lat.metric == "latency" and lat.p_value is not None and lat.interval is not None
+
+
+@pytest.mark.parametrize("bad, metric", [
+    (dict(median_ms=6.0), "latency"),  # 3x slower
+    (dict(errors=600), "errors"),  # crashes on every input
+    (dict(labels=80, accuracy=0.7), "accuracy"),  # 20 points less accurate
+])
+def test_bad_model_fails_on_the_critical_metric(bad: dict, metric: str) -> None:
+    rng = np.random.default_rng(3)
+    v = judge(group(rng, **{"labels": 80, **bad}), group(rng, median_ms=2.0, labels=80), POL)
+    assert v.decision == "fail", v.summary()
+    (failed,) = [m for m in v.metrics if m.decision == "fail"]
+    assert failed.metric == metric and failed.p_value is not None and failed.p_value < POL.alpha
+    assert metric in verdict_line([v.to_dict(wave=0)])
+
+
+def test_minimum_samples_and_optional_metrics() -> None:
+    rng = np.random.default_rng(4)
+    few = judge(group(rng, n=20), group(rng), POL)  # latency is required: 20 inferences are not enough
+    assert few.decision == "inconclusive" and "latency" in few.notes[-1]
+    assert next(m for m in few.metrics if m.metric == "latency").decision == "insufficient"
+    # no labels anywhere: accuracy does not vote (and says so); a few labels: wait for more
+    none = judge(group(rng), group(rng), POL)
+    assert none.decision == "pass" and next(m for m in none.metrics if m.metric == "accuracy").decision == "nodata"
+    some = judge(group(rng, labels=8), group(rng, labels=8), POL)
+    assert some.decision == "inconclusive" and "accuracy" in some.notes[-1]
+    # a crash decides at once, even while other metrics still wait for data
+    crash = judge(group(rng, n=150, errors=400, labels=8), group(rng, labels=8), POL)
+    assert crash.decision == "fail"
+
+
+def test_score_marginal_and_before_after() -> None:
+    rng = np.random.default_rng(5)
+    # drift and confidence are not critical: failing one of four voting metrics -> score 75 = marginal
+    v = judge(group(rng, alarms=9, windows=10), group(rng, alarms=0, windows=10), POL)
+    assert v.decision == "marginal" and v.score == 75.0, v.summary()
+    ba = judge(group(rng), group(rng), POL, mode="before_after")
+    assert ba.mode == "before_after" and "no control group" in ba.summary() and "before/after" in ba.summary()
+    assert "before/after" in verdict_line([ba.to_dict(wave=2)])
+
+
+def test_old_agents_without_histograms_vote_with_interval_medians() -> None:
+    rng = np.random.default_rng(6)
+    old = GroupData(devices=("a",), latency_p50s=tuple(rng.normal(2.0, 0.1, 8)), attempts=500)
+    slow = GroupData(devices=("b",), latency_p50s=tuple(rng.normal(6.0, 0.3, 8)), attempts=500)
+    v = judge(slow, old, POL)
+    lat = v.metrics[0]
+    assert lat.decision == "fail" and "per-interval medians" in lat.note
+
+
+def test_policy_is_checked() -> None:
+    with pytest.raises(ConfigError):
+        CanaryPolicy(required=("speed",))
+    with pytest.raises(ConfigError):
+        CanaryPolicy(on_inconclusive="maybe")
+    with pytest.raises(ConfigError):
+        CanaryPolicy(pass_score=50, marginal_score=60)
