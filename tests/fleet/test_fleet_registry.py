@@ -71,7 +71,7 @@ def test_devices_from_state_telemetry_and_last_will(registry: Registry) -> None:
     b.telemetry.append((Telemetry("cam-2", 1, model_version="1", errors=2, latency_p50_ms=1.5), t0))
     b.seen.update({"cam-1": t0, "cam-2": t0})
     registry.apply(b)
-    cam1, cam2 = registry.device("cam-1"), registry.device("cam-2")
+    cam1, cam2 = registry.devices.get("cam-1"), registry.devices.get("cam-2")
     assert cam1 is not None and cam2 is not None
     assert cam1.online and cam1.model_version == "1" and cam1.variant == "onnx-fp32"
     assert cam1.hardware == {"machine": "aarch64"} and cam1.first_seen == t0
@@ -79,7 +79,7 @@ def test_devices_from_state_telemetry_and_last_will(registry: Registry) -> None:
 
     # the Last Will: offline, but what we knew about the device stays
     registry.apply(IngestBatch(states=[(DeviceState("cam-1", False), t0 + 5)]))
-    cam1 = registry.device("cam-1")
+    cam1 = registry.devices.get("cam-1")
     assert cam1 is not None and not cam1.online and cam1.model_version == "1" and cam1.first_seen == t0
     assert [d.id for d in registry.devices(online=False)] == ["cam-1"]
     st = registry.status()
@@ -91,16 +91,16 @@ def test_drift_time_series_and_alarm_streaks(registry: Registry) -> None:
     reports = [DriftReportMsg("cam-1", i, 100, 100, ts=t + i, risk=0.1 * i, alarm=i >= 2) for i in range(5)]
     registry.apply(IngestBatch(drift=[(r, t + 10) for r in reports[:3]], seen={"cam-1": t + 10}))
     registry.apply(IngestBatch(drift=[(r, t + 20) for r in reports[3:]], seen={"cam-1": t + 20}))
-    series = registry.drift_reports(device_id="cam-1")
+    series = registry.drift(device_id="cam-1")
     assert [r.seq for r in series] == [0, 1, 2, 3, 4]
-    assert [r.seq for r in registry.drift_reports(device_id="cam-1", limit=2)] == [3, 4]
-    assert [r.seq for r in registry.drift_reports(since=t + 3)] == [3, 4]
-    dev = registry.device("cam-1")
+    assert [r.seq for r in registry.drift(device_id="cam-1", limit=2)] == [3, 4]
+    assert [r.seq for r in registry.drift(since=t + 3)] == [3, 4]
+    dev = registry.devices.get("cam-1")
     assert dev is not None and dev.drift_alarm and dev.alarm_since == t + 2  # the streak's start survives batches
-    assert [d.id for d in registry.alarming_devices(min_duration_s=1.5, now=t + 4)] == ["cam-1"]
-    assert registry.alarming_devices(min_duration_s=5, now=t + 4) == []
+    assert [d.id for d in registry.devices.alarming(min_duration_s=1.5, now=t + 4)] == ["cam-1"]
+    assert registry.devices.alarming(min_duration_s=5, now=t + 4) == []
     registry.apply(IngestBatch(drift=[(DriftReportMsg("cam-1", 5, 100, 100, ts=t + 5), t + 30)]))
-    dev = registry.device("cam-1")
+    dev = registry.devices.get("cam-1")
     assert dev is not None and not dev.drift_alarm and dev.alarm_since is None
 
 
@@ -110,10 +110,10 @@ def test_an_older_report_committed_later_does_not_put_the_drift_state_back(regis
     registry.apply(IngestBatch(drift=[(DriftReportMsg("cam-9", 2, 100, 100, ts=t + 2, risk=0.9, alarm=True), t + 3)]))
     registry.apply(IngestBatch(drift=[(DriftReportMsg("cam-9", 1, 100, 100, ts=t + 1, risk=0.1), t + 4)],
                                seen={"cam-9": t + 4}))
-    dev = registry.device("cam-9")
+    dev = registry.devices.get("cam-9")
     assert dev is not None and dev.drift_alarm and dev.drift_risk == 0.9 and dev.drift_ts == t + 2
     assert dev.alarm_since == t + 2 and dev.last_seen == t + 4  # the rest of the row still moves on
-    assert [r.seq for r in registry.drift_reports(device_id="cam-9")] == [1, 2]  # both stored
+    assert [r.seq for r in registry.drift(device_id="cam-9")] == [1, 2]  # both stored
 
 
 def test_jobs_samples_and_labels(registry: Registry) -> None:
@@ -122,22 +122,22 @@ def test_jobs_samples_and_labels(registry: Registry) -> None:
             enumerate(("received", "downloading", "completed"))]
     # feedback before its sample: parked, then applied when the sample arrives
     registry.apply(IngestBatch(jobs=[(j, t) for j in jobs], feedback=[Feedback("s-2", "7", source="device")]))
-    assert registry.pending_label_count() == 1
-    latest = registry.latest_job_steps(["r1-w0-cam-1"])
+    assert registry.labels.pending_count() == 1
+    latest = registry.jobs.latest_steps(["r1-w0-cam-1"])
     assert latest[("r1-w0-cam-1", "cam-1")].step == "completed"
     registry.add_samples([SampleRecord(f"s-{i}", "cam-1", t, f"cam-1/s-{i}.bin", 10, received=t + i,
                                        model_version="1", prediction=str(i + 5), confidence=0.4, reason="drift")
                           for i in range(3)])
-    assert registry.pending_label_count() == 0
-    s2 = registry.sample("s-2")
+    assert registry.labels.pending_count() == 0
+    s2 = registry.samples.get("s-2")
     assert s2 is not None and s2.label == "7" and s2.label_source == "device"
-    assert registry.label_samples([("s-0", "1", "operator"), ("nope", "3", "operator")]) == 1
-    assert registry.count_samples(labelled=True) == 2 and registry.count_samples(labelled=False) == 1
-    assert registry.feedback_accuracy() == (1, 2)  # s-2 predicted 7 and is 7; s-0 predicted 5, is 1
+    assert registry.labels.apply([("s-0", "1", "operator"), ("nope", "3", "operator")]) == 1
+    assert registry.samples.count(labelled=True) == 2 and registry.samples.count(labelled=False) == 1
+    assert registry.labels.feedback_accuracy() == (1, 2)  # s-2 predicted 7 and is 7; s-0 predicted 5, is 1
     page = registry.samples(limit=2, offset=1)
     assert [s.id for s in page] == ["s-1", "s-2"]
     registry.add_samples([SampleRecord("s-0", "cam-1", t, "x", 1)])  # a re-sent sample keeps its record
-    s0 = registry.sample("s-0")
+    s0 = registry.samples.get("s-0")
     assert s0 is not None and s0.path == "cam-1/s-0.bin" and s0.label == "1"
 
 
@@ -147,38 +147,38 @@ def test_models_need_a_valid_signature_and_keep_lineage(registry: Registry, tmp_
     good = write_bundle(tmp_path / "d-1.elb", make_manifest(version="1"), FILES, signing_key=priv)
     forged = write_bundle(tmp_path / "d-2.elb", make_manifest(version="2"), FILES, signing_key=other)
     unsigned = write_bundle(tmp_path / "d-3.elb", make_manifest(version="3"), FILES)
-    m = registry.register_model(good, trusted_key=pub, status="accepted")
+    m = registry.models.register(good, trusted_key=pub, status="accepted")
     assert m.sha256 and m.size == good.stat().st_size and m.signed_by == pub.key_id
     assert m.metrics["variants"]["onnx-fp32"]["test_accuracy"] == 0.98
     for bad in (forged, unsigned):
         with pytest.raises(SignatureError):
-            registry.register_model(bad, trusted_key=pub)
+            registry.models.register(bad, trusted_key=pub)
     assert [x.version for x in registry.models()] == ["1"]
-    registry.add_model_version("digits", "2", parent_version="1", lineage={"samples": 500})
-    rejected = registry.set_model_status("digits", "2", "rejected", reason="drift accuracy +0.4 < +2.0 points",
+    registry.models.add("digits", "2", parent_version="1", lineage={"samples": 500})
+    rejected = registry.models.set_status("digits", "2", "rejected", reason="drift accuracy +0.4 < +2.0 points",
                                          metrics={"drift_acc": 0.8})
     assert rejected.status == "rejected" and rejected.reason and rejected.metrics == {"drift_acc": 0.8}
-    assert registry.latest_model("digits") == registry.model("digits", "1")
+    assert registry.models.latest("digits") == registry.models.get("digits", "1")
     with pytest.raises(FleetError):
-        registry.set_model_status("digits", "9", "accepted")
+        registry.models.set_status("digits", "9", "accepted")
 
 
 def test_rollouts_state_and_targets(registry: Registry) -> None:
-    r = registry.create_rollout("r1", "digits", "2", {"a": 0, "b": 1, "c": 1}, state={"wave": 0})
+    r = registry.rollouts.create("r1", "digits", "2", {"a": 0, "b": 1, "c": 1}, state={"wave": 0})
     assert r.status == "pending"
     with pytest.raises(RolloutError):
-        registry.create_rollout("r1", "digits", "2", {})
-    registry.update_rollout("r1", status="running", state={"phase": "deploying"})
-    assert registry.rollout("r1").state == {"wave": 0, "phase": "deploying"}  # type: ignore[union-attr]
-    assert registry.update_targets("r1", ["b", "c"], status="sent", job_ids={"b": "j-b", "c": "j-c"},
+        registry.rollouts.create("r1", "digits", "2", {})
+    registry.rollouts.update("r1", status="running", state={"phase": "deploying"})
+    assert registry.rollouts.get("r1").state == {"wave": 0, "phase": "deploying"}  # type: ignore[union-attr]
+    assert registry.rollouts.update_targets("r1", ["b", "c"], status="sent", job_ids={"b": "j-b", "c": "j-c"},
                                    previous_version="1") == 2
-    assert [t.device_id for t in registry.rollout_targets("r1", wave=1, statuses=["sent"])] == ["b", "c"]
-    tgt = registry.target_for_job("j-c")
+    assert [t.device_id for t in registry.rollouts.targets("r1", wave=1, statuses=["sent"])] == ["b", "c"]
+    tgt = registry.rollouts.target_for_job("j-c")
     assert tgt is not None and tgt.device_id == "c" and tgt.previous_version == "1"
     assert [x.id for x in registry.rollouts(statuses=("running",))] == ["r1"]
     assert registry.status().active_rollouts == 1
     with pytest.raises(RolloutError):
-        registry.update_rollout("r1", status="exploded")
+        registry.rollouts.update("r1", status="exploded")
 
 
 def test_fleet_toml_round_trip_and_errors_name_the_key(tmp_path: Path) -> None:
@@ -212,17 +212,17 @@ def test_resent_messages_are_stored_once(registry: Registry) -> None:
     # the device had no receipt and sends the older ones again, after the newer ones
     registry.apply(IngestBatch(drift=[(drift[0], t + 50)], telemetry=[(tel[0], t + 50)], jobs=[(jobs[0], t + 50)],
                                seen={"cam-1": t + 50}))
-    assert [r.seq for r in registry.drift_reports(device_id="cam-1")] == [0, 1, 2]
+    assert [r.seq for r in registry.drift(device_id="cam-1")] == [0, 1, 2]
     assert [r.seq for r in registry.telemetry(device_ids=["cam-1"])] == [0, 1, 2]
-    assert [j.step for j in registry.job_statuses(job_id="j1")] == ["received", "completed"]
-    assert registry.latest_job_steps(["j1"])[("j1", "cam-1")].step == "completed"
-    dev = registry.device("cam-1")
+    assert [j.step for j in registry.jobs.find(job_id="j1")] == ["received", "completed"]
+    assert registry.jobs.latest_steps(["j1"])[("j1", "cam-1")].step == "completed"
+    dev = registry.devices.get("cam-1")
     # the re-sent report changed nothing but "last seen": the alarm stays on, the telemetry newest
     assert dev is not None and dev.drift_alarm and dev.alarm_since == t + 1 and dev.drift_ts == t + 2
     assert dev.telemetry is not None and dev.telemetry["seq"] == 2 and dev.last_seen == t + 50
     # the same seq after an agent restart is a new message (ts differs)
     registry.apply(IngestBatch(drift=[(DriftReportMsg("cam-1", 0, 100, 100, ts=t + 60), t + 60)]))
-    assert len(registry.drift_reports(device_id="cam-1")) == 4
+    assert len(registry.drift(device_id="cam-1")) == 4
 
 
 def _reopen(registry: Registry) -> Registry:
@@ -262,3 +262,44 @@ def test_an_old_database_gets_the_new_column_and_unique_indexes(registry: Regist
         assert dev is not None and dev.state_seen == 7.0
     finally:
         again.close()
+
+
+def test_dashboard_and_provisioning_queries(registry: Registry) -> None:
+    """The queries that were raw SQL in the dashboard, provisioning and the benchmark."""
+    t = 1000.0
+    states = [(DeviceState(f"cam-{i}", i % 2 == 0, model_name="digits" if i else "other", model_version="1"), t)
+              for i in range(5)]
+    drift = [(DriftReportMsg(f"cam-{i % 2}", i, 100, 100, ts=t + 10 * i, risk=0.2 * (i % 3), alarm=i % 3 == 2), t)
+             for i in range(6)]
+    registry.apply(IngestBatch(states=states, drift=drift))
+    page = registry.devices.page(page=9, size=2, online=True)
+    assert (page.total, page.page, page.pages, [d.id for d in page.items]) == (3, 2, 2, ["cam-4"])
+    assert [d.id for d in registry.devices.page(q="cam-3").items] == ["cam-3"]
+    assert registry.devices.most_common_model_name() == "digits"
+    assert registry.drift.first_ts() == t
+    cells = {(b.device_id, b.bucket): (b.n, b.alarms) for b in registry.drift.buckets(t, 20.0)}
+    assert cells == {("cam-0", 0): (1, 0), ("cam-1", 0): (1, 0), ("cam-0", 1): (1, 1), ("cam-1", 1): (1, 0),
+                     ("cam-0", 2): (1, 0), ("cam-1", 2): (1, 1)}
+    alarms = registry.drift.alarms_page(t, size=1)
+    assert (alarms.total, [r.seq for r in alarms.items]) == (2, [5])
+    assert registry.drift.count(device_prefix="cam-1") == 3 and ("cam-0", 4) in registry.drift.identities()
+    assert registry.drift.delete(["cam-1"]) == 3 and registry.devices.delete(["cam-1"]) == 1
+    assert registry.drift.count() == 3 and registry.devices.get("cam-1") is None
+    registry.add_samples([SampleRecord(f"s-{i}", "cam-0", t + i, f"s-{i}", 1, prediction=str(i)) for i in range(3)])
+    registry.labels.apply([("s-0", "7", "operator")])
+    newest = registry.samples.page_by_capture(size=2, since=t + 1)
+    assert (newest.total, [s.id for s in newest.items]) == (2, ["s-2", "s-1"])
+    assert registry.samples.classes_seen() == {"0", "1", "2", "7"}
+    registry.credentials.put("fleet", "fleet", "hash-1")
+    registry.credentials.put("fleet", "fleet", "hash-2")
+    registry.credentials.put("cam-0", "device", "hash-3")
+    assert [(c.username, c.role, c.password_hash) for c in registry.credentials.find()] == [
+        ("cam-0", "device", "hash-3"), ("fleet", "fleet", "hash-2")]
+
+
+def test_the_flat_names_from_before_the_split_still_answer(registry: Registry) -> None:
+    registry.rollouts.create("r1", "digits", "2", {"a": 0})
+    assert registry.rollout("r1") == registry.rollouts.get("r1")
+    assert registry.rollout_targets("r1") == registry.rollouts.targets("r1")
+    assert registry.device("a") is None and registry.upsert_device("a").id == "a" and registry.device("a")
+    assert registry.models() == registry.models.find() == [] and registry.latest_model("digits") is None
