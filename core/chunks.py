@@ -11,6 +11,12 @@ MQTT QoS 1 delivers at least once and a fleet may resend, so :class:`Reassembler
 tolerates duplicates and reordering, verifies the sha256 of the whole before handing it
 out (a corrupted transfer is dropped with a reason, never delivered), and bounds memory
 by count, bytes and age.  ``missing()`` tells a receiver which chunks to ask for again.
+
+Transfers belong to an *owner* (the fleet passes the sending device's id, taken from the
+topic): transfer ids are scoped by owner, budgets can be set per owner, and a bound is
+only ever enforced against the owner that hit it — one device's transfers never evict
+another's.  When nothing of the same owner can make room the new frame is refused with
+:class:`OverBudgetError` (the sender keeps it and sends it again later).
 """
 
 from __future__ import annotations
@@ -174,11 +180,31 @@ class Completed:
 
 @dataclass(frozen=True)
 class Dropped:
-    """A transfer given up on, and why (``corrupt``, ``inconsistent``, ``expired``, ``evicted``)."""
+    """A transfer given up on, and why (``corrupt``, ``inconsistent``, ``expired``, ``evicted``).
+
+    Only ``corrupt`` and ``inconsistent`` are the sender's fault; an ``expired`` or
+    ``evicted`` transfer was given up for lack of room or time and must be sent again
+    (a receiver that acknowledges frames must never acknowledge those)."""
 
     transfer_id: str
     reason: str
     detail: str
+    owner: str = ""
+
+
+# Drop reasons that say the transfer itself is bad (sending it again unchanged cannot help).
+SENDER_FAULTS = frozenset({"corrupt", "inconsistent"})
+
+
+class OverBudgetError(ProtocolError):
+    """A frame refused because its owner (or the whole buffer) is at its budget.
+
+    Nothing was dropped for it: the sender should keep the frame and send it later.
+    (Lives here rather than in ``core.errors`` because only the reassembler raises it; not in
+    ``__all__`` so that ``core.protocol``, which re-exports that list, needs no change.)"""
+
+
+_Key = tuple[str, str]  # (owner, transfer id)
 
 
 class _Partial:
@@ -195,73 +221,95 @@ class _Partial:
 class Reassembler:
     """Collects frames into whole payloads with bounded memory.
 
-    ``max_transfers`` partial transfers and ``max_bytes`` buffered bytes at most; a partial
-    transfer idle for ``ttl_s`` is dropped.  When a bound is hit the oldest partial transfer
-    goes first.  Every drop is appended to ``dropped`` (the last 100) and passed to
+    ``max_transfers`` partial transfers and ``max_bytes`` buffered bytes at most, and per
+    owner ``max_transfers_per_owner`` / ``max_bytes_per_owner`` (default: the global
+    bounds); a partial transfer idle for ``ttl_s`` is dropped.  When a bound is hit the
+    oldest partial transfer *of the same owner* goes first; when that owner has nothing
+    else to give up, the frame is refused (:class:`OverBudgetError`) and nothing is
+    dropped.  Every drop is appended to ``dropped`` (the last 100) and passed to
     ``on_drop``.  Not thread-safe: feed it from one thread.
     """
 
     def __init__(self, *, max_transfers: int = 8, max_bytes: int = 64 * 1024 * 1024, ttl_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic,
-                 on_drop: Callable[[Dropped], None] | None = None) -> None:
+                 on_drop: Callable[[Dropped], None] | None = None,
+                 max_transfers_per_owner: int | None = None, max_bytes_per_owner: int | None = None) -> None:
         if max_transfers < 1 or max_bytes < 1 or ttl_s <= 0:
             raise ValueError("max_transfers, max_bytes and ttl_s must be positive")
         self.max_transfers = max_transfers
         self.max_bytes = max_bytes
+        self.max_transfers_per_owner = min(max_transfers, max_transfers_per_owner or max_transfers)
+        self.max_bytes_per_owner = min(max_bytes, max_bytes_per_owner or max_bytes)
+        if self.max_transfers_per_owner < 1 or self.max_bytes_per_owner < 1:
+            raise ValueError("per-owner budgets must be positive")
         self.ttl_s = ttl_s
         self._clock = clock
         self._on_drop = on_drop
-        self._partials: collections.OrderedDict[str, _Partial] = collections.OrderedDict()
+        self._partials: collections.OrderedDict[_Key, _Partial] = collections.OrderedDict()
+        self._owners: dict[str, list[int]] = {}  # owner -> [open transfers, buffered bytes]
         # Late duplicates of a finished transfer must not reopen it (QoS 1 redelivers).
-        self._done: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._done: collections.OrderedDict[_Key, str] = collections.OrderedDict()
         self.dropped: collections.deque[Dropped] = collections.deque(maxlen=100)
+        self.refused = 0  # frames refused for lack of budget
         self.buffered_bytes = 0
 
     def __len__(self) -> int:
         return len(self._partials)
 
-    def __contains__(self, transfer_id: object) -> bool:
-        return transfer_id in self._partials
+    def __contains__(self, key: object) -> bool:
+        """``transfer_id`` (owner ``""``) or ``(owner, transfer_id)`` is open."""
+        return (("", key) if isinstance(key, str) else key) in self._partials
 
-    def add(self, frame: Frame | bytes) -> Completed | None:
-        """Take one frame; returns the :class:`Completed` payload when its last chunk arrives.
+    def owner_usage(self, owner: str) -> tuple[int, int]:
+        """``(open transfers, buffered bytes)`` of one owner."""
+        n, b = self._owners.get(owner, (0, 0))
+        return n, b
+
+    def add(self, frame: Frame | bytes, owner: str = "") -> Completed | None:
+        """Take one frame of ``owner``; returns the :class:`Completed` payload when its last chunk arrives.
 
         Raises :class:`ProtocolError` for a malformed frame, a frame contradicting earlier
         chunks of its transfer, a transfer bigger than ``max_bytes``, or a whole payload
-        whose sha256 does not match (in the last two cases the transfer is dropped).
+        whose sha256 does not match (in the last two cases the transfer is dropped);
+        :class:`OverBudgetError` when the frame cannot be buffered without taking room
+        from another owner (nothing is dropped).
         """
         if not isinstance(frame, Frame):
             frame = parse_frame(frame)
         now = self._clock()
         self.expire(now)
         tid = frame.transfer_id
-        if self._done.get(tid) == frame.sha256:
+        key = (owner, tid)
+        if self._done.get(key) == frame.sha256:
             return None  # duplicate of a delivered transfer
-        if frame.size > self.max_bytes:
-            raise ProtocolError(f"transfer {tid} of {frame.size} bytes exceeds the {self.max_bytes}-byte buffer",
+        if frame.size > self.max_bytes_per_owner:
+            raise ProtocolError(f"transfer {tid} of {frame.size} bytes exceeds the "
+                                f"{self.max_bytes_per_owner}-byte buffer",
                                 hint="raise max_bytes or send less", transfer_id=tid)
-        p = self._partials.get(tid)
+        p = self._partials.get(key)
         if p is not None and (p.first.total, p.first.size, p.first.sha256, p.first.kind) != (
                 frame.total, frame.size, frame.sha256, frame.kind):
             # A new transfer reusing the id (sender restarted) supersedes the old one.
-            self._drop(tid, "inconsistent", "a chunk disagrees with earlier chunks; restarting the transfer")
+            self._drop(key, "inconsistent", "a chunk disagrees with earlier chunks; restarting the transfer")
             p = None
-        if p is None:
-            p = self._partials[tid] = _Partial(frame, now)
-            while len(self._partials) > self.max_transfers:
-                self._drop(next(iter(self._partials)), "evicted", f"more than {self.max_transfers} transfers open")
-        p.touched = now
-        if frame.index in p.chunks:
+        if p is not None and frame.index in p.chunks:
+            p.touched = now
             return None  # duplicate chunk
-        for other in [t for t in self._partials if t != tid]:  # oldest first
-            if self.buffered_bytes + len(frame.data) <= self.max_bytes:
-                break
-            self._drop(other, "evicted", f"buffer over {self.max_bytes} bytes")
+        opened = p is None
+        if opened:
+            self._make_room(owner, key, 1, 0)
+        self._make_room(owner, key, 0, len(frame.data))
+        if opened:
+            p = self._partials[key] = _Partial(frame, now)
+            self._usage(owner)[0] += 1
+        assert p is not None
+        p.touched = now
         p.chunks[frame.index] = frame.data
         p.nbytes += len(frame.data)
+        self._usage(owner)[1] += len(frame.data)
         self.buffered_bytes += len(frame.data)
         if p.nbytes > p.first.size:
-            self._drop(tid, "corrupt", "chunks add up to more bytes than the declared size")
+            self._drop(key, "corrupt", "chunks add up to more bytes than the declared size")
             raise ProtocolError(f"transfer {tid} is corrupt: more bytes than declared", transfer_id=tid)
         if len(p.chunks) < p.first.total:
             return None
@@ -269,18 +317,44 @@ class Reassembler:
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != p.first.size or digest != p.first.sha256:
             detail = f"sha256 {digest[:12]}.. != {p.first.sha256[:12]}.. ({len(data)}/{p.first.size} bytes)"
-            self._drop(tid, "corrupt", detail)
+            self._drop(key, "corrupt", detail)
             raise ProtocolError(f"transfer {tid} is corrupt: {detail}", hint="the sender must resend it",
                                 transfer_id=tid)
-        self._forget(tid)
-        self._done[tid] = digest
-        while len(self._done) > 256:
+        self._forget(key)
+        self._done[key] = digest
+        while len(self._done) > max(256, self.max_transfers):
             self._done.popitem(last=False)
         return Completed(tid, p.first.kind, data, digest, dict(p.first.meta))
 
-    def missing(self, transfer_id: str) -> tuple[int, ...] | None:
+    def _usage(self, owner: str) -> list[int]:
+        u = self._owners.get(owner)
+        if u is None:
+            u = self._owners[owner] = [0, 0]
+        return u
+
+    def _make_room(self, owner: str, key: _Key, transfers: int, nbytes: int) -> None:
+        """Evict ``owner``'s oldest other transfers until ``transfers`` more and ``nbytes`` more
+        fit its budget and the global one; refuse (:class:`OverBudgetError`) when they cannot."""
+        def fits() -> bool:
+            n, b = self.owner_usage(owner)
+            return (n + transfers <= self.max_transfers_per_owner and b + nbytes <= self.max_bytes_per_owner
+                    and len(self._partials) + transfers <= self.max_transfers
+                    and self.buffered_bytes + nbytes <= self.max_bytes)
+
+        while not fits():
+            victim = next((k for k in self._partials if k[0] == owner and k != key), None)  # oldest first
+            if victim is None:
+                self.refused += 1
+                raise OverBudgetError(
+                    f"transfer {key[1]} refused: the reassembly buffer is at its budget "
+                    f"({'owner ' + repr(owner) if owner else 'all transfers'})",
+                    hint="send it again later; raise the reassembler budgets if this is normal load",
+                    transfer_id=key[1], owner=owner)
+            self._drop(victim, "evicted", "over the reassembly budget")
+
+    def missing(self, transfer_id: str, owner: str = "") -> tuple[int, ...] | None:
         """Indices not yet received, or None when the transfer is not open (unknown, done or dropped)."""
-        p = self._partials.get(transfer_id)
+        p = self._partials.get((owner, transfer_id))
         if p is None:
             return None
         return tuple(i for i in range(p.first.total) if i not in p.chunks)
@@ -288,16 +362,21 @@ class Reassembler:
     def expire(self, now: float | None = None) -> None:
         """Drop partial transfers idle for longer than ``ttl_s``."""
         now = self._clock() if now is None else now
-        for tid in [t for t, p in self._partials.items() if now - p.touched > self.ttl_s]:
-            self._drop(tid, "expired", f"no chunk for {self.ttl_s:g} s")
+        for key in [k for k, p in self._partials.items() if now - p.touched > self.ttl_s]:
+            self._drop(key, "expired", f"no chunk for {self.ttl_s:g} s")
 
-    def _forget(self, tid: str) -> None:
-        p = self._partials.pop(tid)
+    def _forget(self, key: _Key) -> None:
+        p = self._partials.pop(key)
         self.buffered_bytes -= p.nbytes
+        u = self._owners[key[0]]
+        u[0] -= 1
+        u[1] -= p.nbytes
+        if u[0] == 0:
+            del self._owners[key[0]]
 
-    def _drop(self, tid: str, reason: str, detail: str) -> None:
-        self._forget(tid)
-        d = Dropped(tid, reason, detail)
+    def _drop(self, key: _Key, reason: str, detail: str) -> None:
+        self._forget(key)
+        d = Dropped(key[1], reason, detail, owner=key[0])
         self.dropped.append(d)
         if self._on_drop is not None:
             self._on_drop(d)

@@ -207,10 +207,22 @@ def _set(table: Any, column: str, cols: tuple[str, ...]) -> Any:
 def _insert_samples(s: Session, samples: list[Any]) -> None:
     rows = [dataclasses.asdict(r) for r in samples]
     _insert_ignore(s, SampleRow, rows, ("id",))  # a re-sent sample keeps its first record
-    ids = [r["id"] for r in rows]
-    pending = list(s.scalars(select(PendingLabel).where(PendingLabel.sample_id.in_(ids))))
+    owners = {r["id"]: r["device_id"] for r in rows}
+    pending = list(s.scalars(select(PendingLabel).where(PendingLabel.sample_id.in_(list(owners)))))
     if pending:
-        apply_labels(s, [(p.sample_id, p.label, p.source) for p in pending], {})
+        # A device's parked feedback labels only that device's sample (fleet.ingest_guard); stored
+        # owners win over the batch's rows (a re-sent sample id keeps its first record).
+        stored = dict(s.execute(select(SampleRow.id, SampleRow.device_id).where(SampleRow.id.in_(list(owners)))).all())
+        ok = [p for p in pending if p.device_id is None or p.device_id == stored.get(p.sample_id)]
+        s.execute(PendingLabel.__table__.delete().where(PendingLabel.sample_id.in_([p.sample_id for p in pending])))
+        operator = [(p.sample_id, p.label, p.source) for p in ok if p.device_id is None]
+        if operator:
+            apply_labels(s, operator, {})
+        for p in ok:
+            if p.device_id is not None:
+                s.execute(update(SampleRow).where(SampleRow.id == p.sample_id,
+                                             or_(SampleRow.label_source.is_(None), SampleRow.label_source == "device"))
+                          .values(label=p.label, label_source="device", labelled_at=time.time()))
 
 
 def apply_labels(s: Session, labels: list[tuple[str, str, str]], confidence: dict[str, float]) -> int:

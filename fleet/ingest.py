@@ -14,7 +14,9 @@ a restarted fleet learns who is online.  On MQTT 3.1.1 (amqtt) all are plain.
 
 A malformed message is logged and counted (``stats.malformed``), never fatal; a
 payload whose ``device_id`` differs from its topic's is refused (the ACL vouches for
-the topic, not the payload).  After each commit, registered hooks see the decoded
+the topic, not the payload).  Everything a device message refers to must be the
+sender's own, and every device has budgets (:mod:`fleet.ingest_guard`); refusals are
+counted per rule in ``guard_counters`` (``/metrics``, the dashboard).  After each commit, registered hooks see the decoded
 messages (the rollout engine follows job statuses and bundle requests that way).
 
 Receipts (``docs/protocol.md``): an MQTT 5 device tags each message of the
@@ -24,12 +26,15 @@ The writer collects the ids of a batch and hands them to the receipt queue only 
 the batch is **committed** (a failed write receipts nothing: the devices send again and
 the unique indexes drop what was stored twice); malformed messages are receipted too,
 since they will never be accepted.  A sample frame is receipted once its whole transfer
-is committed, or when the reassembler gives the transfer up.  Receipts go out QoS 0, one
-per device every ``ingest.receipt_ms``; a lost one only costs a re-send.
+is committed, or when the reassembler gives it up as corrupt or superseded — never when it
+was evicted or expired for lack of room or time, nor when a budget refused the frame: the
+device keeps those frames and sends them again.  Receipts go out QoS 0, one per device
+every ``ingest.receipt_ms``; a lost one only costs a re-send.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.chunks import Completed, Dropped, Reassembler, is_frame, parse_frame
+from core.chunks import OverBudgetError
 from core.errors import EdgeloopError, ProtocolError
 from core.protocol import (
     RECEIPT_KINDS,
@@ -50,15 +55,17 @@ from core.protocol import (
     Feedback,
     JobStatus,
     Message,
-    Receipt,
     Telemetry,
     TopicScheme,
     decode,
 )
 
-from .config import BrokerConfig, FleetConfig
-from .registry import IngestBatch, Registry, SampleRecord
-from .samples import SampleStore, sample_record
+from .config import FleetConfig
+from .ingest_guard import Budgets, Counters, SenderChecks, refused, write_device_labels
+from .ingest_samples import Ack, SampleIntake
+from .receipts import parse_oid, publish_receipts
+from .registry import IngestBatch, Registry
+from .samples import SampleStore
 
 __all__ = ["IngestStats", "IngestService", "Hook", "connect_client", "BULK_KINDS", "IngestWorkers",
            "run_bulk_worker"]
@@ -73,26 +80,6 @@ _SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-re
 # in one reassembler), and so do jobs and bundle requests (the main process's hooks drive
 # rollouts from them) and retained states (never delivered to shared subscriptions).
 BULK_KINDS = ("telemetry", "drift", "feedback")
-
-# (device id, outbox id): one message a device waits to hear about
-Ack = tuple[str, int]
-
-# Receipts are QoS 0 JSON: ~8 bytes an id keeps one well under a 128 KiB broker limit.
-_RECEIPT_MAX_IDS = 4096
-# Ids waiting for one sample transfer to finish.  Beyond this a frame's id is not kept;
-# the device sends that frame again, and once the transfer is complete a late duplicate
-# is receipted at once, so the cap costs re-sends, never a sample.
-_MAX_IDS_PER_TRANSFER = 1024
-# Completed samples whose batch failed to commit are retried with the next batches
-# (their frames, sent again, would be late duplicates the reassembler ignores).
-_MAX_UNSAVED_SAMPLES = 256
-
-
-def _parse_oid(value: Any) -> int | None:
-    """The ``oid`` user property: a non-negative decimal integer, else None (no receipt)."""
-    if isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit():
-        return int(value)
-    return None
 
 
 # topic kind -> the message class it must carry
@@ -113,6 +100,7 @@ class IngestStats:
     db_errors: int = 0
     samples: int = 0
     dropped_transfers: int = 0
+    refused: int = 0  # messages refused by a per-device rule (by rule: IngestService.guard_counters)
     receipts: int = 0  # Receipt messages published
     receipted: int = 0  # outbox ids they named
     last_error: str | None = None
@@ -126,24 +114,32 @@ class IngestService:
     """
 
     def __init__(self, config: FleetConfig, registry: Registry, *, store: SampleStore | None = None,
-                 client_id: str | None = None, bulk_only: bool = False) -> None:
-        """``bulk_only``: subscribe only to :data:`BULK_KINDS` (an extra ingest process)."""
+                 client_id: str | None = None, bulk_only: bool = False, budgets: Budgets | None = None,
+                 username: str | None = None) -> None:
+        """``bulk_only``: subscribe only to :data:`BULK_KINDS` (an extra ingest process);
+        ``username``: the broker user instead of ``[broker].username`` (each fleet process has its own)."""
         self.config = config
         self.bulk_only = bulk_only
         self.registry = registry
         self.store = store or SampleStore(config.samples_dir)
         self.topics = TopicScheme(config.prefix)
         self.stats = IngestStats()
-        self.reassembler = Reassembler(max_transfers=256, max_bytes=256 << 20, ttl_s=600.0,
-                                       on_drop=self._on_drop)
+        self.budgets = budgets or Budgets(max_frame_bytes=max(Budgets.max_frame_bytes,
+                                                              min(config.ingest.max_sample_bytes, 16 << 20)))
+        b = self.budgets
+        self.guard_counters = Counters()
+        self.checks = SenderChecks(registry, b, self.guard_counters)
+        self.samples = SampleIntake(config, registry, self.store, b, self.guard_counters, self.stats,
+                                    receipt_now=self._receipt_now)
+        self.reassembler = self.samples.reassembler
+        self._username = username
         self._client_id = client_id or config.broker.client_id
         self._pending: list[tuple[str, bytes, float, int | None]] = []
         # Receipt bookkeeping, touched by the writer thread only.
         self._receipts: dict[str, set[int]] = {}  # device id -> ids ready to be receipted
         self._last_receipts = time.monotonic()
-        self._transfer_ids: dict[str, list[Ack]] = {}  # open sample transfer -> its frames' ids
-        # completed sample transfer -> (record, frame ids) until a batch holding it commits
-        self._unsaved: dict[str, tuple[SampleRecord, list[Ack]]] = {}
+        # this batch's device feedback, written after the batch: (device id, feedback, receipt)
+        self._device_labels: list[tuple[str, Feedback, Ack | None]] = []
         self._cond = threading.Condition()
         self._hooks: list[Hook] = []
         self._stop = threading.Event()
@@ -172,14 +168,17 @@ class IngestService:
         b = self.config.broker
         if self.bulk_only:
             plain, shared = [], [self.topics.all_devices(k) for k in BULK_KINDS]
-        else:
+        elif self.config.ingest.workers > 1:
             plain = [self.topics.all_devices("state"), self.topics.operator_feedback]
             shared = [self.topics.all_devices(k) for k in _SHARED_KINDS]
+        else:  # one ingest process: no shared subscription a device could try to join
+            plain = [self.topics.all_devices(k) for k in ("state", *_SHARED_KINDS)] + [self.topics.operator_feedback]
+            shared = []
         # A configured client id gets a persistent session (the broker queues QoS 1 messages
         # while the fleet restarts); without one, a unique id and a clean session.
         client_id = self._client_id or f"edgeloop-fleet-{uuid.uuid4().hex[:12]}"
         self._client = _connect(
-            b.host, b.port, client_id=client_id, username=b.username, password=b.password,
+            b.host, b.port, client_id=client_id, username=self._username or b.username, password=b.password,
             tls=TlsConfig(ca_file=Path(b.ca_file) if b.ca_file else None) if b.tls else None,
             keepalive=b.keepalive, protocol=b.protocol,  # type: ignore[arg-type]
             clean=self._client_id is None, subscriptions=plain, shared_subscriptions=shared,
@@ -224,7 +223,7 @@ class IngestService:
         if props is not None and self.config.ingest.receipts:
             for key, value in getattr(props, "UserProperty", ()):
                 if key == RECEIPT_PROPERTY:
-                    oid = _parse_oid(value)
+                    oid = parse_oid(value)
         self.submit(msg.topic, msg.payload, oid=oid)
 
     def submit(self, topic: str, payload: bytes, received: float | None = None, oid: int | None = None) -> None:
@@ -293,19 +292,26 @@ class IngestService:
         for topic, payload, received, oid in raw:
             try:
                 msg = self._decode_one(topic, payload, received, oid, batch, acks)
+            except OverBudgetError as exc:  # the device keeps the frame and sends it again
+                self._refused(topic, refused("transfer_budget", str(exc), retry=True), oid)
+                continue
             except EdgeloopError as exc:
-                self._malformed(topic, exc, oid)
+                if "budget" in exc.context:
+                    self._refused(topic, exc, oid)
+                else:
+                    self._malformed(topic, exc, oid)
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad message must never stop ingestion
                 self._malformed(topic, exc, oid)
                 continue
             if msg is not None:
                 decoded.append(msg)
-        batch.samples.extend(rec for rec, _ids in self._unsaved.values())
+        batch.samples.extend(self.samples.unsaved_records())
+        device_labels, self._device_labels = self._device_labels, []
         if self._write(batch):
-            for _rec, frame_acks in self._unsaved.values():
-                acks.extend(frame_acks)
-            self._unsaved.clear()
+            self.samples.committed(acks)
+            if device_labels and self._write_device_labels(device_labels):
+                acks.extend(a for _d, _f, a in device_labels if a is not None)
             receipts = self._receipts
             for device_id, oid in acks:
                 ready = receipts.get(device_id)
@@ -319,10 +325,7 @@ class IngestService:
             if born:
                 self._publish_receipts({d: receipts.pop(d, set()) for d in born})
         else:
-            while len(self._unsaved) > _MAX_UNSAVED_SAMPLES:  # oldest first: their frames are not receipted
-                tid = next(iter(self._unsaved))
-                log.error("gave up storing sample %s after repeated database errors", tid)
-                del self._unsaved[tid]
+            self.samples.write_failed()
         self.stats.processed += len(raw)
         self.stats.batches += 1
         if decoded:
@@ -347,9 +350,24 @@ class IngestService:
         log.error("dropped an ingest batch of %d messages after repeated database errors", len(batch))
         return False
 
+    def _write_device_labels(self, items: list[tuple[str, Feedback, Ack | None]]) -> bool:
+        """Devices' feedback, in its own transaction after the batch (see :mod:`fleet.ingest_guard`)."""
+        try:
+            n = write_device_labels(self.registry.engine, [(d, f) for d, f, _a in items], self.checks)
+        except Exception as exc:  # noqa: BLE001 - not receipted: the devices send it again
+            self.stats.db_errors += 1
+            self.stats.last_error = f"database: {exc}"
+            log.warning("device feedback not written: %s", exc)
+            return False
+        self.stats.refused += n
+        return True
+
     def _decode_one(self, topic: str, payload: bytes, received: float, oid: int | None, batch: IngestBatch,
                     acks: list[Ack]) -> Message | None:
-        if topic == self.topics.operator_feedback:  # from an operator, not a device: no receipt
+        b = self.budgets
+        if topic == self.topics.operator_feedback:  # from an operator (ACL: fleet users only): no receipt
+            if len(payload) > b.max_message_bytes:
+                raise refused("message_size", f"{len(payload)}-byte operator feedback")
             fb = decode(payload)
             if not isinstance(fb, Feedback):
                 raise ProtocolError(f"expected feedback on {topic}, got {fb.TYPE}")
@@ -357,8 +375,13 @@ class IngestService:
             return fb
         device_id, kind = self.topics.parse(topic)
         if kind == "samples":
-            self._add_frame(device_id, payload, received, oid, batch, acks)
+            if len(payload) > b.max_frame_bytes:
+                raise refused("frame_size", f"{len(payload)}-byte chunk frame (limit {b.max_frame_bytes})")
+            batch.seen[device_id] = received
+            self.samples.add_frame(device_id, payload, received, oid, acks)
             return None
+        if len(payload) > b.max_message_bytes:
+            raise refused("message_size", f"{len(payload)}-byte {kind} message (limit {b.max_message_bytes})")
         msg = decode(payload)
         expected = _KIND_TYPES.get(kind)
         if expected is None or not isinstance(msg, expected):
@@ -366,6 +389,16 @@ class IngestService:
         sender = getattr(msg, "device_id", device_id)
         if sender != device_id:
             raise ProtocolError(f"{msg.TYPE} for device {sender!r} published on {device_id!r}'s topic")
+        if isinstance(msg, JobStatus):
+            self.checks.check_job(device_id, msg)
+        elif isinstance(msg, BundleRequest):
+            self.checks.check_bundle_request(device_id, msg)
+        elif isinstance(msg, Feedback):
+            self.checks.check_feedback_source(payload)
+            batch.seen[device_id] = received
+            ack = (device_id, oid) if oid is not None else None
+            self._device_labels.append((device_id, dataclasses.replace(msg, source="device"), ack))
+            return msg
         if oid is not None and kind in RECEIPT_KINDS:
             acks.append((device_id, oid))
         if isinstance(msg, DeviceState):
@@ -380,57 +413,20 @@ class IngestService:
             batch.drift.append((msg, received))
         elif isinstance(msg, JobStatus):
             batch.jobs.append((msg, received))
-        elif isinstance(msg, Feedback):
-            batch.feedback.append(msg)
         return msg
 
-    def _add_frame(self, device_id: str, payload: bytes, received: float, oid: int | None, batch: IngestBatch,
-                   acks: list[Ack]) -> None:
-        """One sample chunk frame; its id waits for the transfer's fate (see the module docstring)."""
-        if not is_frame(payload):
-            raise ProtocolError("samples topic carries a non-chunk payload")
-        batch.seen[device_id] = received
-        frame = parse_frame(payload)
-        tid = frame.transfer_id
-        done = self.reassembler.add(frame)  # may drop transfers: _on_drop receipts their frames
-        if done is not None:
-            ids = self._transfer_ids.pop(tid, [])
-            try:
-                record = self._store_sample(device_id, done, received)
-            except ProtocolError:
-                self._receipt_now(ids)  # never accepted; this frame's id goes the malformed way
-                raise
-            if oid is not None:
-                ids.append((device_id, oid))
-            self._unsaved[tid] = (record, ids)
-            return
-        if oid is None:
-            return
-        if tid in self.reassembler:  # still open
-            ids = self._transfer_ids.setdefault(tid, [])
-            if len(ids) < _MAX_IDS_PER_TRANSFER:
-                ids.append((device_id, oid))
-        elif tid in self._unsaved:  # a late duplicate of a sample not committed yet
-            self._unsaved[tid][1].append((device_id, oid))
-        else:  # a late duplicate of a committed sample
-            acks.append((device_id, oid))
-
-    def _store_sample(self, device_id: str, done: Completed, received: float) -> SampleRecord:
-        if len(done.data) > self.config.ingest.max_sample_bytes:
-            raise ProtocolError(f"sample of {len(done.data)} bytes exceeds ingest.max_sample_bytes")
-        record = sample_record(self.store, device_id, done.transfer_id, done.data, done.meta, received=received)
-        self.stats.samples += 1
-        return record
-
-    def _malformed(self, topic: str, exc: BaseException, oid: int | None = None) -> None:
-        if oid is not None:  # it will never be accepted: let the device stop sending it
+    def _receipt_final(self, topic: str, oid: int | None) -> None:
+        """A message that will never be accepted: let the device stop sending it."""
+        if oid is not None:
             try:
                 device_id, kind = self.topics.parse(topic)
             except ProtocolError:
-                pass
-            else:
-                if kind in RECEIPT_KINDS:
-                    self._receipt_now([(device_id, oid)])
+                return
+            if kind in RECEIPT_KINDS:
+                self._receipt_now([(device_id, oid)])
+
+    def _malformed(self, topic: str, exc: BaseException, oid: int | None = None) -> None:
+        self._receipt_final(topic, oid)
         self.stats.malformed += 1
         self.stats.last_error = f"{topic}: {exc}"
         # One line per bad message at INFO would flood the log under attack: warn on powers of two.
@@ -438,11 +434,22 @@ class IngestService:
         level = logging.WARNING if n & (n - 1) == 0 else logging.DEBUG
         log.log(level, "malformed message #%d on %s: %s", n, topic, exc)
 
-    def _on_drop(self, dropped: Dropped) -> None:
-        self.stats.dropped_transfers += 1
-        # Corrupt, superseded, expired or evicted: the fleet will not wait for it any more.
-        self._receipt_now(self._transfer_ids.pop(dropped.transfer_id, ()))
-        log.info("sample transfer %s dropped: %s (%s)", dropped.transfer_id, dropped.reason, dropped.detail)
+    def _refused(self, topic: str, exc: EdgeloopError, oid: int | None) -> None:
+        """A message a per-device rule refused: counted by rule and device; receipted unless the
+        device should send it again later (``retry``)."""
+        rule = str(exc.context.get("budget"))
+        try:
+            device_id: str | None = self.topics.parse(topic)[0]
+        except ProtocolError:
+            device_id = None
+        self.guard_counters.count(rule, device_id)
+        self.stats.refused += 1
+        self.stats.last_error = f"{topic}: {exc}"
+        if not exc.context.get("retry"):
+            self._receipt_final(topic, oid)
+        n = self.stats.refused
+        log.log(logging.WARNING if n & (n - 1) == 0 else logging.DEBUG, "refused #%d (%s) on %s: %s", n, rule,
+                topic, exc)
 
     # ------------------------------------------------------------------ receipts
     def _receipt_now(self, acks: Sequence[Ack]) -> None:
@@ -462,129 +469,9 @@ class IngestService:
         self._publish_receipts(receipts)
 
     def _publish_receipts(self, receipts: dict[str, set[int]]) -> None:
-        client = self._client
-        if client is None or not self.config.ingest.receipts:
-            return  # no connection (submit() without MQTT): nobody to tell
-        ts = time.time()
-        for device_id, ids in receipts.items():
-            topic = self.topics.command(device_id, "receipt")
-            ordered = sorted(ids)
-            for i in range(0, max(1, len(ordered)), _RECEIPT_MAX_IDS):  # an empty one too: "I receipt"
-                part = tuple(ordered[i:i + _RECEIPT_MAX_IDS])
-                try:
-                    info = client.publish(topic, Receipt(part, ts=ts).encode(), qos=0)
-                except Exception as exc:  # noqa: BLE001 - a lost receipt costs a re-send, nothing more
-                    log.warning("receipt to %s not sent: %s", device_id, exc)
-                    continue
-                if getattr(info, "rc", 0):  # not connected: paho drops QoS 0 at once
-                    log.debug("receipt to %s not sent: paho rc %s", device_id, info.rc)
-                    continue
-                self.stats.receipts += 1
-                self.stats.receipted += len(part)
+        if self._client is not None and self.config.ingest.receipts:  # else: nobody to tell
+            publish_receipts(self._client, self.topics, receipts, self.stats)
 
 
-
-
-def connect_client(broker: BrokerConfig, *, client_id: str, subscriptions: Sequence[str] = (),
-                   on_message: Callable[[Any], None] | None = None, timeout: float = 15.0) -> tuple[Any, str]:
-    """Connect a publisher/subscriber for fleet tools; returns ``(paho client, "5" | "3.1.1")``.
-
-    Built on :func:`core.mqtt.connect_client` (MQTT 5 with a 3.1.1 fallback);
-    the returned object is the plain paho client, so ``publish``, ``disconnect`` and
-    ``loop_stop`` work as in paho.  Raises :class:`BrokerError` when it cannot connect.
-    """
-    from core.mqtt import TlsConfig
-    from core.mqtt import connect_client as _connect
-
-    conn = _connect(broker.host, broker.port, client_id=client_id, username=broker.username,
-                    password=broker.password,
-                    tls=TlsConfig(ca_file=Path(broker.ca_file) if broker.ca_file else None) if broker.tls else None,
-                    keepalive=broker.keepalive, protocol=broker.protocol,  # type: ignore[arg-type]
-                    clean=True, subscriptions=list(subscriptions), on_message=on_message, wait_s=timeout)
-    return conn.client, conn.protocol_version
-
-
-# --------------------------------------------------------------------------- extra processes
-def run_bulk_worker(config: FleetConfig, index: int, conn: Any) -> None:
-    """Entry point of one extra ingest process: bulk kinds only, until ``conn`` says stop.
-
-    It opens its own registry connection; its client id is the main one's plus
-    ``-bulk<index>`` (a persistent session of its own when the main one has one).
-    """
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s ingest-{index} %(levelname)s %(message)s")
-    registry = Registry.open(config.database.url)
-    base = config.broker.client_id
-    service = IngestService(config, registry, client_id=f"{base}-bulk{index}" if base else None, bulk_only=True)
-    try:
-        service.start()
-        conn.send(("ready", None))
-        while conn.recv() != "stop":
-            pass
-    except EOFError:
-        pass  # the parent is gone: stop
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which logs it
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        except OSError:
-            pass
-    finally:
-        service.stop()
-        registry.close()
-        conn.close()
-
-
-class IngestWorkers:
-    """``ingest.workers - 1`` extra ingest processes next to the main :class:`IngestService`.
-
-    One Python process tops out near 3k MQTT messages/s on one core (paho's per-packet
-    work, the decode and the write share one interpreter lock); MQTT 5 shared subscriptions let the
-    broker deal the high-volume kinds (:data:`BULK_KINDS`) round-robin to every process of
-    the share group.  Needs MQTT 5 (a 3.1.1 broker would give every process every message:
-    the unique indexes would drop the duplicates, but nothing would be gained).
-    """
-
-    def __init__(self, config: FleetConfig, count: int) -> None:
-        import multiprocessing
-
-        self.config = config
-        self.count = max(0, count)
-        self._ctx = multiprocessing.get_context("spawn")  # no inherited threads, sockets or DB handles
-        self.procs: list[Any] = []
-        self._conns: list[Any] = []
-
-    def start(self, timeout: float = 60.0) -> IngestWorkers:
-        for i in range(self.count):
-            parent, child = self._ctx.Pipe()
-            proc = self._ctx.Process(target=run_bulk_worker, args=(self.config, i + 1, child),
-                                     name=f"edgeloop-ingest-{i + 1}", daemon=True)
-            proc.start()
-            child.close()
-            self.procs.append(proc)
-            self._conns.append(parent)
-        for i, c in enumerate(self._conns):
-            if not c.poll(timeout):
-                raise EdgeloopError(f"ingest worker {i + 1} did not start within {timeout:g} s",
-                                    hint="check the broker and database settings in fleet.toml")
-            kind, detail = c.recv()
-            if kind != "ready":
-                raise EdgeloopError(f"ingest worker {i + 1} failed to start: {detail}",
-                                    hint="check the broker and database settings in fleet.toml")
-        return self
-
-    def cpu_pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.pid is not None]
-
-    def stop(self, timeout: float = 30.0) -> None:
-        for c in self._conns:
-            try:
-                c.send("stop")
-            except OSError:
-                pass
-        for p in self.procs:
-            p.join(timeout)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-        for c in self._conns:
-            c.close()
-        self.procs, self._conns = [], []
+# The fleet's other MQTT connections and the extra ingest processes (kept here for importers).
+from .ingest_workers import IngestWorkers, connect_client, run_bulk_worker  # noqa: E402

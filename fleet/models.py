@@ -128,6 +128,8 @@ class PendingLabel(Base):
     label: Mapped[str] = mapped_column(String(128))
     source: Mapped[str] = mapped_column(String(64))
     ts: Mapped[float] = mapped_column(Float)
+    # the device whose feedback this is (None: an operator's): applies only to that device's sample
+    device_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class JobRow(Base):

@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from sqlalchemy import select
 
 from core.errors import FleetError
 from core.protocol import validate_device_id
 
-from .acl import hash_password, new_password, render_acl, render_password_file, write_private
+from .acl import fleet_usernames, hash_password, new_password, render_acl, render_password_file, write_private
 from .config import FleetConfig
-from .models import CredentialRow
 from .registry import Registry
 
 __all__ = ["ProvisionResult", "BrokerFiles", "ensure_signing_key", "ensure_fleet_user", "write_broker_files",
-           "provision_device", "render_agent_toml"]
+           "provision_device", "render_agent_toml", "render_mosquitto_conf", "MAX_PACKET_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -68,13 +64,7 @@ def ensure_signing_key(config: FleetConfig) -> Path:
 
 
 def _set_credential(registry: Registry, username: str, role: str, password: str) -> None:
-    with registry.session() as s, s.begin():
-        row = s.get(CredentialRow, username)
-        if row is None:
-            s.add(CredentialRow(username=username, role=role, password_hash=hash_password(password),
-                                created=time.time()))
-        else:
-            row.role, row.password_hash = role, hash_password(password)
+    registry.credentials.put(username, role, hash_password(password))
 
 
 def ensure_fleet_user(config: FleetConfig, registry: Registry) -> None:
@@ -86,28 +76,51 @@ def ensure_fleet_user(config: FleetConfig, registry: Registry) -> None:
 
 def write_broker_files(config: FleetConfig, registry: Registry) -> BrokerFiles:
     """Regenerate ``mosquitto/passwd``, ``mosquitto/acl`` and a config snippet from the database."""
-    with registry.session() as s:
-        creds = list(s.scalars(select(CredentialRow)))
-    fleet_users = [c.username for c in creds if c.role == "fleet"]
-    if not fleet_users:
+    creds = registry.credentials.find()
+    fleet = [c for c in creds if c.role == "fleet"]
+    if not fleet:
         raise FleetError("no fleet broker user to write into the ACL",
                          hint="set [broker] username and password in fleet.toml (`edgeloop fleet init` does)")
+    # Each fleet process has its own user (client ids are bound to user names), same password.
+    users = {name: c.password_hash for c in fleet for name in fleet_usernames(c.username)}
+    devices = {c.username: c.password_hash for c in creds if c.role == "device"}
+    clash = sorted(set(users) & set(devices))
+    if clash:
+        raise FleetError(f"device ids {clash} are the fleet's own broker users",
+                         hint="provision those devices under other names")
     d = config.mosquitto_dir
-    passwd = write_private(d / "passwd", render_password_file({c.username: c.password_hash for c in creds}))
-    acl = write_private(d / "acl", render_acl(config.prefix, fleet_users=fleet_users,
-                                              devices={c.username: c.username for c in creds
-                                                       if c.role == "device"}))
-    conf = d / "mosquitto.conf"
-    conf.write_text(
-        "# Mosquitto 2.x: include these lines (see docs/fleet.md for TLS)\n"
+    passwd = write_private(d / "passwd", render_password_file({**users, **devices}))
+    acl = write_private(d / "acl", render_acl(config.prefix, fleet_users=sorted(users),
+                                              devices={u: u for u in devices}))
+    conf = write_private(d / "mosquitto.conf", render_mosquitto_conf(config.broker.port, passwd, acl))
+    return BrokerFiles(password_file=passwd, acl_file=acl, conf_snippet=conf)
+
+
+# The largest MQTT packet the broker takes: one sample chunk frame of the fleet's limit
+# (fleet.ingest_guard.Budgets.max_frame_bytes) plus topic and properties.
+MAX_PACKET_BYTES = 1024 * 1024 + 80 * 1024
+
+
+def render_mosquitto_conf(port: int, password_file: Path, acl_file: Path, *,
+                          max_packet_bytes: int = MAX_PACKET_BYTES) -> str:
+    """The generated Mosquitto 2.x config: loopback only, client id bound to user name, size-capped.
+
+    Devices on other machines need a TLS listener: docs/fleet.md ("Broker settings") has the recipe.
+    """
+    return (
+        "# Mosquitto 2.x, written by `edgeloop fleet provision` (docs/fleet.md, \"Broker settings\")\n"
         "per_listener_settings false\n"
         "allow_anonymous false\n"
-        f"password_file {passwd.resolve()}\n"
-        f"acl_file {acl.resolve()}\n"
+        f"password_file {password_file.resolve()}\n"
+        f"acl_file {acl_file.resolve()}\n"
         "# the default (1000) drops QoS 1 messages for a fleet that falls behind during a burst\n"
         "max_queued_messages 100000\n"
-        f"listener {config.broker.port}\n")
-    return BrokerFiles(password_file=passwd, acl_file=acl, conf_snippet=conf)
+        "# a client sending a bigger packet is disconnected (MQTT 5 clients are told the limit)\n"
+        f"max_packet_size {max_packet_bytes}\n"
+        "# loopback only: devices on other machines connect to a TLS listener (see docs/fleet.md)\n"
+        f"listener {port} 127.0.0.1\n"
+        "# a client's id is its user name: no device can connect as another and knock it offline\n"
+        "use_username_as_clientid true\n")
 
 
 def _replace_key(text: str, section: str, key: str, value: str) -> str:
@@ -152,6 +165,9 @@ def provision_device(config: FleetConfig, registry: Registry, device_id: str, *,
                      broker_port: int | None = None) -> ProvisionResult:
     """Issue (or re-issue) ``device_id``'s credentials and write its kit; returns where everything went."""
     validate_device_id(device_id)
+    if config.broker.username and device_id in fleet_usernames(config.broker.username):
+        raise FleetError(f"device id {device_id!r} is one of the fleet's own broker users",
+                         hint="choose another device id")
     pub = ensure_signing_key(config)
     ensure_fleet_user(config, registry)
     secret = password or new_password()
@@ -165,8 +181,7 @@ def provision_device(config: FleetConfig, registry: Registry, device_id: str, *,
     # Absolute: the agent reads password_file relative to its working directory, not the config's.
     toml = render_agent_toml(config, device_id, username=device_id, password_file=str(password_path.resolve()),
                              trusted_key="fleet.pub", broker_host=broker_host, broker_port=broker_port)
-    agent_toml = kit / "agent.toml"
-    agent_toml.write_text(toml, encoding="utf-8")
+    agent_toml = write_private(kit / "agent.toml", toml)
     files = write_broker_files(config, registry)
     return ProvisionResult(device_id=device_id, username=device_id, kit_dir=kit, agent_toml=agent_toml,
                            password_path=password_path, public_key=key_copy, broker=files)

@@ -13,15 +13,16 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import EdgeloopError, FleetError
+from core.errors import EdgeloopError, FleetError, ProtocolError
 from core.protocol import validate_device_id
 
 from .registry import SampleRecord
 
-__all__ = ["SampleStore", "sample_record", "safe_sample_id"]
+__all__ = ["SampleStore", "sample_record", "safe_sample_id", "ImageLimits"]
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
 
@@ -74,28 +75,58 @@ class SampleStore:
                              hint="the sample store and the database are out of step") from exc
 
 
-def _meta_from_payload(data: bytes) -> dict[str, Any]:
-    """What the device's sample encoding says about itself (prediction, confidence, ...), if readable."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """The largest sample image the fleet keeps: ``max_side`` pixels a side, ``max_pixels`` in all."""
+
+    max_side: int = 4096
+    max_pixels: int = 4096 * 4096
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Raise :class:`ProtocolError` (context ``budget="image_size"``) for an image over the limits."""
+        if len(shape) not in (2, 3) or any(s < 1 for s in shape):
+            raise ProtocolError(f"sample image of shape {shape} is not an image", budget="image_size")
+        h, w = shape[0], shape[1]
+        if max(h, w) > self.max_side or h * w > self.max_pixels:
+            raise ProtocolError(f"sample image {w}x{h} exceeds the fleet's limit ({self.max_side} a side, "
+                                f"{self.max_pixels} pixels)", hint="send smaller samples", budget="image_size")
+
+
+def _meta_from_payload(data: bytes, device_id: str, limits: ImageLimits | None) -> dict[str, Any]:
+    """What the device's sample encoding says about itself (prediction, confidence, ...), if readable.
+
+    A readable payload must name its sender (``device_id``) and respect ``limits``."""
     from core.sampling import decode_sample
 
     try:
-        meta = decode_sample(data).metadata()
+        sample = decode_sample(data)
     except EdgeloopError:  # an undecodable payload is still stored as sent
         return {}
+    if limits is not None:
+        limits.check(tuple(sample.image.shape))
+    meta = sample.metadata()
+    if meta.get("device_id") not in (None, "", device_id):
+        raise ProtocolError(f"sample payload names device {meta['device_id']!r}, sent by {device_id!r}",
+                            budget="sample_foreign")
     if "timestamp" in meta:
         meta["ts"] = meta.pop("timestamp")
     return meta
 
 
 def sample_record(store: SampleStore, device_id: str, transfer_id: str, data: bytes,
-                  meta: dict[str, Any], *, received: float | None = None) -> SampleRecord:
+                  meta: dict[str, Any], *, received: float | None = None,
+                  limits: ImageLimits | None = None) -> SampleRecord:
     """Store one reassembled sample and build its index record.
 
     The chunk header's ``meta`` wins over what the payload says about itself (the
     header is what the agent meant to index); the transfer id is the sample id unless
-    ``meta`` names one.
+    ``meta`` names one.  A payload naming another device, or an image over ``limits``,
+    raises :class:`ProtocolError` before anything is written.
     """
-    info = {**_meta_from_payload(data), **{k: v for k, v in meta.items() if v is not None}}
+    info = {**_meta_from_payload(data, device_id, limits), **{k: v for k, v in meta.items() if v is not None}}
+    if info.get("device_id") not in (None, device_id):
+        raise ProtocolError(f"sample meta names device {info['device_id']!r}, sent by {device_id!r}",
+                            budget="sample_foreign")
     sample_id = str(info.pop("sample_id", transfer_id))
     rel = store.put(device_id, sample_id, data)
     t = received if received is not None else time.time()
