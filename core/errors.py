@@ -18,6 +18,7 @@ for programmer misuse only.
     ├── BrokerError            broker unreachable / gone
     ├── QueueError             the outbox (disk full, corrupt)
     ├── UpdateError            a model update failed (download, verify, health check)
+    │   └── HealthCheckError   the new model failed its health check; the old one kept serving
     ├── FleetError
     │   └── RolloutError
     └── BenchmarkError
@@ -46,6 +47,7 @@ __all__ = [
     "BrokerError",
     "QueueError",
     "UpdateError",
+    "HealthCheckError",
     "FleetError",
     "RolloutError",
     "BenchmarkError",
@@ -126,6 +128,10 @@ class QueueError(EdgeloopError):
 
 class UpdateError(EdgeloopError):
     """A model update failed: download, verification, health check or switch."""
+
+
+class HealthCheckError(UpdateError):
+    """A new model failed its health check on the device; the serving model was kept."""
 
 
 class FleetError(EdgeloopError):

@@ -121,8 +121,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if agent.http is not None:
             print(f"edgeloop agent {agent.device_id}: serving {agent.http.url}/predict", file=sys.stderr, flush=True)
         agent.run(stop, source=args.source)
-    finally:
-        agent.close()
+    except BaseException:
+        agent.close(clean=False)  # the boot counter counts the next start, as after a crash
+        raise
+    agent.close()  # a clean stop (SIGTERM / SIGINT): the next start does not count
     return 0
 
 

@@ -8,7 +8,9 @@ A deploy: ``received`` -> ``downloading`` (HTTP with Range resume and retries, o
 chunk frames requested with ``BundleRequest`` and reassembled, resumable by chunk index)
 -> the installer's ``verifying`` / ``installing`` / ``health_check`` -> ``switched`` ->
 ``completed``, or ``failed`` (+ ``rolled_back`` when the old model was kept because the
-new one failed its check).  Each step is a JobStatus on the outbox.
+new one failed its check).  Each step is reported through the narrow
+:class:`~edge_agent.jobs.JobReporter`; installing and rolling back are
+:class:`~edge_agent.updates.Updates`' decisions, never this module's.
 
 A corrupt MQTT transfer (the whole fails its sha256, or the chunks contradict each
 other) is requested again from chunk 0, up to ``[update].mqtt_corrupt_retries`` times,
@@ -21,17 +23,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.chunks import Reassembler
 from core.errors import EdgeloopError, ProtocolError, UpdateError
-from core.protocol import BUNDLE_KIND, BundleRequest, DeployCommand, Frame, RollbackCommand
+from core.protocol import BUNDLE_KIND, BundleRequest, DeployCommand, Frame, Message, RollbackCommand
 
+from .jobs import JobReporter
 from .updater import disk_error, download_http
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from .updates import Updates
 
 __all__ = ["CommandWorker"]
 
@@ -90,11 +92,20 @@ class _MqttBundle:
 
 
 class CommandWorker:
-    """Runs fleet commands for one agent on a background thread, in arrival order."""
+    """Runs fleet commands for one device on a background thread, in arrival order.
 
-    def __init__(self, agent: Agent, *, retries: int = 3, retry_wait_s: float = 2.0,
-                 mqtt_timeout_s: float = 300.0) -> None:
-        self.agent = agent
+    ``updates`` installs and rolls back, ``jobs`` reports the steps, ``send`` queues the
+    bundle requests of an MQTT delivery, ``downloads`` holds bundles while they arrive.
+    """
+
+    def __init__(self, updates: Updates, jobs: JobReporter, send: Callable[[Message], None], *, device_id: str,
+                 retries: int = 3, retry_wait_s: float = 2.0, mqtt_timeout_s: float = 300.0) -> None:
+        self.updates = updates
+        self.jobs = jobs
+        self.send = send
+        self.device_id = device_id
+        self.config = updates.config
+        self.downloads = self.config.state_dir / "downloads"
         self.retries = retries
         self.retry_wait_s = retry_wait_s
         self.mqtt_timeout_s = mqtt_timeout_s
@@ -104,7 +115,7 @@ class CommandWorker:
         self._done_jobs: dict[str, str] = {}  # job id -> final step (QoS 1 redelivers commands)
         self.idle = threading.Event()
         self.idle.set()
-        self._thread = threading.Thread(target=self._loop, name=f"jobs-{agent.device_id}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"jobs-{device_id}", daemon=True)
         self._thread.start()
 
     # called on the MQTT command thread
@@ -158,40 +169,37 @@ class CommandWorker:
                     self.idle.set()
 
     def _rollback(self, cmd: RollbackCommand) -> None:
-        a = self.agent
-        model = a.model
-        if cmd.to_version is not None and model is not None and model.version == cmd.to_version:
-            a._job(cmd.job_id, cmd.to_version, "rolled_back", True, "already serving that version")
+        if cmd.to_version is not None and self.updates.serving_version() == cmd.to_version:
+            self.jobs.report(cmd.job_id, cmd.to_version, "rolled_back", True, "already serving that version")
             return
         try:
-            a.rollback(cmd.reason, job_id=cmd.job_id)
+            self.updates.rollback(cmd.reason, job_id=cmd.job_id)
         except EdgeloopError as exc:
-            a._job(cmd.job_id, cmd.to_version or "?", "failed", False, f"rollback: {exc}")
+            self.jobs.report(cmd.job_id, cmd.to_version or "?", "failed", False, f"rollback: {exc}")
 
     def _deploy(self, cmd: DeployCommand) -> None:
-        a = self.agent
-        prev = a.model.version if a.model is not None else None
+        jobs = self.jobs
+        prev = self.updates.serving_version()
         if cmd.job_id in self._done_jobs:
             log.info("job %s already handled (%s); ignoring the redelivery", cmd.job_id, self._done_jobs[cmd.job_id])
             return
         if prev == cmd.version:
-            a._job(cmd.job_id, cmd.version, "completed", True, "already serving this version", 1.0, prev)
+            jobs.report(cmd.job_id, cmd.version, "completed", True, "already serving this version", 1.0, prev)
             self._done_jobs[cmd.job_id] = "completed"
             return
-        a._job(cmd.job_id, cmd.version, "received", True, f"{cmd.delivery} delivery, {cmd.size} bytes", 0.0, prev)
-        downloads = a.config.state_dir / "downloads"
-        dest = downloads / f"{cmd.job_id}.elb"
+        jobs.report(cmd.job_id, cmd.version, "received", True, f"{cmd.delivery} delivery, {cmd.size} bytes", 0.0, prev)
+        dest = self.downloads / f"{cmd.job_id}.elb"
         try:
-            a.installer.check_disk(cmd.size * 3, downloads)  # the file, the unpacked slot, a margin
+            self.updates.installer.check_disk(cmd.size * 3, self.downloads)  # the file, the slot, a margin
             if cmd.delivery == "http":
                 self._download_http(cmd, dest, prev)
             else:
                 self._download_mqtt(cmd, dest, prev)
-            a.install(dest, job_id=cmd.job_id)  # verifying ... completed, or failed (+ rolled_back)
+            self.updates.install(dest, job_id=cmd.job_id)  # verifying ... completed, or failed (+ rolled_back)
             self._done_jobs[cmd.job_id] = "completed"
         except EdgeloopError as exc:
-            if not a.jobs or a.jobs[-1].job_id != cmd.job_id or a.jobs[-1].step not in ("failed", "rolled_back"):
-                a._job(cmd.job_id, cmd.version, "failed", False, str(exc), None, prev)
+            if jobs.last_step(cmd.job_id) not in ("failed", "rolled_back"):
+                jobs.report(cmd.job_id, cmd.version, "failed", False, str(exc), None, prev)
             self._done_jobs[cmd.job_id] = "failed"
         finally:
             self._bundle = None
@@ -201,21 +209,21 @@ class CommandWorker:
                 self._done_jobs.pop(next(iter(self._done_jobs)))
 
     def _download_http(self, cmd: DeployCommand, dest: Path, prev: str | None) -> None:
-        a = self.agent
         step = [0.0]
 
         def progress(have: int, total: int) -> None:
             frac = have / total
             if frac - step[0] >= 0.25:  # a few reports, not one per block
                 step[0] = frac
-                a._job(cmd.job_id, cmd.version, "downloading", True, f"{have}/{total} bytes", round(frac, 3), prev)
+                self.jobs.report(cmd.job_id, cmd.version, "downloading", True, f"{have}/{total} bytes",
+                                 round(frac, 3), prev)
 
-        a._job(cmd.job_id, cmd.version, "downloading", True, str(cmd.url), 0.0, prev)
+        self.jobs.report(cmd.job_id, cmd.version, "downloading", True, str(cmd.url), 0.0, prev)
         last: EdgeloopError | None = None
         for attempt in range(1, self.retries + 1):
             try:
                 download_http(str(cmd.url), dest, size=cmd.size, sha256=cmd.sha256,
-                              timeout=a.config.update.download_timeout_s, progress=progress)
+                              timeout=self.config.update.download_timeout_s, progress=progress)
                 return
             except UpdateError as exc:
                 last = exc
@@ -227,8 +235,7 @@ class CommandWorker:
         raise last
 
     def _download_mqtt(self, cmd: DeployCommand, dest: Path, prev: str | None) -> None:
-        a = self.agent
-        retries = a.config.update.mqtt_corrupt_retries
+        retries = self.config.update.mqtt_corrupt_retries
         attempt = 0
         while True:
             bundle = self._receive_mqtt(cmd, prev)
@@ -238,8 +245,8 @@ class CommandWorker:
                 raise UpdateError(bundle.error or "bundle transfer failed", version=cmd.version)
             attempt += 1
             log.warning("job %s: %s; requesting the bundle again (%d/%d)", cmd.job_id, bundle.error, attempt, retries)
-            a._job(cmd.job_id, cmd.version, "downloading", True,
-                   f"transfer corrupt, requesting again ({attempt}/{retries})", None, prev)
+            self.jobs.report(cmd.job_id, cmd.version, "downloading", True,
+                             f"transfer corrupt, requesting again ({attempt}/{retries})", None, prev)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(bundle.data)
@@ -250,15 +257,14 @@ class CommandWorker:
     def _receive_mqtt(self, cmd: DeployCommand, prev: str | None) -> _MqttBundle:
         """One transfer from chunk 0: request, re-request from the first missing chunk while
         chunks stop coming, until it is whole or has failed (``bundle.error``)."""
-        a = self.agent
         bundle = self._bundle = _MqttBundle(cmd)  # a fresh reassembler: nothing kept from a corrupt try
         waited = 0.0
         step = max(5.0, self.mqtt_timeout_s / 10)
         while not bundle.done.is_set():
             start = bundle.first_missing()
-            a._job(cmd.job_id, cmd.version, "downloading", True, f"requesting chunks from {start} over MQTT",
-                   None, prev)
-            a.send(BundleRequest(device_id=a.device_id, job_id=cmd.job_id, version=cmd.version, start=start))
+            self.jobs.report(cmd.job_id, cmd.version, "downloading", True, f"requesting chunks from {start} over MQTT",
+                             None, prev)
+            self.send(BundleRequest(device_id=self.device_id, job_id=cmd.job_id, version=cmd.version, start=start))
             if bundle.done.wait(step):
                 break
             waited += step

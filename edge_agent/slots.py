@@ -4,7 +4,9 @@ Layout under the agent's state directory::
 
     slots/<version>-<sha8>/   one extracted, verified bundle + slot.json (variant choice, figures)
     current                   JSON pointer: the serving slot, the previous one, when we switched
-    boot.json                 start times since the last switch (the boot counter)
+    boot.json                 unclean starts since the last switch (the boot counter)
+    clean-shutdown            written by a clean stop, removed by the next start: a start
+                              without it follows a crash / kill and counts (edge_agent.updates)
 
 A switch is one ``rename`` of a fully written and fsync'd temporary file over
 ``current`` followed by an fsync of the directory, so a power cut or ``kill -9`` at
@@ -90,6 +92,7 @@ class SlotStore:
         self.slots_dir = self.root / "slots"
         self.pointer_path = self.root / "current"
         self.boot_path = self.root / "boot.json"
+        self.clean_path = self.root / "clean-shutdown"
         self._clock = clock
         self.slots_dir.mkdir(parents=True, exist_ok=True)
 
@@ -202,8 +205,39 @@ class SlotStore:
             pass
         fsync_dir(self.root)
 
+    def mark_clean_shutdown(self) -> None:
+        """Record that the agent stopped cleanly (the next start will not count)."""
+        atomic_write_bytes(self.clean_path, json.dumps({"at": self._clock()}).encode())
+
+    def take_clean_shutdown(self) -> bool:
+        """Whether the previous run stopped cleanly; removes the marker (durably) either way."""
+        try:
+            self.clean_path.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.root)
+        return True
+
+    def remove_temporaries(self) -> list[str]:
+        """Remove what an install killed half-way leaves: temporary slot directories and
+        slots without their ``slot.json`` record (written last) that are neither current
+        nor previous, and temporary pointer files.  Returns the names removed."""
+        ptr = self.pointer()
+        keep = {n for n in ((ptr.slot, ptr.previous) if ptr else ()) if n}
+        removed = []
+        for p in list(self.slots_dir.iterdir()) if self.slots_dir.is_dir() else []:
+            if p.name in keep or (not p.name.startswith(".") and (p / "slot.json").is_file()):
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+        for tmp in self.root.glob(".current.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+        return removed
+
     def record_boot(self, window_s: float) -> int:
-        """Count this start if the current slot is on probation; return the starts within the window.
+        """Count a start after an unclean exit if the current slot is on probation; return
+        the counted starts within the window.
 
         Each start is persisted before the model loads, so a crash during loading
         still counts: this is the firmware updaters' boot counter.

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from core.bundle import open_bundle
-from core.errors import BundleError, EdgeloopError, UpdateError
+from core.errors import BundleError, EdgeloopError, HealthCheckError, UpdateError
 from core.manifest import Manifest
 
 from core.agent_config import AgentConfig
@@ -316,15 +316,15 @@ class Installer:
             model = LoadedModel(target, choice.variant, threads=m.threads, drift=True,
                                 drift_window=self.config.drift.window)
         except EdgeloopError as exc:
-            raise UpdateError(f"health check failed: cannot load {choice.variant}: {exc}",
-                              version=manifest.version) from exc
+            raise HealthCheckError(f"health check failed: cannot load {choice.variant}: {exc}",
+                                   version=manifest.version) from exc
         try:
             health = health_check(model, self.config)
         finally:
             model.close()
         if not health.ok:
-            raise UpdateError(f"health check failed for {manifest.version} ({choice.variant}): {health.detail}",
-                              version=manifest.version, reason="health-check")
+            raise HealthCheckError(f"health check failed for {manifest.version} ({choice.variant}): {health.detail}",
+                                   version=manifest.version)
         info = {"version": manifest.version, "name": manifest.name, "variant": choice.variant,
                 "choice": {"mode": choice.mode, "latency_ms": choice.latency_ms, "eligible": list(choice.eligible),
                            "skipped": choice.skipped, "reason": choice.reason},

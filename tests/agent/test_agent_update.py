@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -187,23 +188,40 @@ def test_download_into_a_full_disk(tiny_fs: Path, file_server: FileServer, tiny_
 
 
 # --------------------------------------------------------------------------- boot counter, kill -9
-def test_boot_counter_rolls_back_after_repeated_restarts(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
+def test_boot_counter_rolls_back_after_repeated_crashes(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
     clock = [1000.0]
     cfg = agent_config(tmp_path / "state", update={"max_boots": 3, "boot_window_min": 10.0})
     with Agent(cfg, clock=lambda: clock[0]).start() as a:
         a.install(tiny_bundles["v1"])
         a.slots.confirm()
         a.install(tiny_bundles["v2"])  # switched, on probation
-    for n in (1, 2):  # the new model "crashes" the agent shortly after every start
+    a = Agent(cfg, clock=lambda: clock[0]).start()  # after a clean stop: not counted
+    assert a.model.version == "1.1.0" and a.slots.boot_count() == 0
+    a.close(clean=False)  # the new model "crashes" the agent shortly after every start
+    for n in (1, 2):
         clock[0] += 60
-        with Agent(cfg, clock=lambda: clock[0]).start() as a:
-            assert a.model.version == "1.1.0" and a.slots.boot_count() == n
+        a = Agent(cfg, clock=lambda: clock[0]).start()
+        assert a.model.version == "1.1.0" and a.slots.boot_count() == n
+        a.close(clean=False)
     clock[0] += 60
-    with Agent(cfg, clock=lambda: clock[0]).start() as a:  # third start within 10 minutes: roll back
+    with Agent(cfg, clock=lambda: clock[0]).start() as a:  # third start after a crash within 10 min: roll back
         assert a.model.version == "1.0.0"
         assert a.boot_rollback is not None
         assert [j.step for j in a.jobs][-1] == "rolled_back"
         assert a.status().rolled_back_from == a.boot_rollback
+
+
+def test_clean_restarts_do_not_count(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
+    clock = [1000.0]
+    cfg = agent_config(tmp_path / "state", update={"max_boots": 2, "boot_window_min": 10.0})
+    with Agent(cfg, clock=lambda: clock[0]).start() as a:
+        a.install(tiny_bundles["v1"])
+        a.install(tiny_bundles["v2"])
+    for _ in range(5):  # the documented example, run again and again within the window
+        clock[0] += 10
+        with Agent(cfg, clock=lambda: clock[0]).start() as a:
+            assert a.model.version == "1.1.0" and a.slots.boot_count() == 0
+            assert not a.slots.pointer().confirmed  # still on probation: only crashes count
 
 
 def test_healthy_run_clears_the_boot_counter(tmp_path: Path, tiny_bundles: dict[str, Path]) -> None:
@@ -241,6 +259,52 @@ def killed(src, dst):
 slots.os.replace = killed
 a.install(Path({bundle!r}))
 """
+
+
+_SERVE_SCRIPT = """
+import signal, sys, threading
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from edge_agent.agent import Agent
+from tests.plugins.agent_kit import agent_config
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+a = Agent(agent_config(Path({state!r}), update={{"max_boots": 3, "boot_window_min": 10.0}})).start()
+print("serving", a.model.version, flush=True)
+stop.wait()
+a.close()
+"""
+
+
+def _serve_and_stop(state: Path, sig: int) -> str:
+    """Run an agent process until it serves, then send it ``sig``; the version it served."""
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE_SCRIPT.format(root=str(ROOT), state=str(state))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("serving "), proc.communicate(timeout=60)[1][-2000:]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == (0 if sig == signal.SIGTERM else -sig), err[-2000:]
+    return line.split()[1]
+
+
+@pytest.mark.parametrize(("sig", "expect"), [(signal.SIGTERM, "1.1.0"), (signal.SIGKILL, "1.0.0")])
+def test_three_clean_stops_keep_the_model_three_kills_roll_it_back(tmp_path: Path, tiny_bundles: dict[str, Path],
+                                                                   sig: int, expect: str) -> None:
+    state = tmp_path / "state"
+    cfg = agent_config(state, update={"max_boots": 3, "boot_window_min": 10.0})
+    with Agent(cfg).start() as a:
+        a.install(tiny_bundles["v1"])
+        a.install(tiny_bundles["v2"])  # on probation
+    assert [_serve_and_stop(state, sig) for _ in range(3)] == ["1.1.0"] * 3
+    with Agent(cfg).start() as a:  # the start after the third kill -9 rolls back; after SIGTERMs nothing counts
+        assert a.model.version == expect
+        assert (a.boot_rollback is not None) == (sig == signal.SIGKILL)
+        _still_serves(a, expect)
 
 
 @pytest.mark.parametrize(("when", "expect"), [("before", "1.0.0"), ("after", "1.1.0")])
