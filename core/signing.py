@@ -1,15 +1,10 @@
 """Ed25519 keys and signatures for model bundles.
 
-Two interchangeable implementations sit behind one API:
-
-* ``"cryptography"`` (OpenSSL) when the package is importable: fast and constant-time;
-* ``"pure"``, a straight RFC 8032 implementation in Python integers, so an agent on a
-  device without ``cryptography`` (a bare Raspberry Pi install) can still verify.
-
-Verifying a bundle costs one signature check, so the pure path's few milliseconds do
-not matter; signing happens on the build machine, where ``cryptography`` is installed.
-The pure path is *not* constant-time: use it to verify, and sign with it only where
-timing side channels are not a concern.
+The cryptography is OpenSSL's, through the ``cryptography`` package (constant-time,
+maintained); edgeloop carries no hand-written implementation.  ``cryptography`` is part of
+the ``[agent]`` extra (wheels exist for the devices' platform, manylinux_2_28 aarch64);
+without it, signing or verifying raises :class:`SignatureError` naming the fix.  Key
+handling (files, ids) needs only the standard library.
 
 Key files are two short text files: a header line that says what the file is (and the
 key id), then the base64 of the 32-byte seed (private, mode 0600) or of the 32-byte
@@ -25,7 +20,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from .errors import SignatureError
 
@@ -33,8 +28,6 @@ __all__ = [
     "PrivateKey",
     "PublicKey",
     "KeyPaths",
-    "Backend",
-    "available_backends",
     "generate_keypair",
     "save_keypair",
     "load_private_key",
@@ -44,160 +37,39 @@ __all__ = [
     "verify",
 ]
 
-Backend = Literal["auto", "cryptography", "pure"]
 _PRIVATE_HEADER = "edgeloop ed25519 private key"
 _PUBLIC_HEADER = "edgeloop ed25519 public key"
 _KEY_HINT = "create a key pair with `edgeloop keys new`"
 
 
-# --------------------------------------------------------------------------- pure RFC 8032
-# Edwards25519 in extended coordinates (X, Y, Z, T), x = X/Z, y = Y/Z, x*y = T/Z, as in
-# RFC 8032 section 6.  Python integers make this short and obviously correct.
-_P = 2**255 - 19
-_L = 2**252 + 27742317777372353535851937790883648493
-_D = -121665 * pow(121666, _P - 2, _P) % _P
-_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
-_Point = tuple[int, int, int, int]
-
-
-def _add(p: _Point, q: _Point) -> _Point:
-    a = (p[1] - p[0]) * (q[1] - q[0]) % _P
-    b = (p[1] + p[0]) * (q[1] + q[0]) % _P
-    c = 2 * p[3] * q[3] * _D % _P
-    d = 2 * p[2] * q[2] % _P
-    e, f, g, h = b - a, d - c, d + c, b + a
-    return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
-
-
-def _mul(s: int, p: _Point) -> _Point:
-    q: _Point = (0, 1, 1, 0)  # the neutral element
-    while s > 0:
-        if s & 1:
-            q = _add(q, p)
-        p = _add(p, p)
-        s >>= 1
-    return q
-
-
-def _equal(p: _Point, q: _Point) -> bool:
-    return (p[0] * q[2] - q[0] * p[2]) % _P == 0 and (p[1] * q[2] - q[1] * p[2]) % _P == 0
-
-
-def _recover_x(y: int, sign: int) -> int | None:
-    if y >= _P:  # non-canonical encoding: reject, as RFC 8032 5.1.3 requires
-        return None
-    x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
-    if x2 == 0:
-        return None if sign else 0
-    x = pow(x2, (_P + 3) // 8, _P)
-    if (x * x - x2) % _P != 0:
-        x = x * _SQRT_M1 % _P
-    if (x * x - x2) % _P != 0:
-        return None
-    if (x & 1) != sign:
-        x = _P - x
-    return x
-
-
-_GY = 4 * pow(5, _P - 2, _P) % _P
-_GX = _recover_x(_GY, 0)
-assert _GX is not None  # a constant of the curve, not input validation
-_G: _Point = (_GX, _GY, 1, _GX * _GY % _P)
-
-
-def _compress(p: _Point) -> bytes:
-    zinv = pow(p[2], _P - 2, _P)
-    x, y = p[0] * zinv % _P, p[1] * zinv % _P
-    return (y | ((x & 1) << 255)).to_bytes(32, "little")
-
-
-def _decompress(s: bytes) -> _Point | None:
-    y = int.from_bytes(s, "little")
-    sign = y >> 255
-    y &= (1 << 255) - 1
-    x = _recover_x(y, sign)
-    return None if x is None else (x, y, 1, x * y % _P)
-
-
-def _expand(seed: bytes) -> tuple[int, bytes]:
-    h = hashlib.sha512(seed).digest()
-    a = int.from_bytes(h[:32], "little")
-    a &= (1 << 254) - 8
-    a |= 1 << 254
-    return a, h[32:]
-
-
-def _hash_mod_l(data: bytes) -> int:
-    return int.from_bytes(hashlib.sha512(data).digest(), "little") % _L
-
-
-def _pure_public(seed: bytes) -> bytes:
-    return _compress(_mul(_expand(seed)[0], _G))
-
-
-def _pure_sign(seed: bytes, data: bytes) -> bytes:
-    a, prefix = _expand(seed)
-    public = _compress(_mul(a, _G))
-    r = _hash_mod_l(prefix + data)
-    r_enc = _compress(_mul(r, _G))
-    s = (r + _hash_mod_l(r_enc + public + data) * a) % _L
-    return r_enc + s.to_bytes(32, "little")
-
-
-def _pure_verify(public: bytes, data: bytes, sig: bytes) -> bool:
-    a_point = _decompress(public)
-    r_point = _decompress(sig[:32])
-    if a_point is None or r_point is None:
-        return False
-    s = int.from_bytes(sig[32:], "little")
-    if s >= _L:  # malleability check of RFC 8032 5.1.7
-        return False
-    h = _hash_mod_l(sig[:32] + public + data)
-    return _equal(_mul(s, _G), _add(r_point, _mul(h, a_point)))
-
-
 # --------------------------------------------------------------------------- cryptography
-def _have_cryptography() -> bool:
+_MISSING_HINT = "install the agent's dependencies: pip install 'edgeloop[agent]' (it brings `cryptography`)"
+
+
+def _ed25519() -> Any:
+    """The ``cryptography`` Ed25519 module; SignatureError when the package is missing."""
     try:
-        from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as exc:
+        raise SignatureError("Ed25519 needs the `cryptography` package, which is not installed",
+                             hint=_MISSING_HINT) from exc
+    return ed25519
 
 
-def available_backends() -> tuple[str, ...]:
-    """The implementations usable here, fastest first (``"pure"`` always is)."""
-    return ("cryptography", "pure") if _have_cryptography() else ("pure",)
+def _public_of(seed: bytes) -> bytes:
+    return bytes(_ed25519().Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw())
 
 
-def _resolve(backend: Backend) -> str:
-    if backend == "auto":
-        return available_backends()[0]
-    if backend not in ("cryptography", "pure"):
-        raise ValueError(f"unknown Ed25519 backend {backend!r}")
-    if backend == "cryptography" and not _have_cryptography():
-        raise ValueError("the 'cryptography' backend was asked for but the package is not installed")
-    return backend
+def _sign(seed: bytes, data: bytes) -> bytes:
+    return bytes(_ed25519().Ed25519PrivateKey.from_private_bytes(seed).sign(data))
 
 
-def _crypto_public(seed: bytes) -> bytes:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
-
-
-def _crypto_sign(seed: bytes, data: bytes) -> bytes:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    return Ed25519PrivateKey.from_private_bytes(seed).sign(data)
-
-
-def _crypto_verify(public: bytes, data: bytes, sig: bytes) -> bool:
+def _verify(public: bytes, data: bytes, sig: bytes) -> bool:
+    ed25519 = _ed25519()
     from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     try:
-        Ed25519PublicKey.from_public_bytes(public).verify(sig, data)
+        ed25519.Ed25519PublicKey.from_public_bytes(public).verify(sig, data)
     except (InvalidSignature, ValueError):
         return False
     return True
@@ -233,10 +105,9 @@ class PrivateKey:
         if not isinstance(self.seed, bytes) or len(self.seed) != 32:
             raise SignatureError("an Ed25519 private key (seed) is 32 bytes", hint=_KEY_HINT)
 
-    def public_key(self, *, backend: Backend = "auto") -> PublicKey:
+    def public_key(self) -> PublicKey:
         """The matching public key."""
-        impl = _resolve(backend)
-        return PublicKey(_crypto_public(self.seed) if impl == "cryptography" else _pure_public(self.seed))
+        return PublicKey(_public_of(self.seed))
 
     @property
     def key_id(self) -> str:
@@ -265,20 +136,17 @@ def generate_keypair() -> tuple[PrivateKey, PublicKey]:
     return private, private.public_key()
 
 
-def sign(priv: PrivateKey, data: bytes, *, backend: Backend = "auto") -> bytes:
+def sign(priv: PrivateKey, data: bytes) -> bytes:
     """The 64-byte Ed25519 signature of ``data``."""
-    if _resolve(backend) == "cryptography":
-        return _crypto_sign(priv.seed, data)
-    return _pure_sign(priv.seed, data)
+    return _sign(priv.seed, data)
 
 
-def verify(pub: PublicKey, data: bytes, sig: bytes, *, backend: Backend = "auto") -> bool:
-    """True when ``sig`` is a valid signature of ``data`` by ``pub``; never raises on bad input."""
+def verify(pub: PublicKey, data: bytes, sig: bytes) -> bool:
+    """True when ``sig`` is a valid signature of ``data`` by ``pub``; never raises on bad input
+    (only :class:`SignatureError` when ``cryptography`` is missing)."""
     if not isinstance(sig, bytes) or len(sig) != 64:
         return False
-    if _resolve(backend) == "cryptography":
-        return _crypto_verify(pub.raw, data, sig)
-    return _pure_verify(pub.raw, data, sig)
+    return _verify(pub.raw, data, sig)
 
 
 # --------------------------------------------------------------------------- key files

@@ -404,24 +404,35 @@ def test_cli_other_errors(cli: Callable[..., tuple[int, str, str]], tmp_path: Pa
     assert rc == 0 and "NOT checked" in out
 
 
-def test_cli_needs_only_numpy_and_pure_ed25519(tmp_path: Path, bundle_path: Path,
-                                                keys: tuple[signing.PrivateKey, signing.PublicKey]) -> None:
-    # A bare device: no cryptography, and verifying must not pull in onnx or torch.
+def test_cli_verifies_with_numpy_and_cryptography_only(tmp_path: Path, bundle_path: Path,
+                                                       keys: tuple[signing.PrivateKey, signing.PublicKey]) -> None:
+    # A device: verifying must not pull in onnx or torch; Ed25519 comes from `cryptography`
+    # (the [agent] extra), never from a hand-written fallback.
     pub = signing.save_keypair(tmp_path / "k", keys[0]).public
     code = (
         "import sys, argparse\n"
-        "sys.modules['cryptography'] = None\n"
         "from export import cli_bundle\n"
         "p = argparse.ArgumentParser(); cli_bundle.register(p.add_subparsers())\n"
         f"for argv in (['bundle', 'verify', {str(bundle_path)!r}, '--key', {str(pub)!r}],\n"
         f"             ['bundle', 'inspect', {str(bundle_path)!r}]):\n"
         "    a = p.parse_args(argv); assert a.func(a) == 0\n"
-        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'train', 'cryptography') if sys.modules.get(m)]\n"
+        "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'train') if sys.modules.get(m)]\n"
         "assert not heavy, heavy\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "OK digits 1.2.0" in res.stdout
+    # without `cryptography` a signed bundle is refused with the fix named, not verified some other way
+    rc, _, err = _cli_without_cryptography("bundle", "verify", str(bundle_path), "--key", str(pub))
+    assert rc != 0 and "edgeloop[agent]" in err, err
+
+
+def _cli_without_cryptography(*argv: str) -> tuple[int, str, str]:
+    code = ("import sys; sys.modules['cryptography'] = None\n"
+            "from edgeloop.cli import main\n"
+            f"sys.exit(main({list(argv)!r}))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return res.returncode, res.stdout, res.stderr
 
 
 def test_cli_create_flags_reach_byom() -> None:
