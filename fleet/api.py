@@ -8,10 +8,13 @@
     GET /api/rollouts          with per-status target counts
     GET /api/samples           ?device_id=&labelled=&limit=&offset= (paginated)
     GET /bundles/{name}/{version}.elb   the signed bundle; Range -> 206 (resumable downloads)
+    GET /metrics               Prometheus text: ingestion, refusals per rule and device (fleet.metrics)
+    GET /api/openapi.json      the OpenAPI schema
 
-``/api/*`` needs ``Authorization: Bearer <api.token>`` when a token is configured;
-bundles too with ``api.bundle_auth`` (devices verify the signature anyway, so a
-bundle is not secret by default).  The OpenAPI schema is at ``/openapi.json``.
+``/api/*`` and ``/metrics`` need ``Authorization: Bearer <api.token>`` when a token is
+configured; bundles too with ``api.bundle_auth`` (devices verify the signature anyway, so
+a bundle is not secret by default).  The schema is not public (no ``/openapi.json``, no
+``/docs``): it is served under ``/api/`` with the same token.
 The server binds to 127.0.0.1 unless ``[api].host`` says otherwise.  FastAPI is imported
 at module level (its dependency injection resolves annotations from module globals);
 ``fleet.cli`` imports this module only inside ``serve``.
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from core.errors import FleetError
 
@@ -38,7 +41,8 @@ __all__ = ["create_app", "ApiServer"]
 
 def create_app(config: FleetConfig, registry: Registry, *, ctx: Any = None) -> Any:
     """The FastAPI application over ``registry``."""
-    app = FastAPI(title="edgeloop fleet", version="1", description="Fleet registry and bundle server.")
+    app = FastAPI(title="edgeloop fleet", version="1", description="Fleet registry and bundle server.",
+                  openapi_url=None, docs_url=None, redoc_url=None)
     token = config.api.token
 
     def auth(request: Request) -> None:
@@ -76,7 +80,7 @@ def create_app(config: FleetConfig, registry: Registry, *, ctx: Any = None) -> A
                 "jobs": [plain(j) for j in jobs]}
 
     @app.get("/api/drift", dependencies=[Depends(auth)])
-    def drift(device_id: str | None = None, since: float | None = None,
+    def drift(device_id: str | None = None, since: float | None = Query(None, allow_inf_nan=False),
               limit: int = Query(1000, ge=1, le=100_000)) -> list[dict[str, Any]]:
         return [plain(r) for r in registry.drift_reports(device_id=device_id, since=since, limit=limit)]
 
@@ -114,6 +118,16 @@ def create_app(config: FleetConfig, registry: Registry, *, ctx: Any = None) -> A
         # Starlette's FileResponse answers Range requests with 206 (and 416 when unsatisfiable).
         return FileResponse(path, media_type="application/zip", filename=f"{name}-{version}.elb",
                             headers={"ETag": f'"{rec.sha256}"', "X-Bundle-SHA256": rec.sha256 or ""})
+
+    @app.get("/api/openapi.json", dependencies=[Depends(auth)], include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/metrics", dependencies=[Depends(auth)], include_in_schema=False)
+    def metrics() -> Response:
+        from .metrics import CONTENT_TYPE, render_metrics
+
+        return Response(render_metrics(getattr(ctx, "ingest", None), registry), media_type=CONTENT_TYPE)
 
     if config.dashboard.enabled:
         from fleet.dashboard import mount_dashboard

@@ -114,7 +114,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     import secrets
 
     from core.errors import ConfigError
-    from fleet.acl import new_password
+    from fleet.acl import new_password, write_private
     from fleet.config import ApiConfig, BrokerConfig, default_config, render_config
     from fleet.provision import ensure_signing_key
 
@@ -124,10 +124,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path} already exists", hint="pass --force to overwrite it", path=str(path))
     d.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(default_config("fleet-data"),
-                              broker=BrokerConfig(username="fleet", password=new_password()),
+                              # an unguessable MQTT 5 share group: no device can join the fleet's (docs/fleet.md)
+                              broker=BrokerConfig(username="fleet", password=new_password(),
+                                                  shared_group=f"fleet-{secrets.token_hex(12)}"),
                               api=ApiConfig(token=secrets.token_hex(16)))
-    path.write_text(render_config(cfg))
-    path.chmod(0o600)  # it holds the broker password and the API token
+    write_private(path, render_config(cfg))  # 0600 from creation: it holds the broker password and the API token
     from fleet.config import load_config
 
     pub = ensure_signing_key(load_config(path))
@@ -146,6 +147,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("fleet.serve")
     cfg = _config(args)
+    if cfg.api.enabled and cfg.api.token is None:  # never an API without a token (issue 16)
+        import secrets
+        import sys
+
+        cfg = dataclasses.replace(cfg, api=dataclasses.replace(cfg.api, token=secrets.token_hex(16)))
+        print(f"no [api].token configured: this run's API token is {cfg.api.token} "
+              "(`edgeloop fleet init` writes a permanent one)", file=sys.stderr, flush=True)
     registry = _registry(cfg)
     ingest = IngestService(cfg, registry)
     ingest.start()

@@ -16,6 +16,7 @@ is reported, not fatal: ingestion then inserts into that table without deduplica
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,15 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
     return on_connect
 
 
+def _create_private(path: Path) -> None:
+    """Create a new SQLite file 0600 from the start (it holds the fleet's records; SQLite gives
+    its -wal and -shm files the database file's mode).  An existing file is left as it is."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def make_engine(url: str, *, busy_timeout_ms: int = 10_000, echo: bool = False) -> Engine:
     """An engine for ``url`` (``sqlite:///PATH`` or ``postgresql+psycopg://...``)."""
     try:
@@ -58,6 +68,7 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10_000, echo: bool = False) 
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(parsed.database))
         # One connection per thread; the check is off because sessions never cross threads here.
         engine = create_engine(parsed, echo=echo, connect_args={"check_same_thread": False,
                                                                 "timeout": busy_timeout_ms / 1000})

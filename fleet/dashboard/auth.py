@@ -9,6 +9,12 @@
   site can make the browser send the cookie, but cannot read the token.
 * Scripts (the CLI, curl) may send ``Authorization: Bearer <token>`` instead; no cookie
   is involved then, so no CSRF token is needed.
+* Logout revokes the session (:meth:`Authenticator.revoke`): its id is refused until the
+  cookie would have expired anyway.
+* Logins are throttled: after ``_MAX_FAILURES`` failures for one user name (or one client
+  address, when the route passes it) further attempts are refused for a doubling lock-out,
+  right or wrong.  Every user/password attempt costs one PBKDF2 whether or not the user
+  exists, so the time taken does not tell which user names exist.
 
 Make a password hash with ``python -m fleet.dashboard.auth hash`` (reads the password
 from stdin or asks for it).
@@ -23,6 +29,7 @@ import ipaddress
 import json
 import secrets
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -33,6 +40,10 @@ __all__ = ["SESSION_COOKIE", "Session", "Authenticator", "hash_password", "verif
 SESSION_COOKIE = "edgeloop_session"
 PRELOGIN_COOKIE = "edgeloop_prelogin"
 _ITERATIONS = 200_000
+_MAX_FAILURES = 5  # failed logins per user name / client before a lock-out
+_LOCKOUT_S = 30.0  # the first lock-out; doubles with every further failure, up to _MAX_LOCKOUT_S
+_MAX_LOCKOUT_S = 900.0
+_MAX_TRACKED = 10_000  # throttle keys and revoked sessions kept (oldest forgotten first)
 
 
 def hash_password(password: str, *, iterations: int = _ITERATIONS, salt: bytes | None = None) -> str:
@@ -53,6 +64,13 @@ def verify_password(password: str, encoded: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(digest, base64.b64decode(hash_b64))
+
+
+def _iterations(encoded: str) -> int:
+    try:
+        return int(encoded.split("$")[1])
+    except (IndexError, ValueError):
+        return _ITERATIONS
 
 
 def is_loopback(host: str | None) -> bool:
@@ -96,6 +114,12 @@ class Authenticator:
         secret = config.session_secret or secrets.token_hex(32)
         self._key = hashlib.sha256(b"edgeloop-dashboard-session\0" + secret.encode()).digest()
         self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, float]] = {}  # throttle key -> (failures, locked until)
+        self._revoked: dict[str, float] = {}  # session id -> its expiry
+        # Checked when the user name is unknown, so every attempt costs one PBKDF2.
+        iters = max([_ITERATIONS, *(_iterations(u.password_hash) for u in config.users)])
+        self._dummy_hash = hash_password(secrets.token_hex(16), iterations=iters)
 
     def _now(self) -> float:
         return float(self._clock())  # type: ignore[operator]
@@ -111,19 +135,69 @@ class Authenticator:
         return None
 
     def login(self, *, token: str | None = None, user: str | None = None,
-              password: str | None = None) -> Session | None:
-        """A new session for valid credentials, else None."""
+              password: str | None = None, client: str | None = None) -> Session | None:
+        """A new session for valid credentials, else None (also while the user name or
+        ``client`` — the peer's address, when the caller knows it — is locked out)."""
+        # Tokens are 128-bit secrets: throttled per client only (a global lock-out would let anyone lock them out).
+        keys = [*([f"user:{user}"] if user and not token else []), *([f"client:{client}"] if client else [])]
+        if self.locked_out(*keys):
+            if user and password is not None and not token:
+                verify_password(password, self._dummy_hash)  # a lock-out takes as long as a try
+            return None
         role, name = None, None
         if token:
             role = self.role_for_token(token)
             name = f"{role}-token" if role else None
         elif user and password is not None:
-            for u in self.config.users:
-                if hmac.compare_digest(u.name.encode(), user.encode()) and verify_password(password, u.password_hash):
-                    role, name = u.role, u.name
+            match = None
+            for u in self.config.users:  # every name compared: no early exit
+                if hmac.compare_digest(u.name.encode(), user.encode()):
+                    match = u
+            ok = verify_password(password, match.password_hash if match is not None else self._dummy_hash)
+            if ok and match is not None:
+                role, name = match.role, match.name
         if role is None or name is None:
+            self._failed(keys)
             return None
+        self._succeeded(keys)
         return Session(user=name, role=role, sid=secrets.token_hex(16), exp=self._now() + self.config.session_ttl_s)
+
+    # ------------------------------------------------------------------ throttling
+    def locked_out(self, *keys: str) -> bool:
+        """Whether any of ``keys`` (``user:<name>``, ``client:<address>``) is locked out now."""
+        now = self._now()
+        with self._lock:
+            return any(self._failures.get(k, (0, 0.0))[1] > now for k in keys)
+
+    def _failed(self, keys: list[str]) -> None:
+        now = self._now()
+        with self._lock:
+            for k in keys:
+                n, _until = self._failures.pop(k, (0, 0.0))
+                n += 1
+                until = now + min(_MAX_LOCKOUT_S, _LOCKOUT_S * 2 ** (n - _MAX_FAILURES)) if n >= _MAX_FAILURES else 0.0
+                self._failures[k] = (n, until)
+            while len(self._failures) > _MAX_TRACKED:
+                self._failures.pop(next(iter(self._failures)))
+
+    def _succeeded(self, keys: list[str]) -> None:
+        with self._lock:
+            for k in keys:
+                if not k.startswith("client:"):  # one good login does not clear a client's record
+                    self._failures.pop(k, None)
+
+    # ------------------------------------------------------------------ revocation
+    def revoke(self, session: Session | None) -> None:
+        """Log ``session`` out for good: its cookie is refused from now on (until it expires)."""
+        if session is None:
+            return
+        now = self._now()
+        with self._lock:
+            self._revoked[session.sid] = session.exp
+            if len(self._revoked) > _MAX_TRACKED:
+                self._revoked = {s: e for s, e in self._revoked.items() if e >= now}
+                while len(self._revoked) > _MAX_TRACKED:
+                    self._revoked.pop(next(iter(self._revoked)))
 
     # ------------------------------------------------------------------ cookie
     def _sign(self, payload: bytes) -> str:
@@ -153,6 +227,9 @@ class Authenticator:
             return None
         if session.exp < self._now() or session.role not in ("viewer", "operator"):
             return None
+        with self._lock:
+            if session.sid in self._revoked:
+                return None
         return session
 
     # ------------------------------------------------------------------ CSRF

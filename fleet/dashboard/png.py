@@ -38,11 +38,24 @@ def encode_png(image: np.ndarray) -> bytes:
                      _chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)), _chunk(b"IEND", b"")])
 
 
-def upscale(image: np.ndarray, min_side: int = 96) -> np.ndarray:
-    """Nearest-neighbour enlargement so tiny images (8×8 digits) stay crisp in the browser."""
+def upscale(image: np.ndarray, min_side: int = 96, *, max_side: int = 512) -> np.ndarray:
+    """A thumbnail: nearest-neighbour enlargement so tiny images (8×8 digits) stay crisp in the
+    browser, and never more than ``max_side`` pixels a side.
+
+    The enlargement factor is capped by the *long* side and a long side beyond ``max_side`` is
+    subsampled first, so a sample of hostile proportions (1×50000) costs at most
+    ``max_side``² pixels here, never the short side's factor times the long side.
+    """
     img = np.asarray(image)
-    side = max(1, min(img.shape[0], img.shape[1]))
-    k = max(1, -(-min_side // side))
+    if img.ndim < 2 or img.shape[0] < 1 or img.shape[1] < 1:
+        raise ValueError(f"upscale wants an (H, W[, C]) image, got shape {img.shape}")
+    h, w = img.shape[0], img.shape[1]
+    step = max(1, -(-max(h, w) // max_side))
+    if step > 1:  # subsample (views, no copy) until the long side fits
+        img = img[::step, ::step]
+        h, w = img.shape[0], img.shape[1]
+    k = max(1, -(-min_side // max(1, min(h, w))))
+    k = max(1, min(k, max_side // max(h, w)))
     if k == 1:
         return img
     return np.repeat(np.repeat(img, k, axis=0), k, axis=1)

@@ -57,7 +57,8 @@ def test_api_requires_the_token_and_reports_status(api: tuple[str, Registry, Pat
         assert c.get("/api/drift", headers=h).json() == []
         page = c.get("/api/samples", params={"limit": 3, "offset": 3}, headers=h).json()
         assert page["total"] == 7 and [s["id"] for s in page["items"]] == ["s3", "s4", "s5"]
-        assert "/api/samples" in c.get("/openapi.json").json()["paths"]
+        assert c.get("/openapi.json").status_code == 404 and c.get("/api/openapi.json").status_code == 401
+        assert "/api/samples" in c.get("/api/openapi.json", headers=h).json()["paths"]  # not public (issue 16)
 
 
 def test_bundles_support_range_requests(api: tuple[str, Registry, Path]) -> None:
