@@ -240,12 +240,7 @@ class BenchFleet:
         return lat, com
 
     def ingested_drift(self) -> set[tuple[str, int]]:
-        from sqlalchemy import select
-
-        from fleet.models import DriftRow
-
-        with self.registry.session() as s:
-            return {(d, q) for d, q in s.execute(select(DriftRow.device_id, DriftRow.seq))}
+        return self.registry.drift.identities()
 
     def wait_idle(self, timeout: float) -> bool:
         return self.ingest.wait_idle(timeout)
@@ -262,13 +257,7 @@ class BenchFleet:
 
     def drift_rows(self) -> int:
         """Drift reports of simulated devices in the registry (every ingest process writes there)."""
-        from sqlalchemy import func, select
-
-        from fleet.models import DriftRow
-
-        with self.registry.session() as s:
-            return int(s.execute(select(func.count()).select_from(DriftRow)
-                                 .where(DriftRow.device_id.like("sim-%"))).scalar_one())
+        return self.registry.drift.count(device_prefix="sim-")
 
     def stop(self) -> None:
         self._stop.set()
@@ -369,13 +358,8 @@ def measure_registry_writes(registry: Any, devices: int, *, batches: int = 10, b
         t = time.perf_counter()
         registry.apply(batch)
         times.append(time.perf_counter() - t)
-    from sqlalchemy import delete
-
-    from fleet.models import Device, DriftRow
-
-    with registry.session() as s, s.begin():  # leave no trace of the probe rows
-        s.execute(delete(DriftRow).where(DriftRow.device_id.in_(ids)))
-        s.execute(delete(Device).where(Device.id.in_(ids)))
+    registry.drift.delete(ids)  # leave no trace of the probe rows
+    registry.devices.delete(ids)
     per = sorted(times)[len(times) // 2]
     return {"batch_size": batch_size, "batches": batches, "median_batch_s": per, "rows_per_s": batch_size / per,
             "decode_us_per_msg": decode_us, "load_avg": _load()}

@@ -12,16 +12,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import Integer, case, cast, func, or_, select
+from typing import TYPE_CHECKING, Any
 
 from core.errors import FleetError
 
-from ..models import Device, DriftRow, SampleRow
+from ..config import FleetConfig, RolloutConfig
+from ..policy import RetrainPolicyConfig
 from ..registry import ACTIVE_ROLLOUT_STATUSES, Registry
+from ..repos import Page
+
+if TYPE_CHECKING:
+    from ..rollout_driver import RolloutDriver
 
 __all__ = ["DashContext", "overview", "devices_page", "device_detail", "drift_overview", "labelling",
            "models_page", "rollouts_page", "rollout_detail", "samples_page", "class_names", "model_labels",
@@ -30,36 +33,30 @@ __all__ = ["DashContext", "overview", "devices_page", "device_detail", "drift_ov
 
 @dataclass
 class DashContext:
-    """What the pages read from and act on.  ``driver`` (a RolloutDriver) is needed for rollout actions."""
+    """What the pages read from and act on (:meth:`fleet.app.FleetApp.dashboard_context` builds the
+    running fleet's).  Without a ``driver`` (the fleet's MQTT link) the rollout actions are off."""
 
     registry: Registry
     samples_dir: Path | None = None
-    driver: Any = None
-    policy: Any = None  # fleet.policy.RetrainPolicyConfig
-    rollout_defaults: Any = None  # fleet.config.RolloutConfig
+    driver: RolloutDriver | None = None
+    policy: RetrainPolicyConfig = field(default_factory=RetrainPolicyConfig)
+    rollout_defaults: RolloutConfig = field(default_factory=RolloutConfig)
     model_name: str | None = None
     page_size: int = 50
-    source: Any = None  # the serve context: its ``worker.driver`` may appear after the app is built
-    fleet_config: Any = None
 
-    def get_driver(self) -> Any:
-        """The rollout driver: given, else the serve context's (``driver`` / ``worker.driver``), else one
-        built on its MQTT ``client``; None when the dashboard cannot reach devices."""
-        if self.driver is not None:
-            return self.driver
-        src = self.source
-        found = getattr(src, "driver", None) or getattr(getattr(src, "worker", None), "driver", None)
-        if found is None and getattr(src, "client", None) is not None and self.fleet_config is not None:
-            from core.protocol import TopicScheme
+    @classmethod
+    def for_fleet(cls, cfg: FleetConfig, registry: Registry, *, driver: RolloutDriver | None = None,
+                  samples_dir: Path | None = None, page_size: int | None = None) -> DashContext:
+        """The context of a fleet run from ``cfg`` (its samples, policy, rollout defaults, model)."""
+        from ..policy import policy_from_fleet_config
 
-            from ..rollout_driver import RolloutDriver
+        return cls(registry=registry, samples_dir=samples_dir or cfg.samples_dir, driver=driver,
+                   policy=policy_from_fleet_config(cfg), rollout_defaults=cfg.rollout, model_name=cfg.model_name,
+                   page_size=page_size or cfg.dashboard.page_size)
 
-            cfg = self.fleet_config
-            api = getattr(src, "api_base_url", None) or cfg.api.base_url
-            found = RolloutDriver(self.registry, src.client, topics=TopicScheme(cfg.prefix), api_base_url=api,
-                                  delivery=cfg.rollout.delivery)
-            self.driver = found  # one driver (and one lock) for every later action
-        return found
+    def get_driver(self) -> RolloutDriver | None:
+        """The rollout driver, or None when this dashboard cannot reach devices."""
+        return self.driver
 
 
 def _asdict(rec: Any) -> dict[str, Any]:
@@ -77,23 +74,22 @@ def device_group(dev: Any) -> str:
 
 
 def _pages(total: int, page: int, size: int) -> dict[str, int]:
-    pages = max(1, -(-total // size))
-    return {"page": min(max(1, page), pages), "pages": pages, "page_size": size, "total": total}
+    n, pages = Page.bounds(total, page, size)
+    return {"page": n, "pages": pages, "page_size": size, "total": total}
+
+
+def _page_info(p: Page[Any]) -> dict[str, int]:
+    return {"page": p.page, "pages": p.pages, "page_size": p.size, "total": p.total}
 
 
 def served_model(ctx: DashContext) -> Any:
     """The newest accepted model of the fleet's model name (or of the most common name)."""
     reg = ctx.registry
-    name = ctx.model_name
-    if name is None:
-        with reg.session() as s:
-            row = s.execute(select(Device.model_name, func.count()).where(Device.model_name.is_not(None))
-                            .group_by(Device.model_name).order_by(func.count().desc()).limit(1)).first()
-        name = row[0] if row else None
+    name = ctx.model_name or reg.devices.most_common_model_name()
     if name is None:
         models = reg.models(status="accepted")
         return models[-1] if models else None
-    return reg.latest_model(name, status="accepted")
+    return reg.models.latest(name, status="accepted")
 
 
 def model_labels(ctx: DashContext) -> list[str] | None:
@@ -115,11 +111,7 @@ def class_names(ctx: DashContext) -> list[str]:
     labels = model_labels(ctx)
     if labels is not None:
         return labels
-    with ctx.registry.session() as s:
-        seen = {str(x) for x in s.scalars(select(SampleRow.label).where(SampleRow.label.is_not(None))
-                                          .distinct().limit(200))}
-        seen |= {str(x) for x in s.scalars(select(SampleRow.prediction).where(SampleRow.prediction.is_not(None))
-                                           .distinct().limit(200))}
+    seen = ctx.registry.samples.classes_seen()
     if seen and all(x.isdigit() for x in seen) and max(int(x) for x in seen) < 100:
         return [str(i) for i in range(max(int(x) for x in seen) + 1)]  # class indices: offer the gaps too
     return sorted(seen)
@@ -129,9 +121,9 @@ def label_needs(ctx: DashContext) -> dict[str, Any]:
     """How many labelled samples the retraining policy still needs (since the model in service)."""
     model = served_model(ctx)
     since = model.created if model is not None else None
-    labelled = ctx.registry.count_samples(labelled=True, since=since)
-    target = int(getattr(ctx.policy, "min_labelled_samples", 500)) if ctx.policy is not None else 500
-    for_drift = int(getattr(ctx.policy, "min_labels_for_drift", 50)) if ctx.policy is not None else 50
+    labelled = ctx.registry.samples.count(labelled=True, since=since)
+    target = ctx.policy.min_labelled_samples
+    for_drift = ctx.policy.min_labels_for_drift
     return {"labelled_since_model": labelled, "target": target, "needed": max(0, target - labelled),
             "needed_for_drift_trigger": max(0, for_drift - labelled),
             "model_version": model.version if model else None}
@@ -201,41 +193,29 @@ def overview(ctx: DashContext, *, alarm_limit: int = 20) -> dict[str, Any]:
 def devices_page(ctx: DashContext, *, page: int = 1, q: str | None = None, online: bool | None = None,
                  alarm: bool | None = None, page_size: int | None = None) -> dict[str, Any]:
     """One page of devices (SQL LIMIT/OFFSET), filtered by id substring, online and alarm."""
-    size = page_size or ctx.page_size
-    conds = []
-    if q:
-        conds.append(or_(Device.id.contains(q), Device.model_version.contains(q)))
-    if online is not None:
-        conds.append(Device.online.is_(online))
-    if alarm is not None:
-        conds.append(Device.drift_alarm.is_(alarm))
-    with ctx.registry.session() as s:
-        total = int(s.scalar(select(func.count()).select_from(Device).where(*conds)) or 0)
-        p = _pages(total, page, size)
-        rows = list(s.scalars(select(Device).where(*conds).order_by(Device.id)
-                              .offset((p["page"] - 1) * size).limit(size)))
-        items = [{"id": r.id, "online": r.online, "last_seen": r.last_seen, "model_version": r.model_version,
-                  "variant": r.variant, "drift_alarm": r.drift_alarm, "drift_risk": r.drift_risk,
-                  "group": device_group(r),
-                  "latency_p99_ms": (r.telemetry or {}).get("latency_p99_ms"),
-                  "queue_depth": (r.telemetry or {}).get("queue_depth")} for r in rows]
-    return {**p, "items": items, "q": q or "", "online": online, "alarm": alarm}
+    found = ctx.registry.devices.page(page=page, size=page_size or ctx.page_size, q=q, online=online, alarm=alarm)
+    items = [{"id": r.id, "online": r.online, "last_seen": r.last_seen, "model_version": r.model_version,
+              "variant": r.variant, "drift_alarm": r.drift_alarm, "drift_risk": r.drift_risk,
+              "group": device_group(r),
+              "latency_p99_ms": (r.telemetry or {}).get("latency_p99_ms"),
+              "queue_depth": (r.telemetry or {}).get("queue_depth")} for r in found.items]
+    return {**_page_info(found), "items": items, "q": q or "", "online": online, "alarm": alarm}
 
 
 def device_detail(ctx: DashContext, device_id: str, *, points: int = 300, samples: int = 24) -> dict[str, Any]:
     """A device with its telemetry and drift series (last ``points``), model history and recent samples."""
     reg = ctx.registry
-    dev = reg.device(device_id)
+    dev = reg.devices.get(device_id)
     if dev is None:
         raise FleetError(f"no device {device_id}", device_id=device_id, hint="see the devices page")
     tel = reg.telemetry(device_ids=[device_id], limit=points)
-    drift = reg.drift_reports(device_id=device_id, limit=points)
-    jobs = reg.job_statuses(device_id=device_id)
+    drift = reg.drift(device_id=device_id, limit=points)
+    jobs = reg.jobs.find(device_id=device_id)
     history = [{"ts": j.ts, "version": j.version, "step": j.step, "ok": j.ok, "detail": j.detail,
                 "job_id": j.job_id, "previous_version": j.previous_version,
                 "kind": "rollback" if j.step == "rolled_back" or "-rb-" in j.job_id else "install"}
                for j in jobs if j.step in ("completed", "failed", "rolled_back")]
-    total = reg.count_samples(device_ids=[device_id])
+    total = reg.samples.count(device_ids=[device_id])
     recent = reg.samples(device_ids=[device_id], offset=max(0, total - samples))
     return {
         "device": _asdict(dev), "group": device_group(dev),
@@ -261,61 +241,38 @@ def drift_overview(ctx: DashContext, *, since: float | None = None, buckets: int
                    now: float | None = None) -> dict[str, Any]:
     """Mean drift risk and share of alarmed windows per device group per time bucket, plus alarmed windows."""
     t1 = now if now is not None else time.time()
-    with ctx.registry.session() as s:
-        if since is None:
-            since = s.scalar(select(func.min(DriftRow.ts))) or t1 - 3600
-        t0 = float(since)
-        width = max(1.0, (t1 - t0) / buckets)
-        # CAST truncates (ts >= t0 here); SQLite builds often lack floor().
-        bucket = cast((DriftRow.ts - t0) / width, Integer)
-        # One row per (device, bucket): SQL does the heavy lifting, Python only maps devices to groups.
-        rows = s.execute(select(DriftRow.device_id, bucket, func.avg(DriftRow.risk), func.count(),
-                                func.sum(case((DriftRow.alarm.is_(True), 1), else_=0)))
-                         .where(DriftRow.ts >= t0).group_by(DriftRow.device_id, bucket)).all()
-        ids = sorted({r[0] for r in rows})
-        groups = {d.id: device_group(d) for d in s.scalars(select(Device).where(Device.id.in_(ids)))}
-        size = ctx.page_size
-        alarm_q = select(DriftRow).where(DriftRow.alarm.is_(True), DriftRow.ts >= t0)
-        n_alarms = int(s.scalar(select(func.count()).select_from(alarm_q.subquery())) or 0)
-        p = _pages(n_alarms, page, size)
-        alarms = [{"device_id": r.device_id, "ts": r.ts, "window": r.window, "risk": r.risk, "n": r.n,
-                   "model_version": r.model_version, "group": groups.get(r.device_id, "unknown"),
-                   "scores": r.scores, "input_shift": r.input_shift}
-                  for r in s.scalars(alarm_q.order_by(DriftRow.ts.desc()).offset((p["page"] - 1) * size)
-                                     .limit(size))]
+    reg = ctx.registry
+    if since is None:
+        since = reg.drift.first_ts() or t1 - 3600
+    t0 = float(since)
+    width = max(1.0, (t1 - t0) / buckets)
+    # One row per (device, bucket): SQL does the heavy lifting, Python only maps devices to groups.
+    cells_by_device = reg.drift.buckets(t0, width)
+    groups = {d.id: device_group(d) for d in reg.devices.by_ids(sorted({c.device_id for c in cells_by_device}))
+              .values()}
+    found = reg.drift.alarms_page(t0, page=page, size=ctx.page_size)
+    alarms = [{"device_id": r.device_id, "ts": r.ts, "window": r.window, "risk": r.risk, "n": r.n,
+               "model_version": r.model_version, "group": groups.get(r.device_id, "unknown"),
+               "scores": r.scores, "input_shift": r.input_shift} for r in found.items]
     acc: dict[str, dict[int, list[float]]] = {}
-    for dev, b, mean, n, n_alarm in rows:
-        g = acc.setdefault(groups.get(dev, "unknown"), {})
-        cell = g.setdefault(int(b), [0.0, 0.0, 0.0])
-        cell[0] += float(mean) * int(n)
-        cell[1] += int(n)
-        cell[2] += float(n_alarm or 0)
+    for c in cells_by_device:
+        cell = acc.setdefault(groups.get(c.device_id, "unknown"), {}).setdefault(c.bucket, [0.0, 0.0, 0.0])
+        cell[0] += c.mean_risk * c.n
+        cell[1] += c.n
+        cell[2] += c.alarms
     series = {g: [{"ts": t0 + (b + 0.5) * width, "risk": c[0] / c[1], "alarm_share": c[2] / c[1], "n": int(c[1])}
                   for b, c in sorted(cells.items())] for g, cells in sorted(acc.items())}
-    return {"since": t0, "until": t1, "bucket_s": width, "groups": series, "alarms": alarms, **p}
+    return {"since": t0, "until": t1, "bucket_s": width, "groups": series, "alarms": alarms, **_page_info(found)}
 
 
 # --------------------------------------------------------------------------- samples and labels
 def samples_page(ctx: DashContext, *, device_id: str | None = None, labelled: bool | None = None,
                  since: float | None = None, until: float | None = None, page: int = 1) -> dict[str, Any]:
     """Samples (newest first), filtered by device, label state and capture time."""
-    size = ctx.page_size
-    conds = []
-    if device_id:
-        conds.append(SampleRow.device_id == device_id)
-    if labelled is not None:
-        conds.append(SampleRow.label.is_not(None) if labelled else SampleRow.label.is_(None))
-    if since is not None:
-        conds.append(SampleRow.ts >= since)
-    if until is not None:
-        conds.append(SampleRow.ts < until)
-    with ctx.registry.session() as s:
-        total = int(s.scalar(select(func.count()).select_from(SampleRow).where(*conds)) or 0)
-        p = _pages(total, page, size)
-        rows = list(s.scalars(select(SampleRow).where(*conds).order_by(SampleRow.ts.desc(), SampleRow.id)
-                              .offset((p["page"] - 1) * size).limit(size)))
-        items = [_sample(r) for r in rows]
-    return {**p, "items": items, "device_id": device_id, "since": since, "until": until, "labelled": labelled}
+    found = ctx.registry.samples.page_by_capture(page=page, size=ctx.page_size, device_id=device_id,
+                                                 labelled=labelled, since=since, until=until)
+    items = [_sample(r) for r in found.items]
+    return {**_page_info(found), "items": items, "device_id": device_id, "since": since, "until": until, "labelled": labelled}
 
 
 def labelling(ctx: DashContext, *, page: int = 1, device_id: str | None = None) -> dict[str, Any]:
@@ -323,9 +280,9 @@ def labelling(ctx: DashContext, *, page: int = 1, device_id: str | None = None) 
     size = min(ctx.page_size, 48)
     reg = ctx.registry
     ids = [device_id] if device_id else None
-    total = reg.count_samples(labelled=False, device_ids=ids)
+    total = reg.samples.count(labelled=False, device_ids=ids)
     p = _pages(total, page, size)
-    recs = reg.samples(labelled=False, device_ids=ids, offset=(p["page"] - 1) * size, limit=size)
+    recs = reg.samples.find(labelled=False, device_ids=ids, offset=(p["page"] - 1) * size, limit=size)
     return {**p, "items": [_sample(r) for r in recs], "classes": class_names(ctx), "needs": label_needs(ctx),
             "device_id": device_id}
 
@@ -350,9 +307,8 @@ def models_page(ctx: DashContext) -> dict[str, Any]:
             "metrics": metrics, "lineage": m.lineage or {}, "devices": counts.get(m.version, 0)})
     defaults = ctx.rollout_defaults
     return {"items": items, "rollout_defaults": {
-        "canary": getattr(defaults, "canary", 0.1), "waves": list(getattr(defaults, "waves", (0.25, 0.5, 1.0))),
-        "soak_s": getattr(defaults, "soak_s", 60.0), "max_failures": getattr(defaults, "max_failures", 0.05)},
-        "can_roll_out": ctx.get_driver() is not None}
+        "canary": defaults.canary, "waves": list(defaults.waves), "soak_s": defaults.soak_s,
+        "max_failures": defaults.max_failures}, "can_roll_out": ctx.get_driver() is not None}
 
 
 def rollouts_page(ctx: DashContext, *, limit: int = 100) -> dict[str, Any]:
@@ -361,7 +317,7 @@ def rollouts_page(ctx: DashContext, *, limit: int = 100) -> dict[str, Any]:
 
 
 def rollout_detail(ctx: DashContext, rollout_id: str) -> dict[str, Any]:
-    rec = ctx.registry.rollout(rollout_id)
+    rec = ctx.registry.rollouts.get(rollout_id)
     if rec is None:
         raise FleetError(f"no rollout {rollout_id}", hint="see the rollouts page", rollout=rollout_id)
     out = rollout_summary(rec)

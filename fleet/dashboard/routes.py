@@ -20,6 +20,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from core.errors import EdgeloopError
 
+from ..config import FleetConfig
+from ..registry import Registry
 from . import actions, data
 from .auth import PRELOGIN_COOKIE, SESSION_COOKIE, Authenticator, Session, is_loopback
 from .config import DashboardConfig, dashboard_config_from
@@ -30,35 +32,21 @@ __all__ = ["create_router", "mount_dashboard", "build_context"]
 _STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
-def build_context(ctx_or_registry: Any, config: Any = None, *, page_size: int = 50) -> data.DashContext:
-    """A :class:`DashContext` from a Registry, a DashContext, or the fleet's serve context.
+def build_context(source: Registry | data.DashContext, config: Any = None, *,
+                  page_size: int = 50) -> data.DashContext:
+    """The pages' :class:`DashContext`: ``source`` itself, or one over a bare registry.
 
-    From a serve context it takes ``registry``, ``config`` (FleetConfig) and, when an
-    action needs it, the rollout driver (``driver`` or ``worker.driver``, looked up late
-    because the workers may start after the app; else one is built on ``client``).
+    Over a registry with a :class:`FleetConfig` the pages know the fleet's samples, retraining
+    policy and rollout defaults, but have no rollout driver (no MQTT link): the running fleet's
+    context, with its driver, is :meth:`fleet.app.FleetApp.dashboard_context`.
     """
-    if isinstance(ctx_or_registry, data.DashContext):
-        return ctx_or_registry
-    from ..registry import Registry
-
-    obj = ctx_or_registry
-    registry = obj if isinstance(obj, Registry) else getattr(obj, "registry", None)
-    if registry is None:
-        raise TypeError("create_router needs a Registry or a context with .registry")
-    fleet_cfg = config if hasattr(config, "samples_dir") else getattr(obj, "config", None)
-    if not hasattr(fleet_cfg, "samples_dir"):
-        fleet_cfg = None
-    policy = None
-    if fleet_cfg is not None:
-        from ..policy import policy_from_fleet_config
-
-        policy = policy_from_fleet_config(fleet_cfg)
-    store = getattr(obj, "store", None)
-    samples_dir = (Path(store.root) if store is not None else fleet_cfg.samples_dir if fleet_cfg else None)
-    return data.DashContext(registry=registry, samples_dir=samples_dir, policy=policy, source=obj,
-                            fleet_config=fleet_cfg,
-                            rollout_defaults=fleet_cfg.rollout if fleet_cfg else None,
-                            model_name=fleet_cfg.model_name if fleet_cfg else None, page_size=page_size)
+    if isinstance(source, data.DashContext):
+        return source
+    if not isinstance(source, Registry):
+        raise TypeError(f"the dashboard needs a Registry or a DashContext, not {type(source).__name__}")
+    if isinstance(config, FleetConfig):
+        return data.DashContext.for_fleet(config, source, page_size=page_size)
+    return data.DashContext(registry=source, page_size=page_size)
 
 
 def _int(v: str | None, default: int = 1) -> int:
@@ -98,12 +86,11 @@ def _safe_next(url: str | None, prefix: str) -> str:
     return prefix + "/"
 
 
-def create_router(ctx_or_registry: Any, config: Any = None, *, prefix: str = "/dashboard",
+def create_router(source: Registry | data.DashContext, config: Any = None, *, prefix: str = "/dashboard",
                   clock: Callable[[], float] = time.time) -> APIRouter:
     """The dashboard router.  ``config``: FleetConfig (its ``dashboard``), DashboardConfig, dict or None."""
-    cfg: DashboardConfig = dashboard_config_from(config if config is not None
-                                                 else getattr(ctx_or_registry, "config", None))
-    ctx = build_context(ctx_or_registry, config, page_size=cfg.page_size)
+    cfg: DashboardConfig = dashboard_config_from(config)
+    ctx = build_context(source, config, page_size=cfg.page_size)
     auth = Authenticator(cfg, clock=clock)
     views = Views(prefix=prefix, refresh_s=cfg.refresh_s)
     router = APIRouter(prefix=prefix, tags=["dashboard"])
@@ -309,10 +296,10 @@ def create_router(ctx_or_registry: Any, config: Any = None, *, prefix: str = "/d
     return router
 
 
-def mount_dashboard(app: FastAPI, ctx_or_registry: Any, config: Any = None, *,
+def mount_dashboard(app: FastAPI, source: Registry | data.DashContext, config: Any = None, *,
                     prefix: str = "/dashboard") -> APIRouter:
     """Include the dashboard in ``app`` (also redirects ``/`` to it when ``/`` is free)."""
-    router = create_router(ctx_or_registry, config, prefix=prefix)
+    router = create_router(source, config, prefix=prefix)
     app.include_router(router)
     if not any(getattr(r, "path", None) == "/" for r in app.routes):
         app.add_api_route("/", lambda: RedirectResponse(prefix + "/"), include_in_schema=False)

@@ -156,6 +156,7 @@ class Fleet:
 
         from fleet.config import ApiConfig, BrokerConfig, default_config
         from fleet.dashboard import DashboardConfig, mount_dashboard
+        from fleet.dashboard.data import DashContext
         from fleet.ingest import IngestService, connect_client
         from fleet.registry import Registry
         from fleet.rollout_driver import RolloutDriver
@@ -191,8 +192,7 @@ class Fleet:
         self.registry.add_model_version("digits", "3", status="rejected", parent_version="2",
                                         reason="gate: +0.4 points on held-out drift samples < 2.0 required",
                                         created=now - 20)
-        self.ctx = type("ServeContext", (), {})()
-        self.ctx.config, self.ctx.registry, self.ctx.driver = self.cfg, self.registry, self.driver
+        self.ctx = DashContext.for_fleet(self.cfg, self.registry, driver=self.driver)
         if create_app is not None:  # `fleet serve`'s app, which mounts the dashboard from [dashboard]
             app = create_app(self.cfg, self.registry, ctx=self.ctx)
         else:
