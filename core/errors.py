@@ -14,6 +14,7 @@ for programmer misuse only.
     │   └── SignatureError
     ├── RuntimeBackendError    ONNX Runtime / LiteRT missing or failing
     ├── InputError             a predict() input of the wrong size / channels / dtype
+    ├── SourceError            a camera / stream / file source that cannot be opened
     ├── ProtocolError          malformed or unknown wire message
     ├── BrokerError            broker unreachable / gone
     ├── QueueError             the outbox (disk full, corrupt)
@@ -43,6 +44,7 @@ __all__ = [
     "SignatureError",
     "RuntimeBackendError",
     "InputError",
+    "SourceError",
     "ProtocolError",
     "BrokerError",
     "QueueError",
@@ -112,6 +114,10 @@ class RuntimeBackendError(EdgeloopError):
 
 class InputError(EdgeloopError):
     """An inference input has the wrong size, channel count or dtype."""
+
+
+class SourceError(EdgeloopError):
+    """A frame source (camera, stream, video file, folder, tensor stream) cannot be opened or read."""
 
 
 class ProtocolError(EdgeloopError):

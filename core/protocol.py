@@ -19,6 +19,7 @@ Topic scheme (``{p}`` = ``TopicScheme.prefix``, default ``edgeloop/v1``)::
     {p}/devices/{device}/jobs         device -> fleet  JobStatus for every update step
     {p}/devices/{device}/feedback     device -> fleet  Feedback (true label for a sample)
     {p}/devices/{device}/bundle-req   device -> fleet  BundleRequest (MQTT delivery, resumable)
+    {p}/devices/{device}/results      device -> any    InferenceResult of a continuous source (QoS 0, rate-limited)
     {p}/devices/{device}/cmd/deploy   fleet -> device  DeployCommand
     {p}/devices/{device}/cmd/rollback fleet -> device  RollbackCommand
     {p}/devices/{device}/cmd/bundle   fleet -> device  Chunk frames of a bundle
@@ -69,7 +70,7 @@ __all__ = [
     "PROTOCOL_SCHEMA_VERSION", "DEFAULT_PREFIX", "DEFAULT_CHUNK_SIZE", "DEVICE_KINDS", "COMMAND_KINDS",
     "PRIORITY_CONTROL", "PRIORITY_REPORT", "PRIORITY_SAMPLES", "SAMPLES_KIND", "BUNDLE_KIND",
     "validate_device_id", "now", "TopicScheme", "Route", "route",
-    "Message", "DeviceState", "Telemetry", "DriftReportMsg", "JobStatus", "Feedback",
+    "Message", "DeviceState", "Telemetry", "DriftReportMsg", "JobStatus", "Feedback", "InferenceResult",
     "DeployCommand", "RollbackCommand", "BundleRequest", "Receipt", "RECEIPT_PROPERTY", "RECEIPT_KINDS",
     "wants_receipt", "decode", "decode_as",
     "LATENCY_BUCKET_BASE_MS", "LATENCY_BUCKETS_PER_OCTAVE", "LATENCY_BUCKETS", "latency_bucket", "latency_bucket_ms",
@@ -94,7 +95,7 @@ BUNDLE_KIND = "bundle"
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # device -> fleet kinds, and fleet -> device command kinds
-DEVICE_KINDS = ("state", "telemetry", "drift", "samples", "jobs", "feedback", "bundle-req")
+DEVICE_KINDS = ("state", "telemetry", "drift", "samples", "jobs", "feedback", "bundle-req", "results")
 COMMAND_KINDS = ("deploy", "rollback", "bundle", "receipt")
 
 # End-to-end delivery (``docs/protocol.md``, "Receipts"): a device tags every publish of
@@ -299,6 +300,14 @@ class Telemetry(Message):
     # (bucket index, see latency_bucket, -> count) and its inference errors.
     latency_hist: dict[str, int] = field(default_factory=dict)
     errors_interval: int | None = None
+    # Added for continuous sources (`agent run --source`; None / 0 without one): frames
+    # captured and predicted per second, capture -> result latency, frames dropped because
+    # the model fell behind (total since start).
+    capture_fps: float | None = None
+    inference_fps: float | None = None
+    e2e_latency_p50_ms: float | None = None
+    e2e_latency_p99_ms: float | None = None
+    dropped_frames: int = 0
 
 
 # Latency histogram buckets shared by agents and the fleet: bucket k holds latencies in
@@ -338,6 +347,32 @@ class DriftReportMsg(Message):
     alarm: bool = False
     mean_confidence: float | None = None
     class_counts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class InferenceResult(Message):
+    """One prediction of a continuous source (camera, stream, video file), for local consumers.
+
+    Sent QoS 0 straight to the broker (never queued in the outbox: a result is worth
+    something now or not at all), at most ``[results].mqtt_per_s`` a second; ``skipped``
+    says how many results the rate limit left out since the previous message.
+    """
+
+    TYPE: ClassVar[str] = "result"
+    device_id: str
+    source: str  # the source's name (its URI unless named)
+    seq: int  # the frame's number in its source (dropped frames included)
+    ts: float = field(default_factory=now)  # when the frame was captured (Unix seconds)
+    model_version: str | None = None
+    variant: str | None = None
+    label: str | None = None
+    index: int | None = None
+    confidence: float | None = None
+    latency_ms: float = 0.0  # capture -> result
+    inference_ms: float = 0.0  # the model path alone (preprocess, runtime, post-processing)
+    drift_alarm: bool = False
+    skipped: int = 0
+    output: dict[str, Any] = field(default_factory=dict)  # task-specific extras (detections, scores, ...)
 
 
 @dataclass(frozen=True)
@@ -455,6 +490,7 @@ _ROUTES: dict[str, Route] = {
     DriftReportMsg.TYPE: Route("drift", PRIORITY_REPORT, False),
     Telemetry.TYPE: Route("telemetry", PRIORITY_REPORT, False),
     Feedback.TYPE: Route("feedback", PRIORITY_REPORT, False),
+    InferenceResult.TYPE: Route("results", PRIORITY_REPORT, False),  # published directly, QoS 0 (not the outbox)
 }
 
 

@@ -136,6 +136,7 @@ class Agent:
         self.outbox: Outbox | None = None
         self.link: Any = None  # edge_agent.link.AgentLink when a broker is configured
         self.http: Any = None
+        self.stream: Any = None  # edge_agent.pipeline.StreamPipeline while `agent run` has sources
         self.results: Any = None  # edge_agent.sinks.ResultHub behind GET /results/*
         self.worker: CommandWorker | None = None  # runs fleet commands (deploy, rollback)
         self._telemetry_seq = 0
@@ -183,6 +184,9 @@ class Agent:
         ``clean=False`` when the agent stops because something failed: the next start then
         counts for the boot counter, as after a crash.
         """
+        if self.stream is not None:
+            self.stream.stop()
+            self.stream = None
         if self.http is not None:
             self.http.shutdown()
             self.http = None
@@ -281,7 +285,8 @@ class Agent:
             mean_confidence=snap.mean_confidence, cpu_percent=self._sampler.cpu_percent(),
             memory_mb=self._sampler.memory_mb(), queue_depth=q.depth if q else 0, queue_bytes=q.bytes if q else 0,
             dropped_samples=q.dropped_samples if q else 0, drift_alarm=self.drift_alarm,
-            latency_hist=snap.latency_hist or {}, errors_interval=snap.errors_interval)
+            latency_hist=snap.latency_hist or {}, errors_interval=snap.errors_interval,
+            **(self.stream.telemetry_fields() if self.stream is not None else {}))
 
     # ------------------------------------------------------------------ updates (decided in updates.py)
     @property

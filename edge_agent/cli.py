@@ -43,7 +43,11 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("run", help="run the agent in the foreground (SIGTERM/SIGINT stop it cleanly)")
     _add_config(p)
-    p.add_argument("--source", type=Path, default=None, help="also predict every image that appears in DIR")
+    p.add_argument("--source", action="append", default=[], metavar="URI",
+                   help="predict continuously from camera:0, /dev/video0, picamera, rtsp://..., http://...mjpg, "
+                        "a video file, dir:PATH, npy:PATH or stdin (repeatable; adds to [[sources]])")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="stop once every source has ended (video files, npy, stdin) and its results are out")
     p.add_argument("--no-mqtt", action="store_true", help="do not connect to the broker even if configured")
     p.add_argument("--no-http", action="store_true", help="do not serve the local HTTP endpoint")
     p.set_defaults(func=_cmd_run)
@@ -120,7 +124,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         agent.start(connect=not args.no_mqtt, serve_http=False if args.no_http else None)
         if agent.http is not None:
             print(f"edgeloop agent {agent.device_id}: serving {agent.http.url}/predict", file=sys.stderr, flush=True)
-        agent.run(stop, source=args.source)
+        from .pipeline import start_stream
+
+        stream = start_stream(agent, args.source)
+        if stream is not None and args.exit_when_done:
+            threading.Thread(target=lambda: (stream.wait(), stop.set()), daemon=True).start()
+        agent.run(stop)
     except BaseException:
         agent.close(clean=False)  # the boot counter counts the next start, as after a crash
         raise

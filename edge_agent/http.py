@@ -4,6 +4,8 @@
                     JSON array of pixel rows (application/json) -> the Prediction as JSON
     GET  /healthz   200 {"status": "ok", ...} when a model serves, else 503
     GET  /metrics   Prometheus text format
+    GET  /results/latest   the latest result of ``agent run``'s sources (404 before the first)
+    GET  /results/stream   the same as Server-Sent Events, one ``event: result`` per result
 
 Bound to 127.0.0.1 unless the config says otherwise.  A bad input is a 400 with the
 one-line message, and the server keeps serving.
@@ -103,6 +105,9 @@ def metrics_text(agent: Agent) -> str:
     if rep is not None:
         rows.append(("edgeloop_drift_risk", "gauge", "Risk score of the last drift window (alarm above threshold).",
                      float(rep.risk), dev))
+    from .pipeline import stream_metric_rows
+
+    rows += stream_metric_rows(agent.stream, agent.device_id)
     return prometheus_text(rows)
 
 
@@ -135,8 +140,36 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200 if model else 503, data)
         elif path == "/metrics":
             self._send(200, metrics_text(agent).encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path in ("/results/latest", "/results/stream"):
+            self._results(path)
         else:
             self._json(404, {"error": f"no route GET {path}"})
+
+    def _results(self, path: str) -> None:
+        """The continuous pipeline's results: the latest as JSON, or a Server-Sent-Events stream."""
+        hub = self.server.agent.results
+        if hub is None:
+            self._json(404, {"error": "no continuous source is running", "hint": "edgeloop agent run --source URI"})
+            return
+        if path == "/results/latest":
+            _, text = hub.latest()
+            if text is None:
+                self._json(404, {"error": "no result yet"})
+            else:
+                self._send(200, text.encode() + b"\n")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for event in hub.events(stop=self.server.stopping.is_set):
+                self.wfile.write(event)
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client went away
+            pass
 
     def do_POST(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
@@ -178,6 +211,7 @@ class AgentHTTPServer(ThreadingHTTPServer):
     def __init__(self, agent: Agent, bind: str, port: int) -> None:
         self.agent = agent
         self.max_body = agent.config.http.max_body_bytes
+        self.stopping = threading.Event()  # ends Server-Sent-Events streams on shutdown
         super().__init__((bind, port), _Handler)
         self.port = int(self.server_address[1])
         self._thread = threading.Thread(target=self.serve_forever, name="edgeloop-http", daemon=True)
@@ -192,6 +226,9 @@ class AgentHTTPServer(ThreadingHTTPServer):
         return self
 
     def shutdown(self) -> None:
+        self.stopping.set()
+        if self.agent.results is not None:
+            self.agent.results.close()  # wakes SSE handlers waiting for the next result
         super().shutdown()
         self.server_close()
         self._thread.join(timeout=5)

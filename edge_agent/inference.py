@@ -26,6 +26,7 @@ from core.manifest import Manifest, Variant
 from core.preprocess import preprocess
 from core.runtime import Backend, open_model
 
+from .sources.folder import FolderSource  # noqa: F401 - moved to edge_agent.sources; still importable here
 from .telemetry import InferenceStats
 
 __all__ = ["Prediction", "LoadedModel", "InferencePipeline", "FolderSource", "softmax", "read_reference", "SampleHook", "ReportHook"]
@@ -206,39 +207,3 @@ class InferencePipeline:
             fn(*args)
         except Exception:  # noqa: BLE001
             log.exception("inference hook %s failed", getattr(fn, "__name__", fn))
-
-
-class FolderSource:
-    """Images appearing in a folder, each yielded once (``agent run --source DIR``; the demo's camera)."""
-
-    def __init__(self, folder: Path, *, max_seen: int = 100_000) -> None:
-        self.folder = Path(folder)
-        self._seen: dict[str, float] = {}
-        self._max_seen = max_seen  # bounded: forget the oldest names on a long-running device
-
-    def new_images(self) -> list[tuple[Path, np.ndarray]]:
-        """Images not yielded before (by name and mtime), oldest first; unreadable files are logged and skipped."""
-        from core.preprocess import IMAGE_SUFFIXES, load_image
-
-        out = []
-        try:
-            entries = sorted((p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
-                             key=lambda p: (p.stat().st_mtime, p.name))
-        except OSError as exc:
-            log.warning("cannot list %s: %s", self.folder, exc)
-            return []
-        for p in entries:
-            try:
-                mtime = p.stat().st_mtime
-            except OSError:
-                continue
-            if self._seen.get(p.name) == mtime:
-                continue
-            self._seen[p.name] = mtime
-            try:
-                out.append((p, load_image(p)))
-            except EdgeloopError as exc:
-                log.warning("skipping %s: %s", p.name, exc)
-        while len(self._seen) > self._max_seen:
-            self._seen.pop(next(iter(self._seen)))
-        return out

@@ -1,0 +1,392 @@
+"""The continuous pipeline: capture threads -> bounded queues -> inference -> sinks.
+
+    sources (one capture thread each)         inference thread                 sinks
+    read -> rate gate -> ROI -> queue[2]  -->  oldest head frame -> predict  -->  MQTT / HTTP+SSE / JSONL
+
+A live source never waits for the model: when its queue is full the OLDEST frame is
+dropped (and counted), so what the model sees is always recent and the capture ->
+result latency stays bounded by the queue length whatever the source's frame rate.
+Finite sources (files, folders, tensor streams) block instead, so every item is
+predicted.  A live stream that drops is reopened with exponential back-off.
+
+:func:`start_stream` is the front door (``edgeloop agent run --source URI`` and the
+``[[sources]]`` tables): it opens the sources (a URI that cannot be opened is a one-line
+:class:`~core.errors.SourceError`), wires the sinks of ``[results]`` and hangs the
+pipeline on the agent, whose telemetry and ``/metrics`` then report capture FPS,
+inference FPS, end-to-end latency p50/p99 and dropped frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from core.agent_config import SourceSection
+from core.errors import EdgeloopError, SourceError
+
+from .sinks import JsonlSink, MqttResultsSink, ResultHub, Sink, StreamResult
+from .sources import Frame, FrameGate, Source, SourceLost, crop, make_source
+from .telemetry import LatencyRing
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+__all__ = ["RateMeter", "SourceStats", "StreamStats", "StreamPipeline", "start_stream", "stream_metric_rows"]
+
+log = logging.getLogger(__name__)
+
+Predict = Callable[[np.ndarray], Any]
+
+
+class RateMeter:
+    """Events per second over the last ``window_s`` seconds (at most ``keep`` timestamps held)."""
+
+    def __init__(self, *, window_s: float = 5.0, keep: int = 512, clock: Callable[[], float] = time.monotonic) -> None:
+        self._t: deque[float] = deque(maxlen=keep)
+        self.window_s = window_s
+        self._clock = clock
+
+    def tick(self, t: float) -> None:
+        self._t.append(t)
+
+    def rate(self) -> float:
+        now = self._clock()
+        ts = [t for t in tuple(self._t) if now - t <= self.window_s]
+        if len(ts) < 2:
+            return 0.0
+        span = max(now - ts[0], ts[-1] - ts[0])
+        return (len(ts) - 1) / span if span > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    name: str
+    uri: str
+    live: bool
+    captured: int  # frames read from the source (before the rate gate)
+    queued: int  # frames that passed the gate
+    dropped: int  # queued frames dropped because the model fell behind
+    reconnects: int
+    capture_fps: float
+    finished: bool
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    sources: tuple[SourceStats, ...]
+    inferences: int
+    errors: int
+    inference_fps: float
+    capture_fps: float
+    e2e_latency_p50_ms: float | None
+    e2e_latency_p99_ms: float | None
+    dropped_frames: int
+    queue_depth: int
+    max_behind: int  # the most frames a predicted frame had behind it in its source (a latency in frames)
+
+
+class _Feed:
+    """One source's capture state and queue."""
+
+    def __init__(self, source: Source, spec: SourceSection) -> None:
+        self.source = source
+        self.spec = spec
+        self.name = spec.name or spec.uri
+        self.drop = spec.drop == "oldest" or (spec.drop == "auto" and source.live)
+        self.gate = FrameGate(fps=spec.fps, every=spec.every)
+        self.queue: deque[Frame] = deque()
+        self.captured = 0
+        self.queued = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.finished = False
+        self.meter = RateMeter()
+        self.thread: threading.Thread | None = None
+
+
+class StreamPipeline:
+    """Runs ``predict`` over frames of ``sources`` and hands each result to every sink."""
+
+    def __init__(self, predict: Predict, sources: Sequence[tuple[Source, SourceSection]], sinks: Sequence[Sink] = (),
+                 *, latency_window: int = 1024) -> None:
+        if not sources:
+            raise ValueError("a pipeline needs at least one source")
+        self.predict = predict
+        self.feeds = [_Feed(src, spec) for src, spec in sources]
+        self.sinks = list(sinks)
+        self.e2e = LatencyRing(latency_window)
+        self.inferences = 0
+        self.errors = 0
+        self.max_behind = 0
+        self._infer_meter = RateMeter()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._wall0 = time.time() - time.monotonic()
+        self._last_error_log = 0.0
+        self.done = threading.Event()  # set when every source has finished and its frames are predicted
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> StreamPipeline:
+        """Open every source (all or none: a SourceError closes those already opened), then start the threads."""
+        opened: list[Source] = []
+        try:
+            for feed in self.feeds:
+                feed.source.open()
+                opened.append(feed.source)
+        except BaseException:
+            for src in opened:
+                src.close()
+            raise
+        for feed in self.feeds:
+            feed.thread = threading.Thread(target=self._capture, args=(feed,), name=f"capture-{feed.name}"[:40],
+                                           daemon=True)
+            feed.thread.start()
+        self._worker = threading.Thread(target=self._infer_loop, name="stream-inference", daemon=True)
+        self._worker.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop capturing and predicting, close the sources and the sinks."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in [f.thread for f in self.feeds] + [self._worker]:
+            if t is not None:
+                t.join(timeout)
+        for feed in self.feeds:
+            if feed.thread is None or not feed.thread.is_alive():  # one stuck in a read keeps its device
+                feed.source.close()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing sink %s", sink.name)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every (finite) source is exhausted and predicted; True when it happened."""
+        return self.done.wait(timeout)
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self, feed: _Feed) -> None:
+        src, spec = feed.source, feed.spec
+        backoff = spec.reconnect_min_s
+        while not self._stop.is_set():
+            try:
+                data = src.read(self._stop)
+            except SourceLost as exc:
+                if not self._reconnect(feed, str(exc), backoff):
+                    break
+                backoff = min(backoff * 2, spec.reconnect_max_s)
+                continue
+            except EdgeloopError as exc:
+                log.error("source %s: %s", feed.name, exc)
+                break
+            if data is None:
+                break
+            backoff = spec.reconnect_min_s
+            t = time.monotonic()
+            feed.captured += 1
+            feed.meter.tick(t)
+            if not feed.gate.keep(t):
+                continue
+            try:
+                data = crop(data, tuple(spec.roi))  # type: ignore[arg-type]
+            except SourceError as exc:
+                log.error("source %s: %s", feed.name, exc)
+                break
+            self._put(feed, Frame(data, t, feed.captured, feed.name, src.ref))
+        with self._cond:
+            feed.finished = True
+            self._cond.notify_all()
+
+    def _reconnect(self, feed: _Feed, why: str, backoff: float) -> bool:
+        """Close and reopen a dropped live source, waiting ``backoff`` s (doubling) between tries."""
+        log.warning("source %s: %s; reconnecting in %.1f s", feed.name, why, backoff)
+        feed.source.close()
+        while not self._stop.wait(backoff):
+            try:
+                feed.source.open()
+            except EdgeloopError as exc:
+                backoff = min(backoff * 2, feed.spec.reconnect_max_s)
+                log.info("source %s: still unavailable (%s); next try in %.1f s", feed.name, exc.message, backoff)
+                continue
+            feed.reconnects += 1
+            log.info("source %s: reconnected", feed.name)
+            return True
+        return False
+
+    def _put(self, feed: _Feed, frame: Frame) -> None:
+        with self._cond:
+            if feed.drop:
+                while len(feed.queue) >= feed.spec.queue:
+                    feed.queue.popleft()
+                    feed.dropped += 1
+            else:
+                self._cond.wait_for(lambda: len(feed.queue) < feed.spec.queue or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+            feed.queue.append(frame)
+            feed.queued += 1
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ inference
+    def _next_frame(self) -> tuple[_Feed, Frame, int] | None:
+        """The oldest queued frame across sources (fair in time); None when stopping or all done."""
+        with self._cond:
+            while True:
+                if self._stop.is_set():
+                    return None
+                heads = [f for f in self.feeds if f.queue]
+                if heads:
+                    feed = min(heads, key=lambda f: f.queue[0].t_capture)
+                    frame = feed.queue.popleft()
+                    self._cond.notify_all()  # a blocked finite source may put again
+                    # frames the source read after this one before its turn: the latency in frames,
+                    # at most the queue length (+1 being read) when oldest frames are dropped
+                    return feed, frame, feed.captured - frame.seq
+                if all(f.finished for f in self.feeds):
+                    return None
+                self._cond.wait(0.5)
+
+    def _infer_loop(self) -> None:
+        try:
+            while True:
+                item = self._next_frame()
+                if item is None:
+                    break
+                self._infer(*item)
+        finally:
+            if not self._stop.is_set():
+                self.done.set()
+
+    def _infer(self, feed: _Feed, frame: Frame, behind: int) -> None:
+        t0 = time.monotonic()
+        try:
+            pred = self.predict(frame.data)
+        except EdgeloopError as exc:
+            self.errors += 1
+            if t0 - self._last_error_log > 10.0:  # one line per 10 s, not one per frame
+                self._last_error_log = t0
+                log.warning("source %s frame %d: %s", feed.name, frame.seq, exc)
+            return
+        t1 = time.monotonic()
+        self.inferences += 1
+        self.max_behind = max(self.max_behind, behind)
+        self._infer_meter.tick(t1)
+        e2e_ms = (t1 - frame.t_capture) * 1000.0
+        self.e2e.add(e2e_ms)
+        result = StreamResult(source=feed.name, seq=frame.seq, ts=self._wall0 + frame.t_capture, latency_ms=e2e_ms,
+                              inference_ms=(t1 - t0) * 1000.0, prediction=_as_dict(pred), ref=frame.ref,
+                              extra={"behind": behind})
+        for sink in self.sinks:
+            try:
+                sink.emit(result)
+            except Exception:  # noqa: BLE001 - a failing sink must not stop the others
+                log.exception("sink %s failed", sink.name)
+
+    # ------------------------------------------------------------------ figures
+    def stats(self) -> StreamStats:
+        with self._cond:
+            per = tuple(SourceStats(f.name, f.spec.uri, f.source.live, f.captured, f.queued, f.dropped, f.reconnects,
+                                    round(f.meter.rate(), 2), f.finished) for f in self.feeds)
+            depth = sum(len(f.queue) for f in self.feeds)
+        p50, p99 = self.e2e.percentiles(50, 99)
+        return StreamStats(per, self.inferences, self.errors, round(self._infer_meter.rate(), 2),
+                           round(sum(s.capture_fps for s in per), 2), p50, p99, sum(s.dropped for s in per), depth,
+                           self.max_behind)
+
+    def telemetry_fields(self) -> dict[str, Any]:
+        """The :class:`~core.protocol.Telemetry` fields this pipeline fills."""
+        st = self.stats()
+        return {"capture_fps": st.capture_fps, "inference_fps": st.inference_fps,
+                "e2e_latency_p50_ms": st.e2e_latency_p50_ms, "e2e_latency_p99_ms": st.e2e_latency_p99_ms,
+                "dropped_frames": st.dropped_frames}
+
+
+def _as_dict(pred: Any) -> dict[str, Any]:
+    """A prediction as a plain dict: ``Prediction.to_dict()``, or a task result that is a dict already."""
+    if isinstance(pred, dict):
+        return pred
+    to_dict = getattr(pred, "to_dict", None)
+    if to_dict is None:
+        raise TypeError(f"predict() returned {type(pred).__name__}, which has no to_dict()")
+    d = to_dict()
+    d.pop("probs", None)  # per-class vectors make every line and message long; ask the HTTP API for them
+    return d
+
+
+def stream_metric_rows(stream: StreamPipeline | None, device_id: str) -> list[tuple[str, str, str, float | None,
+                                                                                      dict[str, str]]]:
+    """``/metrics`` rows of the pipeline (none without one)."""
+    if stream is None:
+        return []
+    st = stream.stats()
+    dev = {"device": device_id}
+    rows: list[tuple[str, str, str, float | None, dict[str, str]]] = [
+        ("edgeloop_stream_inference_fps", "gauge", "Frames predicted per second (last 5 s).", st.inference_fps, dev),
+        ("edgeloop_stream_e2e_latency_ms", "gauge", "Capture -> result latency percentiles.", st.e2e_latency_p50_ms,
+         dev | {"quantile": "0.5"}),
+        ("edgeloop_stream_e2e_latency_ms", "gauge", "", st.e2e_latency_p99_ms, dev | {"quantile": "0.99"}),
+        ("edgeloop_stream_queue_depth", "gauge", "Frames waiting for the model.", float(st.queue_depth), dev),
+    ]
+    for s in st.sources:
+        lab = dev | {"source": s.name}
+        rows += [("edgeloop_stream_capture_fps", "gauge", "Frames read per second from a source (last 5 s).",
+                  s.capture_fps, lab),
+                 ("edgeloop_stream_frames_total", "counter", "Frames read from a source.", float(s.captured), lab),
+                 ("edgeloop_stream_dropped_frames_total", "counter",
+                  "Frames dropped because the model fell behind (oldest first).", float(s.dropped), lab),
+                 ("edgeloop_stream_reconnects_total", "counter", "Times a dropped stream was reopened.",
+                  float(s.reconnects), lab)]
+    return rows
+
+
+def _sinks(agent: Agent) -> list[Sink]:
+    r = agent.config.results
+    sinks: list[Sink] = []
+    if r.http:
+        agent.results = ResultHub()  # read by GET /results/latest and /results/stream
+        sinks.append(agent.results)
+    if r.jsonl:
+        path = Path(r.jsonl).expanduser()
+        if not path.is_absolute() and agent.config.source not in ("<defaults>", "<string>"):
+            path = Path(agent.config.source).resolve().parent / path
+        sinks.append(JsonlSink(path, max_bytes=r.jsonl_max_bytes))
+    if r.mqtt_per_s > 0 and agent.link is not None:
+        conn = agent.link.connection
+        topic = agent.topics.device(agent.device_id, "results")
+        sinks.append(MqttResultsSink(lambda t, p: conn.publish(t, p, qos=0), topic, agent.device_id,
+                                     per_s=r.mqtt_per_s))
+    return sinks
+
+
+def start_stream(agent: Agent, uris: Sequence[str] = (), *, extra_sinks: Sequence[Sink] = ()) -> StreamPipeline | None:
+    """Start predicting the config's ``[[sources]]`` plus ``uris`` on ``agent``; None when there are none.
+
+    The agent must be started (model loaded, link up).  The pipeline is hung on
+    ``agent.stream`` for telemetry and ``/metrics``; stop it with :meth:`StreamPipeline.stop`.
+    """
+    specs = list(agent.config.sources) + [SourceSection(uri=str(u)) for u in uris]
+    if not specs:
+        return None
+    sources = [(make_source(s.uri, loop=s.loop), s) for s in specs]
+    pipeline = StreamPipeline(agent.predict, sources, [*_sinks(agent), *extra_sinks],
+                              latency_window=agent.config.telemetry.latency_window)
+    try:
+        pipeline.start()
+    except BaseException:
+        pipeline.stop()
+        raise
+    agent.stream = pipeline
+    names = ", ".join(f"{f.name} ({'live' if f.source.live else 'finite'})" for f in pipeline.feeds)
+    log.info("predicting %s; results to %s", names, ", ".join(s.name for s in pipeline.sinks) or "nowhere")
+    return pipeline
