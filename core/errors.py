@@ -14,6 +14,7 @@ for programmer misuse only.
     │   └── SignatureError
     ├── RuntimeBackendError    ONNX Runtime / LiteRT missing or failing
     ├── InputError             a predict() input of the wrong size / channels / dtype
+    │   └── ImageTooLargeError over the pixel budget before decoding (HTTP 413)
     ├── SourceError            a camera / stream / file source that cannot be opened
     ├── ProtocolError          malformed or unknown wire message
     ├── BrokerError            broker unreachable / gone
@@ -44,6 +45,7 @@ __all__ = [
     "SignatureError",
     "RuntimeBackendError",
     "InputError",
+    "ImageTooLargeError",
     "SourceError",
     "ProtocolError",
     "BrokerError",
@@ -114,6 +116,10 @@ class RuntimeBackendError(EdgeloopError):
 
 class InputError(EdgeloopError):
     """An inference input has the wrong size, channel count or dtype."""
+
+
+class ImageTooLargeError(InputError):
+    """An image's declared size is over the pixel budget; refused before decoding (HTTP 413)."""
 
 
 class SourceError(EdgeloopError):

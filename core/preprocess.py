@@ -3,32 +3,63 @@
 numpy only: the agent runs this per inference on a device without Pillow or torch, and
 training calls the *same* function, so train and serve never differ.
 
-The bilinear resize is PIL's ``Image.resize(..., BILINEAR)`` done in float: a
-separable triangle filter sampled at half-pixel centres, widened by the scale factor
-when shrinking so that a 640x480 frame reduced to 32x32 averages its pixels instead of
-aliasing.  When enlarging it is identical to OpenCV ``INTER_LINEAR`` and to
-``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``.  Each axis is
-one small matrix product with a cached weight matrix, so a batch costs two matmuls.
+Resize modes (``Preprocessing.resize``), each one separable weight matrix per axis
+(cached), so a batch costs two matmuls; all are computed in float, so they agree with
+the integer implementations they reproduce to within one grey level
+(``tests/core/test_preprocess.py`` checks each against the library itself):
+
+``bilinear``     PIL ``Image.resize(..., Image.BILINEAR)``: triangle filter at half-pixel
+                 centres, *widened by the scale factor when shrinking* (antialiased), so a
+                 640x480 frame reduced to 32x32 averages its pixels.  When enlarging it is
+                 OpenCV ``INTER_LINEAR`` and ``torch ... interpolate(mode="bilinear",
+                 align_corners=False)``.
+``area``         PIL ``Image.BOX`` / OpenCV ``INTER_AREA`` when shrinking: each output pixel is
+                 the mean of the input area it covers (fractional coverage at the edges);
+                 when enlarging, ``bilinear-cv``.
+``bilinear-cv``  OpenCV ``cv2.resize(..., INTER_LINEAR)`` and TFLite
+                 ``resize_bilinear(half_pixel_centers=True)``: two taps at half-pixel centres,
+                 *no antialiasing* (what most TFLite / OpenCV training pipelines did).
+``nearest``      PIL ``Image.NEAREST``: input pixel ``floor((i + 0.5) * scale)``.
+
+Fit modes (``Preprocessing.fit``) decide where the image goes in the ``size`` canvas;
+:class:`Geometry` maps model-input pixel coordinates back to the original image (for
+detection boxes):
+
+``stretch``      resize to ``size``; aspect ratio not kept.
+``center-crop``  resize so the shorter side is ``size / crop_fraction`` (torchvision
+                 ``Resize(256)`` + ``CenterCrop(224)`` is ``crop_fraction = 0.875``), take the
+                 centre ``size``.
+``letterbox``    scale by ``r = min(H / h, W / w)`` to ``floor(h r) x floor(w r)`` and pad
+                 with ``pad_value`` (raw pixel value) around it, centred or at the top-left
+                 (``anchor``): YOLOX ``preproc`` is ``anchor="top-left", pad_value=114``.
+``height``       PaddleOCR ``resize_norm_img``: height to ``H``, width ``ceil(H w / h)``
+                 capped at ``W``, padded on the right.
+
+Then: channel order (``BGR`` flips RGB), ``x * scale``, ``(x - mean) / std`` per channel
+(in the model's channel order), layout (``NCHW``, ``NHWC``, ``NHW`` for a model without a
+channel axis), and the model input's dtype (:func:`to_model_dtype`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InputError
-from .manifest import Preprocessing
+from .imageio import IMAGE_SUFFIXES, load_image
+from .manifest import RESIZE_MODES, InputSpec, Preprocessing, TensorSpec
 
-__all__ = ["preprocess", "resize", "to_channels", "load_image", "IMAGE_SUFFIXES"]
+__all__ = ["preprocess", "resize", "to_channels", "load_image", "IMAGE_SUFFIXES", "Geometry", "plan_geometry",
+           "prepare_images", "to_model_dtype", "is_raw_range"]
 
 ImageInput = np.ndarray | Sequence[np.ndarray]
 
 # ITU-R BT.601 luma, the weights PIL's convert("L") and OpenCV's cvtColor use.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-IMAGE_SUFFIXES = (".npy", ".pgm", ".ppm", ".pnm", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _EXPECTED = "expected uint8 (or float in [0, 255]) of shape (H, W), (H, W, C) or (N, H, W[, C]) with C in 1, 3, 4"
 
 
@@ -104,16 +135,30 @@ def _resize_to_nchw(x: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarr
 
 @functools.lru_cache(maxsize=64)
 def _weights(n_in: int, n_out: int, mode: str) -> np.ndarray:
-    """(n_out, n_in) float32 resampling matrix; rows sum to 1 (PIL's algorithm, in float)."""
+    """(n_out, n_in) float32 resampling matrix for one axis; rows sum to 1 (see the module docstring)."""
     scale = n_in / n_out
-    w = np.zeros((n_out, n_in), dtype=np.float64)
     centres = (np.arange(n_out) + 0.5) * scale
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    if mode == "area" and scale <= 1.0:
+        mode = "bilinear-cv"  # OpenCV INTER_AREA enlarges bilinearly
     if mode == "nearest":
         w[np.arange(n_out), np.minimum(np.floor(centres).astype(np.int64), n_in - 1)] = 1.0
-        return w.astype(np.float32)
-    support = max(scale, 1.0)  # widen the triangle when shrinking: antialiasing
-    src = np.arange(n_in) + 0.5
-    w = np.maximum(0.0, 1.0 - np.abs(src[None, :] - centres[:, None]) / support)
+    elif mode == "bilinear-cv":
+        src = np.clip(centres - 0.5, 0.0, n_in - 1)
+        lo = np.floor(src).astype(np.int64)
+        frac = src - lo
+        hi = np.minimum(lo + 1, n_in - 1)
+        rows = np.arange(n_out)
+        np.add.at(w, (rows, lo), 1.0 - frac)
+        np.add.at(w, (rows, hi), frac)
+    elif mode == "area":  # coverage of [i * scale, (i + 1) * scale) by each input pixel
+        start, end = np.arange(n_out) * scale, (np.arange(n_out) + 1) * scale
+        left, right = np.arange(n_in), np.arange(n_in) + 1.0
+        w = np.clip(np.minimum(end[:, None], right[None, :]) - np.maximum(start[:, None], left[None, :]), 0.0, None)
+    else:  # bilinear: PIL's triangle filter, widened when shrinking (antialiasing)
+        support = max(scale, 1.0)
+        src = np.arange(n_in) + 0.5
+        w = np.maximum(0.0, 1.0 - np.abs(src[None, :] - centres[:, None]) / support)
     w /= w.sum(axis=1, keepdims=True)
     out = w.astype(np.float32)
     out.setflags(write=False)
@@ -126,8 +171,8 @@ def resize(x: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.n
     oh, ow = int(size[0]), int(size[1])
     if (h, w) == (oh, ow):
         return x
-    if mode not in ("bilinear", "nearest"):
-        raise InputError(f"unknown resize mode {mode!r}", hint="use 'bilinear' or 'nearest'")
+    if mode not in RESIZE_MODES:
+        raise InputError(f"unknown resize mode {mode!r}", hint=f"use one of {', '.join(RESIZE_MODES)}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     lead = x.shape[:-2]
     if ow != w:  # one 2-d GEMM over every row of every image and channel
@@ -137,21 +182,77 @@ def resize(x: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.n
     return np.ascontiguousarray(x)
 
 
-def _convert(nhwc: np.ndarray, spec: Preprocessing) -> np.ndarray:
-    """Channel conversion and resize: (N, H, W, C) raw -> float32 (N, C_out, oh, ow)."""
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image landed in the model input: ``model = image * scale + offset`` per axis.
+
+    :meth:`to_image` maps model-input pixel coordinates (e.g. detection boxes) back to
+    the original image's pixels.
+    """
+
+    image_size: tuple[int, int]  # (h, w) of the original image
+    input_size: tuple[int, int]  # (H, W) of the model input
+    scale: tuple[float, float]  # (sy, sx)
+    offset: tuple[float, float] = (0.0, 0.0)  # (oy, ox)
+
+    def to_image(self, boxes: np.ndarray) -> np.ndarray:
+        """(..., 4) ``x1, y1, x2, y2`` in model-input pixels -> original-image pixels."""
+        b = np.asarray(boxes, dtype=np.float64).copy()
+        (sy, sx), (oy, ox) = self.scale, self.offset
+        b[..., 0::2] = (b[..., 0::2] - ox) / sx
+        b[..., 1::2] = (b[..., 1::2] - oy) / sy
+        return b
+
+
+def plan_geometry(h: int, w: int, spec: Preprocessing) -> tuple[Geometry, tuple[int, int]]:
+    """The geometry of one ``h x w`` image under ``spec`` and the size it is resized to."""
+    H, W = spec.size  # noqa: N806 - the model's height and width
+    if spec.fit == "center-crop":
+        s = max(H / h, W / w) / spec.crop_fraction
+        rh, rw = max(H, int(round(h * s))), max(W, int(round(w * s)))
+        top, left = int(round((rh - H) / 2.0)), int(round((rw - W) / 2.0))
+        return Geometry((h, w), (H, W), (rh / h, rw / w), (-float(top), -float(left))), (rh, rw)
+    if spec.fit == "letterbox":
+        r = min(H / h, W / w)
+        nh, nw = max(1, min(H, int(math.floor(h * r + 1e-6)))), max(1, min(W, int(math.floor(w * r + 1e-6))))
+        top, left = (0, 0) if spec.anchor == "top-left" else ((H - nh) // 2, (W - nw) // 2)
+        return Geometry((h, w), (H, W), (r, r), (float(top), float(left))), (nh, nw)
+    if spec.fit == "height":
+        nw = max(1, min(W, int(math.ceil(H * w / h))))
+        return Geometry((h, w), (H, W), (H / h, nw / w)), (H, nw)
+    return Geometry((h, w), (H, W), (H / h, W / w)), (H, W)
+
+
+def _place(x: np.ndarray, geo: Geometry, spec: Preprocessing) -> np.ndarray:
+    """A resized (N, C, rh, rw) batch into the (N, C, H, W) canvas the geometry describes."""
+    H, W = spec.size  # noqa: N806
+    n, c, rh, rw = x.shape
+    oy, ox = int(geo.offset[0]), int(geo.offset[1])
+    if (rh, rw) == (H, W) and (oy, ox) == (0, 0):
+        return x
+    if oy <= 0 and ox <= 0 and rh + oy >= H and rw + ox >= W:  # a crop
+        return np.ascontiguousarray(x[:, :, -oy:-oy + H, -ox:-ox + W])
+    canvas = np.full((n, c, H, W), np.float32(spec.pad_value), np.float32)
+    canvas[:, :, oy:oy + rh, ox:ox + rw] = x
+    return canvas
+
+
+def _convert(nhwc: np.ndarray, spec: Preprocessing) -> tuple[np.ndarray, Geometry]:
+    """Channel conversion, resize and fit: (N, H, W, C) raw -> float32 (N, C_out, H, W) and its geometry."""
     x = nhwc.astype(np.float32, copy=False)
     if x.shape[3] == 4:
         x = x[..., :3]
     if spec.channels == 1 and x.shape[3] == 3:
         x = to_channels(x, 1)  # before resizing: a third of the work
-    x = _resize_to_nchw(x, spec.size, spec.resize)
+    geo, resized = plan_geometry(x.shape[1], x.shape[2], spec)
+    x = _place(_resize_to_nchw(x, resized, spec.resize), geo, spec)
     if spec.channels == 3 and x.shape[1] == 1:
         x = np.repeat(x, 3, axis=1)  # after resizing: replicate the small image only
-    return x
+    return x, geo
 
 
 def _finish(x: np.ndarray, spec: Preprocessing) -> np.ndarray:
-    """Scale, normalise per channel and lay out a float32 (N, C, H, W) batch."""
+    """Channel order, scale, normalise per channel and lay out a float32 (N, C, H, W) batch."""
     if spec.channels == 3 and spec.channel_order == "BGR":
         x = x[:, ::-1]
     mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
@@ -161,7 +262,31 @@ def _finish(x: np.ndarray, spec: Preprocessing) -> np.ndarray:
     x = x.astype(np.float32, copy=False)
     if spec.layout == "NHWC":
         x = x.transpose(0, 2, 3, 1)
+    elif spec.layout == "NHW":
+        x = x[:, 0]
     return np.ascontiguousarray(x)
+
+
+def prepare_images(images: ImageInput, spec: Preprocessing) -> tuple[np.ndarray, list[Geometry]]:
+    """:func:`preprocess` that also returns each image's :class:`Geometry`."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise InputError("no images given", hint="pass at least one image")
+        parts, geos = [], []
+        for i, img in enumerate(images):
+            arr = _check_values(np.asarray(img), f"image {i}")
+            x, geo = _convert(_as_hwc(arr, f"image {i}")[None], spec)
+            parts.append(x)
+            geos.append(geo)
+        return _finish(np.concatenate(parts, axis=0), spec), geos
+    arr = np.asarray(images)
+    if arr.dtype == object:
+        raise InputError(f"input has dtype {arr.dtype}; {_EXPECTED}", hint="pass a list of images of different sizes")
+    arr = _check_values(_as_nhwc(arr), "input")
+    if arr.shape[0] == 0:
+        raise InputError("input batch is empty", hint="pass at least one image")
+    x, geo = _convert(arr, spec)
+    return _finish(x, spec), [geo] * len(arr)
 
 
 def preprocess(images: ImageInput, spec: Preprocessing) -> np.ndarray:
@@ -169,107 +294,41 @@ def preprocess(images: ImageInput, spec: Preprocessing) -> np.ndarray:
 
     ``images``: one uint8 image (H, W) / (H, W, C), a batch (N, H, W) / (N, H, W, C), or a
     list of single images of any sizes; float input is accepted when it holds raw pixel
-    values in [0, 255].  Returns (N, C, H, W) float32, or (N, H, W, C) for an NHWC spec.
-    Raises :class:`InputError` naming the offending shape or dtype.
+    values in [0, 255].  Returns (N, C, H, W) float32, (N, H, W, C) for an NHWC spec,
+    (N, H, W) for NHW.  Raises :class:`InputError` naming the offending shape or dtype.
+    :func:`to_model_dtype` then casts / quantizes it for the model's input.
     """
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise InputError("no images given", hint="pass at least one image")
-        parts = []
-        for i, img in enumerate(images):
-            arr = _check_values(np.asarray(img), f"image {i}")
-            parts.append(_convert(_as_hwc(arr, f"image {i}")[None], spec))
-        return _finish(np.concatenate(parts, axis=0), spec)
-    arr = np.asarray(images)
-    if arr.dtype == object:
-        raise InputError(f"input has dtype {arr.dtype}; {_EXPECTED}", hint="pass a list of images of different sizes")
-    arr = _check_values(_as_nhwc(arr), "input")
-    if arr.shape[0] == 0:
-        raise InputError("input batch is empty", hint="pass at least one image")
-    return _finish(_convert(arr, spec), spec)
+    return prepare_images(images, spec)[0]
 
 
-# ---------------------------------------------------------------------------- reading
+def is_raw_range(spec: Preprocessing) -> bool:
+    """True when the spec hands the model raw pixel values 0..255 (scale 1, mean 0, std 1)."""
+    return spec.scale == 1.0 and all(m == 0.0 for m in spec.mean) and all(s == 1.0 for s in spec.std)
 
 
-def _read_pnm(data: bytes, path: Path) -> np.ndarray:
-    """Binary PGM (P5) / PPM (P6), 8 or 16 bit, header comments allowed."""
-    magic = data[:2]
-    if magic not in (b"P5", b"P6"):
-        raise InputError(f"{path}: not a binary PGM/PPM file (magic {magic!r})", hint="save as binary P5/P6", path=path)
-    fields: list[bytes] = []
-    pos = 2
-    while len(fields) < 3:
-        while pos < len(data) and data[pos:pos + 1].isspace():
-            pos += 1
-        if data[pos:pos + 1] == b"#":  # comment to end of line
-            while pos < len(data) and data[pos:pos + 1] not in (b"\n", b"\r"):
-                pos += 1
-            continue
-        start = pos
-        while pos < len(data) and not data[pos:pos + 1].isspace():
-            pos += 1
-        if start == pos:
-            raise InputError(f"{path}: truncated PGM/PPM header", path=path)
-        fields.append(data[start:pos])
-    pos += 1  # exactly one whitespace byte before the raster
-    try:
-        width, height, maxval = (int(f) for f in fields)
-    except ValueError:
-        raise InputError(f"{path}: bad PGM/PPM header {fields!r}", path=path) from None
-    if not (width > 0 and height > 0 and 0 < maxval < 65536):
-        raise InputError(f"{path}: bad PGM/PPM header {width}x{height} maxval {maxval}", path=path)
-    channels = 1 if magic == b"P5" else 3
-    dtype = np.dtype(np.uint8) if maxval < 256 else np.dtype(">u2")
-    count = width * height * channels
-    raster = np.frombuffer(data, dtype=dtype, count=count, offset=pos) if len(data) - pos >= count * dtype.itemsize else None
-    if raster is None:
-        raise InputError(f"{path}: truncated PGM/PPM raster", path=path)
-    img = raster.reshape(height, width, channels) if channels == 3 else raster.reshape(height, width)
-    if maxval != 255:
-        img = np.round(img.astype(np.float32) * (255.0 / maxval)).astype(np.uint8)
-    return np.array(img, dtype=np.uint8)
+def to_model_dtype(x: np.ndarray, spec: InputSpec | TensorSpec, pre: Preprocessing | None = None) -> np.ndarray:
+    """A float32 preprocessed batch -> the model input's own dtype.
 
-
-def _read_pillow(path: Path) -> np.ndarray:
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise InputError(f"{path}: reading {path.suffix or 'this'} images needs Pillow",
-                         hint="pip install pillow (or convert the image to .npy / .pgm / .ppm)", path=path) from None
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "RGB"):
-                gray = im.mode in ("1", "LA", "I", "I;16", "F") or im.mode.startswith("I;")
-                im = im.convert("L" if gray else "RGB")
-            return np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{path}: cannot read image ({exc})", hint="the file is corrupt or not an image", path=path) from exc
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 (H, W) or (H, W, 3).
-
-    ``.npy`` and binary ``.pgm`` / ``.ppm`` are read natively; PNG, JPEG, BMP and the
-    rest through Pillow when it is installed.
+    * float32 as is; float16 / float64 cast.
+    * uint8 input and a raw 0..255 range: the pixel values, rounded (what the TFLite Task
+      Library feeds a quantized image model: the quantization parameters are the
+      model's business, e.g. SSD MobileNet's scale 1/128, zero point 128).
+    * any other integer input with quantization parameters: ``round(x / scale) + zero_point``
+      (half away from zero, as TFLite's reference quantizer), clipped to the dtype.
+    * an integer input without them: rounded and clipped.
     """
-    p = Path(path)
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
-        elif suffix in (".pgm", ".ppm", ".pnm"):
-            arr = _read_pnm(p.read_bytes(), p)
-        else:
-            return _read_pillow(p)
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file", path=p) from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{p}: cannot read image ({exc})", hint="the file is corrupt", path=p) from exc
-    arr = _check_values(np.asarray(arr), str(p))
-    arr = _as_hwc(arr, str(p))
-    if arr.shape[2] == 4:
-        arr = arr[..., :3]
-    out = np.clip(np.rint(arr), 0, 255).astype(np.uint8) if arr.dtype != np.uint8 else arr
-    return out[..., 0] if out.shape[2] == 1 else np.ascontiguousarray(out)
+    dt = np.dtype(spec.dtype)
+    if dt == x.dtype:
+        return x
+    if dt.kind == "f":
+        return x.astype(dt)
+    if dt.kind not in "iu":
+        raise InputError(f"model input {spec.name!r} has dtype {spec.dtype}, which images cannot be fed as",
+                         hint="bundle it as a tensor model (--task tensor)")
+    info = np.iinfo(dt)
+    if spec.scale is not None and not (dt == np.uint8 and pre is not None and is_raw_range(pre)):
+        r = x.astype(np.float64) / spec.scale
+        q = np.sign(r) * np.floor(np.abs(r) + 0.5) + (spec.zero_point or 0)
+    else:
+        q = np.rint(x)
+    return np.clip(q, info.min, info.max).astype(dt)

@@ -5,16 +5,25 @@ A bundle variant is either an ONNX file (run by ONNX Runtime) or a ``.tflite`` f
 devices).  Both are imported lazily, from a dispatch table keyed by format, so a device
 needs only the runtime of the variant it actually runs.  No torch here, ever.
 
-Every backend takes float32 NCHW batches and returns float32 ``ModelOutput(logits,
-embedding)``; quantized LiteRT models get their int8/uint8 inputs quantized and their
-outputs dequantized here, so callers never see integer tensors.
+The contract (``docs/ARCHITECTURE.md``): a backend describes the model's own tensors
+(``inputs`` / ``outputs``: names, shapes with -1 for dynamic dimensions, dtypes and
+per-tensor quantization) and :meth:`Backend.run_raw` runs them as the model declares
+them -- float32, float16, uint8, int8, any rank -- returning *every* named output in
+its own dtype.  :meth:`Backend.run_outputs` is the same with quantized outputs
+dequantized to float32.  What the outputs mean is the task layer's business
+(``core.tasks``), not the runtime's.
+
+:meth:`Backend.run` is the classifier shortcut the exporter and the health check use:
+a float batch in (quantized to the model's integer input when it has one), float32
+``ModelOutput(logits, embedding)`` out.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,48 +31,177 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, RuntimeBackendError
-from .manifest import Variant
+from .manifest import TensorSpec, Variant
 
-__all__ = ["ModelOutput", "Backend", "OnnxBackend", "LiteRTBackend", "open_model", "BACKENDS", "model_format", "measure_latency"]
+__all__ = ["ModelOutput", "Backend", "OnnxBackend", "LiteRTBackend", "open_model", "BACKENDS", "model_format",
+           "measure_latency", "quantize", "dequantize", "shape_text"]
+
+Feeds = Mapping[str, np.ndarray] | np.ndarray
 
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """What a model returns for a batch: class logits and, when the model has one, its embedding."""
+    """What a classifier returns for a batch: class logits and, when the model has one, its embedding."""
 
     logits: np.ndarray
     embedding: np.ndarray | None = None
 
 
+def shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    """``(-1, 3, 224, 224)`` -> ``"Nx3x224x224"`` (first dynamic dim N, later ones ?)."""
+    return "x".join(("N" if i == 0 else "?") if int(d) < 0 else str(int(d)) for i, d in enumerate(shape))
+
+
+def quantize(x: np.ndarray, spec: TensorSpec, *, rounding: str = "half-away") -> np.ndarray:
+    """Real values -> the tensor's integer dtype with its scale / zero point, clipped.
+
+    ``rounding="half-away"`` is C ``round()`` (TFLite Micro, MLPerf Tiny, the TFLite
+    converter's reference); ``"half-even"`` is ``np.round``.
+    """
+    if spec.scale is None:
+        raise RuntimeBackendError(f"tensor {spec.name} ({spec.dtype}) has no quantization parameters",
+                                  hint="feed it in its own dtype, or re-export the model with quantization info")
+    r = np.asarray(x, np.float64) / spec.scale
+    q = np.sign(r) * np.floor(np.abs(r) + 0.5) if rounding == "half-away" else np.round(r)
+    info = np.iinfo(np.dtype(spec.dtype))
+    return np.clip(q + (spec.zero_point or 0), info.min, info.max).astype(spec.dtype)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """An output as float32: quantized ones dequantized, the rest cast."""
+    if spec.quantized:
+        return ((q.astype(np.float32) - np.float32(spec.zero_point or 0)) * np.float32(spec.scale)).astype(np.float32)
+    return np.asarray(q, dtype=np.float32) if q.dtype != np.float32 else q
+
+
 class Backend:
-    """A loaded model.  ``input_shape`` has -1 for a dynamic batch dimension."""
+    """A loaded model: its tensors, how to run them, how to reset its state.
+
+    ``input_shape`` / ``input_name`` describe the first input (-1 = dynamic) for the
+    classifier shortcut; ``inputs`` / ``outputs`` describe everything.
+    """
 
     name: str = "backend"
     input_name: str = ""
     input_shape: tuple[int, ...] = ()
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    stateful: bool = False
     path: Path
 
-    def run(self, x: np.ndarray) -> ModelOutput:
-        """Run a float32 NCHW batch; raise :class:`InputError` on a wrong shape or dtype."""
+    # -- the contract ---------------------------------------------------------------
+    def run_raw(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        """Run the model's own input tensors; every named output in its own dtype.
+
+        ``feeds`` is one array (single-input models) or {input name: array}.  A batch
+        larger than a fixed-batch model's is run in chunks.  Raises :class:`InputError`
+        naming expected and got for a wrong dtype, rank or shape.
+        """
+        arrays = self._check_feeds(feeds)
+        n = arrays[self.inputs[0].name].shape[0] if self.inputs[0].shape else 1
+        fixed = self.inputs[0].shape[0] if self.inputs[0].shape else -1
+        if fixed > 0 and n != fixed and n % fixed == 0:
+            parts = [self._run({k: v[i:i + fixed] for k, v in arrays.items()}) for i in range(0, n, fixed)]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return self._run(arrays)
+
+    def run_outputs(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        """:meth:`run_raw` with quantized outputs dequantized and every output float32 (ints kept as they are)."""
+        raw = self.run_raw(feeds)
+        specs = {s.name: s for s in self.outputs}
+        return {k: dequantize(v, specs[k]) if (specs[k].quantized or v.dtype.kind == "f") else v
+                for k, v in raw.items()}
+
+    def reset_state(self) -> None:
+        """Reset a stateful model's variable tensors (LSTM state...) to their initial values."""
+
+    def _run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def check_input(self, x: Any) -> np.ndarray:
-        """Return ``x`` as a contiguous float32 array, or raise :class:`InputError` naming expected vs got."""
-        expected = "x".join("N" if d < 0 else str(d) for d in self.input_shape)
+    # -- input checks ------------------------------------------------------------------
+    def _check_feeds(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        if not isinstance(feeds, Mapping):
+            if len(self.inputs) != 1:
+                names = ", ".join(s.name for s in self.inputs)
+                raise InputError(f"{self.path.name} has {len(self.inputs)} inputs ({names}); got one array",
+                                 hint="pass {name: array} for every input", path=str(self.path))
+            feeds = {self.inputs[0].name: feeds}
+        missing = [s.name for s in self.inputs if s.name not in feeds]
+        unknown = [k for k in feeds if k not in {s.name for s in self.inputs}]
+        if missing or unknown:
+            raise InputError(f"{self.path.name}: inputs {sorted(feeds)} given, the model takes "
+                             f"{[s.name for s in self.inputs]}", hint="name every model input once",
+                             path=str(self.path), expected=[s.name for s in self.inputs], got=sorted(feeds))
+        return {s.name: self._check_one(feeds[s.name], s) for s in self.inputs}
+
+    def _check_one(self, x: Any, spec: TensorSpec) -> np.ndarray:
+        expected = shape_text(spec.shape)
         if not isinstance(x, np.ndarray):
-            raise InputError(f"model input must be a numpy array, got {type(x).__name__}",
-                             hint=f"pass a float32 array of shape {expected}", path=str(self.path))
-        if x.dtype != np.float32:
-            raise InputError(f"model input must be float32, got {x.dtype}",
-                             hint="preprocess images with core.preprocess.preprocess()",
-                             path=str(self.path), expected="float32", got=str(x.dtype))
-        fixed = tuple(self.input_shape[1:])
-        if x.ndim != len(self.input_shape) or tuple(x.shape[1:]) != fixed or x.shape[0] < 1:
-            got = "x".join(str(d) for d in x.shape)
-            raise InputError(f"model input shape {got} does not match the model's {expected}",
-                             hint="resize/convert images with the bundle's preprocessing",
+            raise InputError(f"model input {spec.name!r} must be a numpy array, got {type(x).__name__}",
+                             hint=f"pass a {spec.dtype} array of shape {expected}", path=str(self.path))
+        if x.dtype != np.dtype(spec.dtype):
+            raise InputError(f"model input {spec.name!r} must be {spec.dtype}, got {x.dtype}",
+                             hint="preprocess with the bundle's preprocessing (core.preprocess) or cast the array",
+                             path=str(self.path), expected=spec.dtype, got=str(x.dtype))
+        fixed_ok = all(d < 0 or g == d for g, d in zip(x.shape[1:], spec.shape[1:], strict=False))
+        batch_ok = x.ndim == 0 or spec.shape[0] < 0 or x.shape[0] == spec.shape[0] or (
+            x.shape[0] % spec.shape[0] == 0 and x.shape[0] > 0)
+        if x.ndim != len(spec.shape) or not fixed_ok or not batch_ok or (x.ndim and x.shape[0] < 1):
+            got = "x".join(str(d) for d in x.shape) or "scalar"
+            raise InputError(f"model input {spec.name!r} has shape {got}; the model takes {expected}",
+                             hint="resize/convert the input with the bundle's preprocessing",
                              path=str(self.path), expected=expected, got=got)
         return np.ascontiguousarray(x)
+
+    # -- the classifier shortcut -------------------------------------------------------
+    def check_input(self, x: Any) -> np.ndarray:
+        """``x`` (float32, or the first input's own dtype) checked against the first input's shape."""
+        spec = self.inputs[0]
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"model input must be a numpy array, got {type(x).__name__}",
+                             hint=f"pass a float32 array of shape {shape_text(spec.shape)}", path=str(self.path))
+        if x.dtype != np.float32 and x.dtype != np.dtype(spec.dtype):
+            also = "" if spec.dtype == "float32" else f" or {spec.dtype}"
+            raise InputError(f"model input must be float32{also}, got {x.dtype}",
+                             hint="preprocess images with core.preprocess.preprocess()",
+                             path=str(self.path), expected="float32", got=str(x.dtype))
+        return self._check_one(x, TensorSpec(spec.name, spec.shape, str(x.dtype)))
+
+    def run(self, x: np.ndarray) -> ModelOutput:
+        """Classifier shortcut: float batch in, float32 (logits, embedding) out.
+
+        A float32 batch is cast to a float16 input and quantized (half to even) into an
+        integer one, so callers keep working in real values.
+        """
+        x = self.check_input(x)
+        spec = self.inputs[0]
+        if x.dtype != np.dtype(spec.dtype):
+            x = quantize(x, spec, rounding="half-even") if np.dtype(spec.dtype).kind in "iu" else x.astype(spec.dtype)
+        outs = self.run_outputs(x)
+        names = [o.name for o in self.outputs]
+        logits = "logits" if "logits" in outs else names[0]
+        rest = [n for n in names if n != logits]
+        emb = "embedding" if "embedding" in outs else (rest[0] if rest else None)
+        return ModelOutput(np.asarray(outs[logits], np.float32),
+                           None if emb is None else np.asarray(outs[emb], np.float32))
+
+    def example_input(self, batch: int = 1, *, fill: str = "zeros", seed: int = 0) -> dict[str, np.ndarray]:
+        """Inputs of the declared dtypes and shapes (dynamic dims: 1 for batch, 32 elsewhere)."""
+        rng = np.random.default_rng(seed)
+        out = {}
+        for s in self.inputs:
+            shape = tuple(batch if i == 0 else (d if d > 0 else 32) for i, d in enumerate(s.shape))
+            dt = np.dtype(s.dtype)
+            if fill == "zeros":
+                out[s.name] = np.zeros(shape, dt)
+            elif dt.kind == "f":
+                out[s.name] = rng.standard_normal(shape).astype(dt)
+            elif dt.kind in "iu":
+                info = np.iinfo(dt)
+                out[s.name] = rng.integers(max(info.min, -128), min(info.max, 255) + 1, shape).astype(dt)
+            else:
+                out[s.name] = rng.integers(0, 2, shape).astype(dt)
+        return out
 
     def close(self) -> None:
         """Release the runtime session (the object is unusable afterwards)."""
@@ -83,6 +221,21 @@ def _import_first(modules: tuple[str, ...], extra: str, what: str) -> Any:
                               hint=f"pip install 'edgeloop[{extra}]'")
 
 
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(int16)": "int16", "tensor(int32)": "int32",
+               "tensor(int64)": "int64", "tensor(bool)": "bool"}
+
+
+def _ort_spec(arg: Any, path: Path) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(arg.type)
+    if dtype is None:
+        raise RuntimeBackendError(f"{path.name}: tensor {arg.name!r} has type {arg.type}, which edgeloop cannot feed",
+                                  hint="export the model with float, float16 or (u)int8 inputs and outputs",
+                                  path=str(path))
+    shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in (arg.shape or ()))
+    return TensorSpec(arg.name, shape, dtype)
+
+
 class OnnxBackend(Backend):
     """ONNX Runtime on the CPU: ``threads`` intra-op threads, sequential execution, all graph optimisations."""
 
@@ -99,40 +252,46 @@ class OnnxBackend(Backend):
         opts.log_severity_level = 3  # errors only; ORT warns about unused initializers otherwise
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise RuntimeBackendError(f"ONNX Runtime cannot load {path.name}: {exc}",
-                                      hint="re-export the model or check the bundle", path=str(path)) from exc
-        inp = self._session.get_inputs()[0]
-        self._input_name = self.input_name = inp.name
-        self.input_dtype = inp.type  # e.g. "tensor(float)"
-        self.input_shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in inp.shape)
-        names = [o.name for o in self._session.get_outputs()]
-        self._logits = "logits" if "logits" in names else names[0]
-        rest = [n for n in names if n != self._logits]
-        self._embedding = "embedding" if "embedding" in names else (rest[0] if rest else None)
-        self.output_names = names
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeBackendError(f"ONNX Runtime cannot load {path.name}: {first}",
+                                      hint="check the opset and operators (onnx.checker), or re-export the model",
+                                      path=str(path)) from exc
+        self.inputs = tuple(_ort_spec(a, path) for a in self._session.get_inputs())
+        self.outputs = tuple(_ort_spec(a, path) for a in self._session.get_outputs())
+        first = self._session.get_inputs()[0]
+        self.input_name = first.name
+        self.input_dtype = first.type  # e.g. "tensor(float)" (kept for callers of the old API)
+        self.input_shape = self.inputs[0].shape
+        self.output_names = [o.name for o in self.outputs]
 
-    def run(self, x: np.ndarray) -> ModelOutput:
-        x = self.check_input(x)
-        fetch = [self._logits] + ([self._embedding] if self._embedding else [])
-        if self.input_shape[0] > 0 and x.shape[0] != self.input_shape[0]:
-            parts = [self._session.run(fetch, {self._input_name: x[i:i + 1]}) for i in range(x.shape[0])]
-            outs = [np.concatenate([p[k] for p in parts]) for k in range(len(fetch))]
-        else:
-            try:
-                outs = self._session.run(fetch, {self._input_name: x})
-            except Exception as exc:
-                raise RuntimeBackendError(f"ONNX Runtime failed on {self.path.name}: {exc}", path=str(self.path)) from exc
-        logits = np.asarray(outs[0], dtype=np.float32)
-        emb = np.asarray(outs[1], dtype=np.float32) if len(outs) > 1 else None
-        return ModelOutput(logits, emb)
+    def _run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outs = self._session.run(self.output_names, arrays)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeBackendError(f"ONNX Runtime failed on {self.path.name}: {first}", path=str(self.path)) from exc
+        return {n: np.asarray(o) for n, o in zip(self.output_names, outs, strict=True)}
 
     def close(self) -> None:
         self._session = None
 
 
+# Ops that keep state in variable tensors between invocations.
+_STATEFUL_OPS = {"UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "UNIDIRECTIONAL_SEQUENCE_RNN",
+                 "BIDIRECTIONAL_SEQUENCE_RNN", "LSTM", "SVDF", "VAR_HANDLE", "ASSIGN_VARIABLE", "READ_VARIABLE"}
+
+
+def _tfl_spec(d: dict[str, Any]) -> TensorSpec:
+    scale, zero = d.get("quantization", (0.0, 0))
+    sig = d.get("shape_signature", d["shape"])
+    shape = tuple(int(s) if int(s) > 0 else -1 for s in (sig if len(sig) == len(d["shape"]) else d["shape"]))
+    dtype = np.dtype(d["dtype"]).name
+    return TensorSpec(str(d["name"]), shape, dtype, float(scale) if scale else None, int(zero) if scale else None)
+
+
 class LiteRTBackend(Backend):
-    """LiteRT (or legacy tflite_runtime) interpreter; quantizes int inputs and dequantizes outputs."""
+    """LiteRT (or legacy tflite_runtime) interpreter, run on the model's own tensors."""
 
     def __init__(self, path: Path, *, threads: int = 1) -> None:
         mod = _import_first(("ai_edge_litert.interpreter", "tflite_runtime.interpreter"), "tflite", "LiteRT")
@@ -142,17 +301,26 @@ class LiteRTBackend(Backend):
             self._interp = mod.Interpreter(model_path=str(path), num_threads=int(threads))
             self._interp.allocate_tensors()
         except Exception as exc:
-            raise RuntimeBackendError(f"{self.name} cannot load {path.name}: {exc}",
-                                      hint="re-export the model or check the bundle", path=str(path)) from exc
-        self._in = self._interp.get_input_details()[0]
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = ("the model needs an operator this runtime lacks (e.g. a TFLite Micro custom op); "
+                    "convert it with builtin ops only" if "custom op" in str(exc).lower() or "resolve" in str(exc).lower()
+                    else "re-export the model or check the file")
+            raise RuntimeBackendError(f"{self.name} cannot load {path.name}: {first}", hint=hint,
+                                      path=str(path)) from exc
+        self._in_details = self._interp.get_input_details()
+        self._out_details = self._ordered_outputs()
+        self.inputs = tuple(_tfl_spec(d) for d in self._in_details)
+        self.outputs = tuple(_tfl_spec(d) for d in self._out_details)
+        self._in = self._in_details[0]
         self.input_name = str(self._in["name"])
         self.input_dtype = np.dtype(self._in["dtype"]).name  # "float32", or "int8"/"uint8" when quantized
-        sig = self._in.get("shape_signature", self._in["shape"])
-        self._dynamic_batch = int(sig[0]) == -1
-        self.input_shape = (-1 if self._dynamic_batch else int(self._in["shape"][0]),) + tuple(
-            int(d) for d in self._in["shape"][1:])
-        self._batch = int(self._in["shape"][0])
-        self._outputs = self._ordered_outputs()
+        self.input_shape = self.inputs[0].shape
+        self._shapes = {d["name"]: tuple(int(s) for s in d["shape"]) for d in self._in_details}
+        try:
+            ops = {o.get("op_name", "") for o in self._interp._get_ops_details()}
+        except Exception:  # noqa: BLE001 - old runtimes: assume stateful, reset is cheap
+            ops = {"VAR_HANDLE"}
+        self.stateful = bool(ops & _STATEFUL_OPS)
 
     def _ordered_outputs(self) -> list[dict[str, Any]]:
         """Output details in signature order (output_0 = logits, output_1 = embedding).
@@ -168,57 +336,38 @@ class LiteRTBackend(Backend):
             ordered = [by_index[outs[k]] for k in sorted(outs, key=_natural_key) if outs[k] in by_index]
             if len(ordered) == len(details):
                 return ordered
-        except Exception:  # old runtimes without signatures: keep detail order
+        except Exception:  # old runtimes or no signature: keep detail order
             pass
         return sorted(details, key=lambda d: _natural_key(d["name"]))
 
-    def _quantize(self, x: np.ndarray) -> np.ndarray:
-        dtype = self._in["dtype"]
-        if dtype == np.float32:
-            return x
-        scale, zero = self._in["quantization"]
-        if not scale:
-            raise RuntimeBackendError(f"{self.path.name}: integer input without quantization parameters",
-                                      path=str(self.path))
-        info = np.iinfo(dtype)
-        return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+    def reset_state(self) -> None:
+        if self.stateful:
+            self._interp.reset_all_variables()
 
-    def _invoke(self, x: np.ndarray) -> list[np.ndarray]:
-        self._interp.set_tensor(self._in["index"], self._quantize(x))
-        self._interp.invoke()
-        result = []
-        for d in self._outputs:
-            y = self._interp.get_tensor(d["index"])
-            if y.dtype != np.float32:
-                scale, zero = d["quantization"]
-                y = (y.astype(np.float32) - np.float32(zero)) * np.float32(scale) if scale else y.astype(np.float32)
-            result.append(np.array(y, dtype=np.float32))  # copy: the interpreter reuses its buffers
-        return result
-
-    def run(self, x: np.ndarray) -> ModelOutput:
-        x = self.check_input(x)
+    def _run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            if x.shape[0] == self._batch:
-                outs = self._invoke(x)
-            elif self._dynamic_batch:
-                self._interp.resize_tensor_input(self._in["index"], list(x.shape))
+            resized = False
+            for d in self._in_details:
+                x = arrays[d["name"]]
+                if tuple(x.shape) != self._shapes[d["name"]]:
+                    self._interp.resize_tensor_input(d["index"], list(x.shape))
+                    self._shapes[d["name"]] = tuple(x.shape)
+                    resized = True
+            if resized:
                 self._interp.allocate_tensors()
-                self._batch = x.shape[0]
-                outs = self._invoke(x)
-            else:  # fixed-batch model (litert-torch exports batch 1): loop
-                parts = [self._invoke(x[i:i + self._batch]) for i in range(0, x.shape[0], self._batch)]
-                outs = [np.concatenate([p[k] for p in parts]) for k in range(len(self._outputs))]
+            for d in self._in_details:
+                self._interp.set_tensor(d["index"], arrays[d["name"]])
+            self._interp.invoke()
+            # copy: the interpreter reuses its buffers
+            return {str(d["name"]): np.array(self._interp.get_tensor(d["index"])) for d in self._out_details}
         except (RuntimeError, ValueError) as exc:
             raise RuntimeBackendError(f"{self.name} failed on {self.path.name}: {exc}", path=str(self.path)) from exc
-        return ModelOutput(outs[0], outs[1] if len(outs) > 1 else None)
 
     def close(self) -> None:
         self._interp = None
 
 
 def _natural_key(name: str) -> tuple[Any, ...]:
-    import re
-
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
@@ -264,12 +413,13 @@ def measure_latency(model_path: Path, variant: Variant | None, x1: np.ndarray, *
     """Median wall time (ms) of batch-1 inference on this device."""
     backend = open_model(model_path, variant, threads=threads)
     try:
+        run = backend.run if x1.dtype == np.float32 else backend.run_raw
         for _ in range(warmup):
-            backend.run(x1)
+            run(x1)
         times = []
         for _ in range(runs):
             t0 = time.perf_counter()
-            backend.run(x1)
+            run(x1)
             times.append((time.perf_counter() - t0) * 1000.0)
         return float(np.median(times))
     finally:

@@ -1,10 +1,16 @@
-"""The per-inference path: preprocess -> backend -> softmax -> drift monitor -> sampler -> stats.
+"""The per-inference path: task.prepare -> backend -> task.decode -> drift monitor -> sampler -> stats.
 
 :class:`LoadedModel` is one installed slot opened for serving (manifest, runtime
-backend, drift baseline); :class:`InferencePipeline` runs it per request and feeds the
-drift monitor, the sample selector and the counters.  One lock serialises the
-pipeline: the drift window and the sampler are stateful, a device serves batch 1, and
-the HTTP server's threads must not interleave half-updated windows.
+backend, the bundle's task from ``core.tasks``, drift baseline); :class:`InferencePipeline`
+runs it per request and feeds the drift monitor, the sample selector and the counters.
+One lock serialises the pipeline: the drift window and the sampler are stateful, a device
+serves batch 1, and the HTTP server's threads must not interleave half-updated windows.
+
+What a prediction is depends on the bundle's task: a classifier's top class and
+probabilities, a detector's boxes (original-image pixels) with labels and scores, a
+tensor model's named outputs.  :class:`Prediction` carries all three shapes;
+``Prediction.to_dict()`` is what ``agent predict --json``, HTTP ``/predict`` and the
+MQTT results send.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +29,26 @@ import numpy as np
 from core.drift import Baseline, DriftMonitor, DriftReport
 from core.errors import BundleError, EdgeloopError, InputError
 from core.manifest import Manifest, Variant
-from core.preprocess import preprocess
 from core.runtime import Backend, open_model
+from core.tasks import Detection, Task, TaskResult, build_task, softmax
 
 from .sources.folder import FolderSource  # noqa: F401 - moved to edge_agent.sources; still importable here
 from .telemetry import InferenceStats
 
-__all__ = ["Prediction", "LoadedModel", "InferencePipeline", "FolderSource", "softmax", "read_reference", "SampleHook", "ReportHook"]
+__all__ = ["Prediction", "LoadedModel", "InferencePipeline", "FolderSource", "softmax", "read_reference", "SampleHook",
+           "ReportHook"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One answer of the agent."""
+    """One answer of the agent.
+
+    ``label`` / ``index`` / ``confidence``: the top class (classification), the best
+    detection (detection; "" / -1 / 0.0 without one), or empty with ``score`` in
+    ``confidence`` (tensor).  ``detections`` and ``outputs`` hold the rest.
+    """
 
     label: str
     index: int
@@ -47,18 +59,30 @@ class Prediction:
     variant: str
     drift_alarm: bool
     sample_score: float | None = None  # per-input drift score (~1 typical), None without a baseline
+    task: str = "classification"
+    detections: tuple[Detection, ...] = ()
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    score: float | None = None
+
+    @classmethod
+    def from_result(cls, r: TaskResult, *, latency_ms: float, model_version: str, variant: str, drift_alarm: bool,
+                    sample_score: float | None) -> Prediction:
+        return cls(label=r.label, index=r.index, confidence=r.confidence, probs=r.probs, latency_ms=latency_ms,
+                   model_version=model_version, variant=variant, drift_alarm=drift_alarm, sample_score=sample_score,
+                   task=r.kind, detections=r.detections, outputs=r.outputs, score=r.score)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "index": self.index, "confidence": self.confidence, "probs": list(self.probs),
-                "latency_ms": self.latency_ms, "model_version": self.model_version, "variant": self.variant,
-                "drift_alarm": self.drift_alarm, "sample_score": self.sample_score}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float32, stable for large logits."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        d: dict[str, Any] = {"task": self.task, "label": self.label, "index": self.index,
+                             "confidence": self.confidence, "probs": list(self.probs),
+                             "latency_ms": self.latency_ms, "model_version": self.model_version,
+                             "variant": self.variant, "drift_alarm": self.drift_alarm,
+                             "sample_score": self.sample_score}
+        if self.task == "detection":
+            d["detections"] = [det.to_dict() for det in self.detections]
+        if self.task == "tensor":
+            d["outputs"] = {k: {"shape": list(v.shape), "data": np.asarray(v).tolist()} for k, v in self.outputs.items()}
+            d["score"] = self.score
+        return d
 
 
 def read_reference(slot_dir: Path, manifest: Manifest) -> dict[str, np.ndarray] | None:
@@ -76,7 +100,7 @@ def read_reference(slot_dir: Path, manifest: Manifest) -> dict[str, np.ndarray] 
 
 
 class LoadedModel:
-    """An installed slot opened for serving: manifest, one variant in its runtime, drift baseline."""
+    """An installed slot opened for serving: manifest, one variant in its runtime, its task, drift baseline."""
 
     def __init__(self, slot_dir: Path, variant_id: str, *, threads: int = 1, drift_window: int = 0,
                  drift: bool = True) -> None:
@@ -88,6 +112,11 @@ class LoadedModel:
                               path=str(self.slot_dir)) from exc
         self.variant: Variant = self.manifest.variant(variant_id)
         self.backend: Backend = open_model(self.slot_dir / self.variant.file, self.variant, threads=threads)
+        try:
+            self.task: Task = build_task(self.manifest, self.backend)
+        except EdgeloopError:
+            self.backend.close()
+            raise
         self.labels = self.manifest.labels
         self.spec = self.manifest.preprocessing
         self.baseline: Baseline | None = None
@@ -108,6 +137,10 @@ class LoadedModel:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    def predict_result(self, item: Any) -> TaskResult:
+        """The task's answer for one input, without drift, sampling or counters (tests, tools)."""
+        return self.task.predict(item)
 
     def close(self) -> None:
         self.backend.close()
@@ -141,61 +174,68 @@ class InferencePipeline:
             self.last_report = None
         return old
 
-    def _check(self, image: Any, spec_size: tuple[int, int]) -> np.ndarray:
-        if isinstance(image, (bytes, str, Path)):
-            raise InputError(f"predict() takes an image array, got {type(image).__name__}",
-                             hint="load files with core.preprocess.load_image()")
-        arr = np.asarray(image)
-        if arr.dtype == object or arr.dtype.kind not in "uif":
-            raise InputError(f"image has dtype {arr.dtype}; expected uint8 pixels (H, W) or (H, W, C)",
-                             hint="convert the image to uint8")
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) or min(arr.shape[:2]) < 1:
-            raise InputError(f"image has shape {tuple(arr.shape)}; expected (H, W) or (H, W, C) with C in 1, 3, 4",
-                             hint="pass one image; use predict_many() for a batch")
-        if self.strict_size and tuple(arr.shape[:2]) != tuple(spec_size):
-            raise InputError(f"image is {arr.shape[0]}x{arr.shape[1]}; this model takes {spec_size[0]}x{spec_size[1]}",
-                             hint="resize on the camera side or set [model].strict_size = false")
-        return arr
+    def _check_size(self, image: Any, model: LoadedModel) -> None:
+        spec = model.spec
+        if self.strict_size and spec is not None and model.task.takes_images:
+            arr = np.asarray(image)
+            if arr.ndim >= 2 and tuple(arr.shape[:2]) != tuple(spec.size):
+                raise InputError(f"image is {arr.shape[0]}x{arr.shape[1]}; this model takes {spec.size[0]}x{spec.size[1]}",
+                                 hint="resize on the camera side or set [model].strict_size = false")
 
     def predict(self, image: Any) -> Prediction:
-        """One image -> :class:`Prediction`; :class:`InputError` leaves the pipeline serving."""
+        """One input (an image, or an array for a tensor model) -> :class:`Prediction`.
+
+        :class:`InputError` leaves the pipeline serving.
+        """
         model = self._model
         if model is None:
             raise EdgeloopError("no model is installed", hint="install a bundle with `edgeloop agent install BUNDLE`")
         try:
-            arr = self._check(image, model.spec.size)
+            self._check_size(image, model)
             t0 = time.perf_counter()
-            x = preprocess([arr], model.spec)  # a list: one (H, W, C) image, never read as a batch
+            prepared = model.task.prepare(image)
             with self._lock:
                 model = self._model if self._model is not None else model
-                out = model.backend.run(x)
-                probs = softmax(out.logits)
+                outputs = model.task.run(prepared)
+                result = model.task.decode(outputs, prepared)
                 latency_ms = (time.perf_counter() - t0) * 1000.0
                 reports: list[DriftReport] = []
                 score: float | None = None
-                if model.monitor is not None and out.embedding is not None:
-                    reports = model.monitor.update(x, probs, out.embedding)
-                    # update() computes the per-sample k-NN score anyway; reuse it where the monitor exposes it
-                    last = getattr(model.monitor, "last_sample_scores", None)
-                    score = float((last if last is not None else model.monitor.score_samples(out.embedding))[0])
+                if model.monitor is not None:
+                    reports, score = self._drift(model, model.task.drift_features(prepared, outputs, result))
                 alarm = model.monitor.alarm if model.monitor is not None else False
                 if reports:
                     self.last_report = reports[-1]
         except InputError:
             self.stats.record_error()
             raise
-        idx = int(np.argmax(probs[0]))
-        pred = Prediction(label=model.labels[idx], index=idx, confidence=float(probs[0, idx]),
-                          probs=tuple(float(p) for p in probs[0]), latency_ms=round(latency_ms, 4),
-                          model_version=model.version, variant=model.variant.id, drift_alarm=bool(alarm),
-                          sample_score=score)
+        pred = Prediction.from_result(result, latency_ms=round(latency_ms, 4), model_version=model.version,
+                                      variant=model.variant.id, drift_alarm=bool(alarm), sample_score=score)
         self.stats.record(latency_ms, pred.confidence)
         for rep in reports:
             if self.on_report is not None:
                 self._safe(self.on_report, rep, model)
-        if self.on_sample is not None:
-            self._safe(self.on_sample, arr, pred, {"sample_score": score if score is not None else 0.0})
+        if self.on_sample is not None and prepared.image is not None and pred.index >= 0:
+            self._safe(self.on_sample, prepared.image, pred, {"sample_score": score if score is not None else 0.0})
         return pred
+
+    @staticmethod
+    def _drift(model: LoadedModel, feats: Any) -> tuple[list[DriftReport], float | None]:
+        """Feed the monitor; a baseline this model cannot feed turns drift off, never fails a prediction."""
+        monitor = model.monitor
+        assert monitor is not None
+        if "embedding" in getattr(monitor, "kinds", ()) and feats.embedding is None and feats.probs is not None:
+            from core.drift_features import DriftFeatures  # old baselines: softmax used as the embedding
+
+            feats = DriftFeatures(inputs=feats.inputs, probs=feats.probs, embedding=feats.probs, outputs=feats.outputs)
+        try:
+            reports = monitor.update(feats)
+        except InputError as exc:
+            log.error("drift detection off for %s %s: %s", model.manifest.name, model.version, exc)
+            model.monitor = None
+            return [], None
+        emb = feats.embedding if feats.embedding is not None else feats.probs
+        return reports, None if emb is None else float(monitor.score_samples(emb)[0])
 
     def predict_many(self, images: Sequence[Any]) -> list[Prediction]:
         return [self.predict(img) for img in images]
