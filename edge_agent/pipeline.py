@@ -378,7 +378,7 @@ def start_stream(agent: Agent, uris: Sequence[str] = (), *, extra_sinks: Sequenc
     specs = list(agent.config.sources) + [SourceSection(uri=str(u)) for u in uris]
     if not specs:
         return None
-    sources = [(make_source(s.uri, loop=s.loop), s) for s in specs]
+    sources = [(make_source(s.uri, loop=s.loop, realtime=s.realtime), s) for s in specs]
     pipeline = StreamPipeline(agent.predict, sources, [*_sinks(agent), *extra_sinks],
                               latency_window=agent.config.telemetry.latency_window)
     try:

@@ -60,13 +60,13 @@ def _stream(uri: str) -> Source | None:
     return OpenCVSource(uri, uri, kind="stream")
 
 
-def _video(uri: str, *, loop: bool = False) -> Source | None:
+def _video(uri: str, *, loop: bool = False, realtime: bool = False) -> Source | None:
     from .opencv import VIDEO_SUFFIXES, OpenCVSource
 
     path = uri[5:] if uri.startswith("file:") else uri
     if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
         return None
-    return OpenCVSource(uri, path, kind="file", loop=loop)
+    return OpenCVSource(uri, path, kind="file", loop=loop, realtime=realtime)
 
 
 def _folder(uri: str) -> Source | None:
@@ -96,11 +96,11 @@ SCHEMES: tuple[tuple[str, Callable[..., Source | None]], ...] = (
 )
 
 
-def make_source(uri: str, *, loop: bool = False) -> Source:
+def make_source(uri: str, *, loop: bool = False, realtime: bool = False) -> Source:
     """The plug-in for ``uri`` (not opened yet); a one-line :class:`SourceError` for an unknown kind."""
     uri = uri.strip()
     for name, factory in SCHEMES:
-        src = factory(uri, loop=loop) if name == "video" else factory(uri)
+        src = factory(uri, loop=loop, realtime=realtime) if name == "video" else factory(uri)
         if src is not None:
             return src
     if Path(uri).suffix.lower() == ".npy":

@@ -5,7 +5,8 @@
 * ``rtsp://...``, ``http(s)://...`` (MJPEG over HTTP): network streams through FFmpeg, with
   open and read time-outs so a dead camera never hangs the capture thread;
 * ``*.mp4``, ``*.avi``, ``*.mkv``, ``*.mov``, ``*.webm``: video files, read as fast as the model
-  takes them (``loop = true`` starts again at the end).
+  takes them (``loop = true`` starts again at the end), or at their own frame rate
+  (``realtime = true``: a camera stand-in, live, dropping frames when the model is slower).
 
 Frames come out RGB (OpenCV decodes BGR; the channel flip is a view, not a copy).
 """
@@ -13,6 +14,7 @@ Frames come out RGB (OpenCV decodes BGR; the channel flip is a view, not a copy)
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +42,18 @@ def cv2_module() -> Any:
 class OpenCVSource(Source):
     """One ``cv2.VideoCapture``: a camera index, a device path, a stream URL or a video file."""
 
-    def __init__(self, uri: str, target: int | str, *, kind: str, loop: bool = False,
+    def __init__(self, uri: str, target: int | str, *, kind: str, loop: bool = False, realtime: bool = False,
                  timeout_s: float = 10.0) -> None:
         if kind not in ("camera", "stream", "file"):
             raise ValueError(f"unknown kind {kind!r}")
         self.uri = uri
         self.target = target
         self.kind = kind
-        self.live = kind != "file"
+        self.live = kind != "file" or realtime
         self.loop = loop
+        self.realtime = realtime and kind == "file"
+        self._period = 0.0
+        self._due = 0.0
         self.timeout_ms = int(timeout_s * 1000)
         self._cap: Any = None
         self._frames = 0
@@ -70,6 +75,10 @@ class OpenCVSource(Source):
             raise SourceError(f"cannot open source {self.uri}: OpenCV could not open it", hint=hint)
         self._cap = cap
         self._frames = 0
+        if self.realtime:
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            self._period = 1.0 / fps if fps and fps > 0 else 1.0 / 30.0
+            self._due = time.monotonic()
 
     def read(self, stop: threading.Event) -> np.ndarray | None:
         if self._cap is None:
@@ -84,6 +93,9 @@ class OpenCVSource(Source):
                 return None
             raise SourceLost(f"{self.uri} stopped delivering frames")
         self._frames += 1
+        if self.realtime:  # pace like a camera: one frame per period, never a burst to catch up
+            self._due = max(self._due + self._period, time.monotonic() - self._period)
+            stop.wait(max(0.0, self._due - time.monotonic()))
         if frame.ndim == 3 and frame.shape[2] == 3:
             return frame[:, :, ::-1]  # BGR -> RGB as a view; preprocess makes the one float copy
         return frame
