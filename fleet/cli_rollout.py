@@ -65,7 +65,6 @@ def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # t
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from core.protocol import TopicScheme
     from fleet.config import load_config
     from fleet.ingest import connect_client
     from fleet.registry import Registry
@@ -74,9 +73,7 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     cfg = load_config(args.config)
     registry = Registry.open(cfg.database_url)
     client, _ = connect_client(cfg.broker, client_id=f"edgeloop-cli-{__import__('os').getpid()}")
-    delivery = getattr(args, "delivery", None) or cfg.rollout.delivery
-    driver = RolloutDriver(registry, client, topics=TopicScheme(cfg.prefix), api_base_url=cfg.api.base_url,
-                           delivery=delivery)
+    driver = RolloutDriver.from_config(cfg, registry, client, delivery=getattr(args, "delivery", None))
     return cfg, driver, client
 
 

@@ -38,6 +38,7 @@ from core.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, DeployCommand, Roll
 from . import rollout as rm
 from .canary import CanaryPolicy, Verdict
 from .canary_data import analyse_wave
+from .config import FleetConfig
 from .registry import DeviceRecord, ModelVersion, Registry
 
 __all__ = ["Publisher", "RolloutDriver", "plan_from_config", "analysis_from_config", "resend_from_config",
@@ -102,6 +103,19 @@ class RolloutDriver:
         self.resend = resend or rm.ResendPolicy()
         self._lock = threading.RLock()
         self._resent: set[str] = set()  # rollouts whose unanswered commands were resent after a restart
+
+    @classmethod
+    def from_config(cls, cfg: FleetConfig, registry: Registry, publisher: Publisher, *,
+                    api_base_url: str | None = None, delivery: str | None = None,
+                    clock: Callable[[], float] = time.time) -> RolloutDriver:
+        """The driver fleet.toml describes: its topic prefix and every ``[rollout]`` setting.
+
+        ``api_base_url``: where devices download bundles (default ``[api]`` public_url, else
+        host:port); ``delivery`` overrides ``[rollout].delivery`` (the CLI's ``--delivery``).
+        """
+        return cls(registry, publisher, topics=TopicScheme(cfg.prefix),
+                   api_base_url=api_base_url or cfg.api.base_url, delivery=delivery or cfg.rollout.delivery,
+                   resend=resend_from_config(cfg.rollout), clock=clock)
 
     # ------------------------------------------------------------------ starting
     def start(self, name: str, version: str, plan: rm.RolloutPlan, *, devices: Sequence[str] | None = None,
