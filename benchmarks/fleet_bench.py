@@ -3,11 +3,12 @@
     python -m benchmarks.fleet_bench [--devices 1000] [--db sqlite|postgresql://...] [--bundle-mb 1,10]
                                      [--rates 2000,5000,8000] [--faults] [--out DIR] [--json]
 
-The fleet is the real one, in this process: :class:`fleet.ingest.IngestService` (batched
-writes into :class:`fleet.registry.Registry` on SQLite/WAL or PostgreSQL),
-:class:`fleet.api.ApiServer` (bundles over HTTP with Range), :class:`fleet.rollout_driver.RolloutDriver`
-ticked the way :class:`fleet.worker.FleetWorker` ticks it (job statuses wake it; bundle
-requests are answered from the ingest hook).  Devices are :mod:`benchmarks.fleet_sim`
+The fleet is the real one, in this process, built by :class:`fleet.app.FleetApp` as
+``edgeloop fleet serve`` builds it: :class:`fleet.ingest.IngestService` (batched writes into
+:class:`fleet.registry.Registry` on SQLite/WAL or PostgreSQL), the HTTP API (bundles with
+Range), and :class:`fleet.rollout_driver.RolloutDriver` ticked the way
+:class:`fleet.worker.FleetWorker` ticks it (job statuses wake it; bundle requests are
+answered from the ingest hook); only the retraining worker is left out.  Devices are :mod:`benchmarks.fleet_sim`
 swarms in child processes.  Everything binds to 127.0.0.1 and stops by itself.
 
 Phases: (1) registry write rate, direct ``Registry.apply`` of decoded batches; (2) drift
@@ -164,43 +165,45 @@ class CorruptingPublisher:
 
 
 class BenchFleet:
-    """The real fleet services in this process, instrumented through an ingest hook."""
+    """The real fleet (:class:`fleet.app.FleetApp`) in this process, instrumented through an ingest hook.
+
+    Its retraining worker is left out: this class ticks the rollout driver the way the worker
+    does (job statuses wake it, bundle requests are answered from the ingest hook) and times
+    each tick.  The driver publishes through a :class:`CorruptingPublisher`.
+    """
 
     def __init__(self, workdir: Path, broker_port: int, db_url: str, *, corrupt_share: float = 0.0,
-                 seed: int = 0, fix_bundle_url: bool = True, ingest_workers: int = 1) -> None:
-        from core.protocol import TopicScheme
-        from fleet.api import ApiServer
+                 seed: int = 0, ingest_workers: int = 1) -> None:
+        from fleet.app import FleetApp
         from fleet.config import ApiConfig, BrokerConfig, DatabaseConfig, FleetConfig, IngestConfig
-        from fleet.ingest import IngestService, IngestWorkers
-        from fleet.registry import Registry
-        from fleet.rollout_driver import RolloutDriver
 
-        self.cfg = FleetConfig(data_dir=workdir / "fleet", database=DatabaseConfig(url=db_url),
-                               broker=BrokerConfig(port=broker_port, client_id="bench-fleet"),
-                               api=ApiConfig(port=free_port()), ingest=IngestConfig(workers=ingest_workers))
-        self.registry = Registry.open(db_url)
+        cfg = FleetConfig(data_dir=workdir / "fleet", database=DatabaseConfig(url=db_url),
+                          broker=BrokerConfig(port=broker_port, client_id="bench-fleet"),
+                          api=ApiConfig(port=free_port()), ingest=IngestConfig(workers=ingest_workers))
+        self.publisher: CorruptingPublisher | None = None
+
+        def corrupting(inner: Any) -> CorruptingPublisher:
+            self.publisher = CorruptingPublisher(inner, corrupt_share, seed)
+            return self.publisher
+
+        self.app = FleetApp.from_config(cfg, workers=False, publisher=corrupting)
+        self.cfg, self.registry, self.ingest = cfg, self.app.registry, self.app.ingest
         self.lock = threading.Lock()
         self.latencies: list[float] = []
         self.commits: list[tuple[float, int]] = []  # (commit time, drift reports in the batch)
-        self.ingest = IngestService(self.cfg, self.registry)
         self.ingest.add_hook(self._hook)
-        self.ingest.start()
-        self.workers = IngestWorkers(self.cfg, ingest_workers - 1).start()
-        self.api = ApiServer(self.cfg, self.registry).start()
-        self.publisher = CorruptingPublisher(self.ingest.client, corrupt_share, seed)
-        self.driver = RolloutDriver(self.registry, self.publisher, topics=TopicScheme(self.cfg.prefix),
-                                    api_base_url=self.api.url, delivery="auto",
-                                    bundle_url=self._bundle_url if fix_bundle_url else None)
+        self.app.start()
+        self.driver = self.app.driver
         self._wake, self._stop = threading.Event(), threading.Event()
         self.tick_errors = 0
         self.tick_s: list[float] = []  # how long each driver tick took (the rollout engine's own cost)
         self._ticker = threading.Thread(target=self._tick_loop, name="bench-rollout-ticker", daemon=True)
         self._ticker.start()
 
-    def _bundle_url(self, model: Any) -> str:
-        # RolloutDriver.bundle_url() omits the ".elb" that fleet.api's route ends with (HTTP 404);
-        # reported to the fleet owner -- the benchmark passes the route the API really serves.
-        return f"{self.api.url}/bundles/{model.name}/{model.version}.elb"
+    def extra_ingest_pids(self) -> list[int]:
+        """The extra ingest processes' pids (their CPU counts as the fleet's)."""
+        extra = self.app.ingest_workers
+        return extra.cpu_pids() if extra is not None else []
 
     def _hook(self, msgs: list[Any]) -> None:
         """After each committed batch (the ingest writer thread): latency, bundle requests, job wake-ups."""
@@ -247,13 +250,14 @@ class BenchFleet:
 
     def pause_ingest(self) -> None:
         """Disconnect the ingest subscribers cleanly; their persistent sessions make the broker queue for them."""
-        self.workers.stop()
+        if self.app.ingest_workers is not None:
+            self.app.ingest_workers.stop()
         self.ingest.stop()
 
     def resume_ingest(self) -> None:
-        self.ingest.start()
-        self.publisher.inner = self.ingest.client  # the rollout driver publishes through the new connection
-        self.workers.start()
+        self.ingest.start()  # the rollout driver publishes through whatever connection ingestion has
+        if self.app.ingest_workers is not None:
+            self.app.ingest_workers.start()
 
     def drift_rows(self) -> int:
         """Drift reports of simulated devices in the registry (every ingest process writes there)."""
@@ -263,10 +267,7 @@ class BenchFleet:
         self._stop.set()
         self._wake.set()
         self._ticker.join(10)
-        self.workers.stop()
-        self.ingest.stop()
-        self.api.stop()
-        self.registry.close()
+        self.app.stop()
 
 
 class _SysBytes:
@@ -369,7 +370,7 @@ def ingestion_phase(fleet: BenchFleet, swarms: list[SwarmHandle], rate: float, s
                     broker: Broker) -> dict[str, Any]:
     """Offer ``rate`` reports/s for ``seconds``; measure what the fleet commits and how late."""
     load0 = _load()
-    cpu = CpuMeter(swarms, broker, fleet.workers.cpu_pids())
+    cpu = CpuMeter(swarms, broker, fleet.extra_ingest_pids())
     before = _swarm_stats(swarms)["counters"]["acked"]
     rows0 = fleet.drift_rows()
     fleet.take_measurements()
@@ -418,7 +419,7 @@ def drain_phase(fleet: BenchFleet, swarms: list[SwarmHandle], count: int, broker
     load0 = _load()
     t0 = time.time()
     fleet.resume_ingest()
-    cpu = CpuMeter(swarms, broker, fleet.workers.cpu_pids())  # after the workers (re)started
+    cpu = CpuMeter(swarms, broker, fleet.extra_ingest_pids())  # after the workers (re)started
     _wait(lambda: fleet.drift_rows() - rows0 >= count, 300, poll=0.05)
     last = time.time()
     cpu_result = cpu.result()
@@ -426,7 +427,7 @@ def drain_phase(fleet: BenchFleet, swarms: list[SwarmHandle], count: int, broker
     fleet.wait_idle(60)
     fleet.take_measurements()
     return {"queued": count, "all_queued": queued, "publish_s": round(publish_s, 2), "committed": got,
-            "ingest_processes": 1 + fleet.workers.count,
+            "ingest_processes": fleet.app.ingest_processes,
             "drain_s": round(last - t0, 2), "drain_per_s": got / max(1e-9, last - t0), "cpu": cpu_result,
             "load_avg": [load0, _load()]}
 

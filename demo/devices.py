@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from core.protocol import Feedback, TopicScheme
 
 from .report import Observation
 from .shifts import NO_SHIFT, CameraShift
+
+if TYPE_CHECKING:
+    from fleet.registry import Registry
 
 __all__ = ["Truth", "Camera", "Labeller", "agent_config"]
 
@@ -155,7 +158,7 @@ class Camera:
 class Labeller:
     """Sends true labels for a fraction of the stored drift samples, as an operator would."""
 
-    def __init__(self, registry: Any, store_root: Path, publisher: Any, topics: TopicScheme, truth: Truth,
+    def __init__(self, registry: Registry, store_root: Path, publisher: Any, topics: TopicScheme, truth: Truth,
                  class_names: tuple[str, ...], *, fraction: float, interval_s: float = 0.5) -> None:
         self.registry, self.publisher, self.topics, self.truth = registry, publisher, topics, truth
         from fleet.samples import SampleStore
@@ -178,7 +181,7 @@ class Labeller:
         from core.sampling import decode_sample
 
         n = 0
-        for rec in self.registry.samples(labelled=False):
+        for rec in self.registry.samples.find(labelled=False):
             if rec.id in self.seen:
                 continue
             self.seen.add(rec.id)

@@ -21,8 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +29,9 @@ from core.errors import FleetError
 
 from .report import DemoResult, DriftPoint, Event, Observation, write_report
 from .shifts import DEMO_SHIFT, NO_SHIFT, CameraShift
+
+if TYPE_CHECKING:
+    from fleet.registry import Registry
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -118,15 +120,13 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
     from core.signing import load_public_key, save_keypair
     from edge_agent.agent import Agent
     from export.pipeline import export_run
-    from fleet.api import ApiServer
-    from fleet.config import ApiConfig, BrokerConfig, default_config
+    from fleet.app import FleetApp
+    from fleet.config import ApiConfig, BrokerConfig, RolloutConfig, default_config
     from fleet.dashboard import DashboardConfig
-    from fleet.ingest import IngestService, connect_client
+    from fleet.ingest import connect_client
     from fleet.policy import GatePolicy, RetrainPolicyConfig
-    from fleet.registry import Registry
     from fleet.rollout import RolloutPlan
-    from fleet.rollout_driver import RolloutDriver
-    from fleet.worker import FleetWorker, settings_from_config
+    from fleet.worker import settings_from_config
     from train.api import TrainConfig, load_run, train_run
 
     from .broker import start_broker
@@ -153,7 +153,8 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
         token = secrets.token_urlsafe(12)
         fcfg = default_config(out / "fleet", model_name=MODEL_NAME,
                               broker=BrokerConfig(host=broker.host, port=broker.port, protocol=broker.protocol),
-                              api=ApiConfig(port=0), dashboard=DashboardConfig(operator_token=token, refresh_s=2.0))
+                              api=ApiConfig(port=0), rollout=RolloutConfig(delivery="mqtt"),
+                              dashboard=DashboardConfig(operator_token=token, refresh_s=2.0))
         keys = save_keypair(fcfg.keys_dir / "fleet", overwrite=True)
         pub = load_public_key(keys.public)
 
@@ -168,14 +169,6 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
                             sign_key=keys.private, version="1.0.0", name=MODEL_NAME, max_drop=1.0)
         tl("exported", f"exported signed bundle {report.bundle.name}: variants {[v.id for v in report.kept]}")
 
-        registry = Registry.open(fcfg.database_url)
-        cleanup.append(registry.close)
-        registry.register_model(report.bundle, trusted_key=pub, status="accepted")
-        ingest = IngestService(fcfg, registry)
-        ingest.start()
-        cleanup.append(ingest.stop)
-        client, _proto = connect_client(fcfg.broker, client_id="edgeloop-demo-fleet")
-        cleanup.append(lambda: (client.disconnect(), client.loop_stop()))
         topics = TopicScheme(fcfg.prefix)
         policy = RetrainPolicyConfig(
             check_interval_s=s["check_interval_s"], alarm_devices=max(1, cfg.n_shifted - 1), alarm_reports=2,
@@ -186,7 +179,6 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             gate=GatePolicy(holdout_fraction=0.3, min_improvement=0.05, max_original_drop=0.01, min_holdout=20))
         plan = RolloutPlan(canary=1 / cfg.devices, waves=(0.5, 1.0), soak_s=s["soak_s"], max_failures=0.05,
                            job_timeout_s=120.0)
-        driver = RolloutDriver(registry, client, topics=topics, delivery="mqtt")
         flags = _Flags()
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
@@ -210,16 +202,17 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
                 tl(kind, f"{kind.replace('_', ' ')}: {data['error']}")
                 flags.done.set()
 
-        settings = settings_from_config(fcfg, policy, threads=cfg.threads)
-        worker = FleetWorker(registry, driver, settings, plan=plan, model_name=MODEL_NAME, tick_s=0.5,
-                             on_event=on_event)
-        ingest.add_hook(worker.on_messages)
-        # The fleet's HTTP API with the dashboard, on the same context as the workers.
-        serve_ctx = SimpleNamespace(config=fcfg, registry=registry, client=client, ingest=ingest,
-                                    store=ingest.store, worker=worker, driver=driver)
-        api = ApiServer(fcfg, registry, ctx=serve_ctx).start()
-        cleanup.append(api.stop)
-        dashboard_url = f"{api.url}/dashboard/"
+        # The whole fleet, as `edgeloop fleet serve` runs it, with the demo's policy and plan.
+        app = FleetApp.from_config(fcfg, retrain=settings_from_config(fcfg, policy, threads=cfg.threads), plan=plan,
+                                   tick_s=0.5, on_event=on_event)
+        cleanup.append(app.stop)
+        registry = app.registry
+        registry.models.register(report.bundle, trusted_key=pub, status="accepted")
+        app.start()
+        driver = app.driver
+        client, _proto = connect_client(fcfg.broker, client_id="edgeloop-demo-operator")  # the labeller's
+        cleanup.append(lambda: (client.disconnect(), client.loop_stop()))
+        dashboard_url = f"{app.api_url}/dashboard/"
         tl("dashboard", f"fleet dashboard: {dashboard_url} (operator token {token})")
 
         # ---------------------------------------------------------------- the cameras
@@ -233,7 +226,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             acfg = agent_config(name, out / "devices" / name, host=broker.host, port=broker.port,
                                 protocol=broker.protocol, trusted_key=keys.public, prefix=fcfg.prefix,
                                 drift_window=s["drift_window"], telemetry_s=s["telemetry_s"])
-            registry.upsert_device(name, tags={"group": groups[name]})  # the drift page groups by it
+            registry.devices.upsert(name, tags={"group": groups[name]})  # the drift page groups by it
             agent = Agent(acfg)
             agent.install(report.bundle)  # provisioned with v1 at the factory
             agent.start(connect=True, serve_http=False)
@@ -250,8 +243,6 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
         cleanup.append(labeller.stop)
         for c in cameras:
             c.start()
-        worker.start()
-        cleanup.append(worker.stop)
 
         def passes(phase: str, n: int) -> Callable[[], bool]:
             return lambda: all(c.shown.get(phase, 0) >= n for c in cameras)
@@ -305,14 +296,14 @@ def _accuracy(observations: list[Observation]) -> tuple[dict[str, dict[str, floa
     return acc, cnt
 
 
-def _finish(cfg: DemoConfig, out: Path, tl: _Timeline, broker: str, registry: Any, groups: dict[str, str],
+def _finish(cfg: DemoConfig, out: Path, tl: _Timeline, broker: str, registry: Registry, groups: dict[str, str],
             cameras: list[Any], observations: list[Observation], obs_lock: threading.Lock, flags: _Flags,
             rollout_state: Any, labels_sent: int, dashboard_url: str | None) -> DemoResult:
     with obs_lock:
         obs = list(observations)
     acc, cnt = _accuracy(obs)
     drift = [DriftPoint(r.received - tl.wall0, r.device_id, groups.get(r.device_id, "clean"), r.risk, r.alarm)
-             for r in registry.drift_reports()]
+             for r in registry.drift.find()]
     versions = {c.device_id: (c.agent.model.version if c.agent.model else None) for c in cameras}
     outcome = flags.data.get("outcome")
     retrain: dict[str, Any] = {}

@@ -17,10 +17,14 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fleet.cli_rollout import register_rollout
 from core.cliutil import add_json_flag, emit
+from fleet.cli_rollout import register_rollout
+
+if TYPE_CHECKING:
+    from fleet.config import FleetConfig
+    from fleet.registry import Registry
 
 __all__ = ["register"]
 
@@ -30,7 +34,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="fleet config (default ./fleet.toml; defaults are used when it does not exist)")
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace) -> FleetConfig:
     from fleet.config import default_config, load_config
 
     path = Path(args.config)
@@ -39,14 +43,14 @@ def _config(args: argparse.Namespace) -> Any:
     return load_config(path)
 
 
-def _registry(cfg: Any) -> Any:
+def _registry(cfg: FleetConfig) -> Registry:
     from fleet.registry import Registry
 
     return Registry.open(cfg.database_url, busy_timeout_ms=cfg.database.busy_timeout_ms)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``edgeloop fleet`` (and ``edgeloop demo`` when the loop engineer's module is there)."""
+    """Add ``edgeloop fleet`` and its sub-commands."""
     fleet = subparsers.add_parser("fleet", help="fleet manager: registry, ingestion, API, rollouts")
     sub = fleet.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
     fleet.set_defaults(func=lambda _a: (fleet.print_help(), 1)[1])
@@ -137,15 +141,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import logging
     import signal
     import threading
-    from types import SimpleNamespace
 
-    from fleet.api import ApiServer
-    from fleet.ingest import IngestService, IngestWorkers
+    from fleet.app import FleetApp
 
-    log = logging.getLogger("fleet.serve")
     cfg = _config(args)
     if cfg.api.enabled and cfg.api.token is None:  # never an API without a token (issue 16)
         import secrets
@@ -154,46 +154,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, api=dataclasses.replace(cfg.api, token=secrets.token_hex(16)))
         print(f"no [api].token configured: this run's API token is {cfg.api.token} "
               "(`edgeloop fleet init` writes a permanent one)", file=sys.stderr, flush=True)
-    registry = _registry(cfg)
-    ingest = IngestService(cfg, registry)
-    ingest.start()
-    extra = None
-    if cfg.ingest.workers > 1:
-        if ingest.protocol != "5":
-            log.warning("ingest.workers = %d needs MQTT 5 shared subscriptions; the broker speaks %s: "
-                        "ingesting in one process", cfg.ingest.workers, ingest.protocol)
-        else:
-            extra = IngestWorkers(cfg, cfg.ingest.workers - 1).start()
-    # One context for the API (and its dashboard) and the workers, so dashboard actions
-    # drive the same rollout driver the workers run.
-    ctx = SimpleNamespace(config=cfg, registry=registry, client=ingest.client, ingest=ingest,
-                          store=ingest.store, worker=None, api_base_url=None)
-    api = ApiServer(cfg, registry, ctx=ctx).start() if cfg.api.enabled else None
-    ctx.api_base_url = cfg.api.public_url or (api.url if api else None)
-    workers = None
-    if not args.no_workers:
-        from fleet.worker import start_workers
-
-        workers = start_workers(ctx)
-        ctx.worker = workers
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"fleet serving: broker {cfg.broker.host}:{cfg.broker.port} (MQTT {ingest.protocol}, "
-          f"{1 + (extra.count if extra else 0)} ingest process(es)), "
-          f"API {api.url if api else 'off'}, database {cfg.database_url.split('@')[-1]}", flush=True)
-    try:
+    with FleetApp.from_config(cfg, workers=not args.no_workers) as app:
+        print(f"fleet serving: {app.describe()}", flush=True)
         while not stop.wait(1.0):
             pass
-    finally:
-        if workers is not None:
-            workers.stop()
-        if api is not None:
-            api.stop()
-        if extra is not None:
-            extra.stop()
-        ingest.stop()
-        registry.close()
     return 0
 
 
@@ -226,38 +193,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
             emit(args, st, lambda: _table("fleet status", ["field", "value"],
                                           [[k, v] for k, v in dataclasses.asdict(st).items() if k != "ts"]))
         elif kind == "devices":
-            devs = reg.devices()
+            devs = reg.devices.find()
             emit(args, devs, lambda: _table(f"{len(devs)} devices", [
                 "device", "online", "last seen", "model", "variant", "drift", "risk"], [
                 [d.id, "yes" if d.online else "no", _ago(d.last_seen), d.model_version, d.variant,
                  "ALARM" if d.drift_alarm else "ok", None if d.drift_risk is None else f"{d.drift_risk:.2f}"]
                 for d in devs]))
         elif kind == "drift":
-            reps = reg.drift_reports(device_id=args.device, limit=args.limit)
+            reps = reg.drift.find(device_id=args.device, limit=args.limit)
             emit(args, reps, lambda: _table("drift reports", ["device", "when", "model", "risk", "alarm", "n"], [
                 [r.device_id, _ago(r.ts), r.model_version, f"{r.risk:.3f}", "ALARM" if r.alarm else "", r.n]
                 for r in reps]))
         elif kind == "models":
-            ms = reg.models()
+            ms = reg.models.find()
             emit(args, ms, lambda: _table("model versions", ["name", "version", "parent", "status", "reason",
                                                              "size", "signed by"], [
                 [m.name, m.version, m.parent_version, m.status, m.reason, m.size, m.signed_by] for m in ms]))
         else:
-            rs = reg.rollouts()
-            data = [{**dataclasses.asdict(r), "targets": _target_counts(reg, r.id)} for r in rs]
+            rs = reg.rollouts.find()
+            data = [{**dataclasses.asdict(r), "targets": reg.rollouts.target_counts(r.id)} for r in rs]
             emit(args, data, lambda: _table("rollouts", ["id", "model", "version", "status", "targets", "reason"], [
                 [d["id"], d["model_name"], d["version"], d["status"],
                  ", ".join(f"{k} {v}" for k, v in d["targets"].items()), d["reason"]] for d in data]))
     finally:
         reg.close()
     return 0
-
-
-def _target_counts(reg: Any, rollout_id: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in reg.rollout_targets(rollout_id):
-        counts[t.status] = counts.get(t.status, 0) + 1
-    return counts
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The fleet's background loop: check the retraining trigger, run jobs, drive rollouts.
 
-``edgeloop fleet serve`` calls :func:`start_workers` with its context when this module
-is importable.  One :class:`FleetWorker` thread then
+:class:`fleet.app.FleetApp` builds and starts one :class:`FleetWorker` (the decision to
+retrain itself is :func:`fleet.policy.decide`).  Its thread
 
 * ticks every active rollout (job statuses arriving through ingestion wake it at once),
 * every ``[trigger].check_interval_s`` reads a :class:`~fleet.policy.FleetSnapshot` from
@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from core.errors import EdgeloopError
-from core.protocol import BundleRequest, JobStatus, Message, TopicScheme
+from core.protocol import BundleRequest, JobStatus, Message
 
+from .config import FleetConfig
 from .policy import (
     Decision,
     DriftPoint,
@@ -37,14 +37,15 @@ from .policy import (
 from .registry import Registry
 from .retrain import RetrainOutcome, RetrainSettings, run_retrain
 from .rollout import RolloutPlan
-from .rollout_driver import Publisher, RolloutDriver, plan_from_config, resend_from_config
+from .rollout_driver import RolloutDriver
 
-__all__ = ["FleetWorker", "start_workers", "settings_from_config"]
+__all__ = ["FleetWorker", "settings_from_config"]
 
 log = logging.getLogger(__name__)
 
 
-def settings_from_config(cfg: Any, policy: RetrainPolicyConfig | None = None, **overrides: Any) -> RetrainSettings:
+def settings_from_config(cfg: FleetConfig, policy: RetrainPolicyConfig | None = None,
+                         **overrides: Any) -> RetrainSettings:
     """Retraining locations from a :class:`fleet.config.FleetConfig` (runs under ``data_dir/runs``)."""
     values = dict(runs_dir=Path(cfg.data_dir) / "runs", bundles_dir=cfg.bundles_dir, samples_dir=cfg.samples_dir,
                   signing_key=cfg.signing_key_path, public_key=cfg.public_key_path,
@@ -81,13 +82,10 @@ class FleetWorker:
     # ------------------------------------------------------------------ policy
     def served_model(self) -> tuple[str, Any] | None:
         """``(name, newest accepted ModelVersion)`` of the model this fleet serves."""
-        name = self.model_name
+        name = self.model_name or self.registry.devices.most_common_model_name()
         if name is None:
-            names = Counter(d.model_name for d in self.registry.devices() if d.model_name)
-            if not names:
-                return None
-            name = names.most_common(1)[0][0]
-        model = self.registry.latest_model(name, status="accepted")
+            return None
+        model = self.registry.models.latest(name, status="accepted")
         return (name, model) if model else None
 
     def snapshot(self, now: float) -> FleetSnapshot | None:
@@ -96,11 +94,11 @@ class FleetWorker:
             return None
         _name, model = served
         reports: dict[str, list[DriftPoint]] = {}
-        for r in self.registry.drift_reports(since=model.created):
+        for r in self.registry.drift(since=model.created):
             # alarms raised against another model version say nothing about this one
             if r.model_version in (None, model.version):
                 reports.setdefault(r.device_id, []).append(DriftPoint(r.ts, r.alarm))
-        labelled = self.registry.count_samples(labelled=True, since=model.created)
+        labelled = self.registry.samples.count(labelled=True, since=model.created)
         during = 0
         for dev, pts in reports.items():
             if pts and pts[-1].alarm:
@@ -109,7 +107,7 @@ class FleetWorker:
                     if not p.alarm:
                         break
                     start = p.ts
-                during += self.registry.count_samples(labelled=True, device_ids=[dev], since=start)
+                during += self.registry.samples.count(labelled=True, device_ids=[dev], since=start)
         return FleetSnapshot(now=now, reports=reports, labelled_since_model=labelled,
                              last_job_at=self._last_job_at(), job_running=self.job_running,
                              labelled_during_alarm=during)
@@ -228,22 +226,3 @@ class FleetWorker:
         if self._job is not None:
             self._job.join(timeout)
 
-
-def start_workers(ctx: Any) -> FleetWorker:
-    """Entry point for ``fleet serve``.
-
-    ``ctx`` must carry ``config`` (FleetConfig), ``registry`` (Registry) and a connected
-    MQTT client as ``client`` (anything with ``publish``); optional ``ingest``
-    (IngestService, to hook bundle requests and job statuses) and ``api_base_url``.
-    """
-    cfg = ctx.config
-    client: Publisher = ctx.client
-    api = getattr(ctx, "api_base_url", None) or getattr(getattr(cfg, "api", None), "base_url", None)
-    driver = RolloutDriver(ctx.registry, client, topics=TopicScheme(cfg.prefix), api_base_url=api,
-                           delivery=cfg.rollout.delivery, resend=resend_from_config(cfg.rollout))
-    worker = FleetWorker(ctx.registry, driver, settings_from_config(cfg), plan=plan_from_config(cfg.rollout),
-                         model_name=cfg.model_name)
-    ingest = getattr(ctx, "ingest", None)
-    if ingest is not None:
-        ingest.add_hook(worker.on_messages)
-    return worker.start()

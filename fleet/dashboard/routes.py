@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -27,19 +27,26 @@ from .auth import PRELOGIN_COOKIE, SESSION_COOKIE, Authenticator, Session, is_lo
 from .config import DashboardConfig, dashboard_config_from
 from .views import Views
 
+if TYPE_CHECKING:
+    from ..app import FleetApp
+
 __all__ = ["create_router", "mount_dashboard", "build_context"]
 
 _STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
-def build_context(source: Registry | data.DashContext, config: Any = None, *,
+def build_context(source: Registry | data.DashContext | FleetApp, config: Any = None, *,
                   page_size: int = 50) -> data.DashContext:
-    """The pages' :class:`DashContext`: ``source`` itself, or one over a bare registry.
+    """The pages' :class:`DashContext`: a running fleet's (:attr:`FleetApp.dashboard`, with its rollout
+    driver), ``source`` itself, or one over a bare registry.
 
     Over a registry with a :class:`FleetConfig` the pages know the fleet's samples, retraining
-    policy and rollout defaults, but have no rollout driver (no MQTT link): the running fleet's
-    context, with its driver, is :meth:`fleet.app.FleetApp.dashboard_context`.
+    policy and rollout defaults, but have no rollout driver (no MQTT link): no rollout actions.
     """
+    from ..app import FleetApp
+
+    if isinstance(source, FleetApp):
+        return source.dashboard
     if isinstance(source, data.DashContext):
         return source
     if not isinstance(source, Registry):
@@ -86,7 +93,7 @@ def _safe_next(url: str | None, prefix: str) -> str:
     return prefix + "/"
 
 
-def create_router(source: Registry | data.DashContext, config: Any = None, *, prefix: str = "/dashboard",
+def create_router(source: Registry | data.DashContext | FleetApp, config: Any = None, *, prefix: str = "/dashboard",
                   clock: Callable[[], float] = time.time) -> APIRouter:
     """The dashboard router.  ``config``: FleetConfig (its ``dashboard``), DashboardConfig, dict or None."""
     cfg: DashboardConfig = dashboard_config_from(config)
@@ -296,7 +303,7 @@ def create_router(source: Registry | data.DashContext, config: Any = None, *, pr
     return router
 
 
-def mount_dashboard(app: FastAPI, source: Registry | data.DashContext, config: Any = None, *,
+def mount_dashboard(app: FastAPI, source: Registry | data.DashContext | FleetApp, config: Any = None, *,
                     prefix: str = "/dashboard") -> APIRouter:
     """Include the dashboard in ``app`` (also redirects ``/`` to it when ``/`` is free)."""
     router = create_router(source, config, prefix=prefix)
