@@ -45,21 +45,63 @@ def register(subparsers: Any) -> None:
     add_json_flag(verify)
     verify.set_defaults(func=_verify)
 
-    create = bsub.add_parser("create", help="bundle your own .onnx / .tflite model (bring your own model)")
+    create = bsub.add_parser("create", help="bundle your own .onnx / .tflite model (bring your own model)",
+                             description="Bundle any ONNX / TFLite model. What the file says (input dtype, shape, "
+                                         "quantization, layout, embedded labels, probability outputs, the SSD op) "
+                                         "is read from it; the flags override. docs/models.md walks through a "
+                                         "classifier, a detector and a tensor model.")
     create.add_argument("--model", type=Path, required=True, metavar="FILE", help="FILE.onnx or FILE.tflite")
-    create.add_argument("--labels", type=Path, required=True, metavar="FILE", help="class names, one per line")
+    create.add_argument("--labels", type=Path, metavar="FILE",
+                        help="class names, one per line (default: from TFLite metadata; none for tensor models)")
     create.add_argument("--name", required=True, help="model name")
     create.add_argument("--version", required=True, help="model version, e.g. 1.0.0")
-    create.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input height and width")
-    create.add_argument("--channels", type=int, choices=(1, 3), default=1, help="input channels (default 1)")
-    create.add_argument("--mean", type=float, nargs="+", help="per-channel mean after scaling to [0, 1]")
-    create.add_argument("--std", type=float, nargs="+", help="per-channel std after scaling to [0, 1]")
+    add_model_flags(create)
     create.add_argument("--baseline-dir", type=Path, metavar="DIR",
-                        help="images (one folder per class) to compute the drift baseline from")
+                        help="sample inputs (images or .npy, read recursively) to calibrate the drift baseline from")
     create.add_argument("--sign", type=Path, metavar="KEY", help="private key file to sign the bundle with")
     create.add_argument("--out", type=Path, required=True, metavar="FILE", help="bundle file to write (.elb)")
     add_json_flag(create)
     create.set_defaults(func=_create)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Task, preprocessing and output flags shared by ``bundle create`` and ``optimize``."""
+    g = p.add_argument_group("task and outputs")
+    g.add_argument("--task", choices=("classification", "detection", "tensor"),
+                   help="what the outputs mean (default: guessed: SSD op -> detection, one score per label -> "
+                        "classification, else tensor)")
+    g.add_argument("--output", metavar="NAME", help="classifier: the class-score output (default: the first)")
+    g.add_argument("--output-kind", choices=("logits", "probabilities"),
+                   help="classifier: logits (softmax applied) or probabilities (default: read from the model)")
+    g.add_argument("--detector", choices=("ssd", "yolox", "yolov5", "yolov8"),
+                   help="detection head: ssd (TFLite post-processed), yolox, yolov5 [1,N,5+C], yolov8 [1,4+C,N]")
+    g.add_argument("--score-threshold", type=float, metavar="S", help="detection: lowest score kept (default 0.25)")
+    g.add_argument("--iou-threshold", type=float, metavar="T", help="detection: NMS IoU (default 0.45)")
+    g.add_argument("--max-detections", type=int, metavar="N", help="detection: at most N boxes (default 100)")
+    g.add_argument("--strides", type=int, nargs="+", metavar="S", help="yolox: grid strides (default 8 16 32)")
+    g.add_argument("--label-offset", type=int, metavar="K", help="detection: add K to a class id to index the labels")
+    g.add_argument("--score", choices=("reconstruction-mse",), help="tensor: a per-input score (autoencoders)")
+    g.add_argument("--streaming", action="store_true",
+                   help="stateful model: keep its state between predictions (default: reset before each)")
+    q = p.add_argument_group("preprocessing (image models)")
+    q.add_argument("--layout", choices=("NCHW", "NHWC", "NHW", "none"),
+                   help="input layout; none = raw tensor input (default: guessed from the input shape)")
+    q.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input height and width (default: the model's)")
+    q.add_argument("--channels", type=int, choices=(1, 3), help="input channels (default: the model's)")
+    q.add_argument("--channel-order", choices=("RGB", "BGR", "GRAY"), help="default RGB (GRAY for 1 channel)")
+    q.add_argument("--range", choices=("unit", "pixel", "signed"),
+                   help="value range before mean/std: unit 0..1, pixel 0..255, signed -1..1 "
+                        "(default pixel for uint8 inputs, else unit)")
+    q.add_argument("--mean", type=float, nargs="+", help="per-channel mean, in --range units")
+    q.add_argument("--std", type=float, nargs="+", help="per-channel std, in --range units")
+    q.add_argument("--resize", choices=("bilinear", "area", "bilinear-cv", "nearest"),
+                   help="bilinear: antialiased (PIL); area: box/INTER_AREA; bilinear-cv: OpenCV/TFLite half-pixel, "
+                        "no antialias; nearest (default bilinear)")
+    q.add_argument("--fit", choices=("stretch", "center-crop", "letterbox", "height"),
+                   help="stretch (default), center-crop, letterbox (keep aspect, pad), height (PaddleOCR text lines)")
+    q.add_argument("--anchor", choices=("center", "top-left"), help="letterbox placement (default center)")
+    q.add_argument("--pad-value", type=float, metavar="V", help="raw pixel value of padding (default 0)")
+    q.add_argument("--crop-fraction", type=float, metavar="F", help="center-crop: crop / resized side (e.g. 0.875)")
 
 
 def _keys_new(args: argparse.Namespace) -> int:
@@ -101,8 +143,22 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"{m.name} {m.version}  (created {m.created})  -- NOT verified; use `edgeloop bundle verify`")
         print(f"signature: {'none (unsigned)' if sig is None else f'{sig.algorithm}, key id {sig.key_id}'}")
         print(f"labels ({len(m.labels)}): {', '.join(m.labels[:10])}{' ...' if len(m.labels) > 10 else ''}")
-        print(f"input: {m.input.name} {list(m.input.shape)} {m.input.dtype} {m.input.layout}; preprocessing: "
-              f"{pre.size[0]}x{pre.size[1]}, {pre.channels} ch, mean {list(pre.mean)}, std {list(pre.std)}")
+        q = f" scale {m.input.scale:g} zero point {m.input.zero_point}" if m.input.scale is not None else ""
+        print(f"task: {m.task.kind}{' ' + str(m.task.options) if m.task.options else ''}"
+              f"{' (streaming)' if m.task.streaming else ''}")
+        print(f"input: {m.input.name} {list(m.input.shape)} {m.input.dtype}{q} {m.input.layout}")
+        if pre is not None:
+            print(f"preprocessing: {pre.size[0]}x{pre.size[1]}, {pre.channels} ch {pre.channel_order}, "
+                  f"x*{pre.scale:g} mean {list(pre.mean)} std {list(pre.std)}, resize {pre.resize}, fit {pre.fit}"
+                  f"{f' ({pre.anchor}, pad {pre.pad_value:g})' if pre.fit in ('letterbox', 'height') else ''}, "
+                  f"{pre.layout}")
+        else:
+            print("preprocessing: none (raw tensor input)")
+        for t in m.outputs.tensors:
+            tq = f" scale {t.scale:g} zero point {t.zero_point}" if t.scale is not None else ""
+            print(f"output: {t.name} {list(t.shape)} {t.dtype}{tq} -> {t.meaning}")
+        if not m.outputs.tensors:
+            print(f"outputs: logits {m.outputs.logits}, embedding {m.outputs.embedding}")
         ref = _fmt(None if m.reference_accuracy is None else 100 * m.reference_accuracy, ".2f")
         print(f"reference accuracy: {ref}%  accuracy budget: {m.accuracy_budget} pp")
         rows = [["variant", "format", "precision", "size", "test acc %", "drop pp", "latency ms", "sha256"]]
