@@ -139,7 +139,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from core.errors import EdgeloopError, InputError
-    from core.preprocess import IMAGE_SUFFIXES, load_image
+    from core.imageio import IMAGE_SUFFIXES
+    from core.imageio import load_input as load_image  # .npy as stored: tensor models take any dtype
 
     if not args.path.exists():
         raise InputError(f"{args.path}: no such file or folder", path=str(args.path))
