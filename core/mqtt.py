@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .errors import BrokerError
+from .protocol import MQTT_VERSION_ALIASES, MQTT_VERSIONS, MqttVersion
 
 __all__ = ["TlsConfig", "Will", "MqttConnection", "connect_client", "ProtocolChoice"]
 
@@ -40,8 +41,8 @@ _paho_log = logging.getLogger(f"{__name__}.paho")
 # stopped: a normal shutdown path, not an error worth a red line in the agent's log.
 _paho_log.addFilter(lambda record: not str(record.msg).startswith("Client is not connected"))
 
-ProtocolChoice = Literal["auto", "5", "3.1.1"]
-_PROTOCOL_ALIASES = {"mqtt5": "5", "mqtt311": "3.1.1", "5": "5", "3.1.1": "3.1.1", "auto": "auto"}
+ProtocolChoice = MqttVersion  # one spelling for every config (core.protocol)
+_PROTOCOL_ALIASES = {**{v: v for v in MQTT_VERSIONS}, **MQTT_VERSION_ALIASES}
 _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK: 3.1.1 return code 1, MQTT 5 reason 0x84
 _SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker keeps a device's queued commands
 

@@ -42,7 +42,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, TypeVar, Union
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union
 
 from .chunks import (
     CHUNK_MAGIC,
@@ -73,6 +73,7 @@ __all__ = [
     "Message", "DeviceState", "Telemetry", "DriftReportMsg", "JobStatus", "Feedback", "InferenceResult",
     "DeployCommand", "RollbackCommand", "BundleRequest", "Receipt", "RECEIPT_PROPERTY", "RECEIPT_KINDS",
     "wants_receipt", "decode", "decode_as",
+    "validate_topic_prefix", "MqttVersion", "MQTT_VERSIONS", "MQTT_VERSION_ALIASES",
     "LATENCY_BUCKET_BASE_MS", "LATENCY_BUCKETS_PER_OCTAVE", "LATENCY_BUCKETS", "latency_bucket", "latency_bucket_ms",
     # chunk framing (core.chunks)
     "CHUNK_MAGIC", "Frame", "Completed", "Dropped", "Reassembler", "split", "parse_frame", "is_frame",
@@ -122,6 +123,26 @@ def validate_device_id(device_id: str) -> str:
     return device_id
 
 
+def validate_topic_prefix(prefix: str) -> str:
+    """The one rule for a topic prefix (configs and :class:`TopicScheme` alike).
+
+    Non-empty levels separated by ``/`` (so no leading, trailing or double ``/``), none
+    starting with ``$`` (reserved by brokers) nor holding a wildcard ``+``/``#`` or NUL.
+    """
+    levels = prefix.split("/") if isinstance(prefix, str) and prefix else [""]
+    if any(not lv or lv.startswith("$") or set(lv) & {"+", "#", "\0"} for lv in levels):
+        raise ProtocolError(f"invalid topic prefix {prefix!r}",
+                            hint="use non-empty levels without wildcards, e.g. 'edgeloop/v1'")
+    return prefix
+
+
+# The MQTT protocol version, spelled one way in every config: "auto" (MQTT 5, falling back
+# to 3.1.1), "5" or "3.1.1".  The agent config's older "mqtt5" / "mqtt311" still load.
+MqttVersion = Literal["auto", "5", "3.1.1"]
+MQTT_VERSIONS: tuple[str, ...] = typing.get_args(MqttVersion)
+MQTT_VERSION_ALIASES = {"mqtt5": "5", "mqtt311": "3.1.1"}
+
+
 def now() -> float:
     """Wall-clock timestamp (Unix seconds) put in every message's ``ts``."""
     return time.time()
@@ -134,10 +155,7 @@ class TopicScheme:
     prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
-        levels = self.prefix.split("/") if isinstance(self.prefix, str) else [""]
-        if any(not lv or lv.startswith("$") or set(lv) & {"+", "#", "\0"} for lv in levels):
-            raise ProtocolError(f"invalid topic prefix {self.prefix!r}",
-                                hint="use non-empty levels without wildcards, e.g. 'edgeloop/v1'")
+        validate_topic_prefix(self.prefix)
 
     def device(self, device_id: str, kind: str) -> str:
         validate_device_id(device_id)
