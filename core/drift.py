@@ -1,37 +1,42 @@
 """On-device drift detection: a baseline calibrated at export time, a monitor on the device.
 
-Two questions, answered separately (``shared/DRIFT.md``):
+Three answers per window of W inferences, kept apart (``shared/DRIFT.md``):
 
-* **Is the model at risk?** (``risk``, drives the alarm) from the penultimate embedding and
-  the softmax: the mean normalised k-NN distance of the window's embeddings to a fixed
-  reference sample (the same per-sample score the sampler uses); a squared MMD, RBF kernel
-  with median-heuristic bandwidth, against that reference; and a two-sample KS test of
-  max-softmax confidence.  Measured on digits (``benchmarks/drift_bench.py``): the k-NN
-  statistic is by far the most sensitive of the three.  The median-heuristic bandwidth
-  spans *between*-class distances, so the MMD mostly sees changes in class mix and misses
-  within-class distortion (a 10 degree rotation flagged ~10% of 25-image windows against
-  k-NN's 100%).  The MMD stays in the report and in the risk score: it is the test
-  that sees a change in class mix.
-* **Did the input change?** (``input_shift``, reported, no alarm): per-channel PSI of pixel
-  intensities against the reference histogram, and per-cell KS on an 8x8 average-pooled
-  grid (max D over cells), which sees rotations an intensity histogram cannot.
+* **Did the input change?** (``input_shift``, reported) from the inputs the model saw,
+  reduced per inference to a thumbnail (``core.drift_features``): per-cell KS on an 8x8
+  average-pooled grid (``pixel_ks``, max D over cells), PSI of the intensity histogram
+  (``pixel_psi``), and per-image summary features -- brightness, contrast, highlights (mean
+  of the brightest 5 %), sharpness, gradient orientation -- tested by KS (``image_ks``) and
+  by a z-test on their window means (``image_z``).  A non-image tensor model gets the same
+  four tests on a fixed summary of its input tensor.
+* **Is the model at risk?** (``risk``, drives the alarm) from what the model offers:
+  a squared MMD of the embedding (``embedding_mmd``) against the reference *re-weighted to
+  the window's predicted class mix*, the mean k-NN embedding distance normalised per
+  predicted class (``embedding_knn``), a KS test of the confidence's rank within its
+  predicted class's reference (``confidence_ks``), and for detection / tensor outputs KS
+  and mean tests on the per-sample output summary (``output_ks``, ``output_z``).  All are
+  class-conditional, so a change of the class mix alone (label shift: time of day, a
+  different scene) does not raise the alarm; a model without an embedding uses its class
+  probabilities in the embedding's place.  With no risk test at all (inputs only), the
+  alarm follows the input score.
+* **Did the class mix change?** (``class_shift``, reported, never an alarm): chi-square of
+  the predicted-class counts against the class prior (small expected counts merged).
 
-A chi-square test of predicted-class counts against the class prior (small expected
-counts merged) is reported as ``class_shift``; a change in class mix alone is not a
-failing model.
+Calibration (``calibrate``, in ``drift_calibrate``) turns each test's statistic into an
+empirical p-value against its bootstrapped null for that window size and combines a
+group's p-values with the Cauchy combination (``-log10`` of the combined p: 2.0 = 1 %);
+the thresholds are quantiles of the combined scores' own null from an independent
+bootstrap, so the "input changed" flag is on in exactly ``input_budget`` (default 1 %) of
+undrifted windows and the alarm, after its hysteresis, in ``alarm_rate`` (default 0.5 %).
 
-Calibration (``compute_baseline``, in ``drift_baseline``) never touches training data: the
-held-out set is split into a *reference* sample (what windows are compared against,
-shipped in the bundle) and a disjoint *calibration* sample from which undrifted windows
-are bootstrapped per window size (two-level bootstrap, so the calibration set's own
-sampling error is in the null).  Each test's threshold is its null 99th percentile; a group
-score is the max of the tests' score/threshold ratios, and the alarm threshold comes from a
-second, independent bootstrap, chosen (``drift_stats.flag_rate_for_alarm_rate``) so that
-after the hysteresis the alarm is on in at most ``alarm_rate`` of undrifted windows.
+Cost: ``update`` only copies each sample's thumbnail, probabilities, embedding and output
+summary into preallocated window buffers; every statistic is computed once per window,
+vectorised.  Memory is the window buffers plus the fixed reference: nothing grows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,47 +44,32 @@ import numpy as np
 
 from . import drift_stats as st
 from .drift_baseline import (
-    _CHI2,
-    _IDX,
-    _INPUT,
-    _RISK,
     BASELINE_SCHEMA_VERSION,
+    CLASS_TESTS,
     INPUT_TESTS,
     RISK_TESTS,
     TEST_NAMES,
     Baseline,
-    _Features,
-    _features,
-    _normalised_max,
+    _samples,
     _window_stats,
-    compute_baseline,
+    combine,
+    tests_for,
 )
+from .drift_calibrate import DEFAULT_WINDOWS, calibrate, calibration_summary
+from .drift_features import DriftFeatures, thumb_shape, thumbnail
 from .drift_stats import Hysteresis, HysteresisState, flag_rate_for_alarm_rate
-from .errors import InputError
+from .errors import DataError, InputError
 
-__all__ = [
-    "BASELINE_SCHEMA_VERSION",
-    "REPORT_SCHEMA_VERSION",
-    "TEST_NAMES",
-    "RISK_TESTS",
-    "INPUT_TESTS",
-    "Hysteresis",
-    "Baseline",
-    "compute_baseline",
-    "TestResult",
-    "DriftReport",
-    "DriftMonitor",
-]
+__all__ = ["BASELINE_SCHEMA_VERSION", "REPORT_SCHEMA_VERSION", "TEST_NAMES", "RISK_TESTS", "INPUT_TESTS",
+           "CLASS_TESTS", "DEFAULT_WINDOWS", "Hysteresis", "Baseline", "DriftFeatures", "calibrate",
+           "calibration_summary", "compute_baseline", "tests_for", "TestResult", "DriftReport", "DriftMonitor"]
 
-REPORT_SCHEMA_VERSION = 1
-
-
-# ------------------------------------------------------------------------ monitor
+REPORT_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
 class TestResult:
-    """One statistic of one window: score, calibrated threshold, flag, analytic p-value if any."""
+    """One statistic of one window: score, threshold at the input budget, flag, empirical p-value."""
 
     __test__ = False  # not a pytest class
 
@@ -94,10 +84,10 @@ class TestResult:
 class DriftReport:
     """The verdict on one full window of ``n`` samples.
 
-    ``risk`` is the max over the risk tests of score/threshold (embedding MMD, embedding
-    k-NN, confidence KS); ``risk_flag`` when it exceeds ``risk_threshold``; ``alarm`` is the
-    hysteresis-filtered risk state.  ``input_shift`` answers "did the input change" from the
-    pixel tests, ``class_shift`` "did the predicted class mix change"; neither drives the alarm.
+    ``risk`` / ``input_score`` are the Cauchy-combined ``-log10 p`` of the risk and input
+    tests; ``risk_flag`` when ``risk`` exceeds ``risk_threshold``; ``alarm`` is the
+    hysteresis-filtered risk state.  ``input_shift`` answers "did the input change",
+    ``class_shift`` "did the predicted class mix change"; neither drives the alarm.
     """
 
     window_index: int
@@ -114,15 +104,20 @@ class DriftReport:
     alarm_changed: bool
     mean_confidence: float
     mean_sample_score: float
+    class_counts: tuple[int, ...] = ()
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def test(self, name: str) -> TestResult:
-        """The result of test ``name`` (one of ``TEST_NAMES``)."""
-        return self.tests[_IDX[name]]
+        """The result of test ``name``; ``KeyError`` when this baseline does not run it."""
+        for t in self.tests:
+            if t.name == name:
+                return t
+        raise KeyError(f"{name} (this window ran {[t.name for t in self.tests]})")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the wire form of a drift report)."""
+        """A JSON-ready dict."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "tests"}
+        d["class_counts"] = list(self.class_counts)
         d["tests"] = {t.name: {"score": t.score, "threshold": t.threshold, "flag": t.flag, "p_value": t.p_value}
                       for t in self.tests}
         return d
@@ -131,34 +126,46 @@ class DriftReport:
 class DriftMonitor:
     """Consumes inference batches, emits a ``DriftReport`` per full window; fixed memory.
 
-    Keeps one window's worth of per-sample features in preallocated arrays and the
-    hysteresis state (at most ``on_m`` flags); nothing grows with uptime.  The alarm
-    threshold is derived from the baseline's bootstrap null so that, under ``hysteresis``,
-    the alarm is on in at most ``baseline.alarm_rate`` of undrifted windows.
+    ``window``: one of ``baseline.windows`` (None or 0: the baseline's default); any other
+    size raises ``InputError`` naming the calibrated ones -- never silently another.
+    ``input_budget`` / ``alarm_rate``: override the baseline's budgets (any rate the
+    bootstrap resolves, >= 1 / n_boot).
     """
 
-    def __init__(self, baseline: Baseline, *, window: int | None = None, hysteresis: Hysteresis | None = None) -> None:
-        self.baseline = baseline
-        self.window = baseline.window if window is None else int(window)
-        wi = baseline.window_index(self.window)
-        self.hysteresis = hysteresis or baseline.hysteresis
-        self._thr = baseline.thresholds[wi]
-        self._groups = baseline.class_groups[wi]
-        p_flag = flag_rate_for_alarm_rate(baseline.alarm_rate, self.hysteresis)
-        self.risk_threshold = float(np.quantile(baseline.risk_null[wi], 1.0 - p_flag))
-        self.input_threshold = float(np.quantile(baseline.input_null[wi], 1.0 - baseline.alarm_rate))
-        c, h, w = baseline.input_shape
-        d = baseline.emb_ref.shape[1]
+    def __init__(self, baseline: Baseline, *, window: int | None = None, hysteresis: Hysteresis | None = None,
+                 input_budget: float | None = None, alarm_rate: float | None = None) -> None:
+        b = self.baseline = baseline
+        self.window = b.default_window if not window else int(window)
+        wi = b.window_index(self.window)
+        self.hysteresis = hysteresis or b.hysteresis
+        self.input_budget = b.input_budget if input_budget is None else float(input_budget)
+        self.alarm_rate = b.alarm_rate if alarm_rate is None else float(alarm_rate)
+        for name, v in (("input_budget", self.input_budget), ("alarm_rate", self.alarm_rate)):
+            if not 0.0 < v < 0.5:
+                raise InputError(f"drift {name} {v} out of range", hint="use a rate in (0, 0.5), e.g. 0.01")
+        self._tests = b.tests
+        self._null, comb = b.null[wi], b.combined[wi]
+        self._groups = None if b.class_groups is None else b.class_groups[wi]
+        self._alarm_group = 1 if any(t in RISK_TESTS for t in self._tests) else 0
+        p_flag = flag_rate_for_alarm_rate(self.alarm_rate, self.hysteresis)
+        self.input_threshold = float(np.quantile(comb[0], 1.0 - self.input_budget))
+        self.risk_threshold = float(np.quantile(comb[self._alarm_group], 1.0 - p_flag))
+        self._test_thr = np.quantile(self._null, 1.0 - self.input_budget, axis=0)
         n = self.window
-        nf = baseline.pix_ref_sorted.shape[1]
-        self._buf = _Features(
-            emb=np.zeros((n, d)), conf=np.zeros(n), pred=np.zeros(n, np.int64),
-            conf_code=np.zeros((n, 1), np.int64), pix_code=np.zeros((n, nf), np.int64),
-            hist=np.zeros((n, c, baseline.pix_ref_fraction.shape[1]), np.int64), knn=np.zeros(n), kr=np.zeros(n),
-        )
+        shapes: dict[str, tuple[int, ...]] = {}
+        if b.grid_ref is not None:
+            shapes["inputs"] = thumb_shape(b.input_shape)
+        if b.conf_ref is not None:
+            shapes["probs"] = (len(b.class_prior),)
+        if "embedding" in b.kinds:
+            shapes["embedding"] = (b.emb_ref.shape[1],)
+        if b.out_ref is not None:
+            shapes["outputs"] = (b.out_ref.shape[1],)
+        self._buf = {k: np.zeros((n, *s), np.float32) for k, s in shapes.items()}
+        self._want = {k: (b.input_shape if k == "inputs" else s) for k, s in shapes.items()}
         self._fill = 0
         self._windows_done = 0
-        self.last_sample_scores: np.ndarray | None = None  # score_samples() of the last batch
+        self.last_sample_scores: np.ndarray | None = None  # not computed per inference; see score_samples()
         self._state = HysteresisState(self.hysteresis)
 
     @property
@@ -171,44 +178,59 @@ class DriftMonitor:
         """Samples waiting for the current window to fill."""
         return self._fill
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The ``DriftFeatures`` fields this monitor needs per batch."""
+        return tuple(self._buf)
+
     def buffer_nbytes(self) -> int:
         """Bytes held by the window buffers (constant for the monitor's lifetime)."""
-        return sum(getattr(self._buf, k).nbytes for k in self._buf.__dataclass_fields__)
+        return sum(a.nbytes for a in self._buf.values())
 
     def score_samples(self, emb: np.ndarray) -> np.ndarray:
         """Per-sample drift score: k-NN embedding distance to the reference / its calibration median.
 
         ~1 for typical inputs; above ``baseline.sample_score_q99`` is rarer than 1 in 100
-        undrifted images.  Stateless; ``SampleSelector`` uses it.
+        undrifted images.  Stateless; ``SampleSelector`` uses it.  Zeros without an embedding.
         """
         b = self.baseline
-        d2 = st.sq_distances(np.asarray(emb, np.float64), b.emb_ref, b_sq=b.emb_ref_sq)
-        return st.knn_distance(d2, b.knn_k) / b.knn_scale
+        e = np.asarray(emb, np.float64)
+        if b.emb_ref is None or e.shape[-1] != b.emb_ref.shape[1]:
+            return np.zeros(len(e))
+        d2 = st.sq_distances(e, b.emb_ref, b_sq=b.emb_ref_sq)
+        return st.knn_distance(d2, b.knn_k) / b.sample_scale
 
-    def update(self, x: np.ndarray, probs: np.ndarray, emb: np.ndarray) -> list[DriftReport]:
-        """Add a batch (preprocessed x (N,C,H,W), softmax probs (N,K), embeddings (N,D)).
+    def update(self, features: DriftFeatures | np.ndarray, probs: np.ndarray | None = None,
+               emb: np.ndarray | None = None, outputs: np.ndarray | None = None) -> list[DriftReport]:
+        """Add a batch: a ``DriftFeatures``, or (inputs, probs, embedding, outputs) arrays.
 
-        Returns the reports of the windows this batch completed (usually none or one).
+        Fields the baseline was calibrated without are ignored; a missing one, or one of
+        the wrong shape, raises ``InputError``.  Returns the reports of the windows this
+        batch completed (usually none or one).
         """
-        x = np.asarray(x, dtype=np.float32)
-        b = self.baseline
-        if (x.ndim != 4 or x.shape[1:] != b.input_shape or np.ndim(probs) != 2 or np.ndim(emb) != 2
-                or np.shape(probs)[1] != b.class_prior.shape[0] or np.shape(emb)[1] != b.emb_ref.shape[1]
-                or not len(x) == len(probs) == len(emb)):
-            raise InputError(
-                f"drift monitor got x {x.shape}, probs {np.shape(probs)}, emb {np.shape(emb)}; expected "
-                f"(N,{','.join(map(str, b.input_shape))}), (N,{b.class_prior.shape[0]}), (N,{b.emb_ref.shape[1]})",
-                hint="feed the preprocessed batch with the same model's softmax and embedding outputs",
-            )
-        f = _features(b, x, probs, emb)
-        # Kept so the caller can hand per-sample scores to the sampler without recomputing them.
-        self.last_sample_scores = f.knn
-        reports = []
-        start = 0
-        while start < len(x):
-            take = min(self.window - self._fill, len(x) - start)
-            for k in self._buf.__dataclass_fields__:
-                getattr(self._buf, k)[self._fill:self._fill + take] = getattr(f, k)[start:start + take]
+        if isinstance(features, DriftFeatures):
+            given = features.fields()
+        else:
+            given = {k: v for k, v in (("inputs", features), ("probs", probs), ("embedding", emb),
+                                       ("outputs", outputs)) if v is not None}
+        arrays = {}
+        for k, shape in self._want.items():
+            a = given.get(k)
+            if a is None or tuple(np.shape(a)[1:]) != tuple(shape):
+                raise InputError(
+                    f"drift monitor got {k} {None if a is None else np.shape(a)}; expected (N, "
+                    f"{', '.join(map(str, shape))}); this baseline needs {list(self._want)}",
+                    hint="feed the same model outputs the baseline was calibrated with (core.drift_features)")
+            arrays[k] = thumbnail(a) if k == "inputs" else a
+        n = {len(a) for a in arrays.values()}
+        if len(n) != 1:
+            raise InputError(f"drift features have different batch sizes {sorted(n)}", hint="pass aligned arrays")
+        total = n.pop()
+        reports, start = [], 0
+        while start < total:
+            take = min(self.window - self._fill, total - start)
+            for k, a in arrays.items():
+                self._buf[k][self._fill:self._fill + take] = a[start:start + take]
             self._fill += take
             start += take
             if self._fill == self.window:
@@ -217,28 +239,39 @@ class DriftMonitor:
         return reports
 
     def _close_window(self) -> DriftReport:
-        b = self.baseline
-        stats = _window_stats(b, self._buf, np.arange(self.window)[None, :], self._groups)
-        risk = float(_normalised_max(stats, self._thr, _RISK)[0])
-        inp = float(_normalised_max(stats, self._thr, _INPUT)[0])
+        b, buf, w = self.baseline, self._buf, self.window
+        f = _samples(b, buf.get("inputs"), buf.get("probs"), buf.get("embedding"), buf.get("outputs"), w)
+        stats = _window_stats(b, f, np.arange(w)[None, :], self._tests, self._groups)
+        comb = combine(self._null, stats, self._tests)[0]
+        pvals = st.empirical_pvalues(stats, self._null)[0]
         s = stats[0]
-        pvals: dict[str, float] = {
-            "confidence_ks": st.ks_pvalue(s[_IDX["confidence_ks"]], self.window, len(b.conf_ref_sorted)),
-            "class_chi2": st.chi2_sf(s[_CHI2], int(self._groups.max())),
-        }
-        tests = tuple(
-            TestResult(n, float(s[i]), float(self._thr[i]), bool(s[i] > self._thr[i]), pvals.get(n))
-            for i, n in enumerate(TEST_NAMES)
-        )
+        tests = tuple(TestResult(name, float(s[i]), float(self._test_thr[i]), bool(s[i] > self._test_thr[i]),
+                                 float(pvals[i])) for i, name in enumerate(self._tests))
+        risk = float(comb[self._alarm_group])
         risk_flag = risk > self.risk_threshold
         before = self._state.alarm
         self._state.step(risk_flag)
         self._windows_done += 1
+        chi = self._tests.index("class_chi2") if "class_chi2" in self._tests else None
+        probs = buf.get("probs")
+        counts = () if probs is None else tuple(int(c) for c in np.bincount(f.pred, minlength=probs.shape[1]))
         return DriftReport(
-            window_index=self._windows_done - 1, n=self.window, tests=tests, risk=risk,
-            risk_threshold=self.risk_threshold, risk_flag=risk_flag, input_score=inp,
-            input_threshold=self.input_threshold, input_shift=inp > self.input_threshold,
-            class_shift=bool(s[_CHI2] > self._thr[_CHI2]), alarm=self._state.alarm,
-            alarm_changed=self._state.alarm != before, mean_confidence=float(self._buf.conf.mean()),
-            mean_sample_score=float(self._buf.knn.mean()),
-        )
+            window_index=self._windows_done - 1, n=w, tests=tests, risk=risk, risk_threshold=self.risk_threshold,
+            risk_flag=risk_flag, input_score=float(comb[0]), input_threshold=self.input_threshold,
+            input_shift=bool(comb[0] > self.input_threshold),
+            class_shift=bool(chi is not None and s[chi] > self._test_thr[chi]), alarm=self._state.alarm,
+            alarm_changed=self._state.alarm != before,
+            mean_confidence=float(probs.max(axis=1).mean()) if probs is not None else 0.0,
+            mean_sample_score=float(f.knn.mean()) if f.knn is not None else 0.0, class_counts=counts)
+
+
+def compute_baseline(x_ref: np.ndarray | None, probs_ref: np.ndarray | None, emb_ref: np.ndarray | None,
+                     x_cal: np.ndarray | None, probs_cal: np.ndarray | None, emb_cal: np.ndarray | None, *,
+                     window: int | Sequence[int] = DEFAULT_WINDOWS, **kw: Any) -> Baseline:
+    """``calibrate`` from positional arrays (inputs, probs, embedding for reference and calibration)."""
+    try:
+        ref = DriftFeatures(inputs=x_ref, probs=probs_ref, embedding=emb_ref)
+        cal = DriftFeatures(inputs=x_cal, probs=probs_cal, embedding=emb_cal)
+    except InputError as exc:
+        raise DataError(exc.message, hint=exc.hint) from exc
+    return calibrate(ref, cal, windows=window, **kw)

@@ -40,7 +40,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["DriftFeatures", "THUMB_SIDE", "TENSOR_SUMMARY", "thumbnail", "thumb_shape", "detection_summary",
+__all__ = ["DriftFeatures", "THUMB_SIDE", "image_stats", "input_blocks", "IMAGE_STATS", "TENSOR_SUMMARY", "thumbnail", "thumb_shape", "detection_summary",
            "tensor_summary", "DETECTION_SUMMARY_COLUMNS"]
 
 THUMB_SIDE = 32  # images larger than this are block-averaged down to at most this many pixels a side
@@ -134,6 +134,54 @@ def tensor_summary(t: np.ndarray) -> np.ndarray:
     chunks = np.where(widths > 0, sums / np.maximum(widths, 1), t[:, np.minimum(edges, f - 1)])
     return np.concatenate([t.mean(1, keepdims=True), t.std(1, keepdims=True), t.min(1, keepdims=True),
                            t.max(1, keepdims=True), chunks], axis=1).astype(np.float32)
+
+
+IMAGE_STATS = ("mean", "sd", "top5", "gradient")  # per channel, then "orientation_cos", "orientation_sin"
+
+
+def image_stats(t: np.ndarray) -> np.ndarray:
+    """Per-image summary features of thumbnails (N, C, h, w) -> (N, 4 C + 2).
+
+    Per channel: mean (brightness), standard deviation (contrast), mean of the brightest
+    5 % of pixels (highlights: a gain change moves them even where the scene's content
+    makes the mean vary a lot), mean gradient magnitude (sharpness).  Then the dominant
+    orientation of the channel-mean image's gradient structure tensor as
+    ``((Jxx - Jyy), 2 Jxy) / (Jxx + Jyy)`` (a rotation turns this vector by twice its angle).
+    """
+    t = np.asarray(t, dtype=np.float32)
+    n, c, h, w = t.shape
+    flat = t.reshape(n, c, -1)
+    k = max(1, flat.shape[-1] // 20)
+    top = np.partition(flat, flat.shape[-1] - k, axis=-1)[..., -k:].mean(axis=-1)
+    out = [flat.mean(axis=-1), flat.std(axis=-1), top]
+    if h > 1 and w > 1:
+        gx = t[:, :, :-1, 1:] - t[:, :, :-1, :-1]
+        gy = t[:, :, 1:, :-1] - t[:, :, :-1, :-1]
+        out.append(np.sqrt(gx * gx + gy * gy).mean(axis=(2, 3)))
+        mx, my = gx.mean(axis=1), gy.mean(axis=1)
+        jxx, jyy, jxy = (mx * mx).mean(axis=(1, 2)), (my * my).mean(axis=(1, 2)), (mx * my).mean(axis=(1, 2))
+        den = jxx + jyy + 1e-12
+        orient = np.stack([(jxx - jyy) / den, 2.0 * jxy / den], axis=1)
+    else:
+        out.append(np.zeros((n, c), np.float32))
+        orient = np.zeros((n, 2), np.float32)
+    return np.concatenate([*out, orient], axis=1).astype(np.float64)
+
+
+def input_blocks(thumbs: np.ndarray, grid: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thumbnails -> (cells (N, G), stats (N, S), intensity values (N, C, P)) for the input tests.
+
+    Images: average-pooled ``grid`` x ``grid`` cells per channel, :func:`image_stats`, the
+    pixels.  Tensor summaries: the chunk means, the four moments, the chunk means as one
+    channel.
+    """
+    from .drift_stats import pool_grid
+
+    if thumbs.ndim == 4:
+        n, c = thumbs.shape[:2]
+        return pool_grid(thumbs, grid), image_stats(thumbs), thumbs.reshape(n, c, -1)
+    t = np.asarray(thumbs, dtype=np.float64)
+    return t[:, 4:], t[:, :4], t[:, None, 4:]
 
 
 # ------------------------------------------------------------------------ outputs

@@ -41,6 +41,10 @@ __all__ = [
     "HysteresisState",
     "alarm_on_fraction",
     "flag_rate_for_alarm_rate",
+    "ks_uniform",
+    "empirical_pvalues",
+    "cauchy_combine",
+    "class_mmd2",
 ]
 
 
@@ -138,6 +142,67 @@ def ks_pvalue(d: float, n: int, m: int) -> float:
     """
     en = math.sqrt(n * m / (n + m))
     return float(kolmogorov_sf((en + 0.12 + 0.11 / en) * d)[0])
+
+
+def ks_uniform(u: np.ndarray) -> np.ndarray:
+    """KS D of windows ``u`` (..., W) of values in [0, 1] against Uniform(0, 1) -> (...).
+
+    Used on probability-integral-transformed values (a class-conditional confidence rank),
+    which are uniform under no drift whatever the class mix.
+    """
+    s = np.sort(u, axis=-1)
+    w = s.shape[-1]
+    i = np.arange(1, w + 1, dtype=np.float64)
+    return np.maximum((i / w - s).max(axis=-1), (s - (i - 1.0) / w).max(axis=-1))
+
+
+def empirical_pvalues(scores: np.ndarray, null_sorted: np.ndarray) -> np.ndarray:
+    """Right-tail empirical p-values of ``scores`` (..., T) against per-column sorted nulls (n, T).
+
+    ``p = (1 + #{null >= s}) / (n + 1)``: never 0, exact for exchangeable draws.
+    """
+    n, t = null_sorted.shape
+    s = np.asarray(scores, dtype=np.float64)
+    out = np.empty(s.shape)
+    for j in range(t):
+        out[..., j] = (1.0 + n - np.searchsorted(null_sorted[:, j], s[..., j], side="left")) / (n + 1.0)
+    return out
+
+
+def cauchy_combine(p: np.ndarray) -> np.ndarray:
+    """Cauchy combination of p-values along the last axis (Liu & Xie 2020), as ``-log10`` of the combined p.
+
+    ``T = mean(tan((0.5 - p) * pi))`` is standard Cauchy under the null whatever the
+    dependence between the tests (asymptotically in the tail), so a single very small p
+    carries the combination (unlike Fisher's, which needs several) while moderate
+    evidence from several tests adds up (unlike the minimum).  Thresholds are still
+    calibrated empirically; the ``-log10 p`` scale just makes scores readable and
+    averageable (2.0 = 1 %).
+    """
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-15, 1.0 - 1e-15)
+    t = np.tan((0.5 - p) * np.pi).mean(axis=-1)
+    pc = np.where(t > 1e3, 1.0 / (np.pi * np.maximum(t, 1e3)), 0.5 - np.arctan(t) / np.pi)
+    return -np.log10(np.clip(pc, 1e-300, 1.0))
+
+
+def class_mmd2(within_u: np.ndarray, kr_mean: np.ndarray, counts: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Squared MMD of B windows against a reference re-weighted to each window's class mix -> (B,).
+
+    ``within_u`` (B,): mean kernel over distinct window pairs; ``kr_mean`` (B, K): the
+    window's mean kernel to each reference class; ``counts`` (B, K): predicted classes in the
+    window; ``m`` (K, K): mean kernel between reference classes (distinct pairs).  The
+    reference term is re-weighted so that the statistic's expectation is zero whenever
+    each class looks like its reference, *whatever the class mix*: a change of class mix
+    alone (label shift) is not seen; a change within classes is.  With one class it is
+    the unbiased MMD^2.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    w = counts.sum(axis=1)
+    pi = counts / w[:, None]
+    cross = np.einsum("bk,bk->b", pi, kr_mean)
+    pmp = np.einsum("bk,kl,bl->b", pi, m, pi)
+    pair = (np.einsum("bk,kl,bl->b", counts, m, counts) - counts @ np.diag(m)) / (w * (w - 1.0))
+    return within_u - 2.0 * cross + 2.0 * pmp - pair
 
 
 # -------------------------------------------------------------------- chi-square
