@@ -23,7 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bench", help="latency, throughput, memory, size and accuracy of every variant",
                        description="Benchmark every variant of a bundle (and PyTorch eager for a run) across "
                                    "runtimes, thread counts and batch sizes, each cell in a fresh process.")
-    p.add_argument("target", nargs="?", type=Path, help="a bundle (.elb) or a training run directory")
+    p.add_argument("target", nargs="?", type=Path,
+                   help="a bundle (.elb), a bare model file (.onnx / .tflite) or a training run directory")
+    p.add_argument("--input-shape", type=_ints, default=(), metavar="D,D,...",
+                   help="bare model file: per-sample input shape for dynamic dims (default: dynamic dims = 64)")
     p.add_argument("--bundle", type=Path, help="with a run directory: the bundle exported from it")
     p.add_argument("--threads", type=_ints, default=(1, 2, 4), help="thread counts (default 1,2,4)")
     p.add_argument("--batch", type=_ints, default=(1, 8), help="batch sizes (default 1,8)")
@@ -87,7 +90,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise BenchmarkError(f"{target} does not exist", hint="give a bundle (.elb) or a training run directory")
     entries = []
     bundle = args.bundle
-    if target.is_dir():
+    if target.is_file() and target.suffix.lower() in (".onnx", ".tflite"):
+        from .model_bench import entry_from_model
+
+        entries.append(entry_from_model(target, input_shape=args.input_shape))
+        bundle = None
+    elif target.is_dir():
         if not (target / "checkpoint.pt").exists():
             raise BenchmarkError(f"{target} is not a training run (no checkpoint.pt)")
         entries.append(entry_from_run(target))
@@ -111,6 +119,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         result = {"system": system_info(), "config": {k: getattr(config, k) for k in ("threads", "batches", "runs", "warmup", "time_budget_s")},
                   "target": str(target), "cells": [c.to_dict() for c in cells]}
     paths = write_report(result, args.out)
-    emit(args, {**result, "files": {k: str(v) for k, v in paths.items()}},
+    from .model_bench import failed_cells
+
+    failed = failed_cells(cells)
+    emit(args, {**result, "files": {k: str(v) for k, v in paths.items()}, "failed_cells": len(failed)},
          lambda: print(markdown_table(result) + f"\nwrote {', '.join(str(p) for p in paths.values())}"))
-    return 0
+    for c in failed:
+        print(f"edgeloop bench: cell {c.entry.id} ({c.entry.runtime}, {c.threads} threads) failed: "
+              f"{c.result['error']}", file=sys.stderr)
+    return 1 if failed else 0

@@ -15,7 +15,11 @@ from core.errors import BenchmarkError
 
 from .measure import CellSpec
 
-__all__ = ["BenchConfig", "ModelEntry", "entries_from_bundle", "entry_from_run", "run_matrix", "Cell"]
+__all__ = ["BenchConfig", "ModelEntry", "entries_from_bundle", "entry_from_model", "entry_from_run", "run_matrix", "Cell",
+           "concrete_shape", "MODEL_SUFFIXES", "failed_cells"]
+
+MODEL_SUFFIXES = (".onnx", ".tflite")
+DYNAMIC_DIM = 64  # a dynamic non-batch dimension of a bare model file is measured at this size
 
 _RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
 
@@ -66,6 +70,40 @@ class Cell:
         return {"entry": asdict(self.entry), "threads": self.threads, **self.result}
 
 
+def concrete_shape(shape: Sequence[int], fallback: Sequence[int] = ()) -> tuple[int, ...]:
+    """A per-sample input shape with dynamic (-1) dims filled: from ``fallback`` (the bundle's
+    preprocessing size, aligned from the end), else :data:`DYNAMIC_DIM`."""
+    out = list(int(d) for d in shape)
+    fb = list(fallback)
+    for i in range(len(out)):
+        if out[i] <= 0:
+            j = i - (len(out) - len(fb)) if fb else -1
+            out[i] = int(fb[j]) if 0 <= j < len(fb) and fb[j] > 0 else DYNAMIC_DIM
+    return tuple(out)
+
+
+def entry_from_model(path: Path, *, input_shape: Sequence[int] = ()) -> ModelEntry:
+    """A bare ``.onnx`` / ``.tflite`` file (no bundle): runtime, precision and input shape read from the file."""
+    from core.runtime import model_format, open_model
+
+    fmt = model_format(Path(path))
+    backend = open_model(path)
+    try:
+        inp = backend.inputs[0]
+        shape = tuple(input_shape) or concrete_shape(inp.shape[1:])
+        quant = any(t.quantized for t in (*backend.inputs, *backend.outputs))
+    finally:
+        backend.close()
+    precision = "int8" if quant else ("fp16" if inp.dtype == "float16" else "fp32")
+    return ModelEntry(id=f"{fmt}-{precision}", runtime=_RUNTIME_OF_FORMAT[fmt], precision=precision, path=str(path),
+                      size_bytes=Path(path).stat().st_size, input_shape=shape, model=Path(path).name)
+
+
+def failed_cells(cells: Sequence[Cell]) -> list[Cell]:
+    """Cells whose measurement failed (their ``result`` has an ``error``)."""
+    return [c for c in cells if c.result.get("error")]
+
+
 def entries_from_bundle(bundle_path: Path, workdir: Path, *, trusted_key: Any = None,
                         only: Sequence[str] = ()) -> list[ModelEntry]:
     """Extract the bundle's variants into ``workdir`` and describe each (accuracy from the export gate)."""
@@ -80,7 +118,8 @@ def entries_from_bundle(bundle_path: Path, workdir: Path, *, trusted_key: Any = 
             continue
         entries.append(ModelEntry(
             id=v.id, runtime=_RUNTIME_OF_FORMAT[v.format], precision=v.precision,
-            path=str(Path(root) / v.file), size_bytes=v.size, input_shape=tuple(m.input.shape[1:]),
+            path=str(Path(root) / v.file), size_bytes=v.size,
+            input_shape=concrete_shape(m.input.shape[1:], m.preprocessing.size if m.preprocessing else ()),
             accuracy=v.test_accuracy, accuracy_source="export gate (test split)", model=f"{m.name} {m.version}",
         ))
     if only and not entries:
