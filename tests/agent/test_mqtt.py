@@ -317,7 +317,9 @@ def test_shared_subscription_splits_load_only_on_mqtt5(session_broker: Mosquitto
 def test_acl_confines_a_device_to_its_own_topics(tmp_path: Path, topic_prefix: str) -> None:
     topics = proto.TopicScheme(topic_prefix)
     acl = tmp_path / "acl"
-    acl.write_text(topics.mosquitto_acl(["fleet"]))
+    from fleet.acl import render_acl  # the one ACL renderer (what `fleet provision` writes)
+
+    acl.write_text(render_acl(topics.prefix, fleet_users=["fleet"], devices={"dev-a": "dev-a", "dev-b": "dev-b"}))
     pw = write_password_file(tmp_path / "passwd", {"fleet": "f-secret", "dev-a": "a-secret", "dev-b": "b-secret"})
     with MosquittoBroker(tmp_path / "mosq", password_file=pw, acl_file=acl) as b:
         fleet = Observer(b.host, b.port, [f"{topics.prefix}/#"], username="fleet", password="f-secret")
