@@ -53,7 +53,7 @@ else:  # pragma: no cover - Python 3.10 devices
     import tomli as tomllib
 
 __all__ = [
-    "Knob", "knob", "check", "invalid", "relocate", "supported_schema", "from_mapping", "read_mapping", "load_file",
+    "Knob", "knob", "check", "invalid", "relocate", "fail", "accepted_keys", "supported_schema", "from_mapping", "read_mapping", "load_file",
     "to_dict", "to_toml", "to_json", "where_text",
 ]
 
@@ -166,6 +166,11 @@ def _in_file(exc: ConfigError, source: str, at: Where, table_of: Mapping[str, st
                        problem=exc.context["problem"], table=table, **_path_ctx(source))
 
 
+def fail(source: str, where: Where, problem: str, *, hint: str | None = None, table: bool = False) -> ConfigError:
+    """An error in file ``source`` at ``where`` (for checks a loader makes before :func:`from_mapping`)."""
+    return _in_file(_error(tuple(where), problem, hint, table=table), source, (), None)
+
+
 def _path_ctx(source: str) -> dict[str, str]:
     return {} if source.startswith("<") else {"path": source}
 
@@ -174,7 +179,8 @@ def supported_schema(current: int) -> Callable[[Any], None]:
     """A ``check`` for ``schema_version``: this edgeloop reads versions 1..``current``."""
     def _check(version: Any) -> None:
         if not 1 <= version <= current:
-            raise ValueError(f"this edgeloop reads schema versions 1-{current}, got {version}")
+            known = "1" if current == 1 else f"1-{current}"
+            raise ValueError(f"this edgeloop reads schema_version {known}, got {version}")
     return _check
 
 
@@ -202,6 +208,12 @@ def _spec(cls: type) -> tuple[dict[str, _Field], dict[str, str]]:
         for old in k.aliases:
             aliases[old] = f.name
     return fields, aliases
+
+
+def accepted_keys(cls: type) -> frozenset[str]:
+    """The keys a file may use for ``cls``: its fields' names and their old names."""
+    fields, aliases = _spec(cls)
+    return frozenset(n for n, f in fields.items() if not f.knob.internal) | frozenset(aliases)
 
 
 def _show(value: Any, secret: bool = False) -> str:
@@ -330,7 +342,8 @@ def _bounds(k: Knob) -> str:
     return ""
 
 
-def _constrain(f: _Field, v: Any, where: Where) -> None:
+def _constrain(f: _Field, v: Any, where: Where, raw: Any) -> None:
+    """Bounds, emptiness and the field's own check; ``raw`` is the value as given (for messages)."""
     k = f.knob
     if v is None:
         return
@@ -342,7 +355,7 @@ def _constrain(f: _Field, v: Any, where: Where) -> None:
                 base = [a for a in get_args(f.tp) if a is not type(None)][0] \
                     if get_origin(f.tp) in (Union, types.UnionType) else f.tp
                 what = _kind(base)
-                raise _error(where, f"expected {what} {_bounds(k)}, got {_show(v, k.secret)}", k.hint)
+                raise _error(where, f"expected {what} {_bounds(k)}, got {_show(raw, k.secret)}", k.hint)
     if k.nonempty and not v:
         raise _error(where, f"expected a non-empty {'string' if isinstance(v, str) else 'list'}, got "
                             f"{_show(v, k.secret)}", k.hint)
@@ -362,7 +375,7 @@ def check(obj: Any) -> None:
         v = getattr(obj, f.name)
         where: Where = (f.name,)
         new = _convert(f.tp, v, where, f.knob)
-        _constrain(f, new, where)
+        _constrain(f, new, where, v)
         if new is not v:
             object.__setattr__(obj, f.name, new)
 

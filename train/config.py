@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from core.errors import ConfigError
+from core.configfile import check, from_mapping, invalid, knob, load_file, supported_schema, to_dict
 
 from .models import MODELS
 
@@ -18,8 +18,13 @@ TRAIN_CONFIG_SCHEMA_VERSION = 1
 DEFAULT_EPOCHS = {"tiny-cnn": 30, "mobilenet_v3_small": 30, "mobilenet_v2": 20, "resnet18": 15}
 
 
-def _bad(key: str, value: Any, hint: str) -> ConfigError:
-    return ConfigError(f"train config: {key}={value!r} is invalid", hint=hint, key=key)
+def _model(name: str) -> None:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def _path_text(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
 
 
 @dataclass(frozen=True)
@@ -35,85 +40,54 @@ class TrainConfig:
     training (0: no tuning).
     """
 
-    dataset: str | None = None
-    model: str | None = None
-    image_size: int | None = None
-    channels: int | None = None
-    epochs: int | None = None
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
+    dataset: str | None = knob(None, nonempty=True, hint="use 'digits' or an image folder")
+    model: str | None = knob(None, check=_model)
+    image_size: int | None = knob(None, ge=8, le=512)
+    channels: Literal[1, 3] | None = None
+    epochs: int | None = knob(None, ge=1, le=10_000)
+    lr: float = knob(3e-3, gt=0, lt=1, hint="use e.g. 3e-3")
+    weight_decay: float = knob(1e-4, ge=0, lt=1, hint="use e.g. 1e-4")
+    batch_size: int = knob(64, ge=1, le=4096)
     seed: int = 0
-    patience: int = 8
-    dropout: float = 0.2
-    width: float = 1.0
+    patience: int = knob(8, ge=1)
+    dropout: float = knob(0.2, ge=0, lt=1)
+    width: float = knob(1.0, ge=0.1, le=4)
     augment: bool = True
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = knob(1.0, ge=0)
     weights: str | None = None
     freeze_backbone: bool = False
     init_from: str | None = None
     out_dir: str = "runs"
     run_name: str | None = None
-    threads: int | None = None
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    trials: int = 0
-    schema_version: int = TRAIN_CONFIG_SCHEMA_VERSION
+    threads: int | None = knob(None, ge=1)
+    val_fraction: float = knob(0.15, gt=0, lt=1)
+    test_fraction: float = knob(0.15, gt=0, lt=1)
+    trials: int = knob(0, ge=0, le=10_000, hint="use 0 (no tuning) or a positive number of Optuna trials")
+    schema_version: int = knob(TRAIN_CONFIG_SCHEMA_VERSION, check=supported_schema(TRAIN_CONFIG_SCHEMA_VERSION))
 
     def __post_init__(self) -> None:
-        for key in ("dataset", "weights", "init_from", "out_dir"):
-            v = getattr(self, key)
-            if isinstance(v, Path):
-                object.__setattr__(self, key, str(v))
-        if self.schema_version != TRAIN_CONFIG_SCHEMA_VERSION:
-            raise _bad("schema_version", self.schema_version, f"this edgeloop reads {TRAIN_CONFIG_SCHEMA_VERSION}")
-        if self.model is not None and self.model not in MODELS:
-            raise _bad("model", self.model, f"choose one of {', '.join(MODELS)}")
-        if self.dataset is not None and not self.dataset:
-            raise _bad("dataset", self.dataset, "use 'digits' or an image folder")
-        if self.image_size is not None and not 8 <= self.image_size <= 512:
-            raise _bad("image_size", self.image_size, "use 8 .. 512")
-        if self.channels not in (None, 1, 3):
-            raise _bad("channels", self.channels, "use 1 or 3")
-        if self.epochs is not None and not 1 <= self.epochs <= 10_000:
-            raise _bad("epochs", self.epochs, "use at least 1")
-        if not 0 < self.lr < 1:
-            raise _bad("lr", self.lr, "use e.g. 3e-3")
-        if not 0 <= self.weight_decay < 1:
-            raise _bad("weight_decay", self.weight_decay, "use e.g. 1e-4")
-        if not 1 <= self.batch_size <= 4096:
-            raise _bad("batch_size", self.batch_size, "use e.g. 64")
-        if self.patience < 1:
-            raise _bad("patience", self.patience, "use at least 1")
-        if not 0 <= self.dropout < 1:
-            raise _bad("dropout", self.dropout, "use 0 <= dropout < 1")
-        if not 0.1 <= self.width <= 4:
-            raise _bad("width", self.width, "use 0.25 .. 2")
-        if self.warmup_epochs < 0:
-            raise _bad("warmup_epochs", self.warmup_epochs, "use 0 or more")
-        if self.threads is not None and self.threads < 1:
-            raise _bad("threads", self.threads, "use at least 1")
-        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise _bad("val_fraction/test_fraction", (self.val_fraction, self.test_fraction), "use e.g. 0.15 and 0.15")
-        if not 0 <= self.trials <= 10_000:
-            raise _bad("trials", self.trials, "use 0 (no tuning) or a positive number of Optuna trials")
+        for key in ("dataset", "weights", "init_from", "out_dir"):  # paths given as Path objects are kept as text
+            object.__setattr__(self, key, _path_text(getattr(self, key)))
+        check(self)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise invalid("val_fraction", f"val_fraction + test_fraction must be < 1, got "
+                                          f"{self.val_fraction} + {self.test_fraction}", hint="use e.g. 0.15 and 0.15")
         if self.weights and self.init_from:
-            raise _bad("weights", self.weights, "give either weights or init_from, not both")
+            raise invalid("weights", "give either weights or init_from, not both")
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"train config: unknown key(s) {', '.join(unknown)}", key=unknown[0])
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise ConfigError(f"train config: {exc}") from exc
+    def from_dict(cls, d: dict[str, Any], *, source: str = "<train config>") -> TrainConfig:
+        """Build from parsed JSON/TOML (``params.json``'s ``config``); unknown keys are refused."""
+        return from_mapping(cls, d, source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """Read a training config file (JSON, or TOML for ``*.toml``)."""
+        return load_file(cls, path)

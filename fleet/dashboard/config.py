@@ -19,39 +19,43 @@ Without any token or user the dashboard shows its login page and explains what t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
-from core.errors import ConfigError
+from core.configfile import check, from_mapping, invalid, knob
 
-__all__ = ["ROLES", "DashboardUser", "DashboardConfig", "dashboard_config_from"]
+__all__ = ["ROLES", "Role", "DashboardUser", "DashboardConfig", "dashboard_config_from"]
 
-ROLES = ("viewer", "operator")
+Role = Literal["viewer", "operator"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 
-def _bad(key: str, why: str) -> ConfigError:
-    return ConfigError(f"fleet config: dashboard.{key} is invalid: {why}", hint=f"fix `{key}` in [dashboard]",
-                       key=f"dashboard.{key}")
+def _user_name(name: str) -> None:
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"{name!r} must be letters, digits, '-', '_' or '.'")
+
+
+def _password_hash(value: str) -> None:
+    if not value.startswith("pbkdf2_sha256$") or value.count("$") != 3:
+        raise ValueError("expected pbkdf2_sha256$ITER$SALT$HASH (make one with `python -m fleet.dashboard.auth hash`)")
+
+
+def _secret16(value: str) -> None:
+    if len(value) < 16:
+        raise ValueError("use at least 16 characters (e.g. `openssl rand -hex 16`)")
 
 
 @dataclass(frozen=True)
 class DashboardUser:
     """A user/password login; the password is stored as a PBKDF2 hash only."""
 
-    name: str
-    password_hash: str
-    role: str = "viewer"
+    name: str = knob(check=_user_name)
+    password_hash: str = knob(check=_password_hash, secret=True)
+    role: Role = "viewer"
 
     def __post_init__(self) -> None:
-        if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise _bad("users.name", f"{self.name!r} must be letters, digits, '-', '_' or '.'")
-        if self.role not in ROLES:
-            raise _bad("users.role", f"{self.role!r} is not one of {', '.join(ROLES)}")
-        if not self.password_hash.startswith("pbkdf2_sha256$") or self.password_hash.count("$") != 3:
-            raise _bad("users.password_hash", "expected pbkdf2_sha256$ITER$SALT$HASH "
-                                              "(make one with `python -m fleet.dashboard.auth hash`)")
+        check(self)
 
 
 @dataclass(frozen=True)
@@ -59,57 +63,31 @@ class DashboardConfig:
     """The dashboard's settings (``[dashboard]``); every field has a safe default."""
 
     enabled: bool = True
-    operator_token: str | None = None
-    viewer_token: str | None = None
-    users: tuple[DashboardUser, ...] = ()
-    session_secret: str | None = None  # None: a random secret per process (logins end at restart)
-    session_ttl_s: float = 12 * 3600.0
+    operator_token: str | None = knob(None, secret=True, check=_secret16)
+    viewer_token: str | None = knob(None, secret=True, check=_secret16)
+    users: tuple[DashboardUser, ...] = ()  # [[dashboard.users]] tables
+    session_secret: str | None = knob(None, secret=True, check=_secret16)  # None: random per process
+    session_ttl_s: float = knob(12 * 3600.0, ge=60)
     cookie_secure: bool = False  # set when the fleet is served over HTTPS
     allow_remote: bool = False  # False: refuse non-loopback clients even if the API listens on 0.0.0.0
-    refresh_s: float = 2.0
-    page_size: int = 50
+    refresh_s: float = knob(2.0, ge=0.2, le=3600)
+    page_size: int = knob(50, ge=5, le=1000)
 
     def __post_init__(self) -> None:
-        users = tuple(u if isinstance(u, DashboardUser) else DashboardUser(**dict(u)) for u in self.users)
-        object.__setattr__(self, "users", users)
-        for key in ("operator_token", "viewer_token", "session_secret"):
-            value = getattr(self, key)
-            if value is not None and len(value) < 16:
-                raise _bad(key, "use at least 16 characters (e.g. `openssl rand -hex 16`)")
+        check(self)
         if self.operator_token and self.operator_token == self.viewer_token:
-            raise _bad("viewer_token", "must differ from operator_token")
-        if len({u.name for u in users}) != len(users):
-            raise _bad("users", "user names must be unique")
-        if self.session_ttl_s < 60:
-            raise _bad("session_ttl_s", "at least 60 seconds")
-        if not 0.2 <= self.refresh_s <= 3600:
-            raise _bad("refresh_s", "between 0.2 and 3600 seconds")
-        if not 5 <= self.page_size <= 1000:
-            raise _bad("page_size", "between 5 and 1000")
+            raise invalid("viewer_token", "must differ from operator_token")
+        if len({u.name for u in self.users}) != len(self.users):
+            raise invalid("users", "user names must be unique")
 
     @property
     def has_logins(self) -> bool:
         return bool(self.operator_token or self.viewer_token or self.users)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DashboardConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "fleet.toml") -> DashboardConfig:
         """Build from a parsed ``[dashboard]`` table; unknown keys are refused (typos must not pass)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"fleet config: unknown key dashboard.{unknown[0]}",
-                              hint=f"known keys in [dashboard]: {', '.join(sorted(names))}",
-                              key=f"dashboard.{unknown[0]}")
-        d = dict(data)
-        if "users" in d:
-            try:
-                d["users"] = tuple(DashboardUser(**dict(u)) for u in d["users"])
-            except TypeError as exc:
-                raise _bad("users", f"each user needs name, password_hash and role ({exc})") from exc
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise ConfigError(f"fleet config: bad value in [dashboard]: {exc}", key="dashboard") from exc
+        return from_mapping(cls, data, source=source, at=("dashboard",))
 
 
 def dashboard_config_from(config: Any) -> DashboardConfig:
