@@ -18,17 +18,17 @@ Everything takes ``now`` as an argument, so the tests drive it with a fake clock
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
-from core.errors import ConfigError
+from core.configfile import check, from_mapping, knob, supported_schema, to_dict
 
 __all__ = [
-    "RetrainPolicyConfig",
+    "TriggerPolicy",
+    "CandidateGate",
     "GatePolicy",
+    "RetrainPolicyConfig",
     "policy_from_fleet_config",
     "DriftPoint",
     "FleetSnapshot",
@@ -41,98 +41,75 @@ __all__ = [
 POLICY_SCHEMA_VERSION = 1
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError(f"[retrain] {name} = {value!r} must be {'>= 0' if allow_zero else '> 0'}",
-                          hint=f"fix {name} in the [retrain] table of fleet.toml", key=name)
-
-
 @dataclass(frozen=True)
-class GatePolicy:
-    """What a retrained candidate must show before it may replace the model in service.
+class TriggerPolicy:
+    """When to retrain: ``[trigger]`` in fleet.toml *is* this class (one schema, one set of defaults).
 
-    Margins are accuracy fractions (0.02 = 2 points), as in fleet.toml's ``[gate]``.
-    """
-
-    holdout_fraction: float = 0.3  # share of the labelled drift samples kept for the comparison
-    min_improvement: float = 0.02  # candidate - current on held-out drift samples, at least
-    max_original_drop: float = 0.01  # current - candidate on the original test split, at most
-    min_holdout: int = 20  # fewer held-out samples cannot show an improvement
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.holdout_fraction < 1.0:
-            raise ConfigError(f"[retrain.gate] holdout_fraction = {self.holdout_fraction} must be in (0, 1)",
-                              hint="e.g. 0.3", key="holdout_fraction")
-        if not -1.0 <= self.min_improvement <= 1.0:
-            raise ConfigError(f"[gate] min_improvement = {self.min_improvement} must be a fraction in [-1, 1]",
-                              hint="e.g. 0.02 for two points", key="min_improvement")
-        if not 0.0 <= self.max_original_drop <= 1.0:
-            raise ConfigError(f"[gate] max_original_drop = {self.max_original_drop} must be a fraction in [0, 1]",
-                              hint="e.g. 0.01 for one point", key="max_original_drop")
-        _positive("gate.min_holdout", self.min_holdout)
-
-
-@dataclass(frozen=True)
-class RetrainPolicyConfig:
-    """The whole retraining policy: trigger, fine-tuning and gate.
-
-    ``fleet.toml`` spells it as ``[trigger]`` and ``[gate]`` (see :mod:`fleet.config`);
-    :func:`policy_from_fleet_config` maps those tables onto this class.
+    ``alarm_persist_s`` is 600 s, not shorter: it exists for devices that report rarely,
+    and a time shorter than a drift window would let one noisy window count as a
+    persistent alarm before the next report could clear it; 600 s is about the
+    ``alarm_reports`` = 3 windows the report rule asks for at a typical cadence.
     """
 
     enabled: bool = True
-    check_interval_s: float = 60.0
-    min_labelled_samples: int = 500
-    alarm_devices: int = 3  # k
-    alarm_reports: int = 3  # m consecutive alarmed reports make an alarm persistent...
-    alarm_persist_s: float = 600.0  # ...or an alarm held without a break this long (0: off)
-    min_labels_for_drift: int = 50  # a drift trigger still needs labels to learn from
-    cooldown_s: float = 3600.0
-    fine_tune_epochs: int = 4
-    fine_tune_lr: float | None = None  # None: the parent run's learning rate / 3
-    auto_rollout: bool = True
-    gate: GatePolicy = field(default_factory=GatePolicy)
-    schema_version: int = POLICY_SCHEMA_VERSION
+    check_interval_s: float = knob(60.0, gt=0)
+    # the label-count trigger: this many labelled drift samples since the model in service
+    # (``labelled_samples`` is the old fleet.toml name)
+    min_labelled_samples: int = knob(500, ge=1, aliases=("labelled_samples",))
+    alarm_devices: int = knob(3, ge=1)  # k devices persistently alarmed ...
+    alarm_reports: int = knob(3, ge=1)  # ... m consecutive alarmed reports make an alarm persistent ...
+    alarm_persist_s: float = knob(600.0, ge=0)  # ... or an alarm held without a break this long (0: off)
+    min_labels_for_drift: int = knob(50, ge=0)  # a drift trigger still needs labels to learn from
+    cooldown_s: float = knob(3600.0, ge=0)
 
     def __post_init__(self) -> None:
-        if isinstance(self.gate, Mapping):
-            object.__setattr__(self, "gate", GatePolicy(**self.gate))
-        _positive("check_interval_s", self.check_interval_s)
-        _positive("min_labelled_samples", self.min_labelled_samples)
-        _positive("alarm_devices", self.alarm_devices)
-        _positive("alarm_reports", self.alarm_reports)
-        _positive("alarm_persist_s", self.alarm_persist_s, allow_zero=True)
-        _positive("cooldown_s", self.cooldown_s, allow_zero=True)
-        _positive("min_labels_for_drift", self.min_labels_for_drift, allow_zero=True)
-        _positive("fine_tune_epochs", self.fine_tune_epochs)
-        if self.fine_tune_lr is not None:
-            _positive("fine_tune_lr", self.fine_tune_lr)
+        check(self)
+
+
+@dataclass(frozen=True)
+class CandidateGate:
+    """What a retrained candidate must show before it may replace the model in service.
+
+    ``[acceptance]`` in fleet.toml (``[gate]`` before; the old name still loads).  Not the
+    export's accuracy gate for quantized variants (:mod:`export.gate`): this one compares
+    a retrained model with the model in service.  Margins are accuracy fractions (0.02 = 2 points).
+    """
+
+    holdout_fraction: float = knob(0.3, gt=0, lt=1)  # share of the labelled drift samples kept for the comparison
+    min_improvement: float = knob(0.02, ge=-1, le=1)  # candidate - current on held-out drift samples, at least
+    max_original_drop: float = knob(0.01, ge=0, le=1)  # current - candidate on the original test split, at most
+    min_holdout: int = knob(20, ge=1)  # fewer held-out samples cannot show an improvement
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+GatePolicy = CandidateGate  # the old name (deprecated): the retrain gate is the candidate acceptance gate
+
+
+@dataclass(frozen=True)
+class RetrainPolicyConfig(TriggerPolicy):
+    """The whole retraining policy: the trigger, fine-tuning and the candidate gate.
+
+    ``fleet.toml`` spells it as ``[trigger]`` (:class:`TriggerPolicy`) and ``[acceptance]``
+    (:class:`CandidateGate`), and ``[rollout].auto``; :func:`policy_from_fleet_config`
+    puts them together.
+    """
+
+    fine_tune_epochs: int = knob(4, ge=1)
+    fine_tune_lr: float | None = knob(None, gt=0)  # None: the parent run's learning rate / 3
+    auto_rollout: bool = True
+    gate: CandidateGate = knob(factory=CandidateGate)
+    schema_version: int = knob(POLICY_SCHEMA_VERSION, check=supported_schema(POLICY_SCHEMA_VERSION))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RetrainPolicyConfig:
-        """Build from a parsed TOML table; unknown keys are a :class:`ConfigError`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ConfigError(f"unknown keys in [retrain]: {sorted(unknown)}",
-                              hint=f"known keys: {', '.join(sorted(names))}")
-        d = dict(data)
-        if "gate" in d:
-            gate = dict(d["gate"])
-            gnames = {f.name for f in dataclasses.fields(GatePolicy)}
-            if set(gate) - gnames:
-                raise ConfigError(f"unknown keys in [retrain.gate]: {sorted(set(gate) - gnames)}",
-                                  hint=f"known keys: {', '.join(sorted(gnames))}")
-            d["gate"] = GatePolicy(**gate)
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise ConfigError(f"invalid [retrain] table: {exc}") from exc
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "<retrain policy>") -> RetrainPolicyConfig:
+        """Build from a parsed TOML/JSON table; unknown keys are a :class:`ConfigError`."""
+        return from_mapping(cls, data, source=source)
 
 
 @dataclass(frozen=True)
@@ -220,30 +197,10 @@ def decide(cfg: RetrainPolicyConfig, snap: FleetSnapshot) -> Decision:
 
 
 def policy_from_fleet_config(cfg: Any) -> RetrainPolicyConfig:
-    """Map a :class:`fleet.config.FleetConfig`'s ``[trigger]``/``[gate]``/``[rollout]`` onto the policy.
+    """The policy of a :class:`fleet.config.FleetConfig`: its ``[trigger]``, ``[acceptance]`` and ``[rollout].auto``.
 
-    Keys the core config does not (yet) carry keep this module's defaults; extra keys
-    are read with ``getattr`` so that adding them there needs no change here.
+    Every ``[trigger]`` field is carried over, so a field added to :class:`TriggerPolicy`
+    reaches the policy with no change here.
     """
-    t, g = cfg.trigger, cfg.gate
-    gate = GatePolicy(
-        holdout_fraction=g.holdout_fraction,
-        min_improvement=g.min_improvement,
-        max_original_drop=g.max_original_drop,
-        min_holdout=getattr(g, "min_holdout", GatePolicy.min_holdout),
-        seed=getattr(g, "seed", GatePolicy.seed),
-    )
-    d = RetrainPolicyConfig()
-    return RetrainPolicyConfig(
-        enabled=t.enabled,
-        check_interval_s=t.check_interval_s or d.check_interval_s,
-        min_labelled_samples=t.labelled_samples,
-        alarm_devices=t.alarm_devices,
-        alarm_reports=getattr(t, "alarm_reports", d.alarm_reports),
-        alarm_persist_s=t.alarm_persist_s,
-        min_labels_for_drift=getattr(t, "min_labels_for_drift", d.min_labels_for_drift),
-        cooldown_s=t.cooldown_s,
-        fine_tune_epochs=getattr(t, "fine_tune_epochs", d.fine_tune_epochs),
-        auto_rollout=cfg.rollout.auto,
-        gate=gate,
-    )
+    trigger = {f.name: getattr(cfg.trigger, f.name) for f in fields(TriggerPolicy)}
+    return RetrainPolicyConfig(**trigger, auto_rollout=cfg.rollout.auto, gate=cfg.acceptance)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from core.errors import ConfigError
 from fleet.policy import (
+    CandidateGate,
     DriftPoint,
     FleetSnapshot,
     GatePolicy,
     RetrainPolicyConfig,
+    TriggerPolicy,
     check_due,
     decide,
     persistently_alarmed,
@@ -81,20 +86,45 @@ def test_config_validation_and_round_trip() -> None:
         RetrainPolicyConfig(alarm_devices=0)
     with pytest.raises(ConfigError):
         GatePolicy(holdout_fraction=1.0)
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"alarm_device: unknown key \(did you mean alarm_devices\?"):
         RetrainPolicyConfig.from_dict({"alarm_device": 3})
-    cfg = RetrainPolicyConfig(alarm_devices=5, gate=GatePolicy(min_improvement=0.05))
+    with pytest.raises(ConfigError, match=r"\[gate\].min_holdout: expected an integer >= 1, got 0"):
+        RetrainPolicyConfig.from_dict({"gate": {"min_holdout": 0}})
+    cfg = RetrainPolicyConfig(alarm_devices=5, gate=CandidateGate(min_improvement=0.05))
     assert RetrainPolicyConfig.from_dict(cfg.to_dict()) == cfg
+    assert GatePolicy is CandidateGate  # the old name still imports
 
 
-def test_policy_from_fleet_config() -> None:
-    config = pytest.importorskip("fleet.config")
+def test_policy_from_fleet_config_is_the_same_schema() -> None:
+    from fleet.config import default_config
     from fleet.policy import policy_from_fleet_config
 
-    cfg = config.default_config("unused")
+    cfg = default_config("unused")
+    assert isinstance(cfg.trigger, TriggerPolicy) and isinstance(cfg.acceptance, CandidateGate)
     pol = policy_from_fleet_config(cfg)
-    assert pol.min_labelled_samples == cfg.trigger.labelled_samples
-    assert pol.gate.min_improvement == cfg.gate.min_improvement
+    # one definition per knob: the fleet.toml defaults are the policy's defaults
+    assert pol == RetrainPolicyConfig()
+    assert pol.alarm_persist_s == cfg.trigger.alarm_persist_s == 600.0
+    tuned = dataclasses.replace(cfg, trigger=TriggerPolicy(min_labelled_samples=7, alarm_persist_s=30.0),
+                                acceptance=CandidateGate(min_improvement=0.1),
+                                rollout=dataclasses.replace(cfg.rollout, auto=False))
+    pol = policy_from_fleet_config(tuned)
+    assert (pol.min_labelled_samples, pol.alarm_persist_s, pol.gate.min_improvement, pol.auto_rollout) == \
+        (7, 30.0, 0.1, False)
+
+
+def test_fleet_toml_old_names_still_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fleet.config import load_config
+
+    p = tmp_path / "fleet.toml"
+    p.write_text("[trigger]\nlabelled_samples = 40\n[gate]\nmin_improvement = 0.05\n")
+    with caplog.at_level("WARNING", logger="core.configfile"):
+        cfg = load_config(p)
+    assert cfg.trigger.min_labelled_samples == 40 and cfg.acceptance.min_improvement == 0.05
+    assert "deprecated" in caplog.text
+    p.write_text("[gate]\nmin_improvement = 0.05\n[acceptance]\nmin_improvement = 0.05\n")
+    with pytest.raises(ConfigError, match=r"gate.*old name of acceptance"):
+        load_config(p)
 
 
 def test_drift_trigger_counts_labels_from_the_alarmed_devices_when_given() -> None:
