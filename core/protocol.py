@@ -40,6 +40,7 @@ import re
 import time
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar, Union
@@ -72,7 +73,7 @@ __all__ = [
     "validate_device_id", "now", "TopicScheme", "Route", "route",
     "Message", "DeviceState", "Telemetry", "DriftReportMsg", "JobStatus", "Feedback", "InferenceResult",
     "DeployCommand", "RollbackCommand", "BundleRequest", "Receipt", "RECEIPT_PROPERTY", "RECEIPT_KINDS",
-    "wants_receipt", "decode", "decode_as",
+    "wants_receipt", "decode", "decode_as", "parse_json", "validate_name", "MAX_MESSAGE_BYTES", "MAX_JSON_DEPTH",
     "validate_topic_prefix", "MqttVersion", "MQTT_VERSIONS", "MQTT_VERSION_ALIASES",
     "LATENCY_BUCKET_BASE_MS", "LATENCY_BUCKETS_PER_OCTAVE", "LATENCY_BUCKETS", "latency_bucket", "latency_bucket_ms",
     # chunk framing (core.chunks)
@@ -94,6 +95,12 @@ SAMPLES_KIND = "samples"
 BUNDLE_KIND = "bundle"
 
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Job ids (and other names a device may turn into a file name): no '/', no leading '.'.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,199}$")
+
+# Hostile-input limits of :func:`decode` (every message is far below both).
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
 
 # device -> fleet kinds, and fleet -> device command kinds
 DEVICE_KINDS = ("state", "telemetry", "drift", "samples", "jobs", "feedback", "bundle-req", "results")
@@ -141,6 +148,16 @@ def validate_topic_prefix(prefix: str) -> str:
 MqttVersion = Literal["auto", "5", "3.1.1"]
 MQTT_VERSIONS: tuple[str, ...] = typing.get_args(MqttVersion)
 MQTT_VERSION_ALIASES = {"mqtt5": "5", "mqtt311": "3.1.1"}
+
+
+def validate_name(value: str, what: str = "job id") -> str:
+    """Names that may become file names on a device (job ids): 1-200 letters, digits and
+    ``_ . : @ + = -``, starting with a letter or digit -- never a path (no ``/``, no ``..``)."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ProtocolError(f"invalid {what} {str(value)[:80]!r}",
+                            hint="use 1-200 letters, digits, '_', '.', ':', '@', '+', '=' or '-', "
+                                 "starting with a letter or digit")
+    return value
 
 
 def now() -> float:
@@ -413,6 +430,7 @@ class JobStatus(Message):
     previous_version: str | None = None
 
     def _validate(self) -> None:
+        validate_name(self.job_id)
         if self.step not in self.STEPS:
             raise ProtocolError(f"unknown job step {self.step!r}", hint=f"one of {', '.join(self.STEPS)}")
 
@@ -443,10 +461,17 @@ class DeployCommand(Message):
     ts: float = field(default_factory=now)
 
     def _validate(self) -> None:
+        validate_name(self.job_id)
         if self.delivery not in ("http", "mqtt"):
             raise ProtocolError(f"unknown delivery {self.delivery!r}", hint="use 'http' or 'mqtt'")
         if self.delivery == "http" and not self.url:
             raise ProtocolError("deploy command with http delivery has no url")
+        if self.url is not None:
+            parts = urllib.parse.urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ProtocolError(f"deploy url {self.url[:200]!r} is not an http(s) URL",
+                                    hint="bundles come over http(s) or the fleet's MQTT transfer, never file:// "
+                                         "or other schemes")
         if self.size <= 0 or len(self.sha256) != 64:
             raise ProtocolError("deploy command needs a positive size and a sha256 hex digest")
         if self.chunk_size < 1024:
@@ -462,6 +487,9 @@ class RollbackCommand(Message):
     rollout_id: str | None = None
     ts: float = field(default_factory=now)
 
+    def _validate(self) -> None:
+        validate_name(self.job_id)
+
 
 @dataclass(frozen=True)
 class BundleRequest(Message):
@@ -473,6 +501,9 @@ class BundleRequest(Message):
     version: str
     start: int = 0
     ts: float = field(default_factory=now)
+
+    def _validate(self) -> None:
+        validate_name(self.job_id)
 
 
 @dataclass(frozen=True)
@@ -618,12 +649,49 @@ def _compile(tp: Any) -> Checker:
     raise TypeError(f"unsupported annotation {tp}")  # pragma: no cover - a schema bug, found at import
 
 
-def decode(payload: bytes | str) -> Message:
-    """JSON bytes -> the message dataclass; anything malformed -> ProtocolError."""
+def parse_json(payload: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_JSON_DEPTH,
+               what: str = "message") -> Any:
+    """``json.loads`` for untrusted bytes: over ``max_bytes``, nested deeper than
+    ``max_depth``, or not JSON at all -> one :class:`ProtocolError` (never a RecursionError,
+    MemoryError or a huge-integer ValueError)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview, str)):
+        raise ProtocolError(f"{what} is {type(payload).__name__}, not bytes")
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"{what} of {len(payload)} bytes is over the {max_bytes}-byte limit")
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"message is not JSON: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested more than {max_depth} levels deep") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints over Python's digit limit
+        raise ProtocolError(f"{what} is not JSON: {str(exc)[:200]}") from None
+    raw = payload if isinstance(payload, (bytes, str)) else bytes(payload)
+    opens = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if opens > max_depth and _deeper_than(data, max_depth):  # cheap: only when it could be deep at all
+        raise ProtocolError(f"{what} is nested more than {max_depth} levels deep")
+    return data
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
+    return False
+
+
+def decode(payload: bytes | str) -> Message:
+    """JSON bytes -> the message dataclass; anything malformed -> ProtocolError.
+
+    Payloads over ``MAX_MESSAGE_BYTES`` or nested deeper than ``MAX_JSON_DEPTH`` are
+    malformed too (:func:`parse_json`).
+    """
+    data = parse_json(payload)
     if not isinstance(data, dict):
         raise ProtocolError("message is not a JSON object")
     mtype = data.pop("type", None)

@@ -29,7 +29,15 @@ from typing import Any
 
 from core.chunks import Reassembler
 from core.errors import EdgeloopError, ProtocolError, UpdateError
-from core.protocol import BUNDLE_KIND, BundleRequest, DeployCommand, Frame, Message, RollbackCommand
+from core.protocol import (
+    BUNDLE_KIND,
+    BundleRequest,
+    DeployCommand,
+    Frame,
+    Message,
+    RollbackCommand,
+    validate_name,
+)
 
 from .jobs import JobReporter
 from .updater import disk_error, download_http
@@ -188,7 +196,7 @@ class CommandWorker:
             self._done_jobs[cmd.job_id] = "completed"
             return
         jobs.report(cmd.job_id, cmd.version, "received", True, f"{cmd.delivery} delivery, {cmd.size} bytes", 0.0, prev)
-        dest = self.downloads / f"{cmd.job_id}.elb"
+        dest = self.downloads / f"{validate_name(cmd.job_id)}.elb"  # never a path, whoever built the command
         try:
             self.updates.installer.check_disk(cmd.size * 3, self.downloads)  # the file, the slot, a margin
             if cmd.delivery == "http":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -37,18 +36,15 @@ from core import protocol as proto
 from core.errors import ProtocolError
 from core.mqtt import MqttConnection, ProtocolChoice, TlsConfig, Will
 
+from .link_commands import Command, CommandInbox
+from .link_receipts import LinkReceipts
 from .outbox import Outbox, SendWindow
 
 __all__ = ["AgentLink", "Command"]
 
 log = logging.getLogger(__name__)
 
-Command = proto.DeployCommand | proto.RollbackCommand | proto.Frame
 _REQUEUE_EVERY_S = 1.0  # how often the sender looks for messages whose receipt is overdue
-_MAX_PENDING_RECEIPTS = 4096  # receipts not yet applied; beyond, the oldest are forgotten (resent later)
-# Connected time without any receipt while messages wait for one, in receipt timeouts, after
-# which the fleet is taken to have stopped sending receipts: twice the longest back-off.
-_RECEIPT_LAPSE_TIMEOUTS = 2 * 2**4
 
 
 class AgentLink:
@@ -82,12 +78,8 @@ class AgentLink:
         self.device_id = proto.validate_device_id(device_id)
         self.topics = topics or proto.TopicScheme()
         self.outbox = outbox
-        self.on_command = on_command
-        self.rejected_commands = 0  # malformed commands and receipts dropped
+        self.commands = CommandInbox(self.device_id, self.topics, on_command)  # decoded on a thread of its own
         self.receipts = receipts
-        self.receipt_grace_s = receipt_grace_s
-        self.receipt_timeout_s = receipt_timeout_s
-        self._rejected_lock = threading.Lock()  # the command and the sender thread both count
         self._state = state or proto.DeviceState(device_id=device_id, online=True)
         self._state_topic = self.topics.device(device_id, "state")
         self._receipt_topic = self.topics.command(device_id, "receipt")
@@ -95,11 +87,9 @@ class AgentLink:
         self._window = SendWindow(outbox, max_inflight)  # keyed by paho mid; sender thread only
         self._acked: collections.deque[tuple[int, str | None]] = collections.deque()  # from paho's thread
         # receipt payloads from paho's thread, applied by the sender thread
-        self._receipts_in: collections.deque[bytes] = collections.deque(maxlen=_MAX_PENDING_RECEIPTS)
+        self._receipts = LinkReceipts(outbox, enabled=receipts, grace_s=receipt_grace_s, timeout_s=receipt_timeout_s,
+                                      reject=lambda exc: self.commands.reject(self._receipt_topic, exc))
         self._reconnected = threading.Event()
-        self._silent_s = 0.0  # connected seconds with messages held and no receipt; sender thread
-        self._last_tick = time.monotonic()
-        self._commands: queue.Queue[paho.MQTTMessage | None] = queue.Queue(maxsize=256)
         self._stop = threading.Event()
         self._progress = threading.Condition()  # notified after every sender pass
         self._client_seen: paho.Client | None = None
@@ -117,12 +107,17 @@ class AgentLink:
 
     def start(self) -> AgentLink:
         """Connect in the background and start the sender and command threads."""
-        for target, name in ((self._send_loop, "outbox-sender"), (self._command_loop, "mqtt-commands")):
+        for target, name in ((self._send_loop, "outbox-sender"), (self.commands.run, "mqtt-commands")):
             t = threading.Thread(target=target, name=f"{name}-{self.device_id}", daemon=True)
             t.start()
             self._threads.append(t)
         self._conn.start()
         return self
+
+    @property
+    def rejected_commands(self) -> int:
+        """Malformed commands and receipts dropped, and commands dropped for a full queue."""
+        return self.commands.rejected
 
     @property
     def connection(self) -> MqttConnection:
@@ -177,7 +172,7 @@ class AgentLink:
 
     def wait_receipted(self, timeout: float | None = None) -> bool:
         """True once drained and nothing awaits a receipt either (tests)."""
-        return self.wait_until(lambda: self._drained() and not self._receipts_in
+        return self.wait_until(lambda: self._drained() and not self._receipts.pending
                                and self.outbox.stats().awaiting_receipt == 0, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -188,10 +183,7 @@ class AgentLink:
         """
         self._stop.set()  # first, so no queued (online) state can land after the offline one
         self.outbox.notify()
-        try:
-            self._commands.put_nowait(None)
-        except queue.Full:
-            pass  # the command thread sees _stop after its next get
+        self.commands.close()
         for t in self._threads:
             t.join(timeout)
         if self._conn.connected.is_set():
@@ -229,15 +221,10 @@ class AgentLink:
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         if msg.topic == self._receipt_topic:  # not behind a minutes-long install on the command thread
-            self._receipts_in.append(bytes(msg.payload))
+            self._receipts.pending.append(bytes(msg.payload))
             self.outbox.notify()
             return
-        try:
-            self._commands.put(msg, timeout=5)
-        except queue.Full:
-            with self._rejected_lock:
-                self.rejected_commands += 1
-            log.error("command queue full; dropped a message on %s", msg.topic)
+        self.commands.put(msg)
 
     # ------------------------------------------------------------------ worker threads
 
@@ -294,81 +281,12 @@ class AgentLink:
                 log.error("broker rejected outbox message %d: %s; dropping it", oid, failure)
 
     def _settle_receipts(self) -> None:
-        """Apply the receipts paho's thread queued, all in one outbox transaction."""
-        if not self._receipts_in:
-            return
-        # Take the receipts first, then every PUBACK paho queued before them (the broker
-        # PUBACKs a message before the fleet can receipt it, and paho's thread queues both
-        # in wire order), and write those `sent` times: the watermark reads them.
-        payloads = [self._receipts_in.popleft() for _ in range(len(self._receipts_in))]
+        """Apply the receipts paho's thread queued (after the PUBACKs queued before them)."""
+        self._receipts.settle(before=self._settle_acks_and_flush)
+
+    def _settle_acks_and_flush(self) -> None:
         self._settle_acks()
         self._window.flush()
-        ids: list[int] = []
-        valid = 0
-        for payload in payloads:
-            try:
-                ids.extend(proto.decode_as(payload, proto.Receipt).ids)
-                valid += 1
-            except ProtocolError as exc:
-                self._reject(self._receipt_topic, exc)
-        if not valid:
-            return
-        if not self.receipts:
-            log.debug("receipts are off ([broker].receipts = false); ignored %d", valid)
-            return
-        self._silent_s = 0.0
-        removed = self.outbox.receipt(ids)
-        log.debug("fleet receipted %d id(s); %d removed from the outbox", len(ids), removed)
 
     def _requeue_overdue(self) -> None:
-        tick = time.monotonic()
-        elapsed, self._last_tick = tick - self._last_tick, tick
-        # Only connected time counts: a device cut off from the broker hears no receipts either.
-        waiting = (self.outbox.receipts_seen and self._conn.connected.is_set()
-                   and self.outbox.oldest_held() is not None)
-        n = self.outbox.requeue_overdue(time.time(), watermark=self.outbox.watermark,
-                                        grace_s=self.receipt_grace_s, timeout_s=self.receipt_timeout_s)
-        if n:
-            log.warning("%d message(s) PUBACKed by the broker but not receipted by the fleet; sending again", n)
-        if not waiting:
-            return
-        self._silent_s += elapsed
-        if self._silent_s >= _RECEIPT_LAPSE_TIMEOUTS * self.receipt_timeout_s:
-            self._silent_s = 0.0
-            n = self.outbox.forget_receipts()
-            log.warning("no receipt from the fleet for %.0f s while connected; deleting messages on the broker's "
-                        "PUBACK again until the next receipt (%d held message(s) go out once more)",
-                        _RECEIPT_LAPSE_TIMEOUTS * self.receipt_timeout_s, n)
-
-    def _reject(self, topic: str, exc: ProtocolError) -> None:
-        with self._rejected_lock:
-            self.rejected_commands += 1
-        log.warning("dropped malformed command on %s: %s", topic, exc)
-
-    def _command_loop(self) -> None:
-        while True:
-            msg = self._commands.get()
-            if msg is None or self._stop.is_set():
-                return
-            try:
-                cmd = self._decode_command(msg.topic, bytes(msg.payload))
-            except ProtocolError as exc:
-                self._reject(msg.topic, exc)
-                continue
-            if self.on_command is None:
-                continue
-            try:
-                self.on_command(cmd)
-            except Exception:  # the link must outlive a failing handler
-                log.exception("command handler failed on %s", msg.topic)
-
-    def _decode_command(self, topic: str, payload: bytes) -> Command:
-        device, kind = self.topics.parse(topic)
-        if device != self.device_id:
-            raise ProtocolError(f"command for {device} reached {self.device_id}")
-        if kind == "cmd/bundle":
-            return proto.parse_frame(payload)
-        expected = {"cmd/deploy": proto.DeployCommand, "cmd/rollback": proto.RollbackCommand}.get(kind)
-        if expected is None:  # cmd/receipt: applied by the sender thread, never handed to on_command
-            raise ProtocolError(f"{kind} is not a command for on_command")
-        return proto.decode_as(payload, expected)
+        self._receipts.requeue_overdue(connected=self._conn.connected.is_set())

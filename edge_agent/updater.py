@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,22 @@ def disk_error(exc: OSError, what: str, path: Path) -> UpdateError:
 
 
 # --------------------------------------------------------------------------- download
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only (urllib would also follow one to ftp://)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise UpdateError(f"download redirected to a non-http(s) URL {newurl[:200]!r}", url=req.full_url)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# Only http(s): no file://, ftp:// or data: handlers (a deploy command must not read local files).
+_OPENER = urllib.request.OpenerDirector()
+for _handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+                 urllib.request.HTTPDefaultErrorHandler(), _HttpOnlyRedirects(), urllib.request.HTTPErrorProcessor()):
+    _OPENER.add_handler(_handler)
+
+
 def download_http(url: str, dest: Path, *, size: int, sha256: str, timeout: float = 30.0,
                   progress: Callable[[int, int], None] | None = None, chunk: int = 256 * 1024) -> Path:
     """Download ``url`` to ``dest``, resuming a partial ``dest.part`` with an HTTP Range request.
@@ -65,6 +82,9 @@ def download_http(url: str, dest: Path, *, size: int, sha256: str, timeout: floa
     download restarts from zero.  The result is checked against ``size`` and ``sha256``
     (a mismatch deletes the partial file: resuming a corrupt prefix would never succeed).
     """
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise UpdateError(f"refusing to download {url[:200]!r}: only http(s) URLs", url=url,
+                          hint="the fleet serves bundles over http(s) or its MQTT transfer")
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
@@ -74,7 +94,7 @@ def download_http(url: str, dest: Path, *, size: int, sha256: str, timeout: floa
     if have < size:
         req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (the fleet's URL)
+            with _OPENER.open(req, timeout=timeout) as resp:  # http(s) only, checked above
                 status = resp.status
                 mode = "ab" if (have and status == 206) else "wb"
                 if mode == "wb":
