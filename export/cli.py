@@ -15,6 +15,8 @@ from typing import Any
 from core.cliutil import add_json_flag, emit
 from core.errors import ConfigError
 
+from . import DEFAULT_MAX_DROP_PP
+
 __all__ = ["register"]
 
 
@@ -23,8 +25,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("export", help="export a training run to a signed bundle (ONNX, INT8, TFLite)")
     p.add_argument("run", type=Path, metavar="RUN", help="training run directory (from `edgeloop train`)")
     p.add_argument("--out", type=Path, metavar="FILE", help="bundle file or directory (default: RUN/NAME-VERSION.elb)")
-    p.add_argument("--max-drop", type=float, default=0.5, metavar="PP",
-                   help="largest accuracy drop a variant may have, in percentage points (default 0.5)")
+    p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP_PP, metavar="PP",
+                   help="largest accuracy drop a variant may have, in percentage points (default %(default)s)")
     p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="INT8 calibration method (default minmax)")
     p.add_argument("--calib-samples", type=int, default=200, metavar="N",

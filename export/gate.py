@@ -1,4 +1,10 @@
-"""The accuracy gate: no variant ships that loses more than ``max_drop`` points.
+"""The export's accuracy gate: no variant ships that loses more than ``max_drop`` points.
+
+``max_drop`` is in percentage points of test accuracy against FP32 ONNX;
+:data:`DEFAULT_MAX_DROP_PP` is its one default (``edgeloop export --max-drop``, the
+pipeline and this module).  Not to be confused with the fleet's *candidate* gate
+(``[acceptance]`` in fleet.toml, :class:`fleet.policy.CandidateGate`), which decides
+whether a retrained model may replace the one in service.
 
 Every variant is evaluated in the runtime the device uses, on the test split, against
 the FP32 ONNX accuracy.  Static INT8 gets repaired rather than rejected outright:
@@ -22,18 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from . import DEFAULT_MAX_DROP_PP
 from .calibration import DEFAULT_CALIBRATION, CalibrationConfig
 from .measure import accuracy, percentage_points
 from .quantize import QUANTIZABLE_OPS, STATIC_ATTEMPTS, StaticSettings, quantize_static_int8
 
-__all__ = ["Attempt", "GateResult", "check_variant", "exclusion_units", "gate_static_int8"]
+__all__ = ["DEFAULT_MAX_DROP_PP", "Attempt", "AccuracyGateResult", "check_variant", "exclusion_units",
+           "gate_static_int8"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """One quantization attempt and what the gate measured."""
+    """One quantization attempt and what the accuracy gate measured."""
 
     settings: str
     float_nodes: tuple[str, ...]
@@ -43,8 +51,8 @@ class Attempt:
 
 
 @dataclass(frozen=True)
-class GateResult:
-    """The gate's verdict on one variant; ``path`` is the file to ship (None when rejected)."""
+class AccuracyGateResult:
+    """The accuracy gate's verdict on one variant; ``path`` is the file to ship (None when rejected)."""
 
     variant_id: str
     path: Path | None
@@ -59,14 +67,14 @@ class GateResult:
 
 
 def check_variant(variant_id: str, path: Path, x: np.ndarray, y: np.ndarray, reference: float, *,
-                  max_drop: float, options: dict[str, Any] | None = None) -> GateResult:
+                  max_drop: float, options: dict[str, Any] | None = None) -> AccuracyGateResult:
     """Evaluate one finished variant file and accept or reject it."""
     acc = accuracy(path, x, y)
     drop = percentage_points(reference, acc)
     ok = drop <= max_drop
     reason = (f"within budget ({drop:.2f} <= {max_drop} pp)" if ok
               else f"accuracy drop {drop:.2f} pp exceeds the {max_drop} pp budget")
-    return GateResult(variant_id, path if ok else None, acc, drop, ok, reason, options=dict(options or {}),
+    return AccuracyGateResult(variant_id, path if ok else None, acc, drop, ok, reason, options=dict(options or {}),
                       attempts=(Attempt(variant_id, (), acc, drop, ok),))
 
 
@@ -113,14 +121,14 @@ def _try(pre_path: Path, out: Path, calib: np.ndarray, settings: StaticSettings,
 
 
 def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tuple[np.ndarray, np.ndarray],
-                     reference: float, *, max_drop: float = 0.5, calibration: CalibrationConfig = DEFAULT_CALIBRATION,
+                     reference: float, *, max_drop: float = DEFAULT_MAX_DROP_PP, calibration: CalibrationConfig = DEFAULT_CALIBRATION,
                      select: tuple[np.ndarray, np.ndarray] | None = None,
                      attempts: tuple[StaticSettings, ...] = STATIC_ATTEMPTS, max_float_layers: int = 8,
-                     variant_id: str = "onnx-int8-static") -> GateResult:
+                     variant_id: str = "onnx-int8-static") -> AccuracyGateResult:
     """Quantize ``pre_path`` statically until the test accuracy is within ``max_drop`` points.
 
     ``select`` (the validation split) ranks layer sensitivity, so the test split only judges.  Returns the passing file
-    or a rejected :class:`GateResult` whose ``reason`` says what was tried.
+    or a rejected :class:`AccuracyGateResult` whose ``reason`` says what was tried.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     cache = workdir / f"calibration-{calibration.method}.json"
@@ -160,14 +168,14 @@ def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tup
         if att.passed:
             return _accepted(variant_id, out, att, settings, calibration, tried, gains)
     best = max(tried, key=lambda a: a.accuracy)
-    return GateResult(variant_id, None, best.accuracy, best.drop_pp, False,
+    return AccuracyGateResult(variant_id, None, best.accuracy, best.drop_pp, False,
                       f"no static INT8 recipe within {max_drop} pp: tried {', '.join(s.name for s in attempts)} "
                       f"and up to {min(max_float_layers, len(ranked))} float layers; best drop {best.drop_pp:.2f} pp",
                       attempts=tuple(tried), sensitivity=gains)
 
 
 def _accepted(variant_id: str, path: Path, att: Attempt, settings: StaticSettings, calibration: CalibrationConfig,
-              tried: list[Attempt], gains: dict[str, float]) -> GateResult:
+              tried: list[Attempt], gains: dict[str, float]) -> AccuracyGateResult:
     options = {**settings.to_dict(), "calibration": calibration.method, "calibration_samples": calibration.samples,
                "format": "QDQ"}
     reason = f"within budget with {settings.name}"
@@ -175,5 +183,5 @@ def _accepted(variant_id: str, path: Path, att: Attempt, settings: StaticSetting
         reason += f", {len(att.float_nodes)} nodes kept in float"
     if len(tried) > 1:
         reason += f" after {len(tried) - 1} rejected attempt(s)"
-    return replace(GateResult(variant_id, path, att.accuracy, att.drop_pp, True, reason),
+    return replace(AccuracyGateResult(variant_id, path, att.accuracy, att.drop_pp, True, reason),
                    float_nodes=att.float_nodes, options=options, attempts=tuple(tried), sensitivity=gains)

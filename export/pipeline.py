@@ -25,8 +25,9 @@ from core.errors import ConfigError, EdgeloopError, ExportError
 from core.manifest import InputSpec, Lineage, Manifest, OutputSpec, Variant
 from core.signing import PrivateKey
 
+from . import DEFAULT_MAX_DROP_PP
 from .calibration import DEFAULT_CALIBRATION, CalibrationConfig, select_samples
-from .gate import GateResult, check_variant, gate_static_int8
+from .gate import AccuracyGateResult, check_variant, gate_static_int8
 from .measure import latency_ms, run_model
 from .onnx_export import INPUT_NAME, export_onnx, torch_outputs
 from .pack import baseline_npz, default_version, load_signing_key, pack_bundle, reference_npz, utc_now
@@ -59,7 +60,7 @@ def _default_name(params: dict[str, Any]) -> str:
     return f"{Path(str(params.get('dataset', 'data'))).name}-{model}"
 
 
-def _variant_report(gate: GateResult, fmt: str, precision: str, seconds: float, *, diff: float | None = None,
+def _variant_report(gate: AccuracyGateResult, fmt: str, precision: str, seconds: float, *, diff: float | None = None,
                     options: dict[str, Any] | None = None) -> VariantReport:
     return VariantReport(id=gate.variant_id, format=fmt, precision=precision, kept=gate.passed, reason=gate.reason,
                          accuracy=gate.accuracy, drop_pp=gate.drop_pp, float_nodes=gate.float_nodes,
@@ -74,7 +75,7 @@ def _failed(vid: str, fmt: str, precision: str, exc: EdgeloopError, seconds: flo
 
 
 def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
-               max_drop: float = 0.5, formats: Sequence[str] = FORMATS,
+               max_drop: float = DEFAULT_MAX_DROP_PP, formats: Sequence[str] = FORMATS,
                onnx_precisions: Sequence[str] = DEFAULT_ONNX_PRECISIONS,
                calibration: CalibrationConfig = DEFAULT_CALIBRATION,
                sign_key: str | os.PathLike[str] | PrivateKey | None = None, version: str | None = None,
