@@ -469,14 +469,23 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """A config as plain JSON-ready data (tuples -> lists, paths -> strings); it loads back equal."""
-    return {name: _plain(v) for name, v in _fields_out(obj)}
+def to_dict(obj: Any, *, table_of: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A config as plain JSON-ready data (tuples -> lists, paths -> strings); it loads back equal.
+
+    ``table_of``: top-level fields to put inside a table (see :func:`from_mapping`).
+    """
+    out: dict[str, Any] = {}
+    for name, v in _fields_out(obj):
+        if table_of and name in table_of:
+            out.setdefault(table_of[name], {})[name] = _plain(v)
+        else:
+            out[name] = _plain(v)
+    return out
 
 
-def to_json(obj: Any) -> str:
+def to_json(obj: Any, *, table_of: Mapping[str, str] | None = None) -> str:
     """A config as indented JSON text."""
-    return json.dumps(to_dict(obj), indent=2) + "\n"
+    return json.dumps(to_dict(obj, table_of=table_of), indent=2) + "\n"
 
 
 def _toml_value(v: Any) -> str:

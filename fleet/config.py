@@ -35,6 +35,7 @@ from core.configfile import (
     knob,
     read_mapping,
     supported_schema,
+    to_dict,
     to_toml,
 )
 from core.protocol import DEFAULT_PREFIX, MQTT_VERSION_ALIASES, MqttVersion, validate_topic_prefix
@@ -50,6 +51,7 @@ __all__ = [
     "RolloutConfig",
     "FleetConfig",
     "config_from_dict",
+    "config_to_dict",
     "load_config",
     "default_config",
     "render_config",
@@ -259,6 +261,11 @@ def load_config(path: str | Path) -> FleetConfig:
 def default_config(data_dir: str | Path = "fleet-data", **overrides: Any) -> FleetConfig:
     """A config with every default (tests, the demo)."""
     return dataclasses.replace(FleetConfig(data_dir=Path(data_dir)), **overrides)
+
+
+def config_to_dict(cfg: FleetConfig) -> dict[str, Any]:
+    """``cfg`` as plain data shaped like fleet.toml (JSON-ready); :func:`config_from_dict` reads it back."""
+    return to_dict(cfg, table_of=_TABLE_OF)
 
 
 def render_config(cfg: FleetConfig) -> str:
