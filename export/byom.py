@@ -257,6 +257,17 @@ def _reference(task: Any, backend: Backend, items: list[Any], vid: str, quantize
         feed = p.feeds[backend.inputs[0].name]
         xs.append(dequantize(feed, backend.inputs[0]) if backend.inputs[0].quantized else feed.astype(np.float32))
     x = np.concatenate(xs)
+    coarse = any(o.quantized and (o.scale or 0) > 0.1 for o in backend.outputs)
+    if task.kind == "detection" or coarse:
+        # Boxes after NMS are not comparable element by element: tied scores (1/256 steps in a
+        # quantized model) are ordered differently by other kernels or thread counts; and an int8
+        # output whose step exceeds the agent's quantized tolerance differs by a few steps between
+        # kernels.  The health check then runs the inputs and checks latency and finite outputs.
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, x=np.ascontiguousarray(x, np.float32))
+        return buf.getvalue()
     logits = np.concatenate([backend.run(x[i:i + 1]).logits for i in range(len(x))])
     return reference_npz(x, logits, {vid: logits}, {vid: quantized})
 
