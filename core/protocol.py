@@ -122,7 +122,7 @@ def wants_receipt(kind: str) -> bool:
 
 def validate_device_id(device_id: str) -> str:
     """Device ids become topic levels and file names: letters, digits, ``_ . -``, max 64."""
-    if not isinstance(device_id, str) or not _DEVICE_ID_RE.match(device_id):
+    if not isinstance(device_id, str) or not _DEVICE_ID_RE.fullmatch(device_id):
         raise ProtocolError(
             f"invalid device id {device_id!r}",
             hint="use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
@@ -153,7 +153,7 @@ MQTT_VERSION_ALIASES = {"mqtt5": "5", "mqtt311": "3.1.1"}
 def validate_name(value: str, what: str = "job id") -> str:
     """Names that may become file names on a device (job ids): 1-200 letters, digits and
     ``_ . : @ + = -``, starting with a letter or digit -- never a path (no ``/``, no ``..``)."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise ProtocolError(f"invalid {what} {str(value)[:80]!r}",
                             hint="use 1-200 letters, digits, '_', '.', ':', '@', '+', '=' or '-', "
                                  "starting with a letter or digit")

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from core.agent_config import AgentConfig
 from core.bundle import open_bundle
 from core.errors import BundleError, EdgeloopError, HealthCheckError, UpdateError
 from core.manifest import Manifest
 
-from core.agent_config import AgentConfig
 from .inference import LoadedModel, read_reference
 from .select import VariantChoice, select_variant
 from .slots import SlotStore, fsync_dir
@@ -61,10 +61,14 @@ def disk_error(exc: OSError, what: str, path: Path) -> UpdateError:
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects to http(s) only (urllib would also follow one to ftp://)."""
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
-            raise UpdateError(f"download redirected to a non-http(s) URL {newurl[:200]!r}", url=req.full_url)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        target = urllib.parse.urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+        if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+            raise UpdateError(f"download redirected to {target[:200]!r}: only http(s) URLs are followed",
+                              url=req.full_url)
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 # Only http(s): no file://, ftp:// or data: handlers (a deploy command must not read local files).
@@ -333,7 +337,7 @@ class Installer:
         choice = select_variant(manifest, target, m.variant, x1, threads=m.threads, runs=m.benchmark_runs)
         report("health_check", True, f"variant {choice.variant} ({choice.reason})", None)
         try:
-            model = LoadedModel(target, choice.variant, threads=m.threads, drift=True,
+            model = LoadedModel(target, choice.variant, threads=m.threads, drift=True, accelerator=choice.accelerator,
                                 drift_window=self.config.drift.window)
         except EdgeloopError as exc:
             raise HealthCheckError(f"health check failed: cannot load {choice.variant}: {exc}",
@@ -347,7 +351,7 @@ class Installer:
                                    version=manifest.version)
         info = {"version": manifest.version, "name": manifest.name, "variant": choice.variant,
                 "choice": {"mode": choice.mode, "latency_ms": choice.latency_ms, "eligible": list(choice.eligible),
-                           "skipped": choice.skipped, "reason": choice.reason},
+                           "skipped": choice.skipped, "reason": choice.reason, "accelerator": choice.accelerator},
                 "health": {"max_abs_diff": health.max_abs_diff, "agreement": health.agreement,
                            "latency_ms": health.latency_ms, "detail": health.detail},
                 "installed_at": time.time()}
@@ -366,7 +370,7 @@ def slot_choice(slots: SlotStore, name: str) -> VariantChoice | None:
         return None
     return VariantChoice(variant=info["variant"], mode=c.get("mode", "fixed"), latency_ms=c.get("latency_ms", {}),
                          eligible=tuple(c.get("eligible", ())), skipped=c.get("skipped", {}),
-                         reason=c.get("reason", ""))
+                         reason=c.get("reason", ""), accelerator=c.get("accelerator", "cpu"))
 
 
 def read_slot_manifest(slots: SlotStore, name: str) -> Manifest | None:
