@@ -17,16 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .configfile import (
-    check,
-    from_mapping,
-    invalid,
-    knob,
-    read_mapping,
-    relocate,
-    supported_schema,
-    to_dict,
-)
+from .configfile import check, from_mapping, invalid, knob, read_mapping, relocate, supported_schema
+from .configwrite import to_dict
 from .errors import ConfigError
 from .protocol import (
     DEFAULT_CHUNK_SIZE,

@@ -26,7 +26,8 @@ a string a :class:`~pathlib.Path`, an int a float, a table a nested dataclass, a
 old spelling of a value (``knob(values=...)``) the current one.  :func:`from_mapping`
 adds what only a file needs: unknown keys are refused with the list of known ones, old
 key names (``knob(aliases=...)``) still load, and every error names the file and the key.
-New dataclass fields need nothing here: the annotation is the schema.
+New dataclass fields need nothing here: the annotation is the schema.  Writing configs
+back (TOML, JSON) is :mod:`core.configwrite`.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ else:  # pragma: no cover - Python 3.10 devices
     import tomli as tomllib
 
 __all__ = [
-    "Knob", "knob", "check", "invalid", "relocate", "fail", "accepted_keys", "supported_schema", "from_mapping", "read_mapping", "load_file",
-    "to_dict", "to_toml", "to_json", "where_text",
+    "Knob", "knob", "check", "invalid", "relocate", "fail", "supported_schema", "from_mapping", "read_mapping", "load_file",
+    "file_fields", "accepted_keys", "where_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,13 +124,8 @@ def where_text(where: Where, *, table: bool = False) -> str:
 
 def _error(where: Where, problem: str, hint: str | None = None, *, table: bool = False) -> ConfigError:
     text = where_text(where, table=table)
-    return ConfigError(f"{text}: {problem}", hint=hint, key=_dotted(where), where=where, problem=problem,
+    return ConfigError(f"{text}: {problem}", hint=hint, key=_join(where), where=where, problem=problem,
                        table=table)
-
-
-def _dotted(where: Where) -> str:
-    """The ``key`` context of an error: ``rollout.soak_s``, ``dashboard.users[1].role``."""
-    return _join(where)
 
 
 def invalid(key: str | Where, problem: str, *, hint: str | None = None) -> ConfigError:
@@ -162,7 +158,7 @@ def _in_file(exc: ConfigError, source: str, at: Where, table_of: Mapping[str, st
     table = exc.context.get("table", False)
     text = where_text(where, table=table)
     hint = exc.hint or f"fix {text} in {label}"
-    return ConfigError(f"{label}: {text}: {exc.context['problem']}", hint=hint, key=_dotted(where), where=where,
+    return ConfigError(f"{label}: {text}: {exc.context['problem']}", hint=hint, key=_join(where), where=where,
                        problem=exc.context["problem"], table=table, **_path_ctx(source))
 
 
@@ -208,6 +204,12 @@ def _spec(cls: type) -> tuple[dict[str, _Field], dict[str, str]]:
         for old in k.aliases:
             aliases[old] = f.name
     return fields, aliases
+
+
+def file_fields(obj: Any) -> list[tuple[str, Any]]:
+    """``(name, value)`` of each field a config file holds (``internal`` fields left out)."""
+    fields, _ = _spec(type(obj))
+    return [(n, getattr(obj, n)) for n, f in fields.items() if not f.knob.internal]
 
 
 def accepted_keys(cls: type) -> frozenset[str]:
@@ -448,101 +450,3 @@ def read_mapping(path: str | os.PathLike[str], *, missing_hint: str | None = Non
 def load_file(cls: type[T], path: str | os.PathLike[str], *, missing_hint: str | None = None) -> T:
     """Read ``path`` (TOML, or JSON for ``*.json``) into ``cls``."""
     return from_mapping(cls, read_mapping(path, missing_hint=missing_hint), source=str(path))
-
-
-# ------------------------------------------------------------------------------- writing
-
-def _fields_out(obj: Any) -> list[tuple[str, Any]]:
-    fields, _ = _spec(type(obj))
-    return [(n, getattr(obj, n)) for n, f in fields.items() if not f.knob.internal]
-
-
-def _plain(v: Any) -> Any:
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return to_dict(v)
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, Mapping):
-        return {str(a): _plain(b) for a, b in v.items()}
-    return v
-
-
-def to_dict(obj: Any, *, table_of: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A config as plain JSON-ready data (tuples -> lists, paths -> strings); it loads back equal.
-
-    ``table_of``: top-level fields to put inside a table (see :func:`from_mapping`).
-    """
-    out: dict[str, Any] = {}
-    for name, v in _fields_out(obj):
-        if table_of and name in table_of:
-            out.setdefault(table_of[name], {})[name] = _plain(v)
-        else:
-            out[name] = _plain(v)
-    return out
-
-
-def to_json(obj: Any, *, table_of: Mapping[str, str] | None = None) -> str:
-    """A config as indented JSON text."""
-    return json.dumps(to_dict(obj, table_of=table_of), indent=2) + "\n"
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v) if not isinstance(v, float) or math.isfinite(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(str(a))} = {_toml_value(b)}" for a, b in v.items()) + " }"
-    return json.dumps(str(v), ensure_ascii=False)
-
-
-def _is_table(v: Any) -> bool:
-    return dataclasses.is_dataclass(v) and not isinstance(v, type)
-
-
-def _is_table_array(v: Any) -> bool:
-    return isinstance(v, tuple) and bool(v) and all(_is_table(x) for x in v)
-
-
-def _emit(obj: Any, name: str, lines: list[str], *, array: bool = False) -> None:
-    items = _fields_out(obj)
-    lines += ["", f"[[{name}]]" if array else f"[{name}]"]
-    lines += [f"{k} = {_toml_value(_plain(v))}" for k, v in items
-              if v is not None and not _is_table(v) and not _is_table_array(v)]
-    for k, v in items:
-        if _is_table(v):
-            _emit(v, f"{name}.{k}", lines)
-        elif _is_table_array(v):
-            for item in v:
-                _emit(item, f"{name}.{k}", lines, array=True)
-
-
-def to_toml(obj: Any, *, table_of: Mapping[str, str] | None = None) -> str:
-    """A config as TOML text (``None`` values are left out); it loads back equal.
-
-    ``table_of``: top-level fields to write inside a table (see :func:`from_mapping`).
-    """
-    items = _fields_out(obj)
-    lines: list[str] = []
-    grouped: dict[str, list[str]] = {}
-    for k, v in items:
-        if v is None or _is_table(v) or _is_table_array(v):
-            continue
-        line = f"{k} = {_toml_value(_plain(v))}"
-        if table_of and k in table_of:
-            grouped.setdefault(table_of[k], []).append(line)
-        else:
-            lines.append(line)
-    for table, body in grouped.items():
-        lines += ["", f"[{table}]", *body]
-    for k, v in items:
-        if _is_table(v):
-            _emit(v, k, lines)
-        elif _is_table_array(v):
-            for item in v:
-                _emit(item, k, lines, array=True)
-    return "\n".join(lines).lstrip("\n") + "\n"

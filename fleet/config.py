@@ -35,9 +35,8 @@ from core.configfile import (
     knob,
     read_mapping,
     supported_schema,
-    to_dict,
-    to_toml,
 )
+from core.configwrite import to_dict, to_toml
 from core.protocol import DEFAULT_PREFIX, MQTT_VERSION_ALIASES, MqttVersion, validate_topic_prefix
 from fleet.dashboard.config import DashboardConfig
 from fleet.policy import CandidateGate, TriggerPolicy

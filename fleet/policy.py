@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from core.configfile import check, from_mapping, knob, supported_schema, to_dict
+from core.configfile import check, from_mapping, knob, supported_schema
+from core.configwrite import to_dict
 
 __all__ = [
     "TriggerPolicy",

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from core.configfile import check, from_mapping, invalid, knob, load_file, supported_schema, to_dict
+from core.configfile import check, from_mapping, invalid, knob, load_file, supported_schema
+from core.configwrite import to_dict
 
 from .models import MODELS
 

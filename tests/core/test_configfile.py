@@ -10,18 +10,8 @@ from typing import Any, Literal
 
 import pytest
 
-from core.configfile import (
-    check,
-    from_mapping,
-    invalid,
-    knob,
-    load_file,
-    read_mapping,
-    supported_schema,
-    to_dict,
-    to_json,
-    to_toml,
-)
+from core.configfile import check, from_mapping, invalid, knob, load_file, read_mapping, supported_schema
+from core.configwrite import to_dict, to_json, to_toml
 from core.errors import ConfigError, ProtocolError
 from core.protocol import TopicScheme, validate_topic_prefix
 
