@@ -34,7 +34,7 @@ from .errors import InputError, RuntimeBackendError
 from .manifest import TensorSpec, Variant
 
 __all__ = ["ModelOutput", "Backend", "OnnxBackend", "LiteRTBackend", "open_model", "BACKENDS", "model_format",
-           "measure_latency", "quantize", "dequantize", "shape_text"]
+           "measure_latency", "time_backend", "quantize", "dequantize", "shape_text"]
 
 Feeds = Mapping[str, np.ndarray] | np.ndarray
 
@@ -239,7 +239,7 @@ def _ort_spec(arg: Any, path: Path) -> TensorSpec:
 class OnnxBackend(Backend):
     """ONNX Runtime on the CPU: ``threads`` intra-op threads, sequential execution, all graph optimisations."""
 
-    def __init__(self, path: Path, *, threads: int = 1) -> None:
+    def __init__(self, path: Path, *, threads: int = 1, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         ort = _import_first(("onnxruntime",), "agent", "ONNX Runtime")
         self.path = path
         self.name = "onnxruntime"
@@ -251,7 +251,7 @@ class OnnxBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only; ORT warns about unused initializers otherwise
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeBackendError(f"ONNX Runtime cannot load {path.name}: {first}",
@@ -293,12 +293,18 @@ def _tfl_spec(d: dict[str, Any]) -> TensorSpec:
 class LiteRTBackend(Backend):
     """LiteRT (or legacy tflite_runtime) interpreter, run on the model's own tensors."""
 
-    def __init__(self, path: Path, *, threads: int = 1) -> None:
+    def __init__(self, path: Path, *, threads: int = 1, op_resolver: str | None = None,
+                 delegates: tuple[str, ...] = ()) -> None:
         mod = _import_first(("ai_edge_litert.interpreter", "tflite_runtime.interpreter"), "tflite", "LiteRT")
         self.path = path
         self.name = "litert" if mod.__name__.startswith("ai_edge_litert") else "tflite_runtime"
+        extra: dict[str, Any] = {}  # edge_agent.accel: builtin kernels only, or a delegate library
         try:
-            self._interp = mod.Interpreter(model_path=str(path), num_threads=int(threads))
+            if op_resolver is not None:
+                extra["experimental_op_resolver_type"] = mod.OpResolverType[op_resolver]
+            if delegates:
+                extra["experimental_delegates"] = [mod.load_delegate(lib) for lib in delegates]
+            self._interp = mod.Interpreter(model_path=str(path), num_threads=int(threads), **extra)
             self._interp.allocate_tensors()
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -413,14 +419,19 @@ def measure_latency(model_path: Path, variant: Variant | None, x1: np.ndarray, *
     """Median wall time (ms) of batch-1 inference on this device."""
     backend = open_model(model_path, variant, threads=threads)
     try:
-        run = backend.run if x1.dtype == np.float32 else backend.run_raw
-        for _ in range(warmup):
-            run(x1)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            run(x1)
-            times.append((time.perf_counter() - t0) * 1000.0)
-        return float(np.median(times))
+        return time_backend(backend, x1, runs=runs, warmup=warmup)
     finally:
         backend.close()
+
+
+def time_backend(backend: Backend, x1: np.ndarray, *, runs: int = 30, warmup: int = 5) -> float:
+    """Median wall time (ms) of ``backend`` on the batch-1 input ``x1`` (an open backend: any accelerator)."""
+    run = backend.run if x1.dtype == np.float32 else backend.run_raw
+    for _ in range(warmup):
+        run(x1)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run(x1)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(times))

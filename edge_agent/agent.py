@@ -83,8 +83,10 @@ def _hardware() -> dict[str, Any]:
     import os
     import platform
 
+    from .accel import available
+
     return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-            "cpus": os.cpu_count() or 1}
+            "cpus": os.cpu_count() or 1, "accelerators": [f"{a.format}:{a.id}" for a in available()]}
 
 
 def _trusted_key(config: AgentConfig) -> Any:

@@ -206,6 +206,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 lat = ", ".join(f"{k} {v:.3f} ms" for k, v in st.choice.latency_ms.items()) or "-"
                 print(f"variant     {st.variant} ({st.choice.mode}: {st.choice.reason})")
                 print(f"measured    {lat}")
+                from .accel import available
+
+                print(f"accelerator {st.choice.accelerator} (this device offers: "
+                      f"{', '.join(f'{a.format} {a.id}' for a in available())})")
                 for k, why in st.choice.skipped.items():
                     print(f"skipped     {k}: {why}")
             print(f"previous    {st.previous_version or '-'}")

@@ -29,9 +29,10 @@ import numpy as np
 from core.drift import Baseline, DriftMonitor, DriftReport
 from core.errors import BundleError, EdgeloopError, InputError
 from core.manifest import Manifest, Variant
-from core.runtime import Backend, open_model
+from core.runtime import Backend
 from core.tasks import Detection, Task, TaskResult, build_task, softmax
 
+from .accel import open_accelerated
 from .sources.folder import FolderSource  # noqa: F401 - moved to edge_agent.sources; still importable here
 from .telemetry import InferenceStats
 
@@ -103,7 +104,7 @@ class LoadedModel:
     """An installed slot opened for serving: manifest, one variant in its runtime, its task, drift baseline."""
 
     def __init__(self, slot_dir: Path, variant_id: str, *, threads: int = 1, drift_window: int = 0,
-                 drift: bool = True) -> None:
+                 drift: bool = True, accelerator: str = "cpu") -> None:
         self.slot_dir = Path(slot_dir)
         try:
             self.manifest = Manifest.from_dict(json.loads((self.slot_dir / "manifest.json").read_text()))
@@ -111,7 +112,9 @@ class LoadedModel:
             raise BundleError(f"slot {self.slot_dir.name} has no readable manifest: {exc}",
                               path=str(self.slot_dir)) from exc
         self.variant: Variant = self.manifest.variant(variant_id)
-        self.backend: Backend = open_model(self.slot_dir / self.variant.file, self.variant, threads=threads)
+        self.accelerator = accelerator  # edge_agent.accel id; "cpu" is the runtime's default
+        self.backend: Backend = open_accelerated(self.slot_dir / self.variant.file, self.variant, accelerator,
+                                                 threads=threads)
         try:
             self.task: Task = build_task(self.manifest, self.backend)
         except EdgeloopError:

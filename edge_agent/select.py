@@ -4,6 +4,9 @@
 the bundle's own reference inputs, median) and picks the fastest whose accuracy drop
 is within the bundle's budget.  INT8 is not always faster (see DEPENDENCIES.md:
 MobileNetV3 INT8 was 3.8x slower on one CPU), so the decision is measured, not assumed.
+Every variant is also timed on each accelerator the installed runtimes offer
+(:mod:`edge_agent.accel`: ONNX Runtime execution providers, LiteRT delegates), under the
+key ``variant@accelerator``; the fastest pair wins.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import numpy as np
 
 from core.errors import EdgeloopError, UpdateError
 from core.manifest import Manifest, Variant
-from core.runtime import measure_latency
+from core.runtime import measure_latency, time_backend
+
+from . import accel
 
 __all__ = ["VariantChoice", "within_budget", "select_variant"]
 
@@ -33,6 +38,7 @@ class VariantChoice:
     eligible: tuple[str, ...] = ()  # within the accuracy budget
     skipped: dict[str, str] = field(default_factory=dict)  # variant -> why it was not considered
     reason: str = ""
+    accelerator: str = "cpu"  # edge_agent.accel id the variant runs on ("cpu": the runtime's default)
 
 
 def within_budget(manifest: Manifest, variant: Variant) -> bool:
@@ -73,10 +79,35 @@ def select_variant(manifest: Manifest, slot_dir: Path, preference: str, x1: np.n
         except EdgeloopError as exc:  # e.g. LiteRT not installed on this device
             skipped[v.id] = str(exc)
             log.info("variant %s skipped: %s", v.id, exc)
+            continue
+        _time_accelerators(slot_dir, v, x1, threads, runs, latencies, skipped)
     if not eligible:
         raise UpdateError(f"no variant of bundle {manifest.version} can run on this device",
                           hint="; ".join(f"{k}: {v}" for k, v in skipped.items()) or None, version=manifest.version)
-    best = min(eligible, key=lambda k: latencies[k])
-    reason = f"fastest within the {manifest.accuracy_budget} pp budget ({latencies[best]:.3f} ms median, batch 1)"
+    best_key = min((k for k in latencies if accel.split_key(k)[0] in eligible), key=lambda k: latencies[k])
+    best, on_accel = accel.split_key(best_key)
+    on = "" if on_accel == accel.CPU else f" on {on_accel}"
+    reason = f"fastest within the {manifest.accuracy_budget} pp budget{on} ({latencies[best_key]:.3f} ms median, batch 1)"
     return VariantChoice(variant=best, mode="auto", latency_ms=latencies, eligible=tuple(eligible),
-                         skipped=skipped, reason=reason)
+                         skipped=skipped, reason=reason, accelerator=on_accel)
+
+
+def _time_accelerators(slot_dir: Path, v: Variant, x1: np.ndarray, threads: int, runs: int,
+                       latencies: dict[str, float], skipped: dict[str, str]) -> None:
+    """Time ``v`` on every non-default accelerator for its format (``variant@accelerator`` keys)."""
+    for acc in accel.available(v.format):
+        if acc.id == accel.CPU:
+            continue
+        key = f"{v.id}@{acc.id}"
+        try:
+            backend = accel.open_accelerated(slot_dir / v.file, v, acc.id, threads=threads)
+        except EdgeloopError as exc:
+            skipped[key] = str(exc)
+            continue
+        try:
+            latencies[key] = round(time_backend(backend, x1, runs=runs), 4)
+        except EdgeloopError as exc:
+            skipped[key] = str(exc)
+        finally:
+            backend.close()
+

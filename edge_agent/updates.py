@@ -128,7 +128,8 @@ class Updates:
             raise UpdateError(f"slot {name} has no readable manifest", path=str(self.slots.slot_path(name)))
         variant = info.get("variant") or manifest.variants[0].id
         m = self.config.model
-        model = LoadedModel(self.slots.slot_path(name), variant, threads=m.threads,
+        accelerator = (info.get("choice") or {}).get("accelerator", "cpu")  # edge_agent.accel, chosen at install
+        model = LoadedModel(self.slots.slot_path(name), variant, threads=m.threads, accelerator=accelerator,
                             drift=self.config.drift.enabled, drift_window=self.config.drift.window)
         self._serve(model)
         log.info("serving %s %s (%s) from slot %s", manifest.name, manifest.version, variant, name)
