@@ -4,14 +4,15 @@ Three answers per window of W inferences, kept apart (``shared/DRIFT.md``):
 
 * **Did the input change?** (``input_shift``, reported) from the inputs the model saw,
   reduced per inference to a thumbnail (``core.drift_features``): per-cell KS on an 8x8
-  average-pooled grid (``pixel_ks``, max D over cells), PSI of the intensity histogram
-  (``pixel_psi``), and per-image summary features -- brightness, contrast, highlights (mean
+  average-pooled grid (``pixel_ks``, max D over cells) and the mean squared z of the cells'
+  window means (``pixel_z``: many cells moving a little, as in a small rotation, add up),
+  PSI of the intensity histogram (``pixel_psi``), and per-image summary features -- brightness, contrast, highlights (mean
   of the brightest 5 %), sharpness, gradient orientation -- tested by KS (``image_ks``) and
   by a z-test on their window means (``image_z``).  A non-image tensor model gets the same
-  four tests on a fixed summary of its input tensor.
+  five tests on a fixed summary of its input tensor.
 * **Is the model at risk?** (``risk``, drives the alarm) from what the model offers:
-  a squared MMD of the embedding (``embedding_mmd``) against the reference *re-weighted to
-  the window's predicted class mix*, the mean k-NN embedding distance normalised per
+  a squared MMD of the embedding within each predicted class against that class's
+  reference (``embedding_mmd``, ``drift_stats.within_class_mmd2``), the mean k-NN embedding distance normalised per
   predicted class (``embedding_knn``), a KS test of the confidence's rank within its
   predicted class's reference (``confidence_ks``), and for detection / tensor outputs KS
   and mean tests on the per-sample output summary (``output_ks``, ``output_z``).  All are
@@ -163,6 +164,10 @@ class DriftMonitor:
             shapes["outputs"] = (b.out_ref.shape[1],)
         self._buf = {k: np.zeros((n, *s), np.float32) for k, s in shapes.items()}
         self._want = {k: (b.input_shape if k == "inputs" else s) for k, s in shapes.items()}
+        order = ("inputs", "probs", "embedding", "outputs")
+        self._slots = [(order.index(k), k, self._buf[k], tuple(self._want[k])) for k in self._buf]
+        self._thumb_identity = "inputs" in shapes and len(b.input_shape) == 3 and shapes["inputs"] == b.input_shape
+        self._ref64 = None if b.emb_ref is None else np.ascontiguousarray(b.emb_ref, np.float64)
         self._fill = 0
         self._windows_done = 0
         self.last_sample_scores: np.ndarray | None = None  # not computed per inference; see score_samples()
@@ -195,9 +200,9 @@ class DriftMonitor:
         """
         b = self.baseline
         e = np.asarray(emb, np.float64)
-        if b.emb_ref is None or e.shape[-1] != b.emb_ref.shape[1]:
+        if self._ref64 is None or e.shape[-1] != self._ref64.shape[1]:
             return np.zeros(len(e))
-        d2 = st.sq_distances(e, b.emb_ref, b_sq=b.emb_ref_sq)
+        d2 = np.maximum(b.emb_ref_sq[None, :] - 2.0 * (e @ self._ref64.T) + np.einsum("ij,ij->i", e, e)[:, None], 0.0)
         return st.knn_distance(d2, b.knn_k) / b.sample_scale
 
     def update(self, features: DriftFeatures | np.ndarray, probs: np.ndarray | None = None,
@@ -209,28 +214,33 @@ class DriftMonitor:
         batch completed (usually none or one).
         """
         if isinstance(features, DriftFeatures):
-            given = features.fields()
+            vals = (features.inputs, features.probs, features.embedding, features.outputs)
         else:
-            given = {k: v for k, v in (("inputs", features), ("probs", probs), ("embedding", emb),
-                                       ("outputs", outputs)) if v is not None}
-        arrays = {}
-        for k, shape in self._want.items():
-            a = given.get(k)
-            if a is None or tuple(np.shape(a)[1:]) != tuple(shape):
+            vals = (features, probs, emb, outputs)
+        arrays = []
+        for slot, kind, buf, shape in self._slots:
+            a = vals[slot]
+            if a is None or a.shape[1:] != shape:
                 raise InputError(
-                    f"drift monitor got {k} {None if a is None else np.shape(a)}; expected (N, "
+                    f"drift monitor got {kind} {None if a is None else np.shape(a)}; expected (N, "
                     f"{', '.join(map(str, shape))}); this baseline needs {list(self._want)}",
                     hint="feed the same model outputs the baseline was calibrated with (core.drift_features)")
-            arrays[k] = thumbnail(a) if k == "inputs" else a
-        n = {len(a) for a in arrays.values()}
-        if len(n) != 1:
-            raise InputError(f"drift features have different batch sizes {sorted(n)}", hint="pass aligned arrays")
-        total = n.pop()
+            arrays.append((buf, thumbnail(a) if slot == 0 and not self._thumb_identity else a))
+        total = len(arrays[0][1])
+        if total == 1 and self._fill + 1 < self.window:  # the device's usual call: one copy per field
+            i = self._fill
+            for buf, a in arrays:
+                buf[i] = a[0]
+            self._fill = i + 1
+            return []
+        if any(len(a) != total for _, a in arrays):
+            raise InputError(f"drift features have different batch sizes {[len(a) for _, a in arrays]}",
+                             hint="pass aligned arrays")
         reports, start = [], 0
         while start < total:
             take = min(self.window - self._fill, total - start)
-            for k, a in arrays.items():
-                self._buf[k][self._fill:self._fill + take] = a[start:start + take]
+            for buf, a in arrays:
+                buf[self._fill:self._fill + take] = a[start:start + take]
             self._fill += take
             start += take
             if self._fill == self.window:

@@ -25,7 +25,7 @@ __all__ = ["BASELINE_SCHEMA_VERSION", "TEST_NAMES", "RISK_TESTS", "INPUT_TESTS",
            "min_calibration", "Baseline", "combine"]
 
 BASELINE_SCHEMA_VERSION = 2
-INPUT_TESTS = ("pixel_ks", "pixel_psi", "image_ks", "image_z")
+INPUT_TESTS = ("pixel_ks", "pixel_z", "pixel_psi", "image_ks", "image_z")
 RISK_TESTS = ("embedding_mmd", "embedding_knn", "confidence_ks", "output_ks", "output_z")
 CLASS_TESTS = ("class_chi2",)
 TEST_NAMES = INPUT_TESTS + RISK_TESTS + CLASS_TESTS
@@ -52,7 +52,7 @@ def min_calibration(window: int) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------ baseline
 
-_OPTIONAL = ("grid_ref", "stats_ref", "stats_mean", "stats_sd", "hist_range", "hist_fraction", "emb_ref",
+_OPTIONAL = ("grid_ref", "grid_mean", "grid_sd", "stats_ref", "stats_mean", "stats_sd", "hist_range", "hist_fraction", "emb_ref",
              "ref_class", "class_kernel", "knn_scale", "conf_ref", "class_prior", "class_groups", "out_ref",
              "out_mean", "out_sd")
 
@@ -87,6 +87,8 @@ class Baseline:
     grid: int
     skipped: np.ndarray  # (n, 2) int: window, calibration images it needs
     grid_ref: np.ndarray | None = None  # (m, G) sorted
+    grid_mean: np.ndarray | None = None
+    grid_sd: np.ndarray | None = None
     stats_ref: np.ndarray | None = None  # (m, S) sorted
     stats_mean: np.ndarray | None = None
     stats_sd: np.ndarray | None = None
@@ -228,6 +230,7 @@ class _Samples:
 
     n: int
     grid_code: np.ndarray | None = None  # (n, G) ECDF codes of the pooled cells
+    grid_z: np.ndarray | None = None  # (n, G) standardised pooled cells
     stats_code: np.ndarray | None = None  # (n, S) ECDF codes of the image summary features
     stats_z: np.ndarray | None = None  # (n, S) standardised summary features
     hist: np.ndarray | None = None  # (n, C, B) intensity histogram counts
@@ -244,7 +247,8 @@ def _input_samples(b: Any, thumbs: np.ndarray, bins: int) -> dict[str, np.ndarra
     cells, stats, values = input_blocks(thumbs, b.grid)
     hist = np.stack([st.histogram_counts(values[:, c], *b.hist_range[c], bins) for c in range(values.shape[1])],
                     axis=1)
-    return {"grid_code": b.grid_index.codes(cells), "stats_code": b.stats_index.codes(stats),
+    return {"grid_code": b.grid_index.codes(cells), "grid_z": (cells - b.grid_mean) / b.grid_sd,
+            "stats_code": b.stats_index.codes(stats),
             "stats_z": (stats - b.stats_mean) / b.stats_sd, "hist": hist}
 
 
@@ -255,7 +259,7 @@ def _samples(b: Any, thumbs: np.ndarray | None, probs: np.ndarray | None, emb: n
         kw.update(_input_samples(b, thumbs, b.hist_fraction.shape[1]))
     pred = np.zeros(n, np.int64)
     if probs is not None:
-        probs = np.asarray(probs, dtype=np.float64)
+        probs = np.asarray(probs, dtype=np.float32).astype(np.float64)  # as the device computes them
         pred = probs.argmax(axis=1)
         conf = probs[np.arange(n), pred]
         v = conf + 2.0 * pred
@@ -264,17 +268,25 @@ def _samples(b: Any, thumbs: np.ndarray | None, probs: np.ndarray | None, emb: n
         cnt = b.conf_count[pred]
         kw["pit"] = np.where(cnt > 0, (lo + hi) / (2.0 * np.maximum(cnt, 1.0)), 0.0)
     kw["pred"] = pred
-    e = emb if emb is not None else probs
+    e = emb if emb is not None else probs_embedding(probs)
     if e is not None and b.emb_ref is not None:
-        e = np.asarray(e, dtype=np.float64)
+        e = np.asarray(e, dtype=np.float32).astype(np.float64)
         d2 = st.sq_distances(e, b.emb_ref, b_sq=b.emb_ref_sq)
         kw["emb"] = e
         kw["knn"] = st.knn_distance(d2, b.knn_k) / b.knn_scale[pred]
         kw["kr"] = np.exp(-b.gamma * d2) @ b.class_avg
     if outputs is not None:
-        o = np.asarray(outputs, dtype=np.float64)
+        o = np.asarray(outputs, dtype=np.float32).astype(np.float64)
         kw["out_code"], kw["out_z"] = b.out_index.codes(o), (o - b.out_mean) / b.out_sd
     return _Samples(n=n, **kw)
+
+
+def probs_embedding(probs: np.ndarray | None) -> np.ndarray | None:
+    """What stands in for the embedding of a model without one: log-probabilities (floored at 1e-6),
+    which keep the spread that near-one-hot probabilities lose to rounding."""
+    if probs is None:
+        return None
+    return np.log(np.maximum(np.asarray(probs, dtype=np.float32).astype(np.float64), 1e-6))
 
 
 def _window_stats(b: Any, f: _Samples, idx: np.ndarray, tests: Sequence[str], group_of: np.ndarray | None, *,
@@ -289,6 +301,8 @@ def _window_stats(b: Any, f: _Samples, idx: np.ndarray, tests: Sequence[str], gr
     col = {t: i for i, t in enumerate(tests)}
     if "pixel_ks" in col:
         out[:, col["pixel_ks"]] = st.ks_from_codes(f.grid_code[idx], b.grid_ref.shape[0]).max(axis=1)
+        # mean squared z of the cells' window means: many cells moving a little (a small rotation) add up
+        out[:, col["pixel_z"]] = np.square(f.grid_z[idx].mean(axis=1)).mean(axis=1) * w
         out[:, col["pixel_psi"]] = st.psi(f.hist[idx].sum(axis=1), b.hist_fraction[None]).max(axis=1)
         out[:, col["image_ks"]] = st.ks_from_codes(f.stats_code[idx], b.stats_ref.shape[0]).max(axis=1)
         out[:, col["image_z"]] = np.abs(f.stats_z[idx].mean(axis=1)).max(axis=1) * np.sqrt(w)
@@ -300,13 +314,15 @@ def _window_stats(b: Any, f: _Samples, idx: np.ndarray, tests: Sequence[str], gr
             k_ww = np.exp(-b.gamma * d2)
         else:
             k_ww = kernel[idx[:, :, None], idx[:, None, :]]
-        mask = ~np.eye(w, dtype=bool)[None]
+        pred = f.pred[idx]
+        mask = (pred[:, :, None] == pred[:, None, :]) & ~np.eye(w, dtype=bool)[None]
         mask = mask if pair_mask is None else mask & pair_mask
-        within = (k_ww * mask).sum(axis=(1, 2)) / np.maximum(mask.sum(axis=(1, 2)), 1)
         k = b.class_kernel.shape[0]
         counts = np.zeros((nb, k))
-        np.add.at(counts, (np.repeat(np.arange(nb), w), f.pred[idx].ravel()), 1.0)
-        out[:, col["embedding_mmd"]] = st.class_mmd2(within, f.kr[idx].mean(axis=1), counts, b.class_kernel)
+        np.add.at(counts, (np.repeat(np.arange(nb), w), pred.ravel()), 1.0)
+        own = np.take_along_axis(f.kr[idx], pred[:, :, None], axis=2)[:, :, 0].mean(axis=1)
+        out[:, col["embedding_mmd"]] = st.within_class_mmd2((k_ww * mask).sum(axis=(1, 2)), mask.sum(axis=(1, 2)),
+                                                            own, counts, np.diag(b.class_kernel))
         out[:, col["embedding_knn"]] = f.knn[idx].mean(axis=1)
     if "confidence_ks" in col:
         out[:, col["confidence_ks"]] = st.ks_uniform(f.pit[idx])

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from . import drift_stats as st
-from .drift_baseline import Baseline, _samples, _window_stats, combine, min_calibration, tests_for
+from .drift_baseline import (
+    Baseline,
+    _samples,
+    _window_stats,
+    combine,
+    min_calibration,
+    probs_embedding,
+    tests_for,
+)
 from .drift_features import DriftFeatures, input_blocks, thumbnail
 from .drift_stats import Hysteresis, flag_rate_for_alarm_rate
 from .errors import DataError
@@ -84,25 +92,27 @@ def _reference(ref: DriftFeatures, k: int, class_prior: np.ndarray | None, grid:
         counts = np.stack([st.histogram_counts(values[:, c], lo[c], hi[c], bins).sum(axis=0)
                            for c in range(values.shape[1])])
         sd = stats.std(axis=0)
-        kw.update(grid_ref=np.sort(cells, axis=0), stats_ref=np.sort(stats, axis=0), stats_mean=stats.mean(axis=0),
+        kw.update(grid_ref=np.sort(cells, axis=0), grid_mean=cells.mean(axis=0),
+                  grid_sd=np.maximum(cells.std(axis=0), 1e-3 * (float(np.abs(cells).mean()) + 1e-6)),
+                  stats_ref=np.sort(stats, axis=0), stats_mean=stats.mean(axis=0),
                   stats_sd=np.maximum(sd, 1e-6 * (np.abs(stats.mean(axis=0)) + 1.0)),
                   hist_range=np.stack([lo, hi], axis=1).astype(np.float64),
                   hist_fraction=counts / counts.sum(axis=1, keepdims=True))
     pred = np.zeros(ref.n, np.int64)
     if ref.probs is not None:
-        probs = np.asarray(ref.probs, dtype=np.float64)
+        probs = np.asarray(ref.probs, dtype=np.float32).astype(np.float64)  # as the device computes them
         pred = probs.argmax(axis=1)
         prior = np.bincount(pred, minlength=k).astype(np.float64) if class_prior is None else class_prior
         prior = np.maximum(np.asarray(prior, dtype=np.float64), 1e-6)
         kw.update(conf_ref=probs.max(axis=1), class_prior=prior / prior.sum())
-    e = ref.embedding if ref.embedding is not None else ref.probs
+    e = ref.embedding if ref.embedding is not None else probs_embedding(ref.probs)
     if e is not None:
-        e = np.asarray(e, dtype=np.float64)
+        e = np.asarray(e, dtype=np.float32).astype(np.float64)
         gamma = _gamma(e, pred)
         kw.update(emb_ref=e.astype(np.float32), ref_class=pred, gamma=gamma, knn_scale=np.ones(k),
-                  class_kernel=_class_kernel(e.astype(np.float32).astype(np.float64), pred, k, gamma))
+                  class_kernel=_class_kernel(e, pred, k, gamma))
     if ref.outputs is not None:
-        o = np.asarray(ref.outputs, dtype=np.float64)
+        o = np.asarray(ref.outputs, dtype=np.float32).astype(np.float64)
         kw.update(out_ref=np.sort(o, axis=0), out_mean=o.mean(axis=0),
                   out_sd=np.maximum(o.std(axis=0), 1e-6 * (np.abs(o.mean(axis=0)) + 1.0)))
     return kw

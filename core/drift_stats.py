@@ -45,6 +45,7 @@ __all__ = [
     "empirical_pvalues",
     "cauchy_combine",
     "class_mmd2",
+    "within_class_mmd2",
 ]
 
 
@@ -157,15 +158,25 @@ def ks_uniform(u: np.ndarray) -> np.ndarray:
 
 
 def empirical_pvalues(scores: np.ndarray, null_sorted: np.ndarray) -> np.ndarray:
-    """Right-tail empirical p-values of ``scores`` (..., T) against per-column sorted nulls (n, T).
+    """Right-tail p-values of ``scores`` (..., T) against per-column sorted nulls (n, T).
 
-    ``p = (1 + #{null >= s}) / (n + 1)``: never 0, exact for exchangeable draws.
+    ``p = (1 + #{null >= s}) / (n + 1)`` inside the null's range; in its top ``m`` (5 %, at
+    least 10) the tail is extrapolated as exponential (peaks over threshold with the
+    excesses' mean as scale), so a score far beyond every null draw gets a p-value far
+    below 1 / (n + 1) instead of saturating there -- otherwise one decisive test could not
+    carry a combination.
     """
     n, t = null_sorted.shape
     s = np.asarray(scores, dtype=np.float64)
     out = np.empty(s.shape)
+    m = max(10, n // 20)
     for j in range(t):
-        out[..., j] = (1.0 + n - np.searchsorted(null_sorted[:, j], s[..., j], side="left")) / (n + 1.0)
+        col = null_sorted[:, j]
+        emp = (1.0 + n - np.searchsorted(col, s[..., j], side="left")) / (n + 1.0)
+        u = col[n - m]
+        beta = max(float(np.mean(col[n - m:] - u)), 1e-12)
+        tail = (m / (n + 1.0)) * np.exp(-(s[..., j] - u) / beta)
+        out[..., j] = np.where(s[..., j] > u, np.minimum(emp, tail), emp)
     return out
 
 
@@ -203,6 +214,27 @@ def class_mmd2(within_u: np.ndarray, kr_mean: np.ndarray, counts: np.ndarray, m:
     pmp = np.einsum("bk,kl,bl->b", pi, m, pi)
     pair = (np.einsum("bk,kl,bl->b", counts, m, counts) - counts @ np.diag(m)) / (w * (w - 1.0))
     return within_u - 2.0 * cross + 2.0 * pmp - pair
+
+
+def within_class_mmd2(same_sum: np.ndarray, same_pairs: np.ndarray, own_kr: np.ndarray, counts: np.ndarray,
+                      m_diag: np.ndarray) -> np.ndarray:
+    """Squared MMD of B windows against the reference *within* each predicted class -> (B,).
+
+    ``same_sum`` (B,): kernel summed over distinct same-class window pairs, ``same_pairs``
+    (B,) their number; ``own_kr`` (B,): mean over the window of each sample's mean kernel
+    to its own class's reference; ``counts`` (B, K) predicted classes; ``m_diag`` (K,) mean
+    kernel within each reference class.  Only same-class comparisons enter, so neither the
+    mean nor the spread of the statistic depends on the class mix (``class_mmd2`` keeps the
+    between-class pairs and its spread grows when a window holds few classes); the
+    reference terms are weighted so that the expectation is zero when every class looks
+    like its reference.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    w = counts.sum(axis=1)
+    pairs = np.maximum(same_pairs, 1.0)
+    within = np.where(same_pairs > 0, same_sum / pairs, 0.0)
+    ref_pairs = np.where(same_pairs[:, None] > 0, counts * (counts - 1.0) / pairs[:, None], 0.0) @ m_diag
+    return within - 2.0 * own_kr + 2.0 * (counts / w[:, None]) @ m_diag - ref_pairs
 
 
 # -------------------------------------------------------------------- chi-square
