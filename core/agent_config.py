@@ -12,12 +12,20 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .configfile import check, from_mapping, invalid, knob, read_mapping, relocate, supported_schema
+from .configfile import (
+    check,
+    from_mapping,
+    invalid,
+    knob,
+    parse_toml,
+    read_mapping,
+    relocate,
+    supported_schema,
+)
 from .configwrite import to_dict
 from .errors import ConfigError
 from .protocol import (
@@ -28,11 +36,6 @@ from .protocol import (
     validate_device_id,
     validate_topic_prefix,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 devices
-    import tomli as tomllib
 
 __all__ = [
     "AgentSection", "ModelSection", "BrokerSection", "DriftSection", "SamplingSection", "OutboxSection",
@@ -418,7 +421,7 @@ def write_template(path: str | os.PathLike[str], *, device_id: str = "edge-devic
     if p.exists() and not force:
         raise ConfigError(f"{p} already exists", hint="pass --force to overwrite it", path=str(p))
     text = TEMPLATE.format(device_id=device_id, state_dir=state_dir, trusted_key=trusted_key)
-    parse_config(tomllib.loads(text), source=str(p))  # the template must always be valid
+    parse_config(parse_toml(text, source=str(p)), source=str(p))  # the template must always be valid
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(text)
     return p

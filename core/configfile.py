@@ -54,8 +54,8 @@ else:  # pragma: no cover - Python 3.10 devices
     import tomli as tomllib
 
 __all__ = [
-    "Knob", "knob", "check", "invalid", "relocate", "fail", "supported_schema", "from_mapping", "read_mapping", "load_file",
-    "file_fields", "accepted_keys", "where_text",
+    "Knob", "knob", "check", "invalid", "relocate", "fail", "supported_schema", "from_mapping", "parse_toml",
+    "read_mapping", "load_file", "file_fields", "accepted_keys", "where_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -423,6 +423,14 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, source: str = "<strin
         return _build(cls, data)
     except ConfigError as exc:
         raise _in_file(exc, source, at, table_of) from None
+
+
+def parse_toml(text: str, *, source: str = "<string>") -> dict[str, Any]:
+    """TOML text as a dict; malformed text is a ConfigError naming ``source``."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{_label(source)}: not valid TOML: {exc}", **_path_ctx(source)) from exc
 
 
 def read_mapping(path: str | os.PathLike[str], *, missing_hint: str | None = None) -> dict[str, Any]:

@@ -144,8 +144,7 @@ def render_agent_toml(config: FleetConfig, device_id: str, *, username: str, pas
                       trusted_key: str, broker_host: str | None = None, broker_port: int | None = None) -> str:
     """The agent's documented template with this device's identity, broker and pinned key filled in."""
     from core.agent_config import TEMPLATE, parse_config
-
-    from .config import tomllib
+    from core.configfile import parse_toml
 
     text = TEMPLATE.format(device_id=device_id, state_dir="./edgeloop-state", trusted_key=trusted_key)
     b = config.broker
@@ -156,7 +155,7 @@ def render_agent_toml(config: FleetConfig, device_id: str, *, username: str, pas
         text = _replace_key(text, "broker", key, value)
     if b.tls and b.ca_file:
         text = _replace_key(text, "broker", "ca_file", _toml_str(str(b.ca_file)))
-    parse_config(tomllib.loads(text), source="agent.toml")  # never hand out a config the agent refuses
+    parse_config(parse_toml(text, source="agent.toml"), source="agent.toml")  # never hand out a config the agent refuses
     return text
 
 
