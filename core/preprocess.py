@@ -19,7 +19,8 @@ the integer implementations they reproduce to within one grey level
 ``bilinear-cv``  OpenCV ``cv2.resize(..., INTER_LINEAR)`` and TFLite
                  ``resize_bilinear(half_pixel_centers=True)``: two taps at half-pixel centres,
                  *no antialiasing* (what most TFLite / OpenCV training pipelines did).
-``nearest``      PIL ``Image.NEAREST``: input pixel ``floor((i + 0.5) * scale)``.
+``nearest``      input pixel ``floor((i + 0.5) * scale)``, PIL ``Image.NEAREST``'s rule; PIL computes the
+                 positions in fixed point, so up to ~10 % of samples take the neighbouring pixel.
 
 Fit modes (``Preprocessing.fit``) decide where the image goes in the ``size`` canvas;
 :class:`Geometry` maps model-input pixel coordinates back to the original image (for

@@ -175,8 +175,12 @@ class Backend:
         """
         x = self.check_input(x)
         spec = self.inputs[0]
-        if x.dtype != np.dtype(spec.dtype):
-            x = quantize(x, spec, rounding="half-even") if np.dtype(spec.dtype).kind in "iu" else x.astype(spec.dtype)
+        dt = np.dtype(spec.dtype)
+        if x.dtype != dt and dt.kind in "iu":  # quantized, or plain integers (raw pixels) without parameters
+            x = quantize(x, spec, rounding="half-even") if spec.scale is not None else \
+                np.clip(np.rint(x), np.iinfo(dt).min, np.iinfo(dt).max).astype(dt)
+        elif x.dtype != dt:
+            x = x.astype(dt)
         outs = self.run_outputs(x)
         names = [o.name for o in self.outputs]
         logits = "logits" if "logits" in outs else names[0]

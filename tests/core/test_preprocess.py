@@ -173,3 +173,96 @@ def test_preprocess_does_not_import_torch_or_pillow() -> None:
             "p.preprocess(np.zeros((9, 9), np.uint8), m.Preprocessing(size=(4, 4)));"
             "assert 'torch' not in sys.modules and 'PIL' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- resize modes vs the libraries they reproduce
+
+def _photo() -> np.ndarray:
+    """A real photo when the shared models are present (smooth areas and edges), else noise."""
+    p = Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "03_mobilenet_v1_0.25_224_float_tflite"
+    if (p / "burger.jpg").is_file():
+        from PIL import Image
+
+        return np.asarray(Image.open(p / "burger.jpg").convert("RGB"))
+    return _rng().integers(0, 256, (120, 160, 3), dtype=np.uint8)
+
+
+def _ours(img: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    spec = Preprocessing(size=size, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, scale=1.0, resize=mode, layout="NHWC")
+    return preprocess([img], spec)[0]
+
+
+@pytest.mark.parametrize("size", [(224, 224), (61, 97), (400, 300)])
+def test_bilinear_and_area_match_pillow_within_one_level(size: tuple[int, int]) -> None:
+    from PIL import Image
+
+    img = _photo()
+    ref = np.asarray(Image.fromarray(img).resize(size[::-1], Image.BILINEAR), np.float32)
+    assert np.abs(_ours(img, size, "bilinear") - ref).max() <= 1.0
+    # NEAREST: PIL computes sample positions in fixed point, so some samples take the neighbouring pixel
+    ref = np.asarray(Image.fromarray(img).resize(size[::-1], Image.NEAREST), np.float32)
+    assert np.mean(np.abs(_ours(img, size, "nearest") - ref) > 0) < 0.12
+    # PIL BOX is the area average for integer factors (fractional factors: PIL samples at pixel centres)
+    h, w = img.shape[:2]
+    small = (h // 4, w // 5)
+    crop = img[:small[0] * 4, :small[1] * 5]
+    ref = np.asarray(Image.fromarray(crop).resize(small[::-1], Image.BOX), np.float32)
+    assert np.abs(_ours(crop, small, "area") - ref).max() <= 1.0
+
+
+@pytest.mark.parametrize("size", [(224, 224), (61, 97), (48, 192), (500, 700)])
+def test_bilinear_cv_and_area_match_opencv_within_one_level(size: tuple[int, int]) -> None:
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is a test dependency ([dev])")
+    img = _photo()
+    ref = cv2.resize(img, size[::-1], interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    assert np.abs(_ours(img, size, "bilinear-cv") - ref).max() <= 1.0
+    if size[0] < img.shape[0] and size[1] < img.shape[1]:
+        ref = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA).astype(np.float32)
+        assert np.abs(_ours(img, size, "area") - ref).max() <= 1.0
+
+
+def test_fit_modes_and_geometry() -> None:
+    from core.preprocess import prepare_images
+
+    img = np.full((100, 200, 3), 200, np.uint8)
+    base = dict(channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, scale=1.0, layout="NHWC", resize="bilinear-cv")
+    x, (geo,) = prepare_images([img], Preprocessing(size=(64, 64), fit="letterbox", anchor="top-left", pad_value=114,
+                                                    **base))
+    assert x.shape == (1, 64, 64, 3) and geo.scale == (0.32, 0.32) and geo.offset == (0.0, 0.0)
+    assert (x[0, :32] == 200).all() and (x[0, 32:] == 114).all()  # YOLOX: image top-left, 114 below
+    np.testing.assert_allclose(geo.to_image(np.array([0, 0, 64, 32])), [0, 0, 200, 100])
+    x, (geo,) = prepare_images([img], Preprocessing(size=(64, 64), fit="letterbox", **base))
+    assert geo.offset == (16.0, 0.0) and (x[0, :16] == 0).all() and (x[0, 16:48] == 200).all()
+    x, (geo,) = prepare_images([img], Preprocessing(size=(32, 32), fit="center-crop", crop_fraction=0.5, **base))
+    assert x.shape == (1, 32, 32, 3) and geo.scale == (0.64, 0.64) and geo.offset == (-16.0, -48.0)
+    x, (geo,) = prepare_images([img[:, :120]], Preprocessing(size=(48, 192), fit="height", pad_value=127.5, **base))
+    assert np.allclose(x[0, :, :58], 200, atol=1e-3) and (x[0, :, 58:] == 127.5).all()  # ceil(48 * 120 / 100) = 58, pad right
+
+
+def test_model_dtypes_from_the_float_batch() -> None:
+    from core.manifest import TensorSpec
+    from core.preprocess import to_model_dtype
+
+    x = np.array([[0.0, 127.4, 127.6, 255.0]], np.float32)
+    raw = Preprocessing(size=(1, 4), scale=1.0)
+    assert to_model_dtype(x, TensorSpec("x", (1, 4), "uint8", 0.0078125, 128), raw).tolist() == [[0, 127, 128, 255]]
+    q = to_model_dtype(np.array([[-1.0, 0.25, 2.0]], np.float32), TensorSpec("x", (1, 3), "int8", 0.5, -10))
+    assert q.tolist() == [[-12, -9, -6]] and q.dtype == np.int8  # round half away from zero: 0.5 -> 1
+    assert to_model_dtype(x, TensorSpec("x", (1, 4), "float16")).dtype == np.float16
+
+
+def test_pixel_budget_refuses_before_decoding(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from core.errors import ImageTooLargeError
+    from core.imageio import decode_image_bytes, load_image
+
+    Image.new("L", (3000, 3000)).save(tmp_path / "big.png")
+    data = (tmp_path / "big.png").read_bytes()
+    with pytest.raises(ImageTooLargeError, match="9,000,000 pixels"):
+        decode_image_bytes(data, max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError):
+        load_image(tmp_path / "big.png", max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError):
+        decode_image_bytes(b"P5\n5000 5000\n255\n", max_pixels=1_000_000)
+    assert decode_image_bytes(data).shape == (3000, 3000)
