@@ -291,7 +291,12 @@ class Installer:
     def _check_version(self, manifest: Manifest, current: Manifest | None, force: bool) -> None:
         if current is None or force or self.config.update.allow_downgrade:
             return
-        if current.name == manifest.name and compare_versions(manifest.version, current.version) < 0:
+        if current.name != manifest.name:  # renaming a model must not be a way around downgrade protection
+            raise UpdateError(f"bundle is model {manifest.name!r} {manifest.version}, the device serves "
+                              f"{current.name!r} {current.version}",
+                              hint="pass --force (or [update].allow_downgrade = true) to replace the model",
+                              version=manifest.version)
+        if compare_versions(manifest.version, current.version) < 0:
             raise UpdateError(f"bundle {manifest.version} is older than the installed {current.version}",
                               hint="pass --force (or [update].allow_downgrade = true) to downgrade",
                               version=manifest.version)

@@ -28,7 +28,7 @@ from core.protocol import (
 )
 from edge_agent.agent import Agent
 from edge_agent.updater import compare_versions, download_http
-from tests.plugins.agent_kit import agent_config, digits
+from tests.plugins.agent_kit import agent_config, digits, make_bundle
 from tests.plugins.broker import MosquittoBroker
 from tests.plugins.files import FileServer, deploy_command, file_url
 
@@ -136,6 +136,14 @@ def test_downgrade_allowed_with_force(agent: Agent, tiny_bundles: dict[str, Path
     with pytest.raises(UpdateError, match="older than"):
         agent.install(tiny_bundles["v0"])
     assert agent.install(tiny_bundles["v0"], force=True).version == "0.9.0"
+
+
+def test_renaming_the_model_is_no_way_around_downgrade_protection(agent: Agent, tmp_path: Path) -> None:
+    renamed = make_bundle(tmp_path / "other.elb", "0.1.0", name="not-tiny-mlp")
+    with pytest.raises(UpdateError, match="serves 'tiny-mlp'"):
+        agent.install(renamed)
+    _still_serves(agent, "1.0.0")
+    assert agent.install(renamed, force=True).version == "0.1.0"
 
 
 def test_signature_errors_are_bundle_errors(agent: Agent, tiny_bundles: dict[str, Path]) -> None:

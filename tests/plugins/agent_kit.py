@@ -190,7 +190,7 @@ def accuracy(x_images: np.ndarray, y: np.ndarray) -> float:
 
 def make_bundle(out: Path, version: str = "1.0.0", *, slow_variant: bool = False, over_budget_variant: bool = False,
                 wrong_reference: bool = False, broken_model: bool = False, sign: bool = True,
-                signing_key: Path | None = None, channels: int = 1) -> Path:
+                signing_key: Path | None = None, channels: int = 1, name: str = "tiny-mlp") -> Path:
     """Write a signed bundle ``out`` of the tiny MLP (plus optional extra variants)."""
     from core.signing import load_private_key
 
@@ -213,7 +213,7 @@ def make_bundle(out: Path, version: str = "1.0.0", *, slow_variant: bool = False
                                 file="models/onnx-int8-dynamic.onnx", test_accuracy=acc - 0.05, accuracy_drop=5.0))
     spec = SPEC if channels == 1 else dataclasses.replace(SPEC, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     manifest = Manifest(
-        name="tiny-mlp", version=version, created="2025-01-01T00:00:00Z", labels=tuple(str(i) for i in range(10)),
+        name=name, version=version, created="2025-01-01T00:00:00Z", labels=tuple(str(i) for i in range(10)),
         input=InputSpec(name="x", shape=(-1, channels, 8, 8)), outputs=OutputSpec(embedding_dim=32),
         preprocessing=spec, variants=tuple(variants), reference_accuracy=acc, accuracy_budget=0.5,
     )
