@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from core.errors import EdgeloopError
 from core.protocol import BundleRequest, JobStatus, Message
 
@@ -196,14 +198,16 @@ class FleetWorker:
 
     def step(self) -> None:
         """One loop iteration: drive rollouts, then the trigger check when due."""
+        # A busy database ("database is locked" past busy_timeout on a loaded machine) fails one
+        # tick, not the worker: the next tick retries from the stored state.
         try:
             self.driver.tick()
-        except EdgeloopError as exc:
+        except (EdgeloopError, SQLAlchemyError) as exc:
             log.error("rollout tick: %s", exc)
         if check_due(self._last_check, self.clock(), self.policy):
             try:
                 self.check()
-            except EdgeloopError as exc:
+            except (EdgeloopError, SQLAlchemyError) as exc:
                 log.error("trigger check: %s", exc)
 
     def run(self, stop: threading.Event | None = None) -> None:
