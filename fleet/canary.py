@@ -20,10 +20,13 @@ confidence per-interval mean top-1 confidence            Mann-Whitney U
 
 A metric fails only when the difference is both significant (``p < alpha``) and larger
 than its tolerance (a 3 % slower median on 10,000 inferences is significant and
-harmless).  A metric with fewer samples than its minimum does not vote: it is
-``insufficient`` (some data, or a required metric) or ``nodata`` (an optional metric
-neither group reported, e.g. no labels at all).  The score is the share of voting
-metrics that passed; a failed *critical* metric fails the wave whatever the score.
+harmless).  A metric with fewer samples than its minimum in either group does not vote:
+a *required* one (``required``, default latency and errors) is ``insufficient`` and
+keeps the verdict ``inconclusive``; so is an optional one whose data so far point the
+wrong way (beyond its tolerance: a less accurate model with 12 labels waits for more);
+any other optional one is ``skipped`` and the verdict names it.  The score
+is the share of voting metrics that passed; a failed *critical* metric fails the wave
+whatever the score.
 
 Decisions: ``fail`` (roll back), ``pass`` (score ≥ ``pass_score``), ``marginal``
 (≥ ``marginal_score``) and ``inconclusive`` (not enough data); the last two extend the
@@ -120,7 +123,7 @@ class MetricResult:
     """One metric's evidence: the numbers of both groups, the test, and its decision."""
 
     metric: str
-    decision: str  # pass | fail | insufficient | nodata
+    decision: str  # pass | fail | insufficient (required, too few samples) | skipped (optional, too few)
     canary: str
     control: str
     statistic: str = ""
@@ -167,7 +170,10 @@ class Verdict:
         score = "" if self.score is None else f", score {self.score:.0f}"
         against = (f"{len(self.canary)} canary vs {len(self.control)} control devices" if self.mode == "control"
                    else f"{len(self.canary)} devices before/after the update (no control group)")
-        voted = "; ".join(m.line() for m in self.metrics if m.decision != "nodata")
+        voted = "; ".join(m.line() for m in self.metrics if m.decision != "skipped")
+        skipped = [f"{m.metric} ({m.n_canary} vs {m.n_control})" for m in self.metrics if m.decision == "skipped"]
+        if skipped:
+            voted += f"; not voting, too few samples: {', '.join(skipped)}"
         notes = "; ".join(self.notes)
         return f"{self.decision}{score} ({against}): {voted}" + (f" [{notes}]" if notes else "")
 
@@ -179,13 +185,12 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g} ms"
 
 
-def _availability(metric: str, n1: int, n2: int, minimum: int, policy: CanaryPolicy) -> str | None:
-    """``insufficient`` / ``nodata`` when the metric may not vote, else None."""
+def _availability(metric: str, n1: int, n2: int, minimum: int, policy: CanaryPolicy,
+                  worse_so_far: bool = False) -> str | None:
+    """``insufficient`` / ``skipped`` when the metric may not vote (see the module docstring), else None."""
     if n1 >= minimum and n2 >= minimum:
         return None
-    if (n1 == 0 or n2 == 0) and metric not in policy.required:
-        return "nodata"
-    return "insufficient"
+    return "insufficient" if metric in policy.required or (worse_so_far and n1 and n2) else "skipped"
 
 
 def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:
@@ -199,7 +204,8 @@ def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:
     m1, m2 = st.hist_median_ms(a), st.hist_median_ms(b)
     base = dict(metric="latency", canary=f"median {_ms(m1)} (n={n1})", control=f"median {_ms(m2)} (n={n2})",
                 n_canary=n1, n_control=n2)
-    gap = _availability("latency", n1, n2, minimum, pol)
+    gap = _availability("latency", n1, n2, minimum, pol,
+                        bool(m1 and m2 and m1 / m2 > pol.max_latency_ratio))
     if gap:
         return MetricResult(decision=gap, note=f"needs {minimum} {kind} per group", **base)
     test = st.mann_whitney(a, b)
@@ -218,9 +224,11 @@ def _rate(metric: str, bad1: int, n1: int, bad2: int, n2: int, minimum: int, tol
     def show(bad: int, n: int) -> str:
         return f"{(n - bad if show_good else bad) / n:.1%} of {n}" if n else "- of 0"
     base = dict(metric=metric, canary=show(bad1, n1), control=show(bad2, n2), n_canary=n1, n_control=n2)
-    gap = _availability(metric, n1, n2, minimum, pol)
+    worse = bool(n1 and n2 and bad1 / n1 - bad2 / n2 > tolerance)
+    gap = _availability(metric, n1, n2, minimum, pol, worse)
     if gap:
-        return MetricResult(decision=gap, note=f"needs {minimum} {what} per group", **base)
+        return MetricResult(decision=gap, note=f"needs {minimum} {what} per group"
+                            + ("; worse so far" if worse else ""), **base)
     test, (lo, hi) = st.two_proportions(bad1, n1, bad2, n2)
     diff = bad1 / n1 - bad2 / n2
     bad = test.p_value < pol.alpha and diff > tolerance
@@ -238,7 +246,8 @@ def _confidence(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:
     mean2 = float(np.mean(k.confidences)) if n2 else None
     base = dict(metric="confidence", canary="-" if mean1 is None else f"mean {mean1:.3f} (n={n1})",
                 control="-" if mean2 is None else f"mean {mean2:.3f} (n={n2})", n_canary=n1, n_control=n2)
-    gap = _availability("confidence", n1, n2, pol.min_confidence_intervals, pol)
+    gap = _availability("confidence", n1, n2, pol.min_confidence_intervals, pol,
+                        mean1 is not None and mean2 is not None and mean2 - mean1 > pol.max_confidence_drop)
     if gap:
         return MetricResult(decision=gap, note=f"needs {pol.min_confidence_intervals} intervals per group", **base)
     assert mean1 is not None and mean2 is not None

@@ -78,11 +78,17 @@ def test_minimum_samples_and_optional_metrics() -> None:
     few = judge(group(rng, n=20), group(rng), POL)  # latency is required: 20 inferences are not enough
     assert few.decision == "inconclusive" and "latency" in few.notes[-1]
     assert next(m for m in few.metrics if m.metric == "latency").decision == "insufficient"
-    # no labels anywhere: accuracy does not vote (and says so); a few labels: wait for more
-    none = judge(group(rng), group(rng), POL)
-    assert none.decision == "pass" and next(m for m in none.metrics if m.metric == "accuracy").decision == "nodata"
+    # few or no labels: accuracy (optional by default) does not vote, and the verdict says so
     some = judge(group(rng, labels=8), group(rng, labels=8), POL)
-    assert some.decision == "inconclusive" and "accuracy" in some.notes[-1]
+    assert some.decision == "pass" and next(m for m in some.metrics if m.metric == "accuracy").decision == "skipped"
+    assert "not voting, too few samples: accuracy (8 vs 8)" in some.summary()
+    # ... unless the few labels so far say the canary is worse: then it waits for more
+    worse = judge(group(rng, labels=8, accuracy=0.5), group(rng, labels=8), POL)
+    assert worse.decision == "inconclusive" and "accuracy" in worse.notes[-1]
+    # ... or the fleet requires labels
+    strict = CanaryPolicy(required=("latency", "errors", "accuracy"))
+    wait = judge(group(rng, labels=8), group(rng, labels=8), strict)
+    assert wait.decision == "inconclusive" and "accuracy" in wait.notes[-1]
     # a crash decides at once, even while other metrics still wait for data
     crash = judge(group(rng, n=150, errors=400, labels=8), group(rng, labels=8), POL)
     assert crash.decision == "fail"

@@ -7,8 +7,8 @@ fleet's delivery is tested elsewhere) and, per :class:`Profile` of the version i
 reports telemetry with a latency histogram, drift reports, and samples whose label
 arrived with them (labelled on the device).  A :class:`Swarm` thread makes every device
 report once per ``period_s``, with a load factor shared by all devices (a busy machine
-slows every model alike).  Accuracy is deterministic (every k-th answer wrong), so a
-"20 % less accurate" model is exactly that.
+slows every model alike).  Accuracy is deterministic (every k-th answer wrong, starting
+with the first), so a "20 % less accurate" model is exactly that.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class SimDevice:
         self.topics = TopicScheme(prefix)
         self.rng = np.random.default_rng(seed)
         self.seq = itertools.count(1)
-        self.answers = 0  # answers given, for the deterministic accuracy
+        self.answers: dict[str, int] = {}  # labelled answers per version, for the deterministic accuracy
         self.deploys: list[str] = []  # job ids of deploy commands received
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
@@ -150,9 +150,10 @@ class SimDevice:
                 self._labelled_sample(version, p, ts)
 
     def _labelled_sample(self, version: str, p: Profile, ts: float) -> None:
-        i = self.answers
-        self.answers += 1
-        wrong = math.floor((i + 1) * (1 - p.accuracy) + 1e-9) > math.floor(i * (1 - p.accuracy) + 1e-9)
+        i = self.answers.get(version, 0)
+        self.answers[version] = i + 1
+        # exactly 1 - accuracy of the answers are wrong, the first of each version among them
+        wrong = math.ceil((i + 1) * (1 - p.accuracy) - 1e-9) > math.ceil(i * (1 - p.accuracy) - 1e-9)
         truth = int(self.rng.integers(0, 10))
         pred = (truth + 1) % 10 if wrong else truth
         sid = uuid.uuid4().hex
