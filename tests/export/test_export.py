@@ -32,8 +32,13 @@ def test_bundle_is_signed_and_verifies(exported_bundle) -> None:  # type: ignore
         assert v.accuracy_drop is not None and v.accuracy_drop <= 0.5
         assert v.latency_ms is not None and v.latency_ms > 0 and v.size > 0
     int8 = m.variant("onnx-int8-static")
-    assert int8.options["reduce_range"] or int8.options["weight_type"] == "uint8" or int8.float_nodes
-    assert int8.size < 0.5 * m.variant("onnx-fp32").size
+    # Which recipe the gate needed depends on the CPU (ORT's u8s8 saturates on AVX2 but not with
+    # AVX-512 VNNI) and on the training run, so the bundle only has to say which one it used.  The
+    # fallback itself is tested with the decision forced (tests/export/test_gate_fallback.py) and on
+    # a model built to need it (tests/export/test_quantize.py).
+    assert {"activation_type", "weight_type", "reduce_range", "calibration"} <= set(int8.options)
+    fp32_size = m.variant("onnx-fp32").size
+    assert int8.size < (0.5 if not int8.float_nodes else 1.0) * fp32_size
     assert {"baseline.npz", "reference.npz", "metrics.json"} <= set(m.members)
 
 
