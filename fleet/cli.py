@@ -212,9 +212,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
         else:
             rs = reg.rollouts.find()
             data = [{**dataclasses.asdict(r), "targets": reg.rollouts.target_counts(r.id)} for r in rs]
-            emit(args, data, lambda: _table("rollouts", ["id", "model", "version", "status", "targets", "reason"], [
+            from fleet.canary import verdict_line  # the latest canary analysis; the JSON has them all
+
+            emit(args, data, lambda: _table("rollouts", ["id", "model", "version", "status", "targets", "verdict",
+                                                         "reason"], [
                 [d["id"], d["model_name"], d["version"], d["status"],
-                 ", ".join(f"{k} {v}" for k, v in d["targets"].items()), d["reason"]] for d in data]))
+                 ", ".join(f"{k} {v}" for k, v in d["targets"].items()),
+                 verdict_line((d["state"] or {}).get("verdicts", ())), d["reason"]] for d in data]))
     finally:
         reg.close()
     return 0
