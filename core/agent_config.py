@@ -271,13 +271,24 @@ class AgentConfig:
     def __post_init__(self) -> None:
         check(self)
 
-    @property
-    def state_dir(self) -> Path:
-        """``[agent].state_dir``, relative paths taken from the config file's folder."""
-        p = Path(self.agent.state_dir).expanduser()
+    def path(self, value: str) -> Path:
+        """A path from the config: relative ones are taken from the config file's folder."""
+        p = Path(value).expanduser()
         if not p.is_absolute() and self.source not in ("<defaults>", "<string>"):
             p = Path(self.source).resolve().parent / p
         return p
+
+    @property
+    def state_dir(self) -> Path:
+        """``[agent].state_dir``, relative paths taken from the config file's folder."""
+        return self.path(self.agent.state_dir)
+
+    def broker_password(self) -> str | None:
+        """The broker password; ``[broker].password_file`` is read relative to the config file's folder."""
+        b = self.broker
+        if b.password_file:
+            return dataclasses.replace(b, password_file=str(self.path(b.password_file))).secret()
+        return b.secret()
 
     @property
     def trusted_key_path(self) -> str | None:
@@ -342,10 +353,10 @@ enabled = true
 host = "localhost"
 port = 1883
 tls = false
-ca_file = ""          # CA bundle for TLS ("" = the system's)
+ca_file = ""          # CA bundle for TLS ("" = the system's; relative: to this file)
 username = ""
 password = ""
-password_file = ""    # preferred: a file holding the password
+password_file = ""    # preferred: a file holding the password (relative: to this file)
 protocol = "auto"     # MQTT 5 where the broker has it, else 3.1.1; or "5" / "3.1.1"
 keepalive = 30
 topic_prefix = "edgeloop/v1"

@@ -111,10 +111,10 @@ def _make_link(config: AgentConfig, outbox: Outbox, topics: TopicScheme, on_comm
     from .link import AgentLink
 
     b = config.broker
-    tls = TlsConfig(ca_file=Path(b.ca_file) if b.ca_file else None) if b.tls else None
+    tls = TlsConfig(ca_file=config.path(b.ca_file) if b.ca_file else None) if b.tls else None
     protocol = b.protocol  # one spelling ("auto" | "5" | "3.1.1"): core.protocol.MqttVersion
     return AgentLink(host=b.host, port=b.port, device_id=config.agent.device_id, outbox=outbox,
-                     username=b.username or None, password=b.secret(), tls=tls, keepalive=b.keepalive,
+                     username=b.username or None, password=config.broker_password(), tls=tls, keepalive=b.keepalive,
                      protocol=protocol, topics=topics, on_command=on_command, state=state, receipts=b.receipts,
                      receipt_grace_s=b.receipt_grace_s, receipt_timeout_s=b.receipt_timeout_s)
 

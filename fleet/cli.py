@@ -1,9 +1,10 @@
 """``edgeloop fleet ...`` commands.  Nothing heavy is imported at module level.
 
-    edgeloop fleet init [--dir D]              write fleet.toml (API token, broker password) and the signing key
-    edgeloop fleet serve --config fleet.toml   ingestion + HTTP API (+ retraining / rollout workers)
+    edgeloop fleet init [--dir D]              fleet.toml, signing key, broker files, dashboard login
+    edgeloop fleet serve [-c fleet.toml]       ingestion + HTTP API (+ retraining / rollout workers)
     edgeloop fleet status|devices|drift|models|rollouts [--json]
-    edgeloop fleet provision DEVICE [--out DIR]
+    edgeloop fleet provision DEVICE [--out DIR] [--owner USER]
+    edgeloop fleet keys trust PUB | list; edgeloop fleet model add BUNDLE   (fleet.cli_setup)
     edgeloop fleet label import CSV | export CSV | teacher BUNDLE --threshold 0.9
 
 Reporting commands read the database directly (SQLite in WAL mode lets them read
@@ -20,7 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.cliutil import add_json_flag, emit
+from core.progress import is_quiet
 from fleet.cli_rollout import register_rollout
+from fleet.cli_setup import register_setup
+from fleet.cliargs import add_config, fleet_config
 
 if TYPE_CHECKING:
     from fleet.config import FleetConfig
@@ -29,18 +33,11 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="fleet.toml",
-                   help="fleet config (default ./fleet.toml; defaults are used when it does not exist)")
+_add_config = add_config  # -c/--config; a missing fleet.toml is an error naming the fix (fleet.cliargs)
 
 
 def _config(args: argparse.Namespace) -> FleetConfig:
-    from fleet.config import default_config, load_config
-
-    path = Path(args.config)
-    if not path.exists() and args.config == "fleet.toml":
-        return default_config(Path.cwd() / "fleet-data")
-    return load_config(path)
+    return fleet_config(args)
 
 
 def _registry(cfg: FleetConfig) -> Registry:
@@ -55,10 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     sub = fleet.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
     fleet.set_defaults(func=lambda _a: (fleet.print_help(), 1)[1])
 
-    p = sub.add_parser("init", help="write fleet.toml with fresh secrets and create the signing key")
-    p.add_argument("--dir", default=".", help="where to write fleet.toml (default .)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing fleet.toml")
-    p.set_defaults(func=_cmd_init)
+    register_setup(sub)  # init, keys trust|list, model add
 
     p = sub.add_parser("serve", help="run ingestion, the HTTP API and the fleet workers")
     _add_config(p)
@@ -82,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--out", type=Path, help="kit directory (default <data_dir>/devices/DEVICE)")
     p.add_argument("--broker-host", help="broker host as the device sees it (default [broker].host)")
     p.add_argument("--broker-port", type=int, help="broker port as the device sees it")
+    p.add_argument("--owner", metavar="USER[:GROUP]", help="hand the kit's files to the agent's user (chown)")
     add_json_flag(p)
     p.set_defaults(func=_cmd_provision)
 
@@ -105,7 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = lsub.add_parser("teacher", help="pseudo-label unlabelled samples with a larger model")
     p.add_argument("--teacher", required=True, type=Path, metavar="BUNDLE", help="the teacher's signed bundle")
     p.add_argument("--threshold", type=float, default=0.9, help="minimum teacher confidence (default 0.9)")
-    p.add_argument("--trusted-key", type=Path, help="public key to verify the teacher (default: the fleet's)")
+    p.add_argument("--key", type=Path, metavar="PUB", help="public key to verify the teacher (default: the fleet's)")
+    p.add_argument("--trusted-key", dest="key", type=Path, help=argparse.SUPPRESS)  # old spelling
     _add_config(p)
     add_json_flag(p)
     p.set_defaults(func=_cmd_label_teacher)
@@ -114,32 +110,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 # --------------------------------------------------------------------------- handlers
-def _cmd_init(args: argparse.Namespace) -> int:
-    import secrets
-
-    from core.errors import ConfigError
-    from fleet.acl import new_password, write_private
-    from fleet.config import ApiConfig, BrokerConfig, default_config, render_config
-    from fleet.provision import ensure_signing_key
-
-    d = Path(args.dir)
-    path = d / "fleet.toml"
-    if path.exists() and not args.force:
-        raise ConfigError(f"{path} already exists", hint="pass --force to overwrite it", path=str(path))
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(default_config("fleet-data"),
-                              # an unguessable MQTT 5 share group: no device can join the fleet's (docs/fleet.md)
-                              broker=BrokerConfig(username="fleet", password=new_password(),
-                                                  shared_group=f"fleet-{secrets.token_hex(12)}"),
-                              api=ApiConfig(token=secrets.token_hex(16)))
-    write_private(path, render_config(cfg))  # 0600 from creation: it holds the broker password and the API token
-    from fleet.config import load_config
-
-    pub = ensure_signing_key(load_config(path))
-    print(f"wrote {path} (mode 0600) and the signing key; public key: {pub}")
-    return 0
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -157,7 +127,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with FleetApp.from_config(cfg, workers=not args.no_workers) as app:
+    import logging
+
+    from fleet.events import EventLog
+
+    for name in ("fleet", "core"):  # a service logs what happens (journald keeps it); -q: warnings only
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO and not is_quiet():
+            logging.getLogger(name).setLevel(logging.INFO)
+    app = FleetApp.from_config(cfg, workers=not args.no_workers)
+    app.ingest.add_hook(EventLog())  # device joins, drift alarms, failed updates
+    with app:
         print(f"fleet serving: {app.describe()}", flush=True)
         while not stop.wait(1.0):
             pass
@@ -176,8 +155,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
+    for c in columns:  # ids in full: pause/abort/rollback need them
+        t.add_column(c, no_wrap=c == "id", min_width=max([len(str(r[0])) for r in rows] + [2]) if c == "id" else None)
     for r in rows:
         t.add_row(*("-" if v is None else str(v) for v in r))
     Console().print(t)
@@ -231,7 +210,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     reg = _registry(cfg)
     try:
         res = provision_device(cfg, reg, args.device, out_dir=args.out, broker_host=args.broker_host,
-                               broker_port=args.broker_port)
+                               broker_port=args.broker_port, owner=args.owner)
     finally:
         reg.close()
     emit(args, res, f"provisioned {res.device_id}: kit in {res.kit_dir} (agent.toml, mqtt.password, fleet.pub)\n"
@@ -275,7 +254,7 @@ def _cmd_label_teacher(args: argparse.Namespace) -> int:
     reg = _registry(cfg)
     try:
         res = pseudo_label(reg, SampleStore(cfg.samples_dir), args.teacher,
-                           trusted_key=args.trusted_key or cfg.public_key_path, threshold=args.threshold)
+                           trusted_key=args.key or cfg.public_key_path, threshold=args.threshold)
     finally:
         reg.close()
     emit(args, res, f"teacher: {res.labelled} of {res.considered} unlabelled samples labelled "

@@ -14,6 +14,7 @@ from typing import Any
 
 from core.cliutil import add_json_flag, emit
 from core.errors import ConfigError
+from fleet.cliargs import add_config, fleet_config
 
 __all__ = ["register_rollout", "parse_share", "parse_duration"]
 
@@ -43,7 +44,7 @@ def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # t
     """Add ``rollout``, ``pause``, ``resume``, ``abort`` and ``rollback`` to ``edgeloop fleet``."""
     p = fleet_subparsers.add_parser("rollout", help="roll a signed bundle out in stages (canary, then waves)")
     p.add_argument("bundle", help="bundle file (.elb) to register and roll out, or NAME:VERSION already registered")
-    p.add_argument("--config", default="fleet.toml", help="fleet config (default fleet.toml)")
+    add_config(p)
     p.add_argument("--canary", default=None, help="share of devices in the canary, e.g. 10%%")
     p.add_argument("--waves", default=None, help="cumulative shares after the canary, e.g. 25,50,100")
     p.add_argument("--soak", default=None, help="soak time per wave, e.g. 60s")
@@ -59,18 +60,17 @@ def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # t
                        ("rollback", "roll every updated device back to its previous version")):
         q = fleet_subparsers.add_parser(verb, help=f"{text}")
         q.add_argument("rollout_id")
-        q.add_argument("--config", default="fleet.toml")
+        add_config(q)
         add_json_flag(q)
         q.set_defaults(func=_cmd_verb, verb=verb)
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from fleet.config import load_config
     from fleet.ingest import connect_client
     from fleet.registry import Registry
     from fleet.rollout_driver import RolloutDriver
 
-    cfg = load_config(args.config)
+    cfg = fleet_config(args)
     registry = Registry.open(cfg.database_url)
     client, _ = connect_client(cfg.broker, client_id=f"edgeloop-cli-{__import__('os').getpid()}")
     driver = RolloutDriver.from_config(cfg, registry, client, delivery=getattr(args, "delivery", None))

@@ -7,6 +7,7 @@ and persistence (a persistent broker saves its sessions on SIGTERM).
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -19,9 +20,13 @@ from pathlib import Path
 
 from core.errors import BrokerError
 
-__all__ = ["MosquittoBroker", "find_mosquitto", "free_port", "write_password_file", "HOST"]
+__all__ = ["MosquittoBroker", "find_mosquitto", "free_port", "write_password_file", "make_broker_readable", "HOST",
+           "BROKER_GROUP"]
 
 HOST = "127.0.0.1"
+# Debian's mosquitto starts as root and then runs as user ``mosquitto`` (group ``mosquitto``):
+# the files it reads after that (password file, ACL) must be readable by that group.
+BROKER_GROUP = "mosquitto"
 
 
 def find_mosquitto() -> str | None:
@@ -48,6 +53,25 @@ def write_password_file(path: Path, users: Mapping[str, str]) -> Path:
         subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
     path.chmod(0o600)
     return path
+
+
+def make_broker_readable(*paths: Path, group: str = BROKER_GROUP) -> bool:
+    """Give the broker's ``group`` read access to ``paths`` (group ``mosquitto``, mode 0640; a folder 0750).
+
+    False, with the files left 0600, when the group does not exist or this user may not
+    hand files to it (not root, not a member): the broker must then run as this user.
+    """
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return False
+    for p in paths:
+        try:
+            os.chown(p, -1, gid)
+        except PermissionError:
+            return False
+        p.chmod(0o750 if p.is_dir() else 0o640)
+    return True
 
 
 class MosquittoBroker:

@@ -3,7 +3,13 @@
 The fleet keeps only password *hashes* (``credentials`` table); the password is written
 once into the device's kit (``mqtt.password``, mode 0600) and never again.  Every call
 regenerates the whole Mosquitto password file and ACL from the database, so the files
-always match what the fleet has issued; Mosquitto rereads them on ``SIGHUP``.
+always match what the fleet has issued; Mosquitto rereads them on ``SIGHUP``.  The broker
+files are group ``mosquitto``, mode 0640, where that group exists (Debian's broker runs as
+user ``mosquitto``): :func:`fleet.mosquitto.make_broker_readable`.
+
+Paths in the kit's ``agent.toml`` are relative to the kit (the agent reads them relative to
+its config file), so the kit works wherever it is copied; ``owner`` hands its files to the
+agent's user (``fleet provision --owner``).
 
 The kit directory holds everything a device needs::
 
@@ -35,6 +41,7 @@ class BrokerFiles:
     password_file: Path
     acl_file: Path
     conf_snippet: Path
+    readable_by_broker: bool = False  # group mosquitto 0640 (else 0600: run the broker as this user)
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,10 @@ def write_broker_files(config: FleetConfig, registry: Registry) -> BrokerFiles:
     acl = write_private(d / "acl", render_acl(config.prefix, fleet_users=sorted(users),
                                               devices={u: u for u in devices}))
     conf = write_private(d / "mosquitto.conf", render_mosquitto_conf(config.broker.port, passwd, acl))
-    return BrokerFiles(password_file=passwd, acl_file=acl, conf_snippet=conf)
+    from .mosquitto import make_broker_readable
+
+    shared = make_broker_readable(d, passwd, acl, conf)
+    return BrokerFiles(password_file=passwd, acl_file=acl, conf_snippet=conf, readable_by_broker=shared)
 
 
 # The largest MQTT packet the broker takes: one sample chunk frame of the fleet's limit
@@ -159,9 +169,20 @@ def render_agent_toml(config: FleetConfig, device_id: str, *, username: str, pas
     return text
 
 
+def _hand_over(kit: Path, owner: str, files: tuple[Path, ...]) -> None:
+    """``chown owner[:group]`` the kit folder and its files (the agent runs as that user)."""
+    user, _, group = owner.partition(":")
+    try:
+        for p in (kit, *files):
+            shutil.chown(p, user=user, group=group or None)
+    except (LookupError, PermissionError) as exc:
+        raise FleetError(f"cannot hand the kit to {owner!r}: {exc}",
+                         hint="run as root, or copy the kit and `chown -R USER` it on the device") from exc
+
+
 def provision_device(config: FleetConfig, registry: Registry, device_id: str, *, out_dir: Path | None = None,
                      password: str | None = None, broker_host: str | None = None,
-                     broker_port: int | None = None) -> ProvisionResult:
+                     broker_port: int | None = None, owner: str | None = None) -> ProvisionResult:
     """Issue (or re-issue) ``device_id``'s credentials and write its kit; returns where everything went."""
     validate_device_id(device_id)
     if config.broker.username and device_id in fleet_usernames(config.broker.username):
@@ -177,10 +198,13 @@ def provision_device(config: FleetConfig, registry: Registry, device_id: str, *,
     password_path = write_private(kit / "mqtt.password", secret + "\n")
     key_copy = kit / "fleet.pub"
     shutil.copyfile(pub, key_copy)
-    # Absolute: the agent reads password_file relative to its working directory, not the config's.
-    toml = render_agent_toml(config, device_id, username=device_id, password_file=str(password_path.resolve()),
-                             trusted_key="fleet.pub", broker_host=broker_host, broker_port=broker_port)
+    # Relative to agent.toml (the agent resolves them against its config file's folder): the kit
+    # works wherever it is copied to.
+    toml = render_agent_toml(config, device_id, username=device_id, password_file=password_path.name,
+                             trusted_key=key_copy.name, broker_host=broker_host, broker_port=broker_port)
     agent_toml = write_private(kit / "agent.toml", toml)
+    if owner:
+        _hand_over(kit, owner, (agent_toml, password_path, key_copy))
     files = write_broker_files(config, registry)
     return ProvisionResult(device_id=device_id, username=device_id, kit_dir=kit, agent_toml=agent_toml,
                            password_path=password_path, public_key=key_copy, broker=files)

@@ -5,6 +5,7 @@ freedom is asserted as "one PBKDF2 per attempt, whoever the user"."""
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import stat
 from pathlib import Path
@@ -70,10 +71,16 @@ def test_fleet_secrets_and_database_are_private_from_creation(tmp_path: Path) ->
         reg = Registry.open(cfg.database_url)
         res = provision_device(cfg, reg, "cam-1")
         reg.status()
-        private = [res.password_path, res.agent_toml, res.broker.password_file, res.broker.acl_file,
-                   res.broker.conf_snippet, Path(cfg.database_url.removeprefix("sqlite:///")), cfg.signing_key_path]
+        private = [res.password_path, res.agent_toml, Path(cfg.database_url.removeprefix("sqlite:///")),
+                   cfg.signing_key_path]
         for p in private:
             assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        # the broker's files: the broker's group may read them (Debian runs mosquitto as user mosquitto)
+        for p in (res.broker.password_file, res.broker.acl_file, res.broker.conf_snippet):
+            if res.broker.readable_by_broker:
+                assert stat.S_IMODE(p.stat().st_mode) == 0o640 and p.stat().st_gid == grp.getgrnam("mosquitto").gr_gid, p
+            else:
+                assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
         conf = res.broker.conf_snippet.read_text()
         assert "127.0.0.1" in conf and "use_username_as_clientid true" in conf and "max_packet_size" in conf
         reg.close()
