@@ -20,15 +20,15 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.errors import DataError, EdgeloopError, ImageTooLargeError, InputError
+from core.errors import EdgeloopError, ImageTooLargeError, InputError, ProtocolError
+from core.imageio import decode_image_bytes
+from core.protocol import parse_json
 
 from .telemetry import prometheus_text
 
@@ -52,9 +52,9 @@ def decode_image(body: bytes, content_type: str = "") -> np.ndarray:
         raise InputError("empty request body", hint="POST the image bytes or a JSON array")
     if content_type.startswith("application/json") or body[:1] in (b"[", b"{"):
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"request body is not valid JSON: {exc}") from None
+            data = parse_json(body, max_bytes=len(body), what="request body")
+        except ProtocolError as exc:
+            raise InputError(str(exc)) from None
         if isinstance(data, dict):
             data = data.get("image")
         try:
@@ -72,19 +72,10 @@ def decode_image(body: bytes, content_type: str = "") -> np.ndarray:
             return np.load(io.BytesIO(body), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise InputError(f"cannot read .npy body: {exc}") from None
-    suffix = next((s for magic, s in _SUFFIX_BY_MAGIC if body.startswith(magic)), None)
-    if suffix is None:
+    if not any(body.startswith(magic) for magic, _ in _SUFFIX_BY_MAGIC):
         raise InputError("unrecognised image format", hint="send .npy, PGM/PPM, PNG or JPEG bytes, or a JSON array")
-    from core.preprocess import load_image
-
-    # load_image reads files; a temp file keeps one decoder for files and requests
-    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
-        tmp.write(body)
-        tmp.flush()
-        try:
-            return load_image(Path(tmp.name))
-        except DataError as exc:
-            raise InputError(str(exc)) from None
+    # Decoded from memory: no temp file (whose path an error would leak), pixel budget first.
+    return decode_image_bytes(body, what="request image")
 
 
 def metrics_text(agent: Agent) -> str:
@@ -219,10 +210,6 @@ class _Handler(BaseHTTPRequestHandler):
         except InputError as exc:
             self.server.agent.stats.record_error()
             self._json(400, {"error": str(exc)})
-            return
-        except RecursionError:
-            self.server.agent.stats.record_error()
-            self._json(400, {"error": "request body is JSON nested too deeply"})
             return
         try:
             pred = self.server.agent.predict(image)
