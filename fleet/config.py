@@ -156,6 +156,29 @@ class RolloutConfig:
     max_failures: float = knob(0.05, ge=0, le=1)
     delivery: Literal["auto", "http", "mqtt"] = "auto"  # "auto": the device's choice
     resend_after_s: float = knob(30.0, gt=0)  # resend a command no job step answered after this long (doubling, <= 300 s)
+    # Canary analysis (fleet.canary; docs/fleet.md "Rollouts: canary analysis"): each wave against devices
+    # still on the old version over the same window.  Checked as a whole by fleet.canary.CanaryPolicy
+    # when a rollout plan is built from them (rollout_driver.plan_from_config).
+    canary_alpha: float = 0.05  # significance level of each one-sided test
+    canary_max_latency_ratio: float = 1.5  # canary / control median latency that fails (when significant)
+    canary_max_error_increase: float = 0.02  # absolute error-rate increase that fails
+    canary_max_accuracy_drop: float = 0.05  # absolute accuracy drop on feedback labels that fails
+    canary_max_drift_alarm_increase: float = 0.25  # increase of the share of drift windows in alarm
+    canary_max_confidence_drop: float = 0.10  # drop of the mean top-1 confidence
+    canary_min_latency_samples: int = 100  # inferences per group before latency may vote
+    canary_min_latency_intervals: int = 5  # telemetry intervals per group (agents without histograms)
+    canary_min_inferences: int = 100  # attempts per group before the error rate may vote
+    canary_min_feedback: int = 30  # labels per group before accuracy may vote
+    canary_min_drift_windows: int = 5  # drift reports per group
+    canary_min_confidence_intervals: int = 5  # telemetry intervals with a confidence per group
+    canary_required: tuple[str, ...] = ("latency", "errors")  # metrics that must have data to decide
+    canary_critical: tuple[str, ...] = ("latency", "errors", "accuracy")  # one failure fails the wave
+    canary_pass_score: float = 90.0  # share of voting metrics that passed, in %, to pass
+    canary_marginal_score: float = 60.0  # below: fail; between: marginal (extends the soak)
+    canary_max_extension_s: float = 120.0  # extra soak while data is missing
+    canary_extension_step_s: float = 0.0  # per extension (0: the soak time)
+    canary_on_inconclusive: str = "hold"  # then: "hold" (pause the rollout) or "proceed" (with a warning)
+    canary_match_tag: str = "group"  # device tag pairing canary and control devices ("": any)
 
     def __post_init__(self) -> None:
         check(self)

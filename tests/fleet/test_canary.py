@@ -120,3 +120,18 @@ def test_policy_is_checked() -> None:
         CanaryPolicy(on_inconclusive="maybe")
     with pytest.raises(ConfigError):
         CanaryPolicy(pass_score=50, marginal_score=60)
+
+
+def test_every_threshold_is_a_fleet_toml_key() -> None:
+    """fleet.toml [rollout] canary_<field> for every CanaryPolicy field, defaults equal (docs/fleet.md)."""
+    import dataclasses
+
+    from fleet.config import RolloutConfig, config_from_dict
+    from fleet.rollout_driver import plan_from_config
+
+    for f in dataclasses.fields(CanaryPolicy):
+        assert getattr(RolloutConfig(), f"canary_{f.name}") == getattr(POL, f.name), f.name
+    cfg = config_from_dict({"rollout": {"canary_on_inconclusive": "proceed", "canary_required": ["latency"],
+                                        "canary_min_feedback": 50}})
+    pol = plan_from_config(cfg.rollout).analysis
+    assert pol.on_inconclusive == "proceed" and pol.required == ("latency",) and pol.min_feedback == 50
