@@ -112,6 +112,7 @@ class MqttConnection:
         self._probing = mode == "auto"  # until the broker first accepts MQTT 5
         self._connack_timeout_s = connack_timeout_s
         self._closing = False
+        self._failures = 0  # connection attempts failed in a row (logged at 1, 2, 4, 8...)
         self._client = self._build()
 
     # ------------------------------------------------------------------ public
@@ -214,6 +215,7 @@ class MqttConnection:
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
+        client.on_connect_fail = self._on_connect_fail
         return client
 
     def _fall_back(self, old: paho.Client) -> None:
@@ -244,8 +246,20 @@ class MqttConnection:
                      self._connack_timeout_s)
             self._fall_back(client)
 
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        """The broker cannot be reached: say so at once, then at the 2nd, 4th, 8th... failure in a row."""
+        self._failures += 1
+        n = self._failures
+        self.last_error = f"cannot reach the MQTT broker at {self.host}:{self.port}"
+        if n & (n - 1) == 0 and not self._closing:
+            log.warning("%s (%d attempt%s so far; retrying every %g-%g s)", self.last_error, n, "" if n == 1 else "s",
+                        *self._reconnect)
+
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode,
                     properties: Properties | None) -> None:
+        if self._failures:
+            log.info("broker %s:%s reachable again after %d failed attempt(s)", self.host, self.port, self._failures)
+            self._failures = 0
         if reason.is_failure:
             self.last_error = f"broker {self.host}:{self.port} refused the connection: {reason}"
             if self._probing and reason.value in _UNSUPPORTED_PROTOCOL:

@@ -119,6 +119,23 @@ def _make_link(config: AgentConfig, outbox: Outbox, topics: TopicScheme, on_comm
                      receipt_grace_s=b.receipt_grace_s, receipt_timeout_s=b.receipt_timeout_s)
 
 
+class _Summary:
+    """The agent's periodic INFO line: predictions since the last one (per-prediction lines are DEBUG)."""
+
+    def __init__(self, inferences: int, now: float) -> None:
+        self._count, self._since = inferences, now
+
+    def log(self, snap: Any, drift_alarm: bool) -> None:
+        now = time.monotonic()
+        n, self._count = snap.inferences - self._count, snap.inferences
+        span, self._since = now - self._since, now
+        if n == 0 and not drift_alarm:
+            return
+        p50 = "-" if snap.latency_p50_ms is None else f"{snap.latency_p50_ms:.1f} ms"
+        log.info("%d predictions in the last %.0f s (latency p50 %s, %d errors in all)%s", n, span, p50,
+                 snap.errors, "; DRIFT ALARM" if drift_alarm else "")
+
+
 class Agent:
     """One device's agent.  Thread-safe: HTTP threads predict while an update installs."""
 
@@ -339,6 +356,7 @@ class Agent:
         """Serve until ``stop`` is set: telemetry every interval, boot confirmation, optional folder source."""
         folder = FolderSource(source) if source is not None else None
         next_tele = time.monotonic() + self.config.telemetry.interval_s
+        summary = _Summary(self.stats.snapshot().inferences, time.monotonic())
         while not stop.is_set():
             if folder is not None:
                 for path, image in folder.new_images():
@@ -346,13 +364,14 @@ class Agent:
                         break
                     try:
                         pred = self.predict(image)
-                        log.info("%s -> %s (%.3f)%s", path.name, pred.label, pred.confidence,
-                                 " DRIFT ALARM" if pred.drift_alarm else "")
+                        log.debug("%s -> %s (%.3f)%s", path.name, pred.label, pred.confidence,
+                                  " DRIFT ALARM" if pred.drift_alarm else "")
                     except EdgeloopError as exc:
                         log.warning("%s: %s", path.name, exc)
             self.maybe_confirm()
             self.follow_pointer()
             if time.monotonic() >= next_tele:
                 self.send(self.telemetry())
+                summary.log(self.stats.snapshot(), self.drift_alarm)  # one line per interval, not per prediction
                 next_tele = time.monotonic() + self.config.telemetry.interval_s
             stop.wait(min(poll_s, max(0.0, next_tele - time.monotonic())))

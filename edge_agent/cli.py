@@ -108,9 +108,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from core.progress import is_quiet
+
     root = logging.getLogger()
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)  # a service logs what it does to stderr (journald keeps it)
+    if (root.level > logging.INFO or root.level == logging.NOTSET) and not is_quiet():
+        root.setLevel(logging.INFO)  # a service logs what it does to stderr (journald keeps it); -q: warnings only
     stop = threading.Event()
     agent = _agent(args)
 

@@ -69,5 +69,5 @@ def _export(args: argparse.Namespace) -> int:
                         onnx_precisions=_split(args.onnx_precisions), calibration=calibration, sign_key=args.sign,
                         version=args.bundle_version, parent_version=args.parent_version, name=args.name,
                         workdir=args.workdir, progress=progress)
-    emit(args, report.to_dict(), report.table)
+    emit(args, report.to_dict(), report.table())  # the table names the bundle written
     return 0
