@@ -36,7 +36,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("out", nargs="?", default="agent.toml", help="where to write it (default agent.toml)")
     p.add_argument("--device-id", default=None, help="device id (default: this host's name)")
     p.add_argument("--state-dir", default="./edgeloop-state", help="slots, outbox, boot counter")
-    p.add_argument("--trusted-key", default="fleet.pub", help="the fleet's public key file")
+    p.add_argument("--key", default="fleet.pub", metavar="PUB",
+                   help="the fleet's public key file, relative to the config (default fleet.pub)")
+    p.add_argument("--trusted-key", dest="key", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     add_json_flag(p)
     p.set_defaults(func=_cmd_init)
@@ -96,7 +98,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         host = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:64] or "edge-device"
         device_id = host if host[0].isalnum() else f"d{host}"[:64]
     validate_device_id(device_id)
-    path = write_template(args.out, device_id=device_id, state_dir=args.state_dir, trusted_key=args.trusted_key,
+    path = write_template(args.out, device_id=device_id, state_dir=args.state_dir, trusted_key=args.key,
                           force=args.force)
     emit(args, {"config": str(path), "device_id": device_id},
          f"wrote {path} (device {device_id}); edit [broker] and [agent].trusted_key, then `edgeloop agent run -c {path}`")

@@ -48,7 +48,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("target", type=Path, metavar="RUN_OR_BUNDLE", help="run directory or .elb bundle")
     e.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default test)")
     e.add_argument("--variant", default=None, help="bundle only: evaluate this variant only")
-    e.add_argument("--trusted-key", type=Path, default=None, help="bundle only: verify the signature with this public key")
+    e.add_argument("--key", type=Path, default=None, metavar="PUB",
+                   help="bundle only: verify the signature with this public key")
+    e.add_argument("--trusted-key", dest="key", type=Path, help=argparse.SUPPRESS)  # old spelling
     e.add_argument("--confusion-png", type=Path, default=None, metavar="FILE", help="also draw the confusion matrix")
     add_json_flag(e)
     e.set_defaults(func=_eval)
@@ -100,7 +102,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import save_confusion_png
     from .evaluate_cli import evaluate_target
 
-    results = evaluate_target(args.target, split=args.split, variant=args.variant, trusted_key=args.trusted_key)
+    results = evaluate_target(args.target, split=args.split, variant=args.variant, trusted_key=args.key)
     if args.confusion_png is not None:
         first = next(iter(results.values()))
         save_confusion_png(first, args.confusion_png)
