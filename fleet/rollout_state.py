@@ -1,0 +1,228 @@
+"""The rollout's data: its plan, per-device progress, events and the state that holds them.
+
+Frozen dataclasses only; the transitions live in :mod:`fleet.rollout` (waves, soak,
+verdicts, operator commands) and :mod:`fleet.rollout_resend` (lost commands).
+:class:`RolloutState` JSON round-trips with ``to_dict``/``from_dict``: the driver
+persists it after every transition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import ConfigError, RolloutError
+
+from .canary import CanaryPolicy
+
+__all__ = ["ROLLOUT_SCHEMA_VERSION", "TERMINAL", "FAILED", "MAY_RUN_NEW", "RolloutPlan", "wave_sizes",
+           "DeviceProgress", "RolloutEvent", "JobOutcome", "Deploy", "Rollback", "Action", "RolloutState",
+           "with_event", "set_devices"]
+
+ROLLOUT_SCHEMA_VERSION = 1
+TERMINAL = frozenset({"completed", "aborted", "rolled_back"})
+FAILED = frozenset({"failed", "timed_out", "unhealthy"})
+# Devices that run, or may run, the new version: what a rollback has to revert.
+MAY_RUN_NEW = frozenset({"updated", "sent", "timed_out", "unhealthy"})
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """How to stage a rollout; fractions are of the target devices (0.1 = 10 %)."""
+
+    canary: float = 0.10
+    waves: tuple[float, ...] = (0.25, 0.5, 1.0)  # cumulative shares after the canary
+    soak_s: float = 60.0
+    max_failures: float = 0.05  # share of a wave that may fail
+    job_timeout_s: float = 300.0  # a device that has not finished by then failed
+    analysis: CanaryPolicy = field(default_factory=CanaryPolicy)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "waves", tuple(float(w) for w in self.waves))
+        if isinstance(self.analysis, Mapping):
+            object.__setattr__(self, "analysis", CanaryPolicy(**self.analysis))
+        if not 0.0 < self.canary <= 1.0:
+            raise ConfigError(f"canary {self.canary:g} must be a share in (0, 1]", hint="e.g. --canary 10%")
+        if any(not 0.0 < w <= 1.0 for w in self.waves) or list(self.waves) != sorted(set(self.waves)):
+            raise ConfigError(f"waves {self.waves} must be increasing shares in (0, 1]", hint="e.g. --waves 25,50,100")
+        if self.soak_s < 0 or self.job_timeout_s <= 0:
+            raise ConfigError("soak must be >= 0 s and the job timeout > 0 s", hint="e.g. --soak 60s")
+        if not 0.0 <= self.max_failures < 1.0:
+            raise ConfigError(f"max_failures {self.max_failures:g} must be a share in [0, 1)", hint="e.g. --max-failures 5%")
+
+
+def wave_sizes(n: int, plan: RolloutPlan) -> list[int]:
+    """Device counts per stage (canary first); empty stages are dropped."""
+    if n <= 0:
+        return []
+    cumulative = [max(1, math.ceil(plan.canary * n - 1e-9))]
+    for share in plan.waves:
+        cumulative.append(max(cumulative[-1], min(n, math.ceil(share * n - 1e-9))))
+    sizes, prev = [], 0
+    for c in cumulative:
+        if c > prev:
+            sizes.append(c - prev)
+        prev = c
+    return sizes
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    """One device in a rollout.
+
+    status: ``pending`` → ``sent`` → ``updated`` | ``failed`` (the device reported a
+    failure and kept its old version) | ``timed_out``; ``updated`` → ``unhealthy`` after a
+    bad soak; when rolled back: ``rolling_back`` → ``rolled_back`` | ``rollback_failed``.
+    """
+
+    device_id: str
+    wave: int
+    previous_version: str | None = None
+    status: str = "pending"
+    job_id: str | None = None
+    detail: str = ""
+    sent_at: float | None = None  # when the current command (job) first went out
+    done_at: float | None = None  # when its outcome was recorded (start of the soak window)
+    resends: int = 0  # times the current command was sent again, unanswered
+    resent_at: float | None = None  # when it was last sent again
+
+
+def _shallow(obj: Any) -> dict[str, Any]:
+    """A flat dataclass (fields of JSON scalars) as a dict."""
+    return {name: getattr(obj, name) for name in _field_names(type(obj))}
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    ts: float
+    kind: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """The last step a device reported for one job."""
+
+    step: str
+    ok: bool = True
+    detail: str = ""
+
+
+
+@dataclass(frozen=True)
+class Deploy:
+    device_id: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Rollback:
+    device_id: str
+    job_id: str
+    to_version: str | None
+    reason: str
+
+
+Action = Deploy | Rollback
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """Everything a driver needs to carry on; JSON round-trips with to_dict/from_dict."""
+
+    rollout_id: str
+    name: str
+    version: str
+    plan: RolloutPlan
+    devices: tuple[DeviceProgress, ...]
+    created_at: float
+    status: str = "pending"
+    phase: str = ""
+    wave: int = 0
+    n_waves: int = 0
+    phase_started_at: float | None = None
+    paused_at: float | None = None
+    reason: str = ""
+    events: tuple[RolloutEvent, ...] = ()
+    schema_version: int = ROLLOUT_SCHEMA_VERSION
+    soak_extended_s: float = 0.0  # the current soak's extensions while the analysis lacked data
+    verdicts: tuple[dict[str, Any], ...] = ()  # every canary analysis (Verdict.to_dict + wave, ts)
+    held: bool = False  # paused by on_inconclusive = "hold" (a resume accepts the wave)
+    accepted_wave: int = -1  # a held wave an operator resumed: an inconclusive verdict passes
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def device(self, device_id: str) -> DeviceProgress:
+        for d in self.devices:
+            if d.device_id == device_id:
+                return d
+        raise RolloutError(f"device {device_id} is not part of rollout {self.rollout_id}", device_id=device_id)
+
+    def in_wave(self, wave: int) -> list[DeviceProgress]:
+        return [d for d in self.devices if d.wave == wave]
+
+    def open_jobs(self) -> dict[str, str]:
+        """job id -> device id for every job whose outcome the machine still waits on."""
+        return {d.job_id: d.device_id for d in self.devices if d.job_id and d.status in ("sent", "rolling_back")}
+
+    def wants_health(self, now: float) -> bool:
+        """True when the current wave's soak is over and :func:`advance` needs health verdicts."""
+        return (self.status == "running" and self.phase == "soaking" and self.phase_started_at is not None
+                and now - self.phase_started_at >= self.plan.soak_s + self.soak_extended_s)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.devices:
+            out[d.status] = out.get(d.status, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        # What dataclasses.asdict gives, ~10x faster: it deep-copies recursively, and a
+        # 1,000-device rollout is serialised on every tick.
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["plan"] = dataclasses.asdict(self.plan)
+        d["devices"] = tuple(_shallow(x) for x in self.devices)
+        d["events"] = tuple(_shallow(x) for x in self.events)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:
+        try:
+            d = dict(data)
+            plan = dict(d["plan"])
+            plan.pop("health", None)  # the before/after policy of rollouts stored before the canary analysis
+            analysis = dict(plan.get("analysis", {}))
+            for key in ("required", "critical"):
+                if key in analysis:
+                    analysis[key] = tuple(analysis[key])
+            plan["analysis"] = CanaryPolicy(**analysis)
+            d["plan"] = RolloutPlan(**plan)
+            d["verdicts"] = tuple(d.get("verdicts", ()))
+            d["devices"] = tuple(DeviceProgress(**x) for x in d["devices"])
+            d["events"] = tuple(RolloutEvent(**x) for x in d.get("events", ()))
+            if d.get("schema_version", ROLLOUT_SCHEMA_VERSION) != ROLLOUT_SCHEMA_VERSION:
+                raise RolloutError(f"rollout state schema {d['schema_version']} is not supported")
+            return cls(**d)
+        except (KeyError, TypeError) as exc:
+            raise RolloutError(f"corrupt rollout state: {exc}", hint="abort the rollout and start a new one") from exc
+
+
+def with_event(state: RolloutState, now: float, kind: str, detail: str = "", **changes: Any) -> RolloutState:
+    """``state`` with ``changes`` and one more event."""
+    return dataclasses.replace(state, events=state.events + (RolloutEvent(now, kind, detail),), **changes)
+
+
+def set_devices(state: RolloutState, updates: Mapping[str, DeviceProgress]) -> RolloutState:
+    """``state`` with some devices' progress replaced (by device id)."""
+    return dataclasses.replace(state, devices=tuple(updates.get(d.device_id, d) for d in state.devices))
