@@ -50,7 +50,7 @@ from .byom_inspect import (
 from .pack import load_signing_key, pack_bundle, reference_npz, utc_now
 
 __all__ = ["create_bundle", "detect_precision", "IMAGE_SUFFIXES", "RANGES", "build_manifest_parts", "ModelPlan",
-           "plan_model"]
+           "plan_model", "synthetic_inputs", "health_reference", "drift_baseline", "open_or_fail"]
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def build_manifest_parts(plan: ModelPlan) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ reference / baseline
 
 
-def _synthetic_inputs(plan: ModelPlan, backend: Backend) -> list[Any]:
+def synthetic_inputs(plan: ModelPlan, backend: Backend) -> list[Any]:
     """Two inputs for the health check: a mid-grey and a noise image, or two random tensors."""
     rng = np.random.default_rng(0)
     if plan.pre is not None:
@@ -247,10 +247,15 @@ def _synthetic_inputs(plan: ModelPlan, backend: Backend) -> list[Any]:
     return [backend.example_input(fill="random", seed=s)[plan.input.name][0] for s in (0, 1)]
 
 
-def _reference(task: Any, backend: Backend, items: list[Any], vid: str, quantized: bool) -> bytes:
-    """reference.npz: real-valued model inputs (``Backend.run`` quantizes them back exactly) and the outputs."""
+def health_reference(task: Any, items: list[Any], variants: list[tuple[str, Backend, bool]]) -> bytes:
+    """reference.npz: real-valued model inputs (``Backend.run`` quantizes them back exactly) and the outputs.
+
+    ``variants``: (variant id, its loaded backend, quantized?), the FP32 reference first;
+    each variant gets its own expected outputs.
+    """
     from core.runtime import dequantize
 
+    backend = variants[0][1]
     xs = []
     for item in items:
         p = task.prepare(item)
@@ -268,8 +273,8 @@ def _reference(task: Any, backend: Backend, items: list[Any], vid: str, quantize
         buf = io.BytesIO()
         np.savez(buf, x=np.ascontiguousarray(x, np.float32))
         return buf.getvalue()
-    logits = np.concatenate([backend.run(x[i:i + 1]).logits for i in range(len(x))])
-    return reference_npz(x, logits, {vid: logits}, {vid: quantized})
+    logits = {vid: np.concatenate([b.run(x[i:i + 1]).logits for i in range(len(x))]) for vid, b, _ in variants}
+    return reference_npz(x, logits[variants[0][0]], logits, {vid: q for vid, _, q in variants})
 
 
 def _sample_files(folder: Path) -> list[Path]:
@@ -317,16 +322,19 @@ def drift_baseline(task: Any, files: list[Path], *, seed: int = 0) -> tuple[byte
 # ------------------------------------------------------------------------------------ the command
 
 
+def open_or_fail(model_path: Path) -> tuple[str, Backend]:
+    """(format, loaded backend), or one ExportError line naming the model, the reason and what to try."""
+    try:
+        return model_format(model_path), open_model(model_path)
+    except EdgeloopError as exc:
+        raise ExportError(f"edgeloop cannot run {model_path.name}: {exc.args[0] if exc.args else exc}",
+                          hint=exc.hint or "check the file, or re-export it with standard operators") from exc
+
+
 def create_bundle(args: argparse.Namespace) -> int:
     """Handler of ``edgeloop bundle create``: write the bundle and report what went in."""
     model_path: Path = args.model
-    name = model_path.name
-    try:
-        fmt = model_format(model_path)
-        backend = open_model(model_path)
-    except EdgeloopError as exc:
-        raise ExportError(f"edgeloop cannot run {name}: {exc.args[0] if exc.args else exc}",
-                          hint=exc.hint or "check the file, or re-export it with standard operators") from exc
+    fmt, backend = open_or_fail(model_path)
     try:
         return _create(args, model_path, fmt, backend)
     finally:
@@ -355,10 +363,10 @@ def _create(args: argparse.Namespace, model_path: Path, fmt: str, backend: Backe
             dataset=None if args.baseline_dir is None else str(args.baseline_dir)), **build_manifest_parts(plan))
     try:
         task = build_task(manifest, backend)
-        items = _synthetic_inputs(plan, backend)
+        items = synthetic_inputs(plan, backend)
         task.predict(items[0])  # the whole path once: decoding errors surface here, not on the device
         quantized = precision.startswith("int8") or plan.input.scale is not None
-        reference = _reference(task, backend, items, vid, quantized)
+        reference = health_reference(task, items, [(vid, backend, quantized)])
     except EdgeloopError as exc:
         raise ExportError(f"edgeloop cannot run {name}: {exc.args[0] if exc.args else exc}",
                           hint=exc.hint or "check the flags (edgeloop bundle create --help)") from exc

@@ -1,8 +1,8 @@
-"""``edgeloop keys`` and ``edgeloop bundle inspect|verify|create``.
+"""``edgeloop keys``, ``edgeloop bundle inspect|verify|create`` and ``edgeloop optimize``.
 
 Only ``inspect`` and ``verify`` run on a device, so this module imports nothing but
 ``edge_agent`` (numpy at most): no onnx, no torch.  ``bundle create`` hands over to
-``export.byom`` lazily, inside its handler.
+``export.byom`` and ``optimize`` to ``export.optimize`` lazily, inside their handlers.
 """
 
 from __future__ import annotations
@@ -62,6 +62,44 @@ def register(subparsers: Any) -> None:
     create.add_argument("--out", type=Path, required=True, metavar="FILE", help="bundle file to write (.elb)")
     add_json_flag(create)
     create.set_defaults(func=_create)
+    _register_optimize(subparsers)
+
+
+def _register_optimize(subparsers: Any) -> None:
+    from . import DEFAULT_MAX_DROP_PP
+
+    p = subparsers.add_parser(
+        "optimize", help="your FP32 ONNX model -> gated FP16 / INT8 variants in a signed bundle",
+        description="FP16, dynamic INT8 and static INT8 variants of your FP32 ONNX model with the accuracy gate, "
+                    "per-layer float fallback and INT8 speed plan of `edgeloop export`; the metric follows the task "
+                    "(top-1 on --eval class sub-folders, mAP@0.5 on --eval-annotations, else agreement with FP32). "
+                    "Variants within --max-drop ship in the bundle; a report (.report.json/.md) goes next to it. "
+                    "Task and preprocessing flags as for `bundle create` (docs/models.md).")
+    p.add_argument("model", type=Path, metavar="MODEL.onnx", help="the FP32 ONNX model")
+    p.add_argument("--calib", type=Path, required=True, metavar="DIR",
+                   help="representative inputs (images or .npy, read recursively) to calibrate INT8 with")
+    p.add_argument("--eval", type=Path, metavar="DIR",
+                   help="evaluation inputs: classifiers one sub-folder per label; detectors the images of "
+                        "--eval-annotations; tensor models .npy files (default: agreement with FP32 on --calib)")
+    p.add_argument("--eval-annotations", type=Path, metavar="FILE.json", help="detectors: COCO-format annotations")
+    p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP_PP, metavar="PP",
+                   help="largest metric drop a variant may have, percentage points (default %(default)s)")
+    p.add_argument("--precisions", default="int8-static,int8-dynamic,fp16", metavar="LIST",
+                   help="variants to try besides FP32 (default int8-static,int8-dynamic,fp16)")
+    p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="static INT8 calibration method (default minmax)")
+    p.add_argument("--calib-samples", type=int, default=200, metavar="N", help="at most N calibration inputs")
+    p.add_argument("--rounds", type=int, default=20, metavar="N", help="interleaved timing rounds (default 20)")
+    p.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
+    p.add_argument("--name", help="model name (default: the file's stem)")
+    p.add_argument("--version", help="bundle version (default: UTC timestamp)")
+    add_model_flags(p)
+    p.add_argument("--baseline-dir", type=Path, metavar="DIR", help="samples to calibrate the drift baseline from")
+    p.add_argument("--sign", type=Path, metavar="KEY", help="private key file to sign the bundle with")
+    p.add_argument("--out", type=Path, metavar="FILE", help="bundle to write (default: NAME-VERSION.elb)")
+    p.add_argument("--workdir", type=Path, metavar="DIR", help="parent of the temporary working directory")
+    add_json_flag(p)
+    p.set_defaults(func=_optimize)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -198,3 +236,12 @@ def _create(args: argparse.Namespace) -> int:
                           hint="install the build extra: pip install 'edgeloop[train]'") from exc
     result = create_bundle(args)
     return int(result) if isinstance(result, int) else 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    try:
+        from export.optimize import run_cli  # heavy (onnx, the quantizers): only when asked
+    except ModuleNotFoundError as exc:
+        raise ExportError(f"`edgeloop optimize` needs {exc.name}, which is not installed",
+                          hint="install the build extra: pip install 'edgeloop[train]'") from exc
+    return run_cli(args)

@@ -33,7 +33,7 @@ from .calibration import DEFAULT_CALIBRATION, CalibrationConfig
 from .measure import accuracy, percentage_points
 from .quantize import QUANTIZABLE_OPS, STATIC_ATTEMPTS, StaticSettings, quantize_static_int8
 
-__all__ = ["DEFAULT_MAX_DROP_PP", "Attempt", "AccuracyGateResult", "check_variant", "exclusion_units",
+__all__ = ["DEFAULT_MAX_DROP_PP", "Attempt", "AccuracyGateResult", "check_variant", "check_scored", "exclusion_units",
            "gate_static_int8"]
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,20 @@ class AccuracyGateResult:
 def check_variant(variant_id: str, path: Path, x: np.ndarray, y: np.ndarray, reference: float, *,
                   max_drop: float, options: dict[str, Any] | None = None) -> AccuracyGateResult:
     """Evaluate one finished variant file and accept or reject it."""
-    acc = accuracy(path, x, y)
+    return check_scored(variant_id, path, (x, y), reference, max_drop=max_drop, options=options)
+
+
+def _score(path: Path, data: Any) -> float:
+    """Top-1 accuracy on ``data = (x, y)``, or ``data.score(path)`` for an evaluation set that scores a
+    model file itself (``export.optimize_data.EvalSet``: mAP@0.5, agreement with FP32), as a fraction."""
+    score = getattr(data, "score", None)
+    return float(score(path)) if callable(score) else accuracy(path, *data)
+
+
+def check_scored(variant_id: str, path: Path, data: Any, reference: float, *, max_drop: float,
+                 options: dict[str, Any] | None = None) -> AccuracyGateResult:
+    """:func:`check_variant` on ``data``: ``(x, y)`` or an evaluation set with ``score(path)``."""
+    acc = _score(path, data)
     drop = percentage_points(reference, acc)
     ok = drop <= max_drop
     reason = (f"within budget ({drop:.2f} <= {max_drop} pp)" if ok
@@ -115,7 +128,7 @@ def _try(pre_path: Path, out: Path, calib: np.ndarray, settings: StaticSettings,
          reference: float, max_drop: float) -> Attempt:
     quantize_static_int8(pre_path, out, calib, settings, calibration=calibration, nodes_to_exclude=exclude,
                          cache_path=cache)
-    acc = accuracy(out, *data)
+    acc = _score(out, data)
     drop = percentage_points(reference, acc)
     return Attempt(settings.name, exclude, acc, drop, drop <= max_drop)
 
@@ -146,14 +159,14 @@ def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tup
     best_i = int(np.argmax([a.accuracy for a in tried]))
     settings = attempts[best_i]
     sel = select if select is not None else test
-    base_sel = accuracy(workdir / f"int8-{best_i}-{settings.name}.onnx", *sel)
+    base_sel = _score(workdir / f"int8-{best_i}-{settings.name}.onnx", sel)
     units = exclusion_units(pre_path)
     gains: dict[str, float] = {}
     probe = workdir / "int8-probe.onnx"
     for layer, unit in units.items():
         quantize_static_int8(pre_path, probe, calib, settings, calibration=calibration, nodes_to_exclude=unit,
                              cache_path=cache)
-        gains[layer] = round((accuracy(probe, *sel) - base_sel) * 100.0, 4)
+        gains[layer] = round((_score(probe, sel) - base_sel) * 100.0, 4)
     ranked = sorted(gains, key=lambda k: -gains[k])
     log.info("layer sensitivity (pp recovered on %s): %s", "val" if select is not None else "test",
              {k: gains[k] for k in ranked[:8]})

@@ -118,7 +118,8 @@ def quantize_static_int8(pre_path: Path, out_path: Path, calib_images: np.ndarra
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     method, extra = _method(calibration)
-    reader = ImageCalibrationReader(calib_images, input_name)
+    # An object with reader() (export.optimize_data.ArrayCalibration: any rank, the model's own input name).
+    reader = calib_images.reader() if hasattr(calib_images, "reader") else ImageCalibrationReader(calib_images, input_name)
     try:
         quantize_static(str(pre_path), str(out_path), reader, quant_format=QuantFormat.QDQ,
                         per_channel=settings.per_channel, reduce_range=settings.reduce_range,
