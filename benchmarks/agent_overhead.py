@@ -74,8 +74,6 @@ def build_mobilenet(work: Path) -> Path:
     import torch
     import torchvision
 
-    from export.byom import create_bundle
-
     torch.manual_seed(0)
     net = torchvision.models.mobilenet_v2(weights=None).eval()
 
@@ -93,18 +91,22 @@ def build_mobilenet(work: Path) -> Path:
                       external_data=False, input_names=["input"], output_names=["logits", "embedding"], verbose=False)
     samples = work / "mobilenet-samples"
     samples.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(_images((224, 224), 3, n=48)):
+    for i, im in enumerate(_images((224, 224), 3, n=160)):  # a baseline needs >= 75 held-out images
         np.save(samples / f"{i:03d}.npy", im)
     labels = work / "imagenet-labels.txt"
     labels.write_text("".join(f"class_{i}\n" for i in range(1000)))
-    args = argparse.Namespace(model=onnx_path, labels=labels, size=[224, 224], channels=3,
-                              mean=[0.485 * 255, 0.456 * 255, 0.406 * 255], std=[0.229 * 255, 0.224 * 255, 0.225 * 255],
-                              baseline_dir=samples, sign=None, name="mobilenet_v2", version="1.0.0", out=out, json=True)
+    from edgeloop.cli import main as edgeloop_main
+
+    argv = ["--quiet", "bundle", "create", "--model", str(onnx_path), "--labels", str(labels), "--name", "mobilenet_v2",
+            "--version", "1.0.0", "--baseline-dir", str(samples), "--out", str(out), "--task", "classification",
+            "--output", "logits", "--output-kind", "logits", "--size", "224", "224", "--channels", "3",
+            "--range", "unit", "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225", "--json"]
     import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):
-        create_bundle(args)
+        if edgeloop_main(argv) != 0:
+            raise RuntimeError(f"edgeloop {' '.join(argv)} failed")
     return out
 
 

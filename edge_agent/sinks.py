@@ -40,11 +40,12 @@ class StreamResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"source": self.source, "seq": self.seq, "ts": self.ts, "latency_ms": round(self.latency_ms, 3),
-             "inference_ms": round(self.inference_ms, 3)}
+        # the prediction's own latency_ms (the model path) is inference_ms here; latency_ms is capture -> result
+        d = {"source": self.source, "seq": self.seq, "ts": self.ts} | self.prediction | {
+            "latency_ms": round(self.latency_ms, 3), "inference_ms": round(self.inference_ms, 3)}
         if self.ref:
             d["ref"] = self.ref
-        return d | self.prediction | self.extra
+        return d | self.extra
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False, default=_jsonable)
