@@ -8,15 +8,20 @@ per inference call and the device runs batch 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from core.errors import ConfigError
 
-__all__ = ["CALIBRATION_METHODS", "CalibrationConfig", "DEFAULT_CALIBRATION", "select_samples", "ImageCalibrationReader"]
+__all__ = ["CALIBRATION_METHODS", "CalibrationConfig", "DEFAULT_CALIBRATION", "select_samples", "ImageCalibrationReader",
+           "drift_baseline"]
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
@@ -97,3 +102,32 @@ class ImageCalibrationReader(CalibrationDataReader):
         while (item := self.get_next()) is not None:
             yield item
 
+
+
+def drift_baseline(held: Any, *, windows: Sequence[int] | None = None, class_prior: np.ndarray | None = None,
+                   seed: int = 0, n_boot: int = 2000) -> tuple[bytes | None, dict[str, Any]]:
+    """The bundle's drift baseline from held-out ``core.drift_features.DriftFeatures``: (npz bytes, summary).
+
+    Fill ``held`` with exactly what the agent's inference layer will feed the monitor for
+    this model (inputs; probs for a classifier; the embedding if the model has one;
+    ``outputs`` for detection / tensor tasks), never training data.  Calibrates every size
+    in ``windows`` (default 25, 50, 100) that the held-out set is large enough for; the
+    summary says which were skipped and how many images they need, and the false-alarm
+    budgets with their uncertainty.  Returns ``(None, {"error": ...})`` when the set is too
+    small for any window: the caller must then not claim a baseline.
+    """
+    from core.drift_calibrate import DEFAULT_WINDOWS, calibrate_heldout, calibration_summary
+    from core.errors import DataError
+
+    try:
+        b = calibrate_heldout(held, windows=tuple(windows or DEFAULT_WINDOWS), class_prior=class_prior, seed=seed,
+                              n_boot=n_boot)
+    except DataError as exc:
+        log.warning("no drift baseline: %s", exc)
+        return None, {"error": str(exc), "hint": exc.hint}
+    summary = calibration_summary(b)
+    for w, why in summary["skipped"].items():
+        log.warning("drift window %s not calibrated: the calibration half has %d images, it needs %d "
+                    "(hold out about %d images in all)", w, b.n_cal, why["calibration_images_needed"],
+                    2 * why["calibration_images_needed"])
+    return b.to_bytes(), summary

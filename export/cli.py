@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--parent-version", metavar="V", help="version this model was retrained from (lineage)")
     p.add_argument("--name", help="model name (default: <dataset>-<model>)")
     p.add_argument("--workdir", type=Path, metavar="DIR", help="keep intermediate files here")
+    p.add_argument("--drift-windows", default="25,50,100", metavar="LIST",
+                   help="drift window sizes to calibrate the baseline for (default 25,50,100)")
     add_json_flag(p)
     p.set_defaults(func=_export)
     from . import cli_bundle
@@ -68,6 +70,7 @@ def _export(args: argparse.Namespace) -> int:
     report = export_run(args.run, out=args.out, max_drop=args.max_drop, formats=formats,
                         onnx_precisions=_split(args.onnx_precisions), calibration=calibration, sign_key=args.sign,
                         version=args.bundle_version, parent_version=args.parent_version, name=args.name,
-                        workdir=args.workdir, progress=progress)
+                        workdir=args.workdir, progress=progress,
+                        drift_windows=tuple(int(w) for w in _split(args.drift_windows)))
     emit(args, report.to_dict(), report.table())  # the table names the bundle written
     return 0

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from core.bundle import write_bundle
-from core.errors import DataError
 from core.manifest import Manifest
 from core.signing import PrivateKey, load_private_key
 
@@ -72,24 +71,17 @@ def reference_npz(x: np.ndarray, fp32_logits: np.ndarray, variant_logits: Mappin
 
 def baseline_npz(x_val: np.ndarray, logits: np.ndarray, embedding: np.ndarray | None, *,
                  class_counts: np.ndarray | None = None, seed: int = 0) -> bytes | None:
-    """The drift baseline (``core.drift``), or None when the held-out set is too small.
+    """The drift baseline (``core.drift``) from held-out inputs, or None when they are too few.
 
-    A model without an embedding output uses its softmax as the embedding.
+    A model without an embedding output gets a baseline on its inputs and probabilities
+    (what the agent feeds it).  See ``export.calibration.drift_baseline`` for the summary.
     """
-    from core.drift import compute_baseline
+    from core.drift_features import DriftFeatures
 
-    probs = softmax(logits)
-    emb = probs if embedding is None else embedding
-    order = np.random.default_rng(seed).permutation(len(x_val))
-    half = len(order) // 2
-    ref, cal = order[:half], order[half:]
-    try:
-        baseline = compute_baseline(x_val[ref], probs[ref], emb[ref], x_val[cal], probs[cal], emb[cal],
-                                    class_prior=class_counts, seed=seed)
-    except DataError as exc:
-        log.warning("no drift baseline: %s", exc)
-        return None
-    return baseline.to_bytes()
+    from .calibration import drift_baseline
+
+    feats = DriftFeatures(inputs=x_val, probs=softmax(logits), embedding=embedding)
+    return drift_baseline(feats, class_prior=class_counts, seed=seed)[0]
 
 
 def load_signing_key(key: str | os.PathLike[str] | PrivateKey | None) -> PrivateKey | None:

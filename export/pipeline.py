@@ -30,7 +30,7 @@ from .calibration import DEFAULT_CALIBRATION, CalibrationConfig, select_samples
 from .gate import AccuracyGateResult, check_variant, gate_static_int8
 from .measure import latency_ms, run_model
 from .onnx_export import INPUT_NAME, export_onnx, torch_outputs
-from .pack import baseline_npz, default_version, load_signing_key, pack_bundle, reference_npz, utc_now
+from .pack import default_version, load_signing_key, pack_bundle, reference_npz, utc_now
 from .quantize import convert_fp16, preprocess_for_quantization, quantize_dynamic_int8
 from .report import ExportReport, VariantReport
 
@@ -80,13 +80,18 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
                calibration: CalibrationConfig = DEFAULT_CALIBRATION,
                sign_key: str | os.PathLike[str] | PrivateKey | None = None, version: str | None = None,
                parent_version: str | None = None, name: str | None = None,
-               workdir: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> ExportReport:
+               workdir: str | os.PathLike[str] | None = None, progress: Progress | None = None,
+               drift_windows: Sequence[int] | None = None, drift_images: np.ndarray | None = None) -> ExportReport:
     """Export a training run to a bundle of gated variants and return the report.
 
     ``formats``: ``onnx`` and/or ``tflite`` (TFLite needs ``edgeloop[tflite-export]``).
     ``onnx_precisions``: any of :data:`ONNX_PRECISIONS` (FP32 is always built: it is the
     reference).  ``max_drop``: largest accuracy drop, percentage points, a variant may
     have.  ``workdir``: keep intermediate files there (default: a temporary directory).
+    ``drift_windows``: window sizes the drift baseline is calibrated for (default 25, 50,
+    100; sizes the held-out data is too small for are skipped and reported).
+    ``drift_images``: extra held-out raw images (never trained on) of a domain the model
+    must serve, e.g. a retraining's held-out drift samples, added to the baseline's data.
     """
     from train.api import load_run
     from train.evaluate import evaluate_logits
@@ -161,10 +166,9 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
             final.append(r)
         ref_bytes = reference_npz(x_ref, fp32_out.logits[:REFERENCE_INPUTS], variant_logits,
                                   {r.id: r.precision.startswith("int8") for r in final})
-        say("drift baseline from the validation split")
-        val_out = run_model(onnx32.path, x_va)
-        base_bytes = baseline_npz(x_va, val_out.logits, val_out.embedding,
-                                  class_counts=np.bincount(y_tr, minlength=len(run.labels)).astype(np.float64))
+        say("drift baseline from the held-out splits (validation + test)")
+        base_bytes, drift_summary = _drift_baseline(onnx32.path, run, (x_va, x_te), drift_images, drift_windows,
+                                                    np.bincount(y_tr, minlength=len(run.labels)).astype(np.float64))
 
         variants = tuple(Variant(id=r.id, format=r.format, precision=r.precision, file=f"models/{r.id}.{r.format}",
                                  test_accuracy=r.accuracy, accuracy_drop=r.drop_pp, latency_ms=r.latency_ms,
@@ -189,7 +193,7 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
                               calibration=dataclasses.asdict(calibration), test_samples=int(len(y_te)))
         metrics = {"report": report.to_dict(),
                    "evaluation": evaluate_logits(fp32_out.logits, y_te, run.labels).to_dict(),
-                   "training": run.metrics}
+                   "training": run.metrics, "drift_baseline": drift_summary}
         say(f"writing {report.bundle}")
         pack_bundle(report.bundle, manifest, {f"models/{r.id}.{r.format}": r.file for r in final if r.kept and r.file},
                     reference=ref_bytes, baseline=base_bytes, metrics=metrics, signing_key=signing_key)
@@ -197,6 +201,27 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _drift_baseline(fp32: Path, run: Any, held: Sequence[np.ndarray], extra: np.ndarray | None,
+                    windows: Sequence[int] | None, class_counts: np.ndarray) -> tuple[bytes | None, dict[str, Any]]:
+    """The drift baseline from held-out inputs run through the FP32 model (what the device feeds)."""
+    from core.drift_features import DriftFeatures
+    from core.preprocess import preprocess
+
+    from .calibration import drift_baseline
+    from .pack import softmax
+
+    parts = list(held)
+    if extra is not None and len(extra):
+        parts.append(preprocess(np.asarray(extra), run.preprocessing))
+    x = np.concatenate([np.asarray(p, np.float32) for p in parts])
+    out = run_model(fp32, x)
+    feats = DriftFeatures(inputs=x, probs=softmax(out.logits), embedding=out.embedding)
+    data, summary = drift_baseline(feats, windows=windows, class_prior=class_counts)
+    summary["held_out_images"] = int(len(x))
+    summary["extra_domain_images"] = int(0 if extra is None else len(extra))
+    return data, summary
 
 
 def _onnx_variants(fp32: Path, work: Path, precisions: Sequence[str], calib: np.ndarray,

@@ -8,6 +8,8 @@
 3. :func:`train.api.train_run` fine-tunes the parent run on its original data plus the
    training part; :func:`export.pipeline.export_run` exports it with the parent bundle's
    accuracy budget, signs it with the fleet key and writes the candidate bundle.
+   The candidate's drift baseline is calibrated on the run's held-out splits plus the
+   held-out drift samples, so it covers the domain the model was adapted to.
 4. Both bundles run in ONNX Runtime / LiteRT (the variant the devices serve) on the
    held-out drift samples and on the parent run's original test split.  The candidate is
    accepted only if it gains at least ``gate.min_improvement`` on the former and loses at
@@ -228,8 +230,14 @@ def _run_dir(settings: RetrainSettings, model: ModelVersion, manifest: Any) -> P
                      version=model.version)
 
 
-def _export(run_dir: Path, settings: RetrainSettings, manifest: Any, version: str, parent: str) -> Path:
-    """Export the candidate with the parent's settings; only the options ``export_run`` knows are passed."""
+def _export(run_dir: Path, settings: RetrainSettings, manifest: Any, version: str, parent: str,
+            drift_images: np.ndarray | None = None) -> Path:
+    """Export the candidate with the parent's settings; only the options ``export_run`` knows are passed.
+
+    ``drift_images``: the held-out labelled drift samples (never trained on), added to the
+    drift baseline's data so the candidate's baseline covers the domain it was retrained
+    for: cameras it serves well again stop alarming (issue 11 §2).
+    """
     from export.pipeline import export_run
 
     formats = tuple(sorted({v.format for v in manifest.variants}))
@@ -238,7 +246,7 @@ def _export(run_dir: Path, settings: RetrainSettings, manifest: Any, version: st
     wanted: dict[str, Any] = {
         "out": settings.bundles_dir, "max_drop": manifest.accuracy_budget, "sign_key": settings.signing_key,
         "version": version, "parent_version": parent, "name": manifest.name, "formats": formats,
-        "onnx_precisions": onnx,
+        "onnx_precisions": onnx, "drift_images": drift_images,
     }
     params = inspect.signature(export_run).parameters
     kwargs = {k: v for k, v in wanted.items() if k in params}
@@ -292,7 +300,7 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
 
     t = time.monotonic()
     version = next_version(current.version, [m.version for m in registry.models(name=name)])
-    bundle = _export(run_dir, settings, manifest, version, current.version)
+    bundle = _export(run_dir, settings, manifest, version, current.version, drift_images=x_all[ho])
     timings["export"] = time.monotonic() - t
 
     t = time.monotonic()
