@@ -18,7 +18,8 @@ What ``edgeloop export`` does for the models edgeloop trains, for a model the us
    FP32 model itself is always in, byte for byte.
 
 Dynamic height / width are fixed to the preprocessing size in a working copy (the
-quantizer and the timing need shapes); batch stays dynamic.
+quantizer and the timing need shapes; batch stays dynamic), whose opset is raised to 13
+when older (per-channel INT8 weights need it).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ __all__ = ["optimize_model", "PRECISIONS", "fix_input_dims"]
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int8-static", "int8-dynamic", "fp16")
+MIN_OPSET = 13
 Progress = Callable[[str], None]
 
 
@@ -79,9 +81,11 @@ def _fail(model: str, reason: str, fix: str) -> ExportError:
     return ExportError(f"edgeloop optimize {model}: {reason}", hint=fix)
 
 
-def fix_input_dims(src: Path, dst: Path, dims: tuple[int, ...]) -> Path:
-    """Copy of ``src`` whose first input has ``dims`` (0 keeps a dimension as it is) for its non-batch axes."""
+def fix_input_dims(src: Path, dst: Path, dims: tuple[int, ...], *, min_opset: int = MIN_OPSET) -> Path:
+    """The working copy of ``src``: its first input's non-batch axes set to ``dims`` (0 keeps one as it
+    is) and the default opset raised to ``min_opset`` (per-channel INT8 needs DequantizeLinear's axis, opset 13)."""
     import onnx
+    from onnx import version_converter
 
     model = onnx.load(str(src))
     shape = model.graph.input[0].type.tensor_type.shape
@@ -89,6 +93,13 @@ def fix_input_dims(src: Path, dst: Path, dims: tuple[int, ...]) -> Path:
         if want > 0 and not (d.HasField("dim_value") and d.dim_value > 0):
             d.Clear()
             d.dim_value = int(want)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), min_opset)
+    if opset < min_opset:
+        try:
+            model = version_converter.convert_version(model, min_opset)
+        except Exception as exc:  # the converter raises bare RuntimeErrors
+            raise QuantizationError(f"cannot convert opset {opset} to {min_opset}: {exc}",
+                                    hint="re-export the model with opset >= 13") from exc
     onnx.save(model, str(dst))
     return dst
 
@@ -241,7 +252,10 @@ def _optimize(args: argparse.Namespace, task: Any, manifest: Manifest, plan: Any
     calib, calib_items = _calibration(args, task)
     ev = _eval_set(args, task, manifest, model_path, calib_items)
     say(f"metric: {ev.description}")
-    fixed = fix_input_dims(model_path, work / "onnx-fp32.onnx", _model_dims(plan))
+    try:
+        fixed = fix_input_dims(model_path, work / "onnx-fp32.onnx", _model_dims(plan))
+    except QuantizationError as exc:
+        raise _fail(name, str(exc), exc.hint or "re-export the model with opset >= 13") from exc
     reference = ev.score(fixed)
     if reference <= 0.0:
         raise _fail(name, f"the FP32 model scores 0 on {ev.description}",

@@ -5,6 +5,8 @@
   :func:`write_stripes` writes such images, in class sub-folders (``h`` / ``v``) or not.
 * fixtures ``stripes`` / ``ppocr_optimized``: ``edgeloop optimize`` run once per session on
   the stripes classifier / the real PP-OCR classifier of ../shared/models.
+* :func:`cell_detector`: a YOLOv8-style raw-head detector (fixed cell boxes scored by the
+  cells' mean red / green); :func:`blob_image` draws scenes for it, reference or shifted.
 * :func:`tensor_model`: MatMul -> Add -> Relu -> MatMul, a tensor model (``[N, 16]`` in,
   ``[N, 8]`` out) with seeded weights; :func:`write_vectors` writes ``.npy`` inputs.
 """
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 
 __all__ = ["stripes_classifier", "write_stripes", "tensor_model", "write_vectors", "STRIPE_LABELS", "stripes",
-           "ppocr_optimized"]
+           "ppocr_optimized", "cell_detector", "blob_image"]
 
 STRIPE_LABELS = ("h", "v")
 
@@ -71,6 +73,36 @@ def write_stripes(folder: Path, n: int, *, seed: int, by_class: bool, size: int 
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(stripe_image(label, rng, size)).save(d / f"{label}{i:04d}.png")
     return folder
+
+
+def cell_detector(path: Path, size: int = 32, cell: int = 8) -> Path:
+    """A YOLOv8-style detector [1, 4 + 2, cells]: one fixed box per ``cell`` x ``cell`` cell, scored by the cell's
+    mean red (class 0) and green (class 1) in 0..1 -- bright blobs are detected where they are."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = size // cell
+    cy, cx = np.meshgrid((np.arange(g) + 0.5) * cell, (np.arange(g) + 0.5) * cell, indexing="ij")
+    boxes = np.stack([cx.ravel(), cy.ravel(), np.full(g * g, cell), np.full(g * g, cell)])[None].astype(np.float32)
+    nodes = [helper.make_node("AveragePool", ["images"], ["pool"], kernel_shape=[cell, cell], strides=[cell, cell]),
+             helper.make_node("Reshape", ["pool", "shape"], ["flat"]),
+             helper.make_node("Slice", ["flat", "start", "end", "axis"], ["scores"]),
+             helper.make_node("Concat", ["boxes", "scores"], ["output0"], axis=1)]
+    inits = [numpy_helper.from_array(boxes, "boxes"), numpy_helper.from_array(np.array([1, 3, g * g], np.int64), "shape"),
+             numpy_helper.from_array(np.array([0], np.int64), "start"), numpy_helper.from_array(np.array([2], np.int64), "end"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    return _save(path, nodes, [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, size, size])],
+                 [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 6, g * g])], inits)
+
+
+def blob_image(rng: np.random.Generator, *, size: int = 32, shift: bool = False) -> np.ndarray:
+    """Dark RGB noise with 1-3 red squares; ``shift``: a brighter, green-tinted scene with more, greener blobs."""
+    img = rng.normal(40 + (70 if shift else 0), 12, (size, size, 3))
+    if shift:
+        img[..., 1] += 60
+    for _ in range(rng.integers(1, 4 + (3 if shift else 0))):
+        y, x = rng.integers(0, size - 8, 2)
+        img[y:y + 8, x:x + 8, 1 if shift and rng.random() < 0.6 else 0] = rng.uniform(150, 255)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def tensor_model(path: Path, n_in: int = 16, hidden: int = 32, n_out: int = 8, seed: int = 0) -> Path:
