@@ -64,11 +64,17 @@ from .optimize_data import (
 )
 from .optimize_report import OptimizeReport
 from .pack import default_version, load_signing_key, pack_bundle, utc_now
-from .quantize import convert_fp16, count_ops, preprocess_for_quantization, quantize_dynamic_int8
+from .quantize import (
+    QUANTIZABLE_OPS,
+    convert_fp16,
+    count_ops,
+    preprocess_for_quantization,
+    quantize_dynamic_int8,
+)
 from .report import VariantReport
 from .speed import apply_plan, interleaved_latency_ms, plan_int8
 
-__all__ = ["optimize_model", "PRECISIONS", "fix_input_dims"]
+__all__ = ["optimize_model", "PRECISIONS", "fix_input_dims", "int8_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +137,15 @@ def _static_int8(pre: Path, work: Path, calib: ArrayCalibration, ev: EvalSet, re
     """The INT8 speed plan among the plans the gate accepts; else the gate's recipes and float fallback."""
     vid, t0 = "onnx-int8-static", time.perf_counter()
 
+    scores: dict[str, float | None] = {}
+
     def accept(path: Path) -> bool:
-        return check_scored(vid, path, ev, reference, max_drop=max_drop).passed
+        if not int8_layers(path):  # as the gate: never an "INT8" variant with every layer in float
+            scores[path.stem] = None
+            return False
+        gate = check_scored(vid, path, ev, reference, max_drop=max_drop)
+        scores[path.stem] = gate.drop_pp
+        return gate.passed
 
     say("INT8 static: speed plan (every candidate gated, the accepted ones timed against FP32)")
     try:
@@ -143,19 +156,32 @@ def _static_int8(pre: Path, work: Path, calib: ArrayCalibration, ev: EvalSet, re
             options = {"plan": plan.name, "quant_format": plan.quant_format, "per_channel": plan.per_channel,
                        "reduce_range": plan.reduce_range, "op_types": list(plan.op_types),
                        "plan_ratio": plan.ratio, "plan_candidates": [list(c) for c in plan.candidates],
+                       "plan_drops_pp": dict(scores),
                        "calibration": calibration.method, "calibration_samples": len(calib)}
             gate = dataclasses.replace(gate, reason=f"{gate.reason}; speed plan {plan.name}",
                                        float_nodes=plan.nodes_to_exclude)
             return _report(gate, "int8-static", time.perf_counter() - t0, options)
     except QuantizationError as exc:
         say(f"INT8 static: no speed plan within budget ({exc}); the gate's recipes and per-layer float fallback")
+    log.info("INT8 speed plans, drop pp (None: no layer left in INT8): %s", scores)
     gate = gate_static_int8(pre, work / "int8-static", calib, ev, reference, max_drop=max_drop,  # type: ignore[arg-type]
                             calibration=calibration)
     if gate.passed and gate.path is not None:
         final = work / f"{vid}.onnx"
         shutil.copyfile(gate.path, final)
         gate = dataclasses.replace(gate, path=final)
-    return _report(gate, "int8-static", time.perf_counter() - t0, {"plan": "gate-fallback"})
+    return _report(gate, "int8-static", time.perf_counter() - t0, {"plan": "gate-fallback", "plan_drops_pp": scores})
+
+
+def int8_layers(path: Path) -> int:
+    """How many Conv / Gemm / MatMul layers of a quantized model run in INT8 (QDQ weights or QOperator ops)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    qdq = sum(1 for n in graph.node if n.op_type in QUANTIZABLE_OPS and len(n.input) > 1 and n.input[1] in dq)
+    return qdq + sum(1 for n in graph.node if n.op_type in ("QLinearConv", "QLinearMatMul", "MatMulInteger",
+                                                            "ConvInteger", "QGemm"))
 
 
 def _simple(precision: str, src: Path, work: Path, ev: EvalSet, reference: float, max_drop: float,
