@@ -24,7 +24,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "fleet": frozenset({"core", "train", "export"}),
     # The demo and the benchmarks genuinely run agents next to a fleet.
     "demo": frozenset({"core", "edge_agent", "train", "export", "fleet"}),
-    "benchmarks": frozenset({"core", "edge_agent", "train", "export", "fleet", "demo"}),
+    "benchmarks": frozenset({"core", "edge_agent", "train", "export", "fleet", "demo", "edgeloop"}),
     "edgeloop": frozenset({"core", "edge_agent", "train", "export", "fleet", "demo", "benchmarks"}),
 }
 FIRST_PARTY = frozenset(ALLOWED)
