@@ -9,6 +9,7 @@ drives the rollout from there on (its worker ticks every active rollout), and so
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from typing import Any
 
@@ -87,7 +88,6 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from core.signing import load_public_key
-    from fleet.rollout import RolloutPlan
     from fleet.rollout_driver import plan_from_config
 
     cfg, driver, client = _open(args)
@@ -99,12 +99,12 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
                                                  status="accepted")
             name, version = rec.name, rec.version
         base = plan_from_config(cfg.rollout, job_timeout_s=parse_duration(args.timeout))
-        plan = RolloutPlan(
+        plan = dataclasses.replace(  # the flags override; the rest (canary analysis) stays as [rollout] says
+            base,
             canary=parse_share(args.canary) if args.canary else base.canary,
             waves=tuple(parse_share(w) for w in args.waves.split(",")) if args.waves else base.waves,
             soak_s=parse_duration(args.soak) if args.soak else base.soak_s,
-            max_failures=parse_share(args.max_failures) if args.max_failures else base.max_failures,
-            job_timeout_s=base.job_timeout_s)
+            max_failures=parse_share(args.max_failures) if args.max_failures else base.max_failures)
         devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
         state = driver.start(name, version, plan, devices=devices)
         if args.wait:
