@@ -29,6 +29,7 @@ import ctypes.util
 import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,9 @@ class Accelerator:
     detail: str = ""
 
 
-def _onnx() -> list[Accelerator]:
+def _onnx(load: bool) -> list[Accelerator]:
+    if not load and "onnxruntime" not in sys.modules:
+        return []
     try:
         ort = importlib.import_module("onnxruntime")
     except ImportError:
@@ -86,7 +89,9 @@ def _library(names: tuple[str, ...], env: str) -> str | None:
     return None
 
 
-def _tflite() -> list[Accelerator]:
+def _tflite(load: bool) -> list[Accelerator]:
+    if not load and not {"ai_edge_litert.interpreter", "tflite_runtime.interpreter"} & set(sys.modules):
+        return []
     try:
         mod = importlib.import_module("ai_edge_litert.interpreter")
     except ImportError:
@@ -106,10 +111,14 @@ def _tflite() -> list[Accelerator]:
     return found
 
 
-def available(fmt: str | None = None) -> list[Accelerator]:
-    """Accelerators for ``fmt`` ("onnx", "tflite"; None: both) that the installed runtimes offer, CPU first."""
-    found = (_onnx() if fmt in (None, "onnx") else []) + (_tflite() if fmt in (None, "tflite") else [])
-    return found
+def available(fmt: str | None = None, *, loaded_only: bool = False) -> list[Accelerator]:
+    """Accelerators for ``fmt`` ("onnx", "tflite"; None: both) that the installed runtimes offer, CPU first.
+
+    ``loaded_only``: only runtimes this process has imported already (what the device state
+    reports: importing LiteRT just to list it would cost a serving ONNX agent ~20 MB).
+    """
+    load = not loaded_only
+    return (_onnx(load) if fmt in (None, "onnx") else []) + (_tflite(load) if fmt in (None, "tflite") else [])
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -38,7 +38,7 @@ def test_auto_times_every_accelerator_and_serves_the_choice_after_a_restart(
     every wheel has) is timed, recorded in slot.json, shown in the status and reopened on start."""
     real = accel.available
     extra = accel.Accelerator("ort:CPUExecutionProvider", "onnx", "test: the CPU provider as an explicit EP")
-    monkeypatch.setattr(accel, "available", lambda fmt=None: real(fmt) + ([extra] if fmt in (None, "onnx") else []))
+    monkeypatch.setattr(accel, "available", lambda fmt=None, **kw: real(fmt, **kw) + ([extra] if fmt == "onnx" else []))
     cfg = agent_config(tmp_path / "state")
     with Agent(cfg).start(connect=False) as agent:
         result = agent.install(tiny_bundles["v1"])
