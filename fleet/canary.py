@@ -47,7 +47,7 @@ from core.errors import ConfigError
 
 from . import canary_stats as st
 
-__all__ = ["CanaryPolicy", "GroupData", "MetricResult", "Verdict", "METRICS", "judge", "verdict_line"]
+__all__ = ["CanaryPolicy", "GroupData", "MetricResult", "Verdict", "METRICS", "judge", "judge_shadow", "verdict_line"]
 
 METRICS = ("latency", "errors", "accuracy", "drift", "confidence")
 DECISIONS = ("pass", "marginal", "inconclusive", "fail")
@@ -75,8 +75,10 @@ class CanaryPolicy:
     marginal_score: float = 60.0
     max_extension_s: float = 120.0  # how much longer a soak may run while data is missing
     extension_step_s: float = 0.0  # each extension (0: the soak time, at least 1 s)
-    on_inconclusive: str = "hold"  # after the last extension: "hold" (pause) or "proceed" (warn)
+    on_inconclusive: str = "proceed"  # after the last extension: "proceed" (warn, go on) or "hold" (pause)
     match_tag: str = "group"  # device tag that pairs canary and control devices ("" = any control)
+    max_shadow_disagreement: float = 0.10  # shadow stage: share of inputs answered otherwise than the serving model
+    min_shadow_inputs: int = 50  # shadow stage: shadowed inputs before agreement may vote
 
     def __post_init__(self) -> None:
         for name in ("required", "critical"):
@@ -107,6 +109,10 @@ class GroupData:
     devices: tuple[str, ...] = ()
     latency_hist: Mapping[str, int] = field(default_factory=dict)  # summed histograms
     hist_devices: int = 0  # devices that sent histograms
+    # telemetry intervals those histograms came from (None: not counted).  Inferences of one
+    # interval share its load burst, so they are not independent: the pooled test may vote
+    # only once both groups span min_latency_intervals intervals.
+    hist_intervals: int | None = None
     latency_p50s: tuple[float, ...] = ()  # per-interval medians (every device)
     attempts: int = 0  # inferences + errors
     errors: int = 0
@@ -154,7 +160,7 @@ class Verdict:
 
     decision: str
     score: float | None
-    mode: str  # "control" | "before_after"
+    mode: str  # "control" | "before_after" | "shadow"
     metrics: tuple[MetricResult, ...]
     canary: tuple[str, ...] = ()
     control: tuple[str, ...] = ()
@@ -169,7 +175,8 @@ class Verdict:
     def summary(self) -> str:
         score = "" if self.score is None else f", score {self.score:.0f}"
         against = (f"{len(self.canary)} canary vs {len(self.control)} control devices" if self.mode == "control"
-                   else f"{len(self.canary)} devices before/after the update (no control group)")
+                   else f"{len(self.canary)} devices shadowing: candidate vs serving model on the same inputs"
+                   if self.mode == "shadow" else f"{len(self.canary)} devices before/after the update (no control group)")
         voted = "; ".join(m.line() for m in self.metrics if m.decision != "skipped")
         skipped = [f"{m.metric} ({m.n_canary} vs {m.n_control})" for m in self.metrics if m.decision == "skipped"]
         if skipped:
@@ -201,6 +208,11 @@ def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:
             a, b = st.samples_hist(c.latency_p50s), st.samples_hist(k.latency_p50s)
             kind, minimum = "interval medians", pol.min_latency_intervals
     n1, n2 = int(a.sum()), int(b.sum())
+    if kind == "inferences" and c.hist_intervals is not None and k.hist_intervals is not None:
+        spans = min(c.hist_intervals, k.hist_intervals)
+        if spans < pol.min_latency_intervals:  # one bursty interval is not n independent samples
+            n1, n2 = min(n1, c.hist_intervals), min(n2, k.hist_intervals)
+            kind, minimum = "telemetry intervals", pol.min_latency_intervals
     m1, m2 = st.hist_median_ms(a), st.hist_median_ms(b)
     base = dict(metric="latency", canary=f"median {_ms(m1)} (n={n1})", control=f"median {_ms(m2)} (n={n2})",
                 n_canary=n1, n_control=n2)
@@ -285,7 +297,10 @@ def judge(canary: GroupData, control: GroupData, policy: CanaryPolicy, *, mode: 
     voting = [m for m in metrics if m.decision in ("pass", "fail")]
     score = 100.0 * sum(m.decision == "pass" for m in voting) / len(voting) if voting else None
     waiting = [m.metric for m in metrics if m.decision == "insufficient"]
-    if any(m.decision == "fail" and m.metric in pol.critical for m in metrics):
+    critical = set(pol.critical)
+    if mode == "before_after":  # load and time of day change between before and after: latency alone
+        critical.discard("latency")  # cannot roll back a wave that has no control group to compare with
+    if any(m.decision == "fail" and m.metric in critical for m in metrics):
         decision = "fail"  # enough data to see it is worse: no need to wait for the rest
     elif waiting or score is None:
         decision = "inconclusive"
@@ -299,6 +314,62 @@ def judge(canary: GroupData, control: GroupData, policy: CanaryPolicy, *, mode: 
     return Verdict(decision, score, mode, metrics, tuple(canary.devices), tuple(control.devices), tuple(all_notes))
 
 
+def _agreement(agree: int, n: int, pol: CanaryPolicy) -> MetricResult:
+    """Disagreement with the serving model on the same inputs, one-sided against its tolerance."""
+    bad, tol = n - agree, pol.max_shadow_disagreement
+    base = dict(metric="agreement", canary=f"{agree / n:.1%} of {n}" if n else "- of 0", control="100% (itself)",
+                n_canary=n, n_control=n)
+    worse = bool(n and bad / n > tol)
+    if n < pol.min_shadow_inputs:
+        return MetricResult(decision="insufficient", note=f"needs {pol.min_shadow_inputs} shadowed inputs"
+                            + ("; worse so far" if worse else ""), **base)
+    p_hat = bad / n
+    z = (p_hat - tol) / max(1e-12, (tol * (1 - tol) / n) ** 0.5)
+    p = st.normal_sf(z)
+    lo, hi = st.wilson(bad, n)
+    fail = p < pol.alpha and p_hat > tol
+    return MetricResult(decision="fail" if fail else "pass", statistic=f"one-proportion z={z:.2f}", p_value=p,
+                        interval=(lo, hi), effect=f"disagrees on {p_hat:.1%} (fails > {tol:.0%})", **base)
+
+
+def judge_shadow(candidate: GroupData, serving: GroupData, agree: int, policy: CanaryPolicy, *,
+                 notes: Sequence[str] = ()) -> Verdict:
+    """The shadow stage: the candidate against the serving model on the SAME inputs of the same devices.
+
+    Latency, errors and confidence as in :func:`judge` (the candidate as canary, the
+    serving model as control), plus ``agreement`` (critical): the share of shadowed inputs
+    on which the candidate's top answer differs from the serving model's may not be
+    significantly above ``max_shadow_disagreement``.
+    """
+    pol = policy
+    metrics = (
+        _agreement(agree, candidate.attempts, pol),
+        _latency(candidate, serving, pol),
+        _rate("errors", candidate.errors, candidate.attempts, serving.errors, serving.attempts,
+              pol.min_shadow_inputs, pol.max_error_increase, "shadowed inputs", pol),
+        _confidence(candidate, serving, pol),
+    )
+    all_notes = ["shadow: the candidate beside the serving model on the same inputs, never served", *notes]
+    if candidate.silent:
+        all_notes.append(f"no shadow telemetry from {', '.join(candidate.silent)}")
+    voting = [m for m in metrics if m.decision in ("pass", "fail")]
+    score = 100.0 * sum(m.decision == "pass" for m in voting) / len(voting) if voting else None
+    waiting = [m.metric for m in metrics if m.decision == "insufficient"]
+    if any(m.decision == "fail" and (m.metric == "agreement" or m.metric in pol.critical) for m in metrics):
+        decision = "fail"
+    elif waiting or score is None:
+        decision = "inconclusive"
+        all_notes.append(f"not enough data: {', '.join(waiting) or 'no metric'}")
+    elif score >= pol.pass_score:
+        decision = "pass"
+    elif score >= pol.marginal_score:
+        decision = "marginal"
+    else:
+        decision = "fail"
+    return Verdict(decision, score, "shadow", metrics, tuple(candidate.devices), tuple(serving.devices),
+                   tuple(all_notes))
+
+
 def verdict_line(verdicts: Sequence[Mapping[str, Any]]) -> str:
     """The latest stored verdict of a rollout state in one short line (for tables)."""
     if not verdicts:
@@ -306,5 +377,5 @@ def verdict_line(verdicts: Sequence[Mapping[str, Any]]) -> str:
     v = verdicts[-1]
     score = "" if v.get("score") is None else f" {v['score']:.0f}"
     failed = [m["metric"] for m in v.get("metrics", ()) if m.get("decision") in ("fail", "insufficient")]
-    mode = " before/after" if v.get("mode") == "before_after" else ""
+    mode = {"before_after": " before/after", "shadow": " shadow"}.get(str(v.get("mode")), "")
     return f"w{v.get('wave', '?')} {v.get('decision')}{score}{mode}" + (f" ({', '.join(failed)})" if failed else "")

@@ -7,6 +7,10 @@ value with the wave, and gathers both groups' telemetry, drift reports and feedb
 labels over the SAME window: from the moment the wave's last device finished its update
 (the soak's start) to now.  Without a control device it falls back to the wave's own
 devices before their update (a window as long, ending when the command went out).
+
+:func:`analyse_shadow` reads the shadow stage: the ``shadow_*`` telemetry fields of the
+shadowing devices (the candidate and the serving model on the same inputs) since the
+last of them started shadowing.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from . import rollout as rm
-from .canary import GroupData, Verdict, judge
+from .canary import GroupData, Verdict, judge, judge_shadow
 
-__all__ = ["observe", "control_group", "analyse_wave"]
+__all__ = ["observe", "control_group", "analyse_wave", "analyse_shadow"]
 
 
 def observe(registry: Any, device_ids: Sequence[str], *, versions: Collection[str | None], since: float,
@@ -29,11 +33,13 @@ def observe(registry: Any, device_ids: Sequence[str], *, versions: Collection[st
     tel = [t for t in registry.telemetry(device_ids=ids, since=since, until=until) if t.model_version in versions]
     hist: dict[str, int] = {}
     hist_devices: set[str] = set()
+    hist_intervals = 0
     first_errors: dict[str, int] = {}
     last_errors: dict[str, int] = {}
     attempts = errors = 0
     for t in tel:
         data = t.data or {}
+        hist_intervals += bool(data.get("latency_hist"))
         for k, v in (data.get("latency_hist") or {}).items():
             hist[k] = hist.get(k, 0) + int(v)
             hist_devices.add(t.device_id)
@@ -55,7 +61,7 @@ def observe(registry: Any, device_ids: Sequence[str], *, versions: Collection[st
                       if label_version else (0, 0))
     seen = {t.device_id for t in tel}
     return GroupData(
-        devices=tuple(ids), latency_hist=hist, hist_devices=len(hist_devices),
+        devices=tuple(ids), latency_hist=hist, hist_devices=len(hist_devices), hist_intervals=hist_intervals,
         latency_p50s=tuple(t.latency_p50_ms for t in tel if t.latency_p50_ms is not None and t.inferences_interval),
         attempts=attempts, errors=errors, feedback_n=total, feedback_correct=correct,
         drift_windows=len(drift), drift_alarms=sum(1 for r in drift if r.alarm),
@@ -103,3 +109,40 @@ def analyse_wave(registry: Any, state: rm.RolloutState, now: float) -> Verdict:
     before = observe(registry, ids, versions=old, since=sent - length, until=sent,
                      label_version=next(iter(old)) if len(old) == 1 else None)
     return judge(canary, before, pol, mode="before_after", notes=notes)
+
+
+def analyse_shadow(registry: Any, state: rm.RolloutState, now: float) -> Verdict:
+    """The shadow stage's verdict: candidate vs serving model on the same inputs (:func:`judge_shadow`)."""
+    devs = [d for d in state.in_wave(0) if d.status == "shadowing"]
+    ids = [d.device_id for d in devs]
+    since = max((d.done_at or d.sent_at or now) for d in devs) if devs else now
+    tel = [t for t in registry.telemetry(device_ids=ids, since=since, until=now + 1e-6)
+           if (t.data or {}).get("shadow_version") == state.version]
+    cand_hist: dict[str, int] = {}
+    serv_hist: dict[str, int] = {}
+    inputs = agree = errors = 0
+    cand_conf: list[float] = []
+    serv_conf: list[float] = []
+    for t in tel:
+        data = t.data or {}
+        for src, dst in ((data.get("shadow_latency_hist") or {}, cand_hist),
+                         (data.get("shadow_serving_hist") or {}, serv_hist)):
+            for k, v in src.items():
+                dst[k] = dst.get(k, 0) + int(v)
+        inputs += int(data.get("shadow_inputs", 0))
+        agree += int(data.get("shadow_agree", 0))
+        errors += int(data.get("shadow_errors", 0))
+        if data.get("shadow_confidence") is not None and data.get("shadow_serving_confidence") is not None:
+            cand_conf.append(float(data["shadow_confidence"]))
+            serv_conf.append(float(data["shadow_serving_confidence"]))
+    seen = {t.device_id for t in tel}
+    cost = sum(float((t.data or {}).get("shadow_cost_ms", 0.0)) for t in tel)
+    served = sum(t.inferences_interval for t in tel)
+    candidate = GroupData(devices=tuple(ids), latency_hist=cand_hist, hist_devices=len(seen), attempts=inputs,
+                          errors=errors, confidences=tuple(cand_conf), silent=tuple(d for d in ids if d not in seen))
+    serving = GroupData(devices=tuple(ids), latency_hist=serv_hist, hist_devices=len(seen), attempts=inputs,
+                        confidences=tuple(serv_conf))
+    skipped = sum(int((t.data or {}).get("shadow_skipped", 0)) for t in tel)
+    notes = [f"device cost: {inputs} of {served} inputs shadowed ({skipped} skipped while busy), "
+             f"{cost:.0f} ms of candidate compute"]
+    return judge_shadow(candidate, serving, agree, state.plan.analysis, notes=notes)

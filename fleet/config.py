@@ -177,8 +177,15 @@ class RolloutConfig:
     canary_marginal_score: float = 60.0  # below: fail; between: marginal (extends the soak)
     canary_max_extension_s: float = 120.0  # extra soak while data is missing
     canary_extension_step_s: float = 0.0  # per extension (0: the soak time)
-    canary_on_inconclusive: str = "hold"  # then: "hold" (pause the rollout) or "proceed" (with a warning)
+    canary_on_inconclusive: str = "proceed"  # then: "proceed" (with a warning) or "hold" (pause the rollout)
     canary_match_tag: str = "group"  # device tag pairing canary and control devices ("": any)
+    canary_max_shadow_disagreement: float = 0.10  # shadow stage: share of inputs answered otherwise that fails
+    canary_min_shadow_inputs: int = 50  # shadow stage: shadowed inputs before agreement may vote
+    # Shadow stage (docs/fleet.md): the canary devices first run the candidate beside the serving
+    # model, never serving it.  On for automatic rollouts of retrained models (0 turns it off);
+    # `edgeloop fleet rollout --shadow DURATION` asks for it on a manual one.
+    shadow_s: float = knob(60.0, ge=0)
+    shadow_every: int = knob(10, ge=1)  # the candidate sees every n-th input (the device's extra cost)
 
     def __post_init__(self) -> None:
         check(self)

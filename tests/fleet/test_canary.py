@@ -131,7 +131,7 @@ def test_every_threshold_is_a_fleet_toml_key() -> None:
 
     for f in dataclasses.fields(CanaryPolicy):
         assert getattr(RolloutConfig(), f"canary_{f.name}") == getattr(POL, f.name), f.name
-    cfg = config_from_dict({"rollout": {"canary_on_inconclusive": "proceed", "canary_required": ["latency"],
+    cfg = config_from_dict({"rollout": {"canary_on_inconclusive": "hold", "canary_required": ["latency"],
                                         "canary_min_feedback": 50}})
     pol = plan_from_config(cfg.rollout).analysis
-    assert pol.on_inconclusive == "proceed" and pol.required == ("latency",) and pol.min_feedback == 50
+    assert pol.on_inconclusive == "hold" and pol.required == ("latency",) and pol.min_feedback == 50

@@ -63,7 +63,9 @@ def test_good_model_on_a_loaded_machine_is_promoted(canary_fleet) -> None:
     start = min(d.sent_at for d in s.devices if d.device_id in ids)
     after = observe(fleet.reg, ids, versions={"2"}, since=start, until=start + 3600, label_version="2")
     before = observe(fleet.reg, ids, versions={"1"}, since=0, until=start, label_version="1")
-    assert judge(after, before, POLICY, mode="before_after").decision == "fail"
+    naive = judge(after, before, POLICY, mode="before_after")
+    assert next(m for m in naive.metrics if m.metric == "latency").decision == "fail"  # blamed on the model
+    assert naive.decision == "marginal"  # ... which is why latency is not critical without a control group
 
 
 @pytest.mark.parametrize("bad, metric", [
@@ -103,7 +105,7 @@ def test_metric_without_enough_samples_extends_the_soak_then_follows_the_policy(
     kinds = [e.kind for e in s.events]
     assert kinds.count("soak_extended") == 2, kinds
     first = s.verdicts[0]
-    assert first["decision"] == "inconclusive" and "not enough data: accuracy" in first["notes"][-1]
+    assert first["decision"] == "inconclusive" and "accuracy" in first["notes"][-1].split("not enough data: ")[1]
     acc = next(m for m in first["metrics"] if m["metric"] == "accuracy")
     assert acc["decision"] == "insufficient" and acc["n_canary"] < 200
     if policy == "hold":
