@@ -236,6 +236,10 @@ class Message:
     """Base of every JSON message; subclasses set ``TYPE``."""
 
     TYPE: ClassVar[str] = ""
+    # Fields added after a message type shipped: decoding is strict (an older peer rejects
+    # unknown fields), so these stay out of the JSON while they hold their default and a
+    # message that does not use them is exactly what an older peer expects.
+    OPTIONAL_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -253,7 +257,7 @@ class Message:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict, with ``type`` and ``schema_version`` (containers are copies)."""
-        d = {name: _plain(getattr(self, name)) for name in _field_names(type(self))}
+        d = {name: _plain(getattr(self, name)) for name in _wire_names(self)}
         d["type"] = self.TYPE
         d["schema_version"] = PROTOCOL_SCHEMA_VERSION
         return d
@@ -262,7 +266,7 @@ class Message:
         """Compact UTF-8 JSON; NaN/Infinity are refused because JSON has no such numbers."""
         # json.dumps only reads the values: no copies (``dataclasses.asdict`` deep-copies
         # recursively and cost ~4x the JSON encoding on every message a device sends).
-        d = {name: getattr(self, name) for name in _field_names(type(self))}
+        d = {name: getattr(self, name) for name in _wire_names(self)}
         d["type"] = self.TYPE
         d["schema_version"] = PROTOCOL_SCHEMA_VERSION
         try:
@@ -280,6 +284,21 @@ class Message:
 @functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _optional_defaults(cls: type[Message]) -> dict[str, Any]:
+    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(cls) if f.name in cls.OPTIONAL_FIELDS}
+
+
+def _wire_names(msg: Message) -> tuple[str, ...]:
+    """The fields a message puts on the wire: all but optional ones at their default."""
+    names = _field_names(type(msg))
+    optional = _optional_defaults(type(msg)) if msg.OPTIONAL_FIELDS else None
+    if not optional:
+        return names
+    return tuple(n for n in names if n not in optional or getattr(msg, n) != optional[n])
 
 
 def _plain(value: Any) -> Any:
@@ -343,6 +362,26 @@ class Telemetry(Message):
     e2e_latency_p50_ms: float | None = None
     e2e_latency_p99_ms: float | None = None
     dropped_frames: int = 0
+    # Added for the shadow stage (edge_agent.shadow; on the wire only while shadowing): the
+    # candidate ``shadow_version`` ran beside the serving model on ``shadow_inputs`` inputs
+    # this interval (every N-th), gave the same top answer on ``shadow_agree``, failed on
+    # ``shadow_errors``; ``shadow_skipped`` N-th inputs found it still busy (the cost bound).
+    # Latency histograms and mean confidences of both models on the same inputs, and the
+    # candidate's compute time (the device's extra cost).
+    shadow_version: str | None = None
+    shadow_inputs: int = 0
+    shadow_agree: int = 0
+    shadow_errors: int = 0
+    shadow_skipped: int = 0
+    shadow_latency_hist: dict[str, int] = field(default_factory=dict)
+    shadow_serving_hist: dict[str, int] = field(default_factory=dict)
+    shadow_confidence: float | None = None
+    shadow_serving_confidence: float | None = None
+    shadow_cost_ms: float = 0.0
+
+    OPTIONAL_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "shadow_version", "shadow_inputs", "shadow_agree", "shadow_errors", "shadow_skipped", "shadow_latency_hist",
+        "shadow_serving_hist", "shadow_confidence", "shadow_serving_confidence", "shadow_cost_ms"})
 
 
 # Latency histogram buckets shared by agents and the fleet: bucket k holds latencies in
@@ -459,9 +498,20 @@ class DeployCommand(Message):
     chunk_size: int = DEFAULT_CHUNK_SIZE
     rollout_id: str | None = None
     ts: float = field(default_factory=now)
+    # Added for the shadow stage (on the wire only when set; an older agent rejects such a
+    # command, so it never serves a candidate it was only asked to shadow): install, do not
+    # switch, run the candidate beside the serving model on every ``shadow_every``-th input
+    # (0: the agent's default), outputs never served.  A deploy of the same version without
+    # ``shadow`` switches to it; a rollback command ends the shadow.
+    shadow: bool = False
+    shadow_every: int = 0
+
+    OPTIONAL_FIELDS: ClassVar[frozenset[str]] = frozenset({"shadow", "shadow_every"})
 
     def _validate(self) -> None:
         validate_name(self.job_id)
+        if self.shadow_every < 0:
+            raise ProtocolError("deploy command shadow_every must be >= 0")
         if self.delivery not in ("http", "mqtt"):
             raise ProtocolError(f"unknown delivery {self.delivery!r}", hint="use 'http' or 'mqtt'")
         if self.delivery == "http" and not self.url:

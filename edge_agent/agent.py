@@ -151,7 +151,8 @@ class Agent:
         self.installer = Installer(config, self.slots, trusted_key=_trusted_key(config))
         self.job_log = JobLog(self.device_id, self.send)
         self.updates = Updates(config, self.slots, self.installer, self.job_log, serve=self._serve,
-                               serving=lambda: self.pipeline.model, changed=self.publish_state, clock=clock)
+                               serving=lambda: self.pipeline.model, changed=self.publish_state, clock=clock,
+                               on_shadow=lambda runner: setattr(self.pipeline, "shadow", runner))
         self.outbox: Outbox | None = None
         self.link: Any = None  # edge_agent.link.AgentLink when a broker is configured
         self.http: Any = None
@@ -305,7 +306,8 @@ class Agent:
             memory_mb=self._sampler.memory_mb(), queue_depth=q.depth if q else 0, queue_bytes=q.bytes if q else 0,
             dropped_samples=q.dropped_samples if q else 0, drift_alarm=self.drift_alarm,
             latency_hist=snap.latency_hist or {}, errors_interval=snap.errors_interval,
-            **(self.stream.telemetry_fields() if self.stream is not None else {}))
+            **(self.stream.telemetry_fields() if self.stream is not None else {}),
+            **(self.pipeline.shadow.telemetry_fields() if self.pipeline.shadow is not None else {}))
 
     # ------------------------------------------------------------------ updates (decided in updates.py)
     @property

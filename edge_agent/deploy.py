@@ -40,6 +40,7 @@ from core.protocol import (
 )
 
 from .jobs import JobReporter
+from .shadow import DEFAULT_EVERY
 from .updater import disk_error, download_http
 from .updates import Updates
 
@@ -177,6 +178,7 @@ class CommandWorker:
                     self.idle.set()
 
     def _rollback(self, cmd: RollbackCommand) -> None:
+        self.updates.stop_shadow()  # a rollback also ends a shadow (the fleet's shadow stage failed)
         if cmd.to_version is not None and self.updates.serving_version() == cmd.to_version:
             self.jobs.report(cmd.job_id, cmd.to_version, "rolled_back", True, "already serving that version")
             return
@@ -203,7 +205,10 @@ class CommandWorker:
                 self._download_http(cmd, dest, prev)
             else:
                 self._download_mqtt(cmd, dest, prev)
-            self.updates.install(dest, job_id=cmd.job_id)  # verifying ... completed, or failed (+ rolled_back)
+            if cmd.shadow:  # install without switching and run it beside the serving model
+                self.updates.install_shadow(dest, job_id=cmd.job_id, every=cmd.shadow_every or DEFAULT_EVERY)
+            else:
+                self.updates.install(dest, job_id=cmd.job_id)  # verifying ... completed, or failed (+ rolled_back)
             self._done_jobs[cmd.job_id] = "completed"
         except EdgeloopError as exc:
             if jobs.last_step(cmd.job_id) not in ("failed", "rolled_back"):

@@ -165,6 +165,7 @@ class InferencePipeline:
         self.on_sample = on_sample
         self._lock = threading.Lock()
         self.last_report: DriftReport | None = None
+        self.shadow: Any = None  # edge_agent.shadow.ShadowRunner while a candidate is shadowed
 
     @property
     def model(self) -> LoadedModel | None:
@@ -215,6 +216,8 @@ class InferencePipeline:
         pred = Prediction.from_result(result, latency_ms=round(latency_ms, 4), model_version=model.version,
                                       variant=model.variant.id, drift_alarm=bool(alarm), sample_score=score)
         self.stats.record(latency_ms, pred.confidence)
+        if self.shadow is not None:  # the candidate sees the same input; its answer is never served
+            self._safe(self.shadow.offer, image, pred)
         for rep in reports:
             if self.on_report is not None:
                 self._safe(self.on_report, rep, model)

@@ -18,6 +18,10 @@ Where does the agent decide to roll back?  Here, in four places, all in :class:`
 4. :meth:`Updates.rollback` -- asked for by the fleet (``RollbackCommand``, run by
    :mod:`edge_agent.deploy`) or the operator (``edgeloop agent rollback``).
 
+:meth:`Updates.install_shadow` installs a candidate without switching to it and shadows
+it (:mod:`edge_agent.shadow`, the fleet's shadow stage); the next switch or rollback, or
+:meth:`Updates.stop_shadow`, ends the shadow.
+
 :meth:`Updates.maybe_confirm` ends the probation after a healthy boot window, and
 :meth:`Updates.follow_pointer` serves a slot another process switched to.  The mechanics
 live elsewhere: verifying, unpacking and health-checking a bundle in
@@ -41,6 +45,7 @@ from core.manifest import Manifest
 
 from .inference import LoadedModel
 from .jobs import JobReporter
+from .shadow import DEFAULT_EVERY, ShadowRunner
 from .slots import Pointer, SlotStore
 from .updater import Installer, InstallResult, read_slot_manifest
 
@@ -59,7 +64,8 @@ class Updates:
 
     def __init__(self, config: AgentConfig, slots: SlotStore, installer: Installer, jobs: JobReporter, *,
                  serve: Callable[[LoadedModel], None], serving: Callable[[], LoadedModel | None],
-                 changed: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time) -> None:
+                 changed: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time,
+                 on_shadow: Callable[[ShadowRunner | None], None] = lambda runner: None) -> None:
         self.config = config
         self.slots = slots
         self.installer = installer
@@ -72,6 +78,8 @@ class Updates:
         self.started_at = clock()
         self.boot_rollback: str | None = None  # the slot the boot counter rolled back from
         self._counting = False  # this process took part in the boot counter (the daemon)
+        self._on_shadow = on_shadow  # the agent hands the runner to its inference pipeline
+        self.shadow: ShadowRunner | None = None
 
     # ------------------------------------------------------------------ start / stop
     def boot(self) -> None:
@@ -171,6 +179,7 @@ class Updates:
                 self.jobs.report(job, version, "failed", False, str(exc), None, prev)
                 raise
             version = result.version
+            self.stop_shadow()  # serving the candidate (or anything else) ends its shadow
             # the first model has nothing to roll back to: no probation for it
             self.slots.switch(result.slot, confirmed=current is None)
             try:
@@ -192,6 +201,7 @@ class Updates:
         """Switch back to the previous slot now (decision 4)."""
         job = job_id or f"rollback-{uuid.uuid4().hex[:8]}"
         with self._lock:
+            self.stop_shadow()
             current = self.current_manifest()
             ptr = self.slots.rollback(reason)
             self.swap_in(ptr.slot)
@@ -201,6 +211,47 @@ class Updates:
                              current.version if current else None)
             self._changed()
             return ptr
+
+    def install_shadow(self, bundle_path: str | Path, *, job_id: str | None = None,
+                       every: int = DEFAULT_EVERY) -> ShadowRunner:
+        """Verify, unpack and health-check a candidate like :meth:`install`, but do not switch:
+        run it beside the serving model on every ``every``-th input (:mod:`edge_agent.shadow`).
+
+        Its outputs are never served; the job ends ``completed`` (detail: shadowing).  A
+        shadow already running is replaced.
+        """
+        job = job_id or f"shadow-{uuid.uuid4().hex[:8]}"
+        path = Path(bundle_path)
+        with self._lock:
+            current = self.current_manifest()
+            prev = current.version if current else None
+            version = _announced_version(path)
+
+            def report(step: str, ok: bool, detail: str, progress: float | None) -> None:
+                self.jobs.report(job, version, step, ok, detail, progress, prev)
+
+            try:
+                result = self.installer.install(path, current=current, report=report)
+                model = LoadedModel(self.slots.slot_path(result.slot), result.choice.variant,
+                                    threads=self.config.model.threads, accelerator=result.choice.accelerator,
+                                    drift=False)
+            except EdgeloopError as exc:
+                self.jobs.report(job, version, "failed", False, str(exc), None, prev)
+                raise
+            self.stop_shadow()
+            self.shadow = ShadowRunner(model, every=every)
+            self._on_shadow(self.shadow)
+            self.jobs.report(job, result.version, "completed", True,
+                             f"shadowing {result.version} on every {every}th input, not serving it (slot {result.slot})",
+                             1.0, prev)
+            return self.shadow
+
+    def stop_shadow(self) -> None:
+        """End the shadow, if any (the candidate's slot stays installed)."""
+        runner, self.shadow = self.shadow, None
+        if runner is not None:
+            self._on_shadow(None)
+            runner.close()
 
     def maybe_confirm(self) -> bool:
         """Mark the current slot good once the agent has run ``boot_window_min`` since starting."""

@@ -50,6 +50,8 @@ def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # t
     p.add_argument("--waves", default=None, help="cumulative shares after the canary, e.g. 25,50,100")
     p.add_argument("--soak", default=None, help="soak time per wave, e.g. 60s")
     p.add_argument("--max-failures", default=None, help="share of a wave that may fail, e.g. 5%%")
+    p.add_argument("--shadow", default=None, help="first shadow the candidate on the canary devices this long, "
+                   "never serving it, e.g. 60s (docs/fleet.md)")
     p.add_argument("--timeout", default="5m", help="per-device job timeout (default 5m)")
     p.add_argument("--devices", default=None, help="comma-separated device ids (default: every online device)")
     p.add_argument("--delivery", choices=("auto", "http", "mqtt"), default=None)
@@ -98,13 +100,14 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             rec = driver.registry.register_model(args.bundle, trusted_key=load_public_key(cfg.public_key_path),
                                                  status="accepted")
             name, version = rec.name, rec.version
-        base = plan_from_config(cfg.rollout, job_timeout_s=parse_duration(args.timeout))
+        base = plan_from_config(cfg.rollout, job_timeout_s=parse_duration(args.timeout), shadow=False)
         plan = dataclasses.replace(  # the flags override; the rest (canary analysis) stays as [rollout] says
             base,
             canary=parse_share(args.canary) if args.canary else base.canary,
             waves=tuple(parse_share(w) for w in args.waves.split(",")) if args.waves else base.waves,
             soak_s=parse_duration(args.soak) if args.soak else base.soak_s,
-            max_failures=parse_share(args.max_failures) if args.max_failures else base.max_failures)
+            max_failures=parse_share(args.max_failures) if args.max_failures else base.max_failures,
+            shadow_s=parse_duration(args.shadow) if args.shadow else 0.0, shadow_every=cfg.rollout.shadow_every)
         devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
         state = driver.start(name, version, plan, devices=devices)
         if args.wait:

@@ -16,6 +16,14 @@ health verdicts once a soak is over) and returns the next state plus the command
 send.  The I/O lives in :mod:`fleet.rollout_driver`, which persists the state after
 every transition, so a fleet restarted mid-rollout carries on from its database.
 
+With ``plan.shadow_s`` > 0 the canary devices first *shadow* the candidate (phases
+``shadow_deploying`` / ``shadowing``): installed, not switched to, run beside the serving
+model on the same inputs (``Deploy.shadow``); after ``shadow_s`` the shadow verdict
+(:func:`fleet.canary.judge_shadow`) lets the canary serve it, or rolls the rollout back
+before any device served it.  Devices that never answer the shadow command (agents
+without shadowing reject it) go on to the canary as usual; without any shadowing device
+the stage is skipped and the events say so.
+
 Statuses: ``pending`` → ``running`` (phase ``deploying`` / ``soaking``) ⇄ ``paused``;
 ends in ``completed``, ``aborted`` or, through ``rolling_back``, ``rolled_back``.
 Lost commands are re-sent by :mod:`fleet.rollout_resend`; the plan and state types live
@@ -114,6 +122,45 @@ def _start_wave(state: RolloutState, wave: int, now: float) -> tuple[RolloutStat
     return state, actions
 
 
+def _start_shadow(state: RolloutState, now: float) -> tuple[RolloutState, list[Action]]:
+    """The shadow stage: the canary devices install the candidate without serving it."""
+    actions: list[Action] = []
+    updates = {}
+    for d in state.in_wave(0):
+        job_id = f"{state.rollout_id}-s0-{d.device_id}"
+        updates[d.device_id] = dataclasses.replace(d, status="sent", job_id=job_id, sent_at=now, done_at=None,
+                                                   resends=0, resent_at=None)
+        actions.append(Deploy(d.device_id, job_id, shadow=True))
+    state = _set_devices(state, updates)
+    state = _with(state, now, "shadow_started", f"{len(actions)} canary devices shadow {state.version} for "
+                  f"{state.plan.shadow_s:g} s (not serving it)", status="running", phase="shadow_deploying", wave=0,
+                  phase_started_at=now)
+    return state, actions
+
+
+def _shadow_deployed(state: RolloutState, now: float) -> tuple[RolloutState, list[Action]]:
+    """Every shadow install answered (or timed out): shadow, skip the stage, or roll back."""
+    assert state.phase_started_at is not None
+    wave = state.in_wave(0)
+    waiting = [d for d in wave if d.status == "sent"]
+    if waiting and now - state.phase_started_at < state.plan.job_timeout_s:
+        return state, []
+    if waiting:  # not a model failure: an agent without shadowing, or offline; it joins the canary as usual
+        state = _set_devices(state, {d.device_id: dataclasses.replace(
+            d, status="pending", job_id=None, detail="no answer to the shadow command") for d in waiting})
+        wave = state.in_wave(0)
+    failed = [d for d in wave if d.status in FAILED]
+    if len(failed) / len(wave) > state.plan.max_failures:
+        return _start_rollback(state, now, f"shadow stage: {len(failed)}/{len(wave)} installs failed "
+                                           f"({'; '.join(f'{d.device_id}: {d.detail}' for d in failed)})")
+    shadowing = [d for d in wave if d.status == "shadowing"]
+    if not shadowing:
+        state = _with(state, now, "shadow_skipped", "no canary device shadows (agents without shadowing?)")
+        return _start_wave(state, 0, now)
+    return _with(state, now, "shadowing", f"{len(shadowing)}/{len(wave)} canary devices shadow {state.version}",
+                 phase="shadowing", phase_started_at=now, soak_extended_s=0.0), []
+
+
 def _start_rollback(state: RolloutState, now: float, reason: str) -> tuple[RolloutState, list[Action]]:
     """Roll back every device the rollout touched that may now run the new version."""
     actions: list[Action] = []
@@ -144,7 +191,8 @@ def _record_jobs(state: RolloutState, jobs: Mapping[str, JobOutcome], now: float
         done = functools.partial(dataclasses.replace, d, done_at=now)
         if d.status == "sent":
             if out.step == "completed" and out.ok:
-                updates[d.device_id] = done(status="updated", detail="")
+                updates[d.device_id] = done(status="shadowing" if state.phase == "shadow_deploying" else "updated",
+                                            detail="")
             elif out.step in ("failed", "rolled_back") or not out.ok:
                 # rolled_back here means the device's own health check reverted it.
                 updates[d.device_id] = done(status="failed", detail=f"{out.step}: {out.detail}".strip(": "))
@@ -170,7 +218,7 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
     if state.terminal or state.status == "paused":
         return state, []
     if state.status == "pending":
-        return _start_wave(state, 0, now)
+        return _start_shadow(state, now) if state.plan.shadow_s > 0 else _start_wave(state, 0, now)
     if state.status == "rolling_back":
         waiting = [d for d in state.devices if d.status == "rolling_back"]
         assert state.phase_started_at is not None
@@ -184,6 +232,14 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
         return _with(state, now, "rolled_back", f"{c.get('rolled_back', 0)} rolled back, "
                      f"{c.get('rollback_failed', 0)} failed to", status="rolled_back"), []
     assert state.phase_started_at is not None
+    if state.phase == "shadow_deploying":
+        return _shadow_deployed(state, now)
+    if state.phase == "shadowing":
+        if not state.wants_health(now) or verdict is None:
+            return state, []
+        state, actions, go_on = _judged(state, now, verdict)
+        return _start_wave(_with(state, now, "shadow_passed", verdict.summary()[:300], accepted_wave=-1), 0, now) if go_on \
+            else (state, actions)
     wave = state.in_wave(state.wave)
     if state.phase == "deploying":
         waiting = [d for d in wave if d.status == "sent"]
@@ -232,7 +288,7 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
 
 def _judged(state: RolloutState, now: float, verdict: Verdict) -> tuple[RolloutState, list[Action], bool]:
     """Act on a wave's canary analysis: ``(state, actions, go on with the next wave)``."""
-    label = "canary" if state.wave == 0 else f"wave {state.wave}"
+    label = "shadow stage" if state.phase == "shadowing" else "canary" if state.wave == 0 else f"wave {state.wave}"
     pol = state.plan.analysis
     record = verdict.to_dict(wave=state.wave, ts=now, extended_s=state.soak_extended_s)
     state = dataclasses.replace(state, verdicts=state.verdicts + (record,))
@@ -243,7 +299,7 @@ def _judged(state: RolloutState, now: float, verdict: Verdict) -> tuple[RolloutS
     if verdict.decision == "pass":
         return _with(state, now, "verdict", f"{label}: {summary}"), [], True
     # marginal or inconclusive: wait for more data while the budget lasts
-    step = pol.step_s(state.plan.soak_s)
+    step = pol.step_s(state.plan.shadow_s if state.phase == "shadowing" else state.plan.soak_s)
     if state.soak_extended_s + step <= pol.max_extension_s + 1e-9:
         extended = state.soak_extended_s + step
         return _with(state, now, "soak_extended", f"{label}: +{step:g} s (extended {extended:g} of "

@@ -37,7 +37,7 @@ from core.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, DeployCommand, Roll
 
 from . import rollout as rm
 from .canary import CanaryPolicy, Verdict
-from .canary_data import analyse_wave
+from .canary_data import analyse_shadow, analyse_wave
 from .config import FleetConfig
 from .registry import DeviceRecord, ModelVersion, Registry
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 REGISTRY_STATUS = {"pending": "pending", "running": "running", "paused": "paused", "completed": "completed",
                    "aborted": "aborted", "rolling_back": "halted", "rolled_back": "rolled_back"}
 _TARGET_STATUS = {"pending": "pending", "sent": "sent", "updated": "updated", "failed": "failed",
+                  "shadowing": "updating",  # installed beside the serving model (detail: shadowing)
                   "timed_out": "failed", "unhealthy": "failed", "rolling_back": "rolling_back",
                   "rolled_back": "rolled_back", "rollback_failed": "failed"}
 
@@ -75,9 +76,15 @@ def analysis_from_config(cfg: Any) -> CanaryPolicy:
                            if hasattr(cfg, f"canary_{name}")})
 
 
-def plan_from_config(cfg: Any, *, job_timeout_s: float | None = None) -> rm.RolloutPlan:
-    """A :class:`~fleet.rollout.RolloutPlan` from fleet.toml's ``[rollout]`` table."""
-    extra = {"job_timeout_s": job_timeout_s} if job_timeout_s else {}
+def plan_from_config(cfg: Any, *, job_timeout_s: float | None = None, shadow: bool = True) -> rm.RolloutPlan:
+    """A :class:`~fleet.rollout.RolloutPlan` from fleet.toml's ``[rollout]`` table.
+
+    ``shadow``: with the ``shadow_s`` stage (automatic rollouts of retrained models);
+    manual rollouts ask for it with ``--shadow``.
+    """
+    extra: dict[str, Any] = {"job_timeout_s": job_timeout_s} if job_timeout_s else {}
+    if shadow:
+        extra.update(shadow_s=getattr(cfg, "shadow_s", 0.0), shadow_every=getattr(cfg, "shadow_every", 0))
     return rm.RolloutPlan(canary=cfg.canary, waves=tuple(cfg.waves), soak_s=cfg.soak_s,
                           max_failures=cfg.max_failures, analysis=analysis_from_config(cfg), **extra)
 
@@ -277,13 +284,14 @@ class RolloutDriver:
 
     def _verdict(self, state: rm.RolloutState, now: float) -> Verdict:
         """The canary analysis of the current wave (see :mod:`fleet.canary`)."""
-        verdict = analyse_wave(self.registry, state, now)
+        analyse = analyse_shadow if state.phase == "shadowing" else analyse_wave
+        verdict = analyse(self.registry, state, now)
         log.info("rollout %s wave %d: %s", state.rollout_id, state.wave, verdict.summary())
         return verdict
 
     # ------------------------------------------------------------------ commands
     def _deploy_command(self, state: rm.RolloutState, model: ModelVersion | None, device: DeviceRecord | None,
-                        device_id: str, job_id: str) -> DeployCommand:
+                        device_id: str, job_id: str, shadow: bool = False) -> DeployCommand:
         if model is None or not model.bundle_path or not model.sha256 or not model.size:
             raise RolloutError(f"model {state.name} {state.version} has no registered bundle",
                                rollout=state.rollout_id)
@@ -291,7 +299,8 @@ class RolloutDriver:
         url = self.bundle_url(model) if delivery == "http" else None
         return DeployCommand(job_id=job_id, name=state.name, version=state.version, size=model.size,
                              sha256=model.sha256, url=url, delivery=delivery, chunk_size=self.chunk_size,
-                             rollout_id=state.rollout_id, ts=self.clock())
+                             rollout_id=state.rollout_id, ts=self.clock(), shadow=shadow,
+                             shadow_every=state.plan.shadow_every if shadow else 0)
 
     def _delivery_for(self, device_id: str, dev: DeviceRecord | None) -> str:
         can_http = self.api_base_url is not None or self._bundle_url is not None
@@ -322,7 +331,8 @@ class RolloutDriver:
         for a in actions:
             if isinstance(a, rm.Deploy):
                 try:
-                    cmd = self._deploy_command(state, model, devices.get(a.device_id), a.device_id, a.job_id)
+                    cmd = self._deploy_command(state, model, devices.get(a.device_id), a.device_id, a.job_id,
+                                               a.shadow)
                 except RolloutError as exc:
                     log.error("rollout %s: cannot deploy to %s: %s", state.rollout_id, a.device_id, exc)
                     continue  # the job times out and counts as a failure

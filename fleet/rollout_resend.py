@@ -102,7 +102,7 @@ def resend(state: RolloutState, now: float, answered: Collection[str], liveness:
     actions: list[Action] = []
     for d in due:
         assert d.job_id is not None  # unanswered() only yields devices with a job
-        actions.append(Deploy(d.device_id, d.job_id) if d.status == "sent"
+        actions.append(Deploy(d.device_id, d.job_id, shadow=state.phase == "shadow_deploying") if d.status == "sent"
                        else Rollback(d.device_id, d.job_id, d.previous_version, state.reason))
     state = set_devices(state, {d.device_id: dataclasses.replace(d, resends=d.resends + 1, resent_at=now)
                                  for d in due})

@@ -27,7 +27,7 @@ ROLLOUT_SCHEMA_VERSION = 1
 TERMINAL = frozenset({"completed", "aborted", "rolled_back"})
 FAILED = frozenset({"failed", "timed_out", "unhealthy"})
 # Devices that run, or may run, the new version: what a rollback has to revert.
-MAY_RUN_NEW = frozenset({"updated", "sent", "timed_out", "unhealthy"})
+MAY_RUN_NEW = frozenset({"updated", "sent", "timed_out", "unhealthy", "shadowing"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class RolloutPlan:
     max_failures: float = 0.05  # share of a wave that may fail
     job_timeout_s: float = 300.0  # a device that has not finished by then failed
     analysis: CanaryPolicy = field(default_factory=CanaryPolicy)
+    shadow_s: float = 0.0  # > 0: the canary devices first shadow the candidate this long (not serving it)
+    shadow_every: int = 0  # the shadow runs on every n-th input (0: the agent's default)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "waves", tuple(float(w) for w in self.waves))
@@ -51,6 +53,8 @@ class RolloutPlan:
             raise ConfigError(f"waves {self.waves} must be increasing shares in (0, 1]", hint="e.g. --waves 25,50,100")
         if self.soak_s < 0 or self.job_timeout_s <= 0:
             raise ConfigError("soak must be >= 0 s and the job timeout > 0 s", hint="e.g. --soak 60s")
+        if self.shadow_s < 0 or self.shadow_every < 0:
+            raise ConfigError("shadow must be >= 0 s, every n-th input >= 0", hint="e.g. shadow_s = 60")
         if not 0.0 <= self.max_failures < 1.0:
             raise ConfigError(f"max_failures {self.max_failures:g} must be a share in [0, 1)", hint="e.g. --max-failures 5%")
 
@@ -77,6 +81,8 @@ class DeviceProgress:
     status: ``pending`` → ``sent`` → ``updated`` | ``failed`` (the device reported a
     failure and kept its old version) | ``timed_out``; ``updated`` → ``unhealthy`` after a
     bad soak; when rolled back: ``rolling_back`` → ``rolled_back`` | ``rollback_failed``.
+    In a shadow stage: ``sent`` → ``shadowing`` (installed, not serving), then ``sent``
+    again with the canary's deploy.
     """
 
     device_id: str
@@ -122,6 +128,7 @@ class JobOutcome:
 class Deploy:
     device_id: str
     job_id: str
+    shadow: bool = False  # install and shadow, do not switch (the shadow stage)
 
 
 @dataclass(frozen=True)
@@ -177,9 +184,10 @@ class RolloutState:
         return {d.job_id: d.device_id for d in self.devices if d.job_id and d.status in ("sent", "rolling_back")}
 
     def wants_health(self, now: float) -> bool:
-        """True when the current wave's soak is over and :func:`advance` needs health verdicts."""
-        return (self.status == "running" and self.phase == "soaking" and self.phase_started_at is not None
-                and now - self.phase_started_at >= self.plan.soak_s + self.soak_extended_s)
+        """True when the current wave's soak (or the shadow stage) is over and :func:`advance` needs a verdict."""
+        length = {"soaking": self.plan.soak_s, "shadowing": self.plan.shadow_s}.get(self.phase)
+        return (self.status == "running" and length is not None and self.phase_started_at is not None
+                and now - self.phase_started_at >= length + self.soak_extended_s)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -170,7 +170,8 @@ def test_failed_canary_analysis_rolls_back_with_the_evidence() -> None:
 def test_inconclusive_analysis_extends_the_soak_then_holds() -> None:
     from fleet.canary import CanaryPolicy
 
-    plan = RolloutPlan(canary=0.1, waves=(1.0,), soak_s=60.0, analysis=CanaryPolicy(max_extension_s=120.0))
+    plan = RolloutPlan(canary=0.1, waves=(1.0,), soak_s=60.0,
+                       analysis=CanaryPolicy(max_extension_s=120.0, on_inconclusive="hold"))
     s, acts = advance(new_rollout("rh", "m", "2", DEVICES, plan, now=0.0), 0.0)
     s, _ = advance(s, 0.0, done(acts))
     s, _ = advance(s, 60.0, verdict=_verdict("inconclusive"))

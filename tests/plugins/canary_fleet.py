@@ -68,6 +68,7 @@ class Profile:
     inferences: int = 100  # per report
     labels_every: int = 1  # one labelled sample every n reports (0: none)
     labels: int = 2  # labelled samples per labelled report
+    agreement: float = 0.97  # as a shadowed candidate: share of inputs answered as the serving model does
 
 
 class SimDevice:
@@ -83,7 +84,9 @@ class SimDevice:
         self.rng = np.random.default_rng(seed)
         self.seq = itertools.count(1)
         self.answers: dict[str, int] = {}  # labelled answers per version, for the deterministic accuracy
-        self.deploys: list[str] = []  # job ids of deploy commands received
+        self.deploys: list[str] = []  # job ids of deploy commands received (to serve)
+        self.shadow: tuple[str, int] | None = None  # (candidate version, every n-th input) while shadowing
+        self.shadowed: list[str] = []  # job ids of shadow commands received
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
         self.client.will_set(self.topics.device(device_id, "state"), DeviceState(device_id, False).encode(),
@@ -108,8 +111,15 @@ class SimDevice:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         cmd = decode(msg.payload)
-        if isinstance(cmd, DeployCommand):
+        if isinstance(cmd, DeployCommand) and cmd.shadow:  # install, do not switch, shadow (edge_agent.shadow)
             with self.lock:
+                self.shadowed.append(cmd.job_id)
+                self.shadow = (cmd.version, cmd.shadow_every or 10)
+            self._job(cmd.job_id, cmd.version, "received", self.version)
+            self._job(cmd.job_id, cmd.version, "completed", self.version)
+        elif isinstance(cmd, DeployCommand):
+            with self.lock:
+                self.shadow = None
                 self.deploys.append(cmd.job_id)
                 old, self.previous, self.version = self.version, self.version, cmd.version
             self._job(cmd.job_id, cmd.version, "received", old)
@@ -117,6 +127,7 @@ class SimDevice:
             self._job(cmd.job_id, cmd.version, "completed", old)
         elif isinstance(cmd, RollbackCommand):
             with self.lock:
+                self.shadow = None
                 new, self.version = self.version, cmd.to_version or self.previous or self.version
             self._birth()
             self._job(cmd.job_id, self.version, "rolled_back", new)
@@ -127,7 +138,7 @@ class SimDevice:
     def report(self, load: float, n: int) -> None:
         """One telemetry interval (and drift window, and labelled samples) at ``load``."""
         with self.lock:
-            version, p = self.version, self.profile
+            version, p, shadow = self.version, self.profile, self.shadow
         errors = int(round(p.inferences * p.error_rate))
         ok = p.inferences - errors
         hist: dict[str, int] = {}
@@ -142,12 +153,36 @@ class SimDevice:
             self.device_id, seq, ts=ts, model_version=version, inferences=seq * ok, inferences_interval=ok,
             errors=seq * errors, latency_p50_ms=float(np.median(lat)) if ok else None,
             latency_p99_ms=float(np.percentile(lat, 99)) if ok else None, mean_confidence=conf,
-            latency_hist=hist, errors_interval=errors).encode())
+            latency_hist=hist, errors_interval=errors, **self._shadow_fields(shadow, lat, conf, load)).encode())
         self._pub("drift", DriftReportMsg(self.device_id, seq, window=50, n=50, ts=ts, model_version=version,
                                           alarm=False, mean_confidence=conf).encode())
         if ok and p.labels_every and n % p.labels_every == 0:
             for _ in range(p.labels):
                 self._labelled_sample(version, p, ts)
+
+    def _shadow_fields(self, shadow: tuple[str, int] | None, lat: np.ndarray, conf: float | None,
+                       load: float) -> dict[str, Any]:
+        """What edge_agent.shadow reports: the candidate on every n-th served input."""
+        if shadow is None:
+            return {}
+        version, every = shadow
+        c = self.profiles[version]
+        served = lat[::every]
+        n = len(served)
+        cand = self.rng.lognormal(math.log(c.latency_ms * load), 0.25, n)
+        fails = int(round(n * c.error_rate))
+        agree = int(round((n - fails) * c.agreement))
+        def hist(values: np.ndarray) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for ms in values:
+                k = str(latency_bucket(float(ms)))
+                out[k] = out.get(k, 0) + 1
+            return out
+        ok = n - fails
+        return {"shadow_version": version, "shadow_inputs": n, "shadow_agree": agree, "shadow_errors": fails,
+                "shadow_latency_hist": hist(cand[:ok]), "shadow_serving_hist": hist(served),
+                "shadow_confidence": float(np.clip(self.rng.normal(c.confidence, 0.01), 0, 1)) if ok else None,
+                "shadow_serving_confidence": conf if ok else None, "shadow_cost_ms": float(cand.sum())}
 
     def _labelled_sample(self, version: str, p: Profile, ts: float) -> None:
         i = self.answers.get(version, 0)
