@@ -57,13 +57,15 @@ def start_rollout(ctx: DashContext, name: str, version: str, *, canary: str = "1
                   soak: str = "60s", max_failures: str = "5%", job_timeout: str | None = None) -> dict[str, Any]:
     """Start a staged rollout of a registered version (same rules as ``edgeloop fleet rollout``)."""
     from ..rollout import RolloutPlan
+    from ..rollout_driver import analysis_from_config
 
     driver = _require_driver(ctx)
     try:
         extra = {"job_timeout_s": parse_duration(job_timeout)} if job_timeout else {}
+        # The form sets the stages; the canary analysis comes from fleet.toml's [rollout], as in the CLI.
         plan = RolloutPlan(canary=parse_shares(canary, single=True)[0], waves=tuple(parse_shares(waves)),
                            soak_s=parse_duration(soak), max_failures=parse_shares(max_failures, single=True)[0],
-                           **extra)
+                           analysis=analysis_from_config(ctx.rollout_defaults), **extra)
     except ValueError as exc:
         raise ConfigError(f"bad rollout settings: {exc}", hint="canary 10%, waves 25,50,100, soak 60s") from exc
     state = driver.start(name, version, plan)
