@@ -125,17 +125,13 @@ class LoadedModel:
         self.baseline: Baseline | None = None
         self.monitor: DriftMonitor | None = None
         if drift and self.manifest.baseline and (self.slot_dir / self.manifest.baseline).is_file():
-            self.baseline = Baseline.load(self.slot_dir / self.manifest.baseline)
-            self.monitor = DriftMonitor(self.baseline, window=self._window(self.baseline, drift_window))
-
-    @staticmethod
-    def _window(baseline: Baseline, wanted: int) -> int:
-        if wanted == 0 or wanted in baseline.windows:
-            return wanted or baseline.window
-        best = min(baseline.windows, key=lambda w: abs(w - wanted))
-        log.warning("drift window %d is not calibrated in this bundle (%s); using %d", wanted,
-                    list(baseline.windows), best)
-        return best
+            try:
+                self.baseline = Baseline.load(self.slot_dir / self.manifest.baseline)
+            except BundleError as exc:  # e.g. an older bundle's baseline schema: serve it, without drift
+                log.warning("%s %s: drift detection off: %s", self.manifest.name, self.manifest.version, exc)
+            else:
+                # The configured window or a clear error naming the calibrated ones, never silently another.
+                self.monitor = DriftMonitor(self.baseline, window=drift_window or None)
 
     @property
     def version(self) -> str:

@@ -114,3 +114,25 @@ def test_cli_install_predict_file_and_folder(tmp_path: Path, tiny_bundles: dict[
     st = json.loads(capsys.readouterr().out)
     assert st["model_version"] == "1.0.0" and st["choice"]["mode"] == "auto"
     assert st["choice"]["latency_ms"]["onnx-fp32"] > 0
+
+
+def test_an_older_drift_baseline_is_served_without_drift_and_windows_are_never_swapped(
+        agent: Agent, tmp_path: Path) -> None:
+    import shutil
+
+    from edge_agent.inference import LoadedModel
+
+    slot = agent.model.slot_dir
+    old = tmp_path / "old-slot"
+    shutil.copytree(slot, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    np.savez(old / manifest["baseline"], schema_version=np.array(1))  # what an older export wrote
+    m = LoadedModel(old, agent.model.variant.id)
+    try:  # the bundle still serves; drift is off, with a warning in the log
+        assert m.monitor is None and m.predict_result(digits().test_x[0]) is not None
+    finally:
+        m.close()
+    calibrated = agent.model.baseline.windows
+    other = next(w for w in (10, 20, 30, 40) if w not in calibrated)
+    with pytest.raises(InputError, match="calibrated"):
+        LoadedModel(slot, agent.model.variant.id, drift_window=other)
