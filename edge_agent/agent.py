@@ -32,6 +32,7 @@ from core.drift import DriftReport
 from core.errors import EdgeloopError, QueueError
 from core.protocol import DeviceState, JobStatus, Message, Telemetry, TopicScheme, route
 
+from . import sdnotify
 from .deploy import CommandWorker
 from .inference import FolderSource, InferencePipeline, LoadedModel, Prediction
 from .jobs import JobLog
@@ -359,7 +360,14 @@ class Agent:
         folder = FolderSource(source) if source is not None else None
         next_tele = time.monotonic() + self.config.telemetry.interval_s
         summary = _Summary(self.stats.snapshot().inferences, time.monotonic())
+        # systemd (Type=notify, WatchdogSec): ready once serving; the loop itself pings, so a hung
+        # loop stops pinging and systemd restarts the agent.  No-ops outside systemd.
+        sdnotify.notify("READY=1")
+        ping_every, next_ping = sdnotify.watchdog_interval_s(), 0.0
         while not stop.is_set():
+            if ping_every is not None and time.monotonic() >= next_ping:
+                sdnotify.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + ping_every
             if folder is not None:
                 for path, image in folder.new_images():
                     if stop.is_set():
@@ -377,3 +385,4 @@ class Agent:
                 summary.log(self.stats.snapshot(), self.drift_alarm)  # one line per interval, not per prediction
                 next_tele = time.monotonic() + self.config.telemetry.interval_s
             stop.wait(min(poll_s, max(0.0, next_tele - time.monotonic())))
+        sdnotify.notify("STOPPING=1")

@@ -1,8 +1,9 @@
 """systemd's notify protocol (``sd_notify``) without libsystemd: READY, WATCHDOG, STOPPING.
 
-The agent's unit is ``Type=notify`` with ``WatchdogSec``: systemd starts counting the
-agent as up when it says ``READY=1`` (its model serves), and kills and restarts it when
-``WATCHDOG=1`` stops arriving — a hung agent does not sit there forever.  Outside systemd
+The agent's unit is ``Type=notify`` with ``WatchdogSec``: systemd counts the agent as up
+when ``Agent.run`` says ``READY=1``, and kills and restarts it when ``WATCHDOG=1`` stops
+arriving.  ``Agent.run``'s own loop pings (not a helper thread), so a hung loop stops the
+pings and a hung agent does not sit there forever.  Outside systemd
 (``NOTIFY_SOCKET`` unset) every call is a no-op, so the same code runs on a laptop.
 """
 
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-from collections.abc import Callable
 
-__all__ = ["notify", "watchdog_interval_s", "Watchdog"]
+__all__ = ["notify", "watchdog_interval_s"]
 
 
 def notify(state: str) -> bool:
@@ -42,34 +41,3 @@ def watchdog_interval_s() -> float | None:
         return max(int(usec) / 2e6, 0.5)
     except ValueError:
         return None
-
-
-class Watchdog:
-    """Pings ``WATCHDOG=1`` while ``alive()`` says the agent is healthy.
-
-    ``alive`` should check what a hang would stop (the main loop's last tick), so a
-    deadlocked agent stops pinging and systemd restarts it; a thread that pinged
-    unconditionally would keep a hung process alive.
-    """
-
-    def __init__(self, alive: Callable[[], bool] | None = None) -> None:
-        self._alive = alive or (lambda: True)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Watchdog:
-        interval = watchdog_interval_s()
-        if interval is not None:
-            self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True, name="sd-watchdog")
-            self._thread.start()
-        return self
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            if self._alive():
-                notify("WATCHDOG=1")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
