@@ -8,7 +8,7 @@ the JSON endpoints appear in the app's OpenAPI schema under the ``dashboard`` ta
 
 from __future__ import annotations
 
-import json
+import math
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from core.errors import EdgeloopError
+from core.errors import EdgeloopError, ProtocolError
+from core.protocol import parse_json
 
 from ..config import FleetConfig
 from ..registry import Registry
@@ -69,9 +70,10 @@ def _bool(v: str | None) -> bool | None:
 
 def _float(v: str | None) -> float | None:
     try:
-        return float(v) if v not in (None, "") else None
+        f = float(v) if v not in (None, "") else None
     except ValueError:
         return None
+    return f if f is None or math.isfinite(f) else None  # "nan" / "inf" filter nothing
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -79,10 +81,12 @@ async def _form(request: Request) -> dict[str, str]:
     body = await request.body()
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
-            parsed = json.loads(body or b"{}")
-        except ValueError as exc:
-            raise HTTPException(400, "body is not JSON") from exc
-        return {str(k): str(v) for k, v in (parsed or {}).items()}
+            parsed = parse_json(body or b"{}", what="request body")
+        except ProtocolError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        if not isinstance(parsed, dict):
+            raise HTTPException(400, "body must be a JSON object of form fields")
+        return {str(k): str(v) for k, v in parsed.items()}
     return {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode(errors="replace"), keep_blank_values=True).items()}
 
 
@@ -190,7 +194,7 @@ def create_router(source: Registry | data.DashContext | FleetApp, config: Any = 
         if not nonce or not auth.check_csrf("pre:" + nonce, form.get("csrf_token")):
             raise HTTPException(403, "missing or wrong CSRF token (reload the login page)")
         session = auth.login(token=form.get("token") or None, user=form.get("username") or None,
-                             password=form.get("password"))
+                             password=form.get("password"), client=request.client.host if request.client else None)
         if session is None:
             q = urllib.parse.urlencode({"next": nxt, "err": "wrong token or user/password"})
             return RedirectResponse(f"{prefix}/login?{q}", status_code=303)
@@ -202,10 +206,12 @@ def create_router(source: Registry | data.DashContext | FleetApp, config: Any = 
 
     @router.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
-        session, _ = who(request)
+        session, via_bearer = who(request)
         form = await _form(request)
         if session is not None and not auth.check_csrf(session.sid, form.get("csrf_token")):
             raise HTTPException(403, "missing or wrong CSRF token")
+        if not via_bearer:  # a bearer token is not a session: revoke only cookies
+            auth.revoke(session)  # the cookie stops working even if a copy of it survives
         resp = RedirectResponse(f"{prefix}/login", status_code=303)
         resp.delete_cookie(SESSION_COOKIE, path=prefix)
         return resp

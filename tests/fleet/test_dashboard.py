@@ -311,3 +311,25 @@ def test_package_import_is_light() -> None:
     code = ("import sys, fleet.dashboard as d; assert 'fastapi' not in sys.modules and 'jinja2' not in sys.modules;"
             "assert all(hasattr(d, n) for n in d.__all__)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+
+def test_hostile_login_bodies_are_400s_and_nan_filters_nothing(fleet: dict[str, Any]) -> None:
+    from fleet.dashboard.routes import _float
+
+    c = TestClient(fleet["app"], client=LOCAL, follow_redirects=False)
+    c.get("/dashboard/login")
+    for body in (b"[1, 2]", b'"token"', b"{" * 5000, b"not json"):
+        r = c.post("/dashboard/login", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body[:10], r.status_code)
+    assert _float("nan") is None and _float("inf") is None and _float("1.5") == 1.5 and _float("x") is None
+
+
+def test_logout_revokes_the_cookie_even_if_a_copy_survives(fleet: dict[str, Any]) -> None:
+    c = login(fleet["app"])
+    cookies = dict(c.cookies)
+    assert c.get("/dashboard/api/overview").status_code == 200
+    r = c.post("/dashboard/logout", data={"csrf_token": csrf_of(c)})
+    assert r.status_code == 303
+    copy = TestClient(fleet["app"], client=LOCAL, follow_redirects=False, cookies=cookies)
+    assert copy.get("/dashboard/api/overview").status_code == 401
