@@ -274,6 +274,22 @@ def _confidence(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:
 # --------------------------------------------------------------------------- the verdict
 
 
+def _decide(metrics: Sequence[MetricResult], critical: set[str], pol: CanaryPolicy,
+            notes: list[str]) -> tuple[str, float | None]:
+    """The decision and score over the metrics' votes (module docstring); appends why to ``notes``."""
+    voting = [m for m in metrics if m.decision in ("pass", "fail")]
+    score = 100.0 * sum(m.decision == "pass" for m in voting) / len(voting) if voting else None
+    waiting = [m.metric for m in metrics if m.decision == "insufficient"]
+    if any(m.decision == "fail" and m.metric in critical for m in metrics):
+        return "fail", score  # enough data to see it is worse: no need to wait for the rest
+    if waiting or score is None:
+        notes.append(f"not enough data: {', '.join(waiting) or 'no metric'}")
+        return "inconclusive", score
+    if score >= pol.pass_score:
+        return "pass", score
+    return ("marginal" if score >= pol.marginal_score else "fail"), score
+
+
 def judge(canary: GroupData, control: GroupData, policy: CanaryPolicy, *, mode: str = "control",
           notes: Sequence[str] = ()) -> Verdict:
     """Compare the canary group with the control group (or with itself before, ``mode="before_after"``)."""
@@ -294,23 +310,10 @@ def judge(canary: GroupData, control: GroupData, policy: CanaryPolicy, *, mode: 
         all_notes.append(f"no telemetry from {', '.join(canary.silent)}")
     if mode == "before_after":
         all_notes.insert(0, "no control group: compared with the same devices before the update")
-    voting = [m for m in metrics if m.decision in ("pass", "fail")]
-    score = 100.0 * sum(m.decision == "pass" for m in voting) / len(voting) if voting else None
-    waiting = [m.metric for m in metrics if m.decision == "insufficient"]
     critical = set(pol.critical)
     if mode == "before_after":  # load and time of day change between before and after: latency alone
         critical.discard("latency")  # cannot roll back a wave that has no control group to compare with
-    if any(m.decision == "fail" and m.metric in critical for m in metrics):
-        decision = "fail"  # enough data to see it is worse: no need to wait for the rest
-    elif waiting or score is None:
-        decision = "inconclusive"
-        all_notes.append(f"not enough data: {', '.join(waiting) or 'no metric'}")
-    elif score >= pol.pass_score:
-        decision = "pass"
-    elif score >= pol.marginal_score:
-        decision = "marginal"
-    else:
-        decision = "fail"
+    decision, score = _decide(metrics, critical, pol, all_notes)
     return Verdict(decision, score, mode, metrics, tuple(canary.devices), tuple(control.devices), tuple(all_notes))
 
 
@@ -352,20 +355,7 @@ def judge_shadow(candidate: GroupData, serving: GroupData, agree: int, policy: C
     all_notes = ["shadow: the candidate beside the serving model on the same inputs, never served", *notes]
     if candidate.silent:
         all_notes.append(f"no shadow telemetry from {', '.join(candidate.silent)}")
-    voting = [m for m in metrics if m.decision in ("pass", "fail")]
-    score = 100.0 * sum(m.decision == "pass" for m in voting) / len(voting) if voting else None
-    waiting = [m.metric for m in metrics if m.decision == "insufficient"]
-    if any(m.decision == "fail" and (m.metric == "agreement" or m.metric in pol.critical) for m in metrics):
-        decision = "fail"
-    elif waiting or score is None:
-        decision = "inconclusive"
-        all_notes.append(f"not enough data: {', '.join(waiting) or 'no metric'}")
-    elif score >= pol.pass_score:
-        decision = "pass"
-    elif score >= pol.marginal_score:
-        decision = "marginal"
-    else:
-        decision = "fail"
+    decision, score = _decide(metrics, {"agreement", *pol.critical}, pol, all_notes)
     return Verdict(decision, score, "shadow", metrics, tuple(candidate.devices), tuple(serving.devices),
                    tuple(all_notes))
 
