@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ProtocolError
+from .errors import OverBudgetError, ProtocolError
+from .jsonsafe import parse_json
 
 __all__ = [
     "CHUNK_MAGIC",
@@ -44,6 +45,7 @@ __all__ = [
     "split",
     "parse_frame",
     "is_frame",
+    "OverBudgetError",  # defined in core.errors; re-exported here, where it is raised
 ]
 
 CHUNK_MAGIC = b"ELC1"
@@ -123,10 +125,10 @@ def parse_frame(payload: bytes) -> Frame:
         raise _bad(f"magic {magic!r} is not {CHUNK_MAGIC!r}")
     if hlen > _MAX_HEADER or _PREFIX.size + hlen > len(payload):
         raise _bad(f"header length {hlen} does not fit in {len(payload)} bytes")
-    try:
-        h = json.loads(payload[_PREFIX.size:_PREFIX.size + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"header is not JSON: {exc}") from exc
+    try:  # size- and depth-limited: a deeply nested header is malformed, not a RecursionError
+        h = parse_json(payload[_PREFIX.size:_PREFIX.size + hlen], max_bytes=_MAX_HEADER, what="header")
+    except ProtocolError as exc:
+        raise _bad(exc.message) from exc
     if not isinstance(h, dict):
         raise _bad("header is not a JSON object")
     try:
@@ -194,14 +196,6 @@ class Dropped:
 
 # Drop reasons that say the transfer itself is bad (sending it again unchanged cannot help).
 SENDER_FAULTS = frozenset({"corrupt", "inconsistent"})
-
-
-class OverBudgetError(ProtocolError):
-    """A frame refused because its owner (or the whole buffer) is at its budget.
-
-    Nothing was dropped for it: the sender should keep the frame and send it later.
-    (Lives here rather than in ``core.errors`` because only the reassembler raises it; not in
-    ``__all__`` so that ``core.protocol``, which re-exports that list, needs no change.)"""
 
 
 _Key = tuple[str, str]  # (owner, transfer id)

@@ -17,6 +17,7 @@ for programmer misuse only.
     │   └── ImageTooLargeError over the pixel budget before decoding (HTTP 413)
     ├── SourceError            a camera / stream / file source that cannot be opened
     ├── ProtocolError          malformed or unknown wire message
+    │   └── OverBudgetError    a chunk frame refused for lack of reassembly budget (send it later)
     ├── BrokerError            broker unreachable / gone
     ├── QueueError             the outbox (disk full, corrupt)
     ├── UpdateError            a model update failed (download, verify, health check)
@@ -48,6 +49,7 @@ __all__ = [
     "ImageTooLargeError",
     "SourceError",
     "ProtocolError",
+    "OverBudgetError",
     "BrokerError",
     "QueueError",
     "UpdateError",
@@ -128,6 +130,13 @@ class SourceError(EdgeloopError):
 
 class ProtocolError(EdgeloopError):
     """A wire message is malformed, of an unknown type or of an unsupported schema version."""
+
+
+class OverBudgetError(ProtocolError):
+    """A chunk frame refused because its owner (or the whole reassembly buffer) is at its budget.
+
+    Nothing was dropped for it: the sender should keep the frame and send it later.
+    Raised by :class:`core.chunks.Reassembler` (and re-exported from :mod:`core.chunks`)."""
 
 
 class BrokerError(EdgeloopError):

@@ -153,6 +153,23 @@ def test_parse_frame_rejects_inconsistent_headers() -> None:
             chunks.parse_frame(dataclasses.replace(good, **change).encode())
 
 
+@pytest.mark.parametrize("depth", [33, 8000])
+def test_parse_frame_refuses_a_deeply_nested_header(depth: int) -> None:
+    # The header goes through the same size/depth-limited JSON parser as every message:
+    # nesting past MAX_JSON_DEPTH (or past Python's recursion limit) is a malformed frame.
+    header = b'{"meta":' + b"[" * depth + b"]" * depth + b"}"
+    wire = chunks.CHUNK_MAGIC + len(header).to_bytes(2, "big") + header
+    with pytest.raises(ProtocolError, match="nested more than"):
+        chunks.parse_frame(wire)
+
+
+def test_over_budget_error_is_a_protocol_error_from_core_errors() -> None:
+    from core import errors
+
+    assert chunks.OverBudgetError is errors.OverBudgetError
+    assert issubclass(chunks.OverBudgetError, ProtocolError)
+
+
 def test_reassembly_tolerates_reordering_and_duplicates() -> None:
     data = payload(50_000, seed=3)
     frames = chunks.split("bundle-1", data, chunk_size=4096, kind="bundle", meta={"v": "2"})
