@@ -145,6 +145,17 @@ def test_http_predict_serves_every_task(shared_bundles, tmp_path: Path) -> None:
         det = _post(url, img)
         assert det["task"] == "detection" and det["detections"][0]["label"] == "cat"
         assert abs(det["detections"][0]["score"] - 0.77496) <= 0.02
+        agent.install(shared_bundles["ssd"], force=True)
+        ssd = _post(url, img)
+        assert ssd["task"] == "detection" and ssd["label"] == "cat"
+        agent.install(shared_bundles["mobilenet"], force=True)
+        top = SHARED["mobilenet"].expected()["recorded"]["top5"][0]
+        burger = _post(url, (SHARED["mobilenet"].dir / "burger.jpg").read_bytes())
+        assert burger["label"] == top["label"] and abs(burger["confidence"] - top["prob"]) <= 0.01
+        agent.install(shared_bundles["ppocr"], force=True)
+        probs = SHARED["ppocr"].expected()["recorded"]["probs"]
+        line = _post(url, (SHARED["ppocr"].dir / "text_cls.jpg").read_bytes())
+        assert line["label"] == "180" and abs(line["confidence"] - probs["text_cls.jpg"][1]) <= 0.01
         agent.install(shared_bundles["kws"], force=True)
         assert _post(url, buf.getvalue())["label"] == "no"
         agent.install(shared_bundles["toycar"], force=True)
@@ -154,7 +165,7 @@ def test_http_predict_serves_every_task(shared_bundles, tmp_path: Path) -> None:
         assert got["task"] == "tensor" and got["score"] == pytest.approx(agent.predict(frames).score, rel=1e-6)
 
 
-@pytest.mark.parametrize("key", ["mobilenet", "ppocr", "kws"])
+@pytest.mark.parametrize("key", ["ssd", "yolox", "mobilenet", "ppocr", "kws", "toycar"])
 def test_bench_runs_the_bare_model_file(key: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     require_models()
     m = SHARED[key]
@@ -163,7 +174,7 @@ def test_bench_runs_the_bare_model_file(key: str, tmp_path: Path, capsys) -> Non
                    "--out", tmp_path / "bench", "--json"], capsys)
     assert rc == 0
     result = json.loads(out)
-    assert result["failed_cells"] == 0 and result["cells"][0]["latency"]["1"]["p50_ms"] > 0
+    assert result["failed_cells"] == 0 and result["cells"][0]["latency"]["1"]["p50_ms"] > 0, result
 
 
 def test_bench_of_a_bundle_with_dynamic_input(shared_bundles, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
