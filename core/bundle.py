@@ -9,6 +9,9 @@ Every refusal is a :class:`BundleError` (a :class:`SignatureError` for the signa
 steps) whose ``context`` carries ``reason`` (one of :data:`REASONS`, stable, for
 machines such as an update report) and ``member`` where one member is at fault.
 No torch, no onnx: the agent imports this.
+
+This module reads and verifies; writing is :mod:`core.bundle_write` and the shared layout
+(member names, reasons) :mod:`core.bundle_format`, both re-exported here.
 """
 
 from __future__ import annotations
@@ -24,14 +27,27 @@ import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bundle_format import (
+    _CHUNK,
+    _RESERVED,
+    LABELS_MEMBER,
+    MANIFEST_MEMBER,
+    REASONS,
+    SIGNATURE_MEMBER,
+    _check_member_name,
+    _fail,
+    _fsync_dir,
+    manifest_bytes,
+)
+from .bundle_write import _signature_bytes, _zipinfo, write_bundle  # noqa: F401  (re-exported; fleet.setup re-signs)
 from .errors import BundleError, SignatureError
 from .manifest import Manifest
-from .signing import PrivateKey, PublicKey, load_public_key, sign, verify
+from .signing import PublicKey, load_public_key, verify
 
 __all__ = [
     "MANIFEST_MEMBER",
@@ -48,21 +64,6 @@ __all__ = [
     "read_manifest_unverified",
     "read_signature_unverified",
 ]
-
-MANIFEST_MEMBER = "manifest.json"
-SIGNATURE_MEMBER = "manifest.sig"
-LABELS_MEMBER = "labels.txt"
-_RESERVED = (MANIFEST_MEMBER, SIGNATURE_MEMBER)
-_STORED_SUFFIXES = (".onnx", ".tflite", ".npz", ".ort")  # already dense, and mmap-able when stored
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same inputs, same bundle bytes
-_CHUNK = 1 << 20
-_REBUILD = "rebuild it with `edgeloop export` or `edgeloop bundle create`"
-
-REASONS = (
-    "not-found", "not-a-zip", "too-large", "duplicate-member", "unsafe-path", "encrypted",
-    "missing-manifest", "invalid-manifest", "missing-member", "extra-member", "hash-mismatch",
-    "missing-signature", "invalid-signature", "wrong-key", "no-trusted-key",
-)
 
 
 @dataclass(frozen=True)
@@ -89,136 +90,6 @@ class SignatureInfo:
     key_id: str
     signature: bytes
     verified: bool = False
-
-
-def _fail(message: str, reason: str, *, member: str | None = None, path: Path | None = None,
-          hint: str | None = _REBUILD, cls: type[BundleError] = BundleError) -> BundleError:
-    return cls(message, hint=hint, reason=reason, member=member, path=str(path) if path else None)
-
-
-def _check_member_name(name: str, path: Path | None) -> None:
-    # Zip names are '/'-separated and relative; anything else could write outside the
-    # extraction directory on some OS (Windows treats '\\' and 'C:' as path syntax).
-    parts = name.split("/")
-    bad = (not name or name.startswith("/") or "\\" in name or "\x00" in name or ":" in parts[0]
-           or any(p in ("", ".", "..") for p in parts))
-    if bad:
-        raise _fail(f"member {name} has an unsafe path (escapes the bundle)", "unsafe-path",
-                    member=name, path=path)
-
-
-def manifest_bytes(manifest: Manifest) -> bytes:
-    """The canonical ``manifest.json`` bytes (sorted keys, indent 2, UTF-8, trailing newline)."""
-    return (json.dumps(manifest.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-# --------------------------------------------------------------------------- writing
-def _sha256_file(p: Path) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with p.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
-def _zipinfo(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
-    info.external_attr = (stat.S_IFREG | 0o644) << 16
-    info.create_system = 3  # unix, so the mode bits above mean what they say
-    info.compress_type = zipfile.ZIP_STORED if name.endswith(_STORED_SUFFIXES) else zipfile.ZIP_DEFLATED
-    return info
-
-
-def _signature_bytes(key: PrivateKey, data: bytes) -> bytes:
-    doc = {"algorithm": "ed25519", "key_id": key.key_id,
-           "signature": base64.b64encode(sign(key, data)).decode("ascii")}
-    return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
-
-
-def write_bundle(path: str | os.PathLike[str], manifest: Manifest, files: Mapping[str, bytes | Path], *,
-                 signing_key: PrivateKey | None = None) -> Path:
-    """Write a bundle zip atomically and return its path.
-
-    ``files`` maps member names (``models/onnx-fp32.onnx``, ``baseline.npz``...) to
-    their bytes or a file to copy.  Every variant's ``sha256`` / ``size`` and
-    ``manifest.members`` are filled in here; ``labels.txt`` is written from the manifest
-    when not given.  Model files are stored uncompressed so a device can extract or map
-    them without inflating; JSON and text are deflated.
-    """
-    path = Path(path)
-    members: dict[str, bytes | Path] = dict(files)
-    if LABELS_MEMBER not in members:
-        members[LABELS_MEMBER] = ("\n".join(manifest.labels) + "\n").encode()
-    digests: dict[str, tuple[str, int]] = {}
-    for name, content in members.items():
-        _check_member_name(name, path)
-        if name in _RESERVED:
-            raise ValueError(f"{name} is written by write_bundle itself; do not pass it in files")
-        if isinstance(content, bytes):
-            digests[name] = (hashlib.sha256(content).hexdigest(), len(content))
-        else:
-            digests[name] = _sha256_file(Path(content))
-    for name in (v.file for v in manifest.variants):
-        if name not in members:
-            raise _fail(f"variant file {name} is not among the bundle files", "missing-member", member=name, path=path)
-    for name in (manifest.baseline, manifest.health):
-        if name is not None and name not in members:
-            raise _fail(f"manifest names {name} but it is not among the bundle files", "missing-member",
-                        member=name, path=path, hint="add the file, or set that manifest field to None")
-    variants = tuple(dataclasses.replace(v, sha256=digests[v.file][0], size=digests[v.file][1])
-                     for v in manifest.variants)
-    manifest = dataclasses.replace(manifest, variants=variants,
-                                   members={n: digests[n][0] for n in sorted(members)})
-    mbytes = manifest_bytes(manifest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", allowZip64=True) as zf:
-                zf.writestr(_zipinfo(MANIFEST_MEMBER), mbytes)
-                if signing_key is not None:
-                    zf.writestr(_zipinfo(SIGNATURE_MEMBER), _signature_bytes(signing_key, mbytes))
-                for name in sorted(members):
-                    _write_member(zf, name, members[name], digests[name])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _write_member(zf: zipfile.ZipFile, name: str, content: bytes | Path, digest: tuple[str, int]) -> None:
-    info = _zipinfo(name)
-    if isinstance(content, bytes):
-        zf.writestr(info, content)
-        return
-    # Declaring the size up front gives the same header writestr would (zip64 only when
-    # needed), so a bundle's bytes do not depend on how its files were passed in.
-    info.file_size = digest[1]
-    h = hashlib.sha256()
-    with Path(content).open("rb") as src, zf.open(info, "w") as dst:
-        while chunk := src.read(_CHUNK):
-            h.update(chunk)
-            dst.write(chunk)
-    if h.hexdigest() != digest[0]:  # the source changed between hashing and copying
-        raise BundleError(f"{content} changed while the bundle was being written", member=name,
-                          reason="hash-mismatch", hint="write the bundle again")
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        dfd = os.open(d, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 # --------------------------------------------------------------------------- reading
