@@ -34,36 +34,22 @@ every ``ingest.receipt_ms``; a lost one only costs a re-send.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.chunks import OverBudgetError
-from core.errors import EdgeloopError, ProtocolError
-from core.protocol import (
-    RECEIPT_KINDS,
-    RECEIPT_PROPERTY,
-    BundleRequest,
-    DeviceState,
-    DriftReportMsg,
-    Feedback,
-    JobStatus,
-    Message,
-    Telemetry,
-    TopicScheme,
-    decode,
-)
+from core.protocol import RECEIPT_PROPERTY, Feedback, Message, TopicScheme
 
 from .config import FleetConfig
-from .ingest_guard import Budgets, Counters, SenderChecks, refused, write_device_labels
+from .ingest_dispatch import IngestDispatch, Raw
+from .ingest_guard import Budgets, Counters, SenderChecks, write_device_labels
 from .ingest_samples import Ack, SampleIntake
-from .receipts import parse_oid, publish_receipts
+from .receipts import ReceiptBook, parse_oid
 from .registry import IngestBatch, Registry
 from .samples import SampleStore
 
@@ -80,13 +66,6 @@ _SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-re
 # in one reassembler), and so do jobs and bundle requests (the main process's hooks drive
 # rollouts from them) and retained states (never delivered to shared subscriptions).
 BULK_KINDS = ("telemetry", "drift", "feedback")
-
-
-# topic kind -> the message class it must carry
-_KIND_TYPES: dict[str, type[Message]] = {
-    "state": DeviceState, "telemetry": Telemetry, "drift": DriftReportMsg, "jobs": JobStatus,
-    "feedback": Feedback, "bundle-req": BundleRequest,
-}
 
 
 @dataclass
@@ -110,7 +89,10 @@ class IngestService:
     """Subscribes to every device kind and writes what arrives into the registry.
 
     ``start()`` connects and returns once subscribed; ``stop()`` flushes and disconnects.
-    :meth:`submit` feeds raw messages without MQTT (benchmarks, replays).
+    :meth:`submit` feeds raw messages without MQTT (benchmarks, replays).  The writer thread
+    hands each batch to an :class:`~fleet.ingest_dispatch.IngestDispatch` (``dispatch``:
+    decoding, per-kind filing, malformed/refused accounting) and its receipts to a
+    :class:`~fleet.receipts.ReceiptBook` (``receipts``).
     """
 
     def __init__(self, config: FleetConfig, registry: Registry, *, store: SampleStore | None = None,
@@ -129,17 +111,17 @@ class IngestService:
         b = self.budgets
         self.guard_counters = Counters()
         self.checks = SenderChecks(registry, b, self.guard_counters)
+        # Receipt bookkeeping, touched by the writer thread only.
+        self.receipts = ReceiptBook(self.topics, self.stats, lambda: self._client,
+                                    interval_ms=config.ingest.receipt_ms, enabled=config.ingest.receipts)
         self.samples = SampleIntake(config, registry, self.store, b, self.guard_counters, self.stats,
-                                    receipt_now=self._receipt_now)
+                                    receipt_now=self.receipts.queue)
         self.reassembler = self.samples.reassembler
+        self.dispatch = IngestDispatch(self.topics, b, self.checks, self.samples, self.stats, self.guard_counters,
+                                       self.receipts)
         self._username = username
         self._client_id = client_id or config.broker.client_id
-        self._pending: list[tuple[str, bytes, float, int | None]] = []
-        # Receipt bookkeeping, touched by the writer thread only.
-        self._receipts: dict[str, set[int]] = {}  # device id -> ids ready to be receipted
-        self._last_receipts = time.monotonic()
-        # this batch's device feedback, written after the batch: (device id, feedback, receipt)
-        self._device_labels: list[tuple[str, Feedback, Ack | None]] = []
+        self._pending: list[Raw] = []
         self._cond = threading.Condition()
         self._hooks: list[Hook] = []
         self._stop = threading.Event()
@@ -201,7 +183,7 @@ class IngestService:
             return
         # Arrived while the writer finished: stored, not receipted (those devices send again).
         self._drain()
-        self._receipts.clear()
+        self.receipts.clear()
         self._idle.set()
 
     @property
@@ -266,12 +248,12 @@ class IngestService:
                 self._cond.notify_all()
             if raw:
                 self._process(raw)
-            self._flush_receipts()
+            self.receipts.flush()
             if not raw and not self._pending:
                 self._idle.set()
         # Stopping: write what is queued and say so while the connection is still up.
         self._drain()
-        self._flush_receipts(force=True)
+        self.receipts.flush(force=True)
         self._idle.set()
 
     def _drain(self) -> None:
@@ -285,45 +267,18 @@ class IngestService:
                 return
             self._process(raw)
 
-    def _process(self, raw: list[tuple[str, bytes, float, int | None]]) -> None:
+    def _process(self, raw: list[Raw]) -> None:
         batch = IngestBatch()
-        decoded: list[Message] = []
         acks: list[Ack] = []  # receipted once this batch is committed
-        for topic, payload, received, oid in raw:
-            try:
-                msg = self._decode_one(topic, payload, received, oid, batch, acks)
-            except OverBudgetError as exc:  # the device keeps the frame and sends it again
-                self._refused(topic, refused("transfer_budget", str(exc), retry=True), oid)
-                continue
-            except EdgeloopError as exc:
-                if "budget" in exc.context:
-                    self._refused(topic, exc, oid)
-                else:
-                    self._malformed(topic, exc, oid)
-                continue
-            except Exception as exc:  # noqa: BLE001 - one bad message must never stop ingestion
-                self._malformed(topic, exc, oid)
-                continue
-            if msg is not None:
-                decoded.append(msg)
+        decoded = self.dispatch.decode_all(raw, batch, acks)
         batch.samples.extend(self.samples.unsaved_records())
-        device_labels, self._device_labels = self._device_labels, []
+        device_labels = self.dispatch.take_device_labels()
         if self._write(batch):
             self.samples.committed(acks)
             if device_labels and self._write_device_labels(device_labels):
                 acks.extend(a for _d, _f, a in device_labels if a is not None)
-            receipts = self._receipts
-            for device_id, oid in acks:
-                ready = receipts.get(device_id)
-                if ready is None:
-                    ready = receipts[device_id] = set()
-                ready.add(oid)
-            # A device that (re)connects hears at once, not at the next interval, that this
-            # fleet receipts: a Receipt (empty, or with what is ready for it) makes it hold
-            # its messages from then on, so even its first ones survive a broker restart.
-            born = {state.device_id for state, _received in batch.states if state.online}
-            if born:
-                self._publish_receipts({d: receipts.pop(d, set()) for d in born})
+            # devices (re)connected in this batch hear at once that this fleet receipts
+            self.receipts.committed(acks, {state.device_id for state, _received in batch.states if state.online})
         else:
             self.samples.write_failed()
         self.stats.processed += len(raw)
@@ -361,116 +316,6 @@ class IngestService:
             return False
         self.stats.refused += n
         return True
-
-    def _decode_one(self, topic: str, payload: bytes, received: float, oid: int | None, batch: IngestBatch,
-                    acks: list[Ack]) -> Message | None:
-        b = self.budgets
-        if topic == self.topics.operator_feedback:  # from an operator (ACL: fleet users only): no receipt
-            if len(payload) > b.max_message_bytes:
-                raise refused("message_size", f"{len(payload)}-byte operator feedback")
-            fb = decode(payload)
-            if not isinstance(fb, Feedback):
-                raise ProtocolError(f"expected feedback on {topic}, got {fb.TYPE}")
-            batch.feedback.append(fb)
-            return fb
-        device_id, kind = self.topics.parse(topic)
-        if kind == "samples":
-            if len(payload) > b.max_frame_bytes:
-                raise refused("frame_size", f"{len(payload)}-byte chunk frame (limit {b.max_frame_bytes})")
-            batch.seen[device_id] = received
-            self.samples.add_frame(device_id, payload, received, oid, acks)
-            return None
-        if len(payload) > b.max_message_bytes:
-            raise refused("message_size", f"{len(payload)}-byte {kind} message (limit {b.max_message_bytes})")
-        msg = decode(payload)
-        expected = _KIND_TYPES.get(kind)
-        if expected is None or not isinstance(msg, expected):
-            raise ProtocolError(f"{msg.TYPE} message on the {kind!r} topic")
-        sender = getattr(msg, "device_id", device_id)
-        if sender != device_id:
-            raise ProtocolError(f"{msg.TYPE} for device {sender!r} published on {device_id!r}'s topic")
-        if isinstance(msg, JobStatus):
-            self.checks.check_job(device_id, msg)
-        elif isinstance(msg, BundleRequest):
-            self.checks.check_bundle_request(device_id, msg)
-        elif isinstance(msg, Feedback):
-            self.checks.check_feedback_source(payload)
-            batch.seen[device_id] = received
-            ack = (device_id, oid) if oid is not None else None
-            self._device_labels.append((device_id, dataclasses.replace(msg, source="device"), ack))
-            return msg
-        if oid is not None and kind in RECEIPT_KINDS:
-            acks.append((device_id, oid))
-        if isinstance(msg, DeviceState):
-            batch.states.append((msg, received))
-            if msg.online:
-                batch.seen[device_id] = received
-            return msg
-        batch.seen[device_id] = received
-        if isinstance(msg, Telemetry):
-            batch.telemetry.append((msg, received))
-        elif isinstance(msg, DriftReportMsg):
-            batch.drift.append((msg, received))
-        elif isinstance(msg, JobStatus):
-            batch.jobs.append((msg, received))
-        return msg
-
-    def _receipt_final(self, topic: str, oid: int | None) -> None:
-        """A message that will never be accepted: let the device stop sending it."""
-        if oid is not None:
-            try:
-                device_id, kind = self.topics.parse(topic)
-            except ProtocolError:
-                return
-            if kind in RECEIPT_KINDS:
-                self._receipt_now([(device_id, oid)])
-
-    def _malformed(self, topic: str, exc: BaseException, oid: int | None = None) -> None:
-        self._receipt_final(topic, oid)
-        self.stats.malformed += 1
-        self.stats.last_error = f"{topic}: {exc}"
-        # One line per bad message at INFO would flood the log under attack: warn on powers of two.
-        n = self.stats.malformed
-        level = logging.WARNING if n & (n - 1) == 0 else logging.DEBUG
-        log.log(level, "malformed message #%d on %s: %s", n, topic, exc)
-
-    def _refused(self, topic: str, exc: EdgeloopError, oid: int | None) -> None:
-        """A message a per-device rule refused: counted by rule and device; receipted unless the
-        device should send it again later (``retry``)."""
-        rule = str(exc.context.get("budget"))
-        try:
-            device_id: str | None = self.topics.parse(topic)[0]
-        except ProtocolError:
-            device_id = None
-        self.guard_counters.count(rule, device_id)
-        self.stats.refused += 1
-        self.stats.last_error = f"{topic}: {exc}"
-        if not exc.context.get("retry"):
-            self._receipt_final(topic, oid)
-        n = self.stats.refused
-        log.log(logging.WARNING if n & (n - 1) == 0 else logging.DEBUG, "refused #%d (%s) on %s: %s", n, rule,
-                topic, exc)
-
-    # ------------------------------------------------------------------ receipts
-    def _receipt_now(self, acks: Sequence[Ack]) -> None:
-        """Queue receipts that do not wait for a commit (writer thread)."""
-        for device_id, oid in acks:
-            self._receipts.setdefault(device_id, set()).add(oid)
-
-    def _flush_receipts(self, *, force: bool = False) -> None:
-        """Publish one :class:`Receipt` per device, at most every ``ingest.receipt_ms``."""
-        if not self._receipts:
-            return
-        now = time.monotonic()
-        if not force and (now - self._last_receipts) * 1000 < self.config.ingest.receipt_ms:
-            return
-        self._last_receipts = now
-        receipts, self._receipts = self._receipts, {}
-        self._publish_receipts(receipts)
-
-    def _publish_receipts(self, receipts: dict[str, set[int]]) -> None:
-        if self._client is not None and self.config.ingest.receipts:  # else: nobody to tell
-            publish_receipts(self._client, self.topics, receipts, self.stats)
 
 
 # The fleet's other MQTT connections and the extra ingest processes (kept here for importers).
