@@ -18,7 +18,8 @@ open jobs' latest steps and, while some are unanswered, one for those devices.
 
 Bundle delivery is the device's choice (``DeviceState.delivery``): an HTTP URL on the
 fleet API with range requests, or MQTT chunk frames sent in answer to ``BundleRequest``
-(:meth:`RolloutDriver.handle_bundle_request`).
+(:meth:`RolloutDriver.handle_bundle_request`).  Building and publishing the commands is
+:class:`fleet.rollout_commands.RolloutCommands` (``RolloutDriver.commands``).
 """
 
 from __future__ import annotations
@@ -28,18 +29,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from core import chunks
 from core.errors import RolloutError
-from core.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, DeployCommand, RollbackCommand, TopicScheme
+from core.protocol import DEFAULT_CHUNK_SIZE, BundleRequest, TopicScheme
 
 from . import rollout as rm
 from .canary import CanaryPolicy, Verdict
 from .canary_data import analyse_shadow, analyse_wave
 from .config import FleetConfig
-from .registry import DeviceRecord, ModelVersion, Registry
+from .registry import ModelVersion, Registry
+from .rollout_commands import Publisher, RolloutCommands
 
 __all__ = ["Publisher", "RolloutDriver", "plan_from_config", "analysis_from_config", "resend_from_config",
            "REGISTRY_STATUS"]
@@ -56,12 +56,6 @@ _TARGET_STATUS = {"pending": "pending", "sent": "sent", "updated": "updated", "f
 
 
 _ACTIVE = ("pending", "running", "paused", "halted")  # registry statuses of unfinished rollouts
-
-
-class Publisher(Protocol):
-    """What the driver needs of an MQTT client (paho's ``Client.publish`` fits)."""
-
-    def publish(self, topic: str, payload: bytes, qos: int = ..., retain: bool = ...) -> Any: ...
 
 
 def resend_from_config(cfg: Any) -> rm.ResendPolicy:
@@ -97,16 +91,13 @@ class RolloutDriver:
                  clock: Callable[[], float] = time.time,
                  bundle_url: Callable[[ModelVersion], str] | None = None,
                  resend: rm.ResendPolicy | None = None) -> None:
-        if delivery not in ("auto", "http", "mqtt"):
-            raise RolloutError(f"unknown delivery {delivery!r}", hint="use auto, http or mqtt")
         self.registry = registry
         self.publisher = publisher
         self.topics = topics or TopicScheme()
-        self.api_base_url = api_base_url.rstrip("/") if api_base_url else None
-        self.delivery = delivery
-        self.chunk_size = chunk_size
         self.clock = clock
-        self._bundle_url = bundle_url
+        self.commands = RolloutCommands(registry, publisher, self.topics, api_base_url=api_base_url,
+                                        delivery=delivery, chunk_size=chunk_size, clock=clock,
+                                        bundle_url=bundle_url, active=self.active)
         self.resend = resend or rm.ResendPolicy()
         self._lock = threading.RLock()
         self._resent: set[str] = set()  # rollouts whose unanswered commands were resent after a restart
@@ -289,84 +280,27 @@ class RolloutDriver:
         log.info("rollout %s wave %d: %s", state.rollout_id, state.wave, verdict.summary())
         return verdict
 
-    # ------------------------------------------------------------------ commands
-    def _deploy_command(self, state: rm.RolloutState, model: ModelVersion | None, device: DeviceRecord | None,
-                        device_id: str, job_id: str, shadow: bool = False) -> DeployCommand:
-        if model is None or not model.bundle_path or not model.sha256 or not model.size:
-            raise RolloutError(f"model {state.name} {state.version} has no registered bundle",
-                               rollout=state.rollout_id)
-        delivery = self._delivery_for(device_id, device)
-        url = self.bundle_url(model) if delivery == "http" else None
-        return DeployCommand(job_id=job_id, name=state.name, version=state.version, size=model.size,
-                             sha256=model.sha256, url=url, delivery=delivery, chunk_size=self.chunk_size,
-                             rollout_id=state.rollout_id, ts=self.clock(), shadow=shadow,
-                             shadow_every=state.plan.shadow_every if shadow else 0)
+    # ------------------------------------------------------------------ commands (fleet.rollout_commands)
+    @property
+    def api_base_url(self) -> str | None:
+        return self.commands.api_base_url
 
-    def _delivery_for(self, device_id: str, dev: DeviceRecord | None) -> str:
-        can_http = self.api_base_url is not None or self._bundle_url is not None
-        accepted = [str(x) for x in (dev.delivery if dev and dev.delivery else ["http", "mqtt"])]
-        if self.delivery != "auto":
-            wanted = [self.delivery]
-        else:
-            wanted = accepted
-        for choice in wanted:
-            if choice in accepted and (choice == "mqtt" or can_http):
-                return choice
-        raise RolloutError(f"device {device_id} accepts {accepted} but the fleet can deliver "
-                           f"{'http, mqtt' if can_http else 'mqtt'} (asked for {self.delivery})", device_id=device_id)
+    @property
+    def delivery(self) -> str:
+        return self.commands.delivery
+
+    @property
+    def chunk_size(self) -> int:
+        return self.commands.chunk_size
 
     def bundle_url(self, model: ModelVersion) -> str:
         """Where a device downloads the bundle over HTTP (the fleet API serves it with Range)."""
-        if self._bundle_url is not None:
-            return self._bundle_url(model)
-        if self.api_base_url is None:
-            raise RolloutError("no fleet API URL to deliver bundles over HTTP", hint="set [api] or use mqtt delivery")
-        return f"{self.api_base_url}/bundles/{model.name}/{model.version}.elb"
+        return self.commands.bundle_url(model)
+
+    def handle_bundle_request(self, req: BundleRequest) -> int:
+        """Answer a device's :class:`BundleRequest` with chunk frames from chunk ``req.start`` on
+        (:meth:`fleet.rollout_commands.RolloutCommands.handle_bundle_request`); the number sent."""
+        return self.commands.handle_bundle_request(req)
 
     def _send(self, state: rm.RolloutState, actions: Sequence[rm.Action]) -> None:
-        deploys = [a.device_id for a in actions if isinstance(a, rm.Deploy)]
-        # One query for the model and one for the devices, however large the wave.
-        model = self.registry.model(state.name, state.version) if deploys else None
-        devices = self.registry.devices_by_id(deploys) if deploys else {}
-        for a in actions:
-            if isinstance(a, rm.Deploy):
-                try:
-                    cmd = self._deploy_command(state, model, devices.get(a.device_id), a.device_id, a.job_id,
-                                               a.shadow)
-                except RolloutError as exc:
-                    log.error("rollout %s: cannot deploy to %s: %s", state.rollout_id, a.device_id, exc)
-                    continue  # the job times out and counts as a failure
-                self.publisher.publish(self.topics.command(a.device_id, "deploy"), cmd.encode(), qos=1)
-            else:
-                rb = RollbackCommand(job_id=a.job_id, reason=a.reason, to_version=a.to_version,
-                                     rollout_id=state.rollout_id, ts=self.clock())
-                self.publisher.publish(self.topics.command(a.device_id, "rollback"), rb.encode(), qos=1)
-
-    # ------------------------------------------------------------------ MQTT delivery
-    def handle_bundle_request(self, req: BundleRequest) -> int:
-        """Answer a device's :class:`BundleRequest` with chunk frames from chunk ``req.start`` on.
-
-        The transfer id is the job id; a device that lost chunks asks again with the
-        index of the first one it misses.  Returns the number of frames sent.
-        """
-        model = self.registry.model(self._model_name_for_job(req.job_id), req.version)
-        if model is None or not model.bundle_path:
-            log.warning("bundle request for unknown %s from %s", req.version, req.device_id)
-            return 0
-        data = Path(model.bundle_path).read_bytes()
-        frames = chunks.split(req.job_id, data, chunk_size=self.chunk_size, kind="bundle",
-                              meta={"version": req.version})
-        topic = self.topics.command(req.device_id, "bundle")
-        for frame in frames[max(0, req.start):]:
-            self.publisher.publish(topic, frame, qos=1)
-        return max(0, len(frames) - max(0, req.start))
-
-    def _model_name_for_job(self, job_id: str) -> str:
-        target = self.registry.target_for_job(job_id)
-        if target is not None:
-            rec = self.registry.rollout(target.rollout_id)
-            if rec is not None:
-                return rec.model_name
-        for r in self.active():
-            return r.name
-        return ""
+        self.commands.send(state, actions)
