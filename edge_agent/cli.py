@@ -80,8 +80,9 @@ def register(subparsers: Any) -> None:
 
 
 def _agent(args: argparse.Namespace) -> Any:
-    from .agent import Agent
     from core.agent_config import load_config
+
+    from .agent import Agent
 
     return Agent(load_config(args.config))
 
@@ -89,9 +90,8 @@ def _agent(args: argparse.Namespace) -> Any:
 def _cmd_init(args: argparse.Namespace) -> int:
     import socket
 
-    from core.protocol import validate_device_id
-
     from core.agent_config import write_template
+    from core.protocol import validate_device_id
 
     device_id = args.device_id
     if device_id is None:
