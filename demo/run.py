@@ -178,7 +178,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             cooldown_s=3600.0, fine_tune_epochs=s["fine_tune_epochs"], fine_tune_lr=s["fine_tune_lr"],
             gate=GatePolicy(holdout_fraction=0.3, min_improvement=0.05, max_original_drop=0.01, min_holdout=20))
         plan = RolloutPlan(canary=1 / cfg.devices, waves=(0.5, 1.0), soak_s=s["soak_s"], max_failures=0.05,
-                           job_timeout_s=120.0)
+                           job_timeout_s=300.0)  # a 1 MB transfer over MQTT on a loaded 2-core machine took 80 s
         flags = _Flags()
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
