@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -125,10 +124,13 @@ def test_bring_your_own_model_bundle(exported_bundle, digits_loaded, tmp_path: P
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(digits_loaded.labels) + "\n")
     pre = digits_loaded.preprocessing
-    args = argparse.Namespace(model=exported_bundle.workdir / "onnx-int8-static.onnx", labels=labels, name="byom",
-                              version="0.1.0", size=list(pre.size), channels=pre.channels, mean=list(pre.mean),
-                              std=list(pre.std), baseline_dir=folder, sign=exported_bundle.private_key,
-                              out=tmp_path / "byom.elb", json=True)
+    from edgeloop.cli import build_parser
+
+    argv = ["bundle", "create", "--model", str(exported_bundle.workdir / "onnx-int8-static.onnx"), "--labels", str(labels),
+            "--name", "byom", "--version", "0.1.0", "--size", *map(str, pre.size), "--channels", str(pre.channels),
+            "--mean", *map(str, pre.mean), "--std", *map(str, pre.std), "--baseline-dir", str(folder),
+            "--sign", str(exported_bundle.private_key), "--out", str(tmp_path / "byom.elb"), "--json"]
+    args = build_parser().parse_args(argv)  # every flag's default, as the CLI gives them
     assert create_bundle(args) == 0
     m = open_bundle(tmp_path / "byom.elb", trusted_key=exported_bundle.public_key).manifest
     assert [v.id for v in m.variants] == ["onnx-int8-static"]
