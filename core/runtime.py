@@ -284,6 +284,9 @@ class OnnxBackend(Backend):
 # Ops that keep state in variable tensors between invocations.
 _STATEFUL_OPS = {"UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "UNIDIRECTIONAL_SEQUENCE_RNN",
                  "BIDIRECTIONAL_SEQUENCE_RNN", "LSTM", "SVDF", "VAR_HANDLE", "ASSIGN_VARIABLE", "READ_VARIABLE"}
+# Resource variables (tf.Variable, converted with an init subgraph run by CALL_ONCE): LiteRT's
+# reset_all_variables() does not touch them, only a fresh interpreter re-runs their initialisation.
+_RESOURCE_OPS = {"VAR_HANDLE", "ASSIGN_VARIABLE", "READ_VARIABLE"}
 
 
 def _tfl_spec(d: dict[str, Any]) -> TensorSpec:
@@ -328,9 +331,11 @@ class LiteRTBackend(Backend):
         self._shapes = {d["name"]: tuple(int(s) for s in d["shape"]) for d in self._in_details}
         try:
             ops = {o.get("op_name", "") for o in self._interp._get_ops_details()}
-        except Exception:  # noqa: BLE001 - old runtimes: assume stateful, reset is cheap
+        except Exception:  # noqa: BLE001 - old runtimes: assume stateful (reset = a fresh interpreter: slower, right)
             ops = {"VAR_HANDLE"}
         self.stateful = bool(ops & _STATEFUL_OPS)
+        self._resource_vars = bool(ops & _RESOURCE_OPS)
+        self._fresh_interpreter = lambda: mod.Interpreter(model_path=str(path), num_threads=int(threads), **extra)
 
     def _ordered_outputs(self) -> list[dict[str, Any]]:
         """Output details in signature order (output_0 = logits, output_1 = embedding).
@@ -351,8 +356,20 @@ class LiteRTBackend(Backend):
         return sorted(details, key=lambda d: _natural_key(d["name"]))
 
     def reset_state(self) -> None:
-        if self.stateful:
+        """Variable tensors (LSTM/SVDF state) in place; resource variables by a fresh interpreter.
+
+        The fresh interpreter has the model's own input shapes again; anything cached from
+        the old one must be refreshed here.
+        """
+        if not self.stateful:
+            return
+        if not self._resource_vars:
             self._interp.reset_all_variables()
+            return
+        interp = self._fresh_interpreter()
+        interp.allocate_tensors()
+        self._interp = interp
+        self._shapes = {d["name"]: tuple(int(s) for s in d["shape"]) for d in self._in_details}
 
     def _run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
