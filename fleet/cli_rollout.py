@@ -54,6 +54,8 @@ def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # t
                    "never serving it, e.g. 60s (docs/fleet.md)")
     p.add_argument("--timeout", default="5m", help="per-device job timeout (default 5m)")
     p.add_argument("--devices", default=None, help="comma-separated device ids (default: every online device)")
+    p.add_argument("--target", default=None, metavar="SELECTOR",
+                   help="devices by tag: group=cams-north (several: group=a,site=b; default: all)")
     p.add_argument("--delivery", choices=("auto", "http", "mqtt"), default=None)
     p.add_argument("--wait", action="store_true", help="drive the rollout from this process until it ends")
     add_json_flag(p)
@@ -83,7 +85,7 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def _summary(state: Any) -> dict[str, Any]:
     return {"rollout_id": state.rollout_id, "name": state.name, "version": state.version, "status": state.status,
             "phase": state.phase, "wave": state.wave, "waves": state.n_waves, "reason": state.reason,
-            "devices": state.counts()}
+            "target": state.target, "devices": state.counts()}
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
@@ -91,7 +93,9 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
 
     from core.signing import load_public_key
     from fleet.rollout_driver import plan_from_config
+    from fleet.rollout_state import parse_target
 
+    target = parse_target(args.target)  # a bad selector fails before anything is registered or sent
     cfg, driver, client = _open(args)
     try:
         if ":" in args.bundle and not Path(args.bundle).exists():
@@ -109,7 +113,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             max_failures=parse_share(args.max_failures) if args.max_failures else base.max_failures,
             shadow_s=parse_duration(args.shadow) if args.shadow else 0.0, shadow_every=cfg.rollout.shadow_every)
         devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
-        state = driver.start(name, version, plan, devices=devices)
+        state = driver.start(name, version, plan, devices=devices, target=target)
         if args.wait:
             state = driver.run_until_done(state.rollout_id, interval_s=0.5)
         data = _summary(state)

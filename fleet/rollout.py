@@ -54,6 +54,8 @@ from .rollout_state import (
     RolloutEvent,
     RolloutPlan,
     RolloutState,
+    TargetSelector,
+    parse_target,
     wave_sizes,
 )
 from .rollout_state import set_devices as _set_devices
@@ -73,6 +75,8 @@ __all__ = [
     "Rollback",
     "Action",
     "new_rollout",
+    "TargetSelector",
+    "parse_target",
     "wave_sizes",
     "advance",
     "unanswered",
@@ -91,10 +95,12 @@ __all__ = [
 
 
 def new_rollout(rollout_id: str, name: str, version: str, devices: Sequence[tuple[str, str | None]],
-                plan: RolloutPlan, *, now: float) -> RolloutState:
-    """A pending rollout of ``version`` over ``devices`` (``(device_id, current_version)``, in wave order)."""
+                plan: RolloutPlan, *, now: float, target: str = "all") -> RolloutState:
+    """A pending rollout of ``version`` over ``devices`` (``(device_id, current_version)``, in wave order);
+    ``target`` says how they were chosen (``all``, or a tag selector such as ``group=cams-north``)."""
     if not devices:
-        raise RolloutError(f"no device to roll {name} {version} out to",
+        where = "" if target == "all" else f" in target {target}"
+        raise RolloutError(f"no device{where} to roll {name} {version} out to",
                            hint="check `edgeloop fleet devices`: targets must be online and on another version")
     sizes = wave_sizes(len(devices), plan)
     progress, i = [], 0
@@ -103,7 +109,8 @@ def new_rollout(rollout_id: str, name: str, version: str, devices: Sequence[tupl
             progress.append(DeviceProgress(dev, wave, previous_version=current))
         i += size
     return RolloutState(rollout_id, name, version, plan, tuple(progress), created_at=now, n_waves=len(sizes),
-                        events=(RolloutEvent(now, "created", f"{len(devices)} devices in waves {sizes}"),))
+                        target=target, events=(RolloutEvent(now, "created", f"{len(devices)} devices "
+                                                            f"({target}) in waves {sizes}"),))
 
 
 

@@ -83,6 +83,11 @@ def plan_from_config(cfg: Any, *, job_timeout_s: float | None = None, shadow: bo
                           max_failures=cfg.max_failures, analysis=analysis_from_config(cfg), **extra)
 
 
+def _named(devices: Sequence[str]) -> str:
+    more = f" +{len(devices) - 5}" if len(devices) > 5 else ""
+    return f"devices {','.join(devices[:5])}{more}"
+
+
 class RolloutDriver:
     """Runs every active rollout of one registry.  Thread-safe (one lock around ticks)."""
 
@@ -117,12 +122,17 @@ class RolloutDriver:
 
     # ------------------------------------------------------------------ starting
     def start(self, name: str, version: str, plan: rm.RolloutPlan, *, devices: Sequence[str] | None = None,
-              rollout_id: str | None = None) -> rm.RolloutState:
+              rollout_id: str | None = None, target: str | rm.TargetSelector | None = None) -> rm.RolloutState:
         """Create a rollout of a registered, signed model version over ``devices``.
 
         Default targets: every online device running another version, sorted by id, so
-        the canary is deterministic.
+        the canary is deterministic; ``target`` (``group=cams-north``, see
+        :class:`fleet.rollout.TargetSelector`) keeps only the devices whose tags match.
         """
+        selector = target if isinstance(target, rm.TargetSelector) else rm.parse_target(target)
+        if devices is not None and not selector.everything:
+            raise RolloutError("name either devices or a target, not both",
+                               hint="--devices cam-01,cam-02 or --target group=cams-north")
         model = self.registry.model(name, version)
         if model is None or not model.bundle_path:
             raise RolloutError(f"model {name} {version} is not in the registry",
@@ -135,7 +145,7 @@ class RolloutDriver:
                                    hint="pause/abort it first", rollout=r.rollout_id)
         if devices is None:
             recs = [d for d in self.registry.devices(online=True) if d.model_version != version
-                    and (d.model_name in (None, name))]
+                    and (d.model_name in (None, name)) and selector.matches(d.tags, d.hardware)]
         else:
             recs = []
             for dev in devices:
@@ -145,13 +155,14 @@ class RolloutDriver:
                 recs.append(rec)
         now = self.clock()
         rid = rollout_id or f"ro-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{uuid.uuid4().hex[:6]}"
-        state = rm.new_rollout(rid, name, version, [(d.id, d.model_version) for d in recs], plan, now=now)
+        state = rm.new_rollout(rid, name, version, [(d.id, d.model_version) for d in recs], plan, now=now,
+                               target=str(selector) if devices is None else _named(devices))
         self.registry.create_rollout(rid, name, version, {d.device_id: d.wave for d in state.devices},
                                      state=state.to_dict(), status="pending")
         for d in state.devices:
             self.registry.update_targets(rid, [d.device_id], status="pending",
                                          previous_version=d.previous_version)
-        log.info("rollout %s of %s %s created: %d devices", rid, name, version, len(state.devices))
+        log.info("rollout %s of %s %s created: %d devices (%s)", rid, name, version, len(state.devices), state.target)
         return self.tick_one(rid)
 
     # ------------------------------------------------------------------ reading

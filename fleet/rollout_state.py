@@ -21,7 +21,7 @@ from .canary import CanaryPolicy
 
 __all__ = ["ROLLOUT_SCHEMA_VERSION", "TERMINAL", "FAILED", "MAY_RUN_NEW", "RolloutPlan", "wave_sizes",
            "DeviceProgress", "RolloutEvent", "JobOutcome", "Deploy", "Rollback", "Action", "RolloutState",
-           "with_event", "set_devices"]
+           "with_event", "set_devices", "TargetSelector", "parse_target"]
 
 ROLLOUT_SCHEMA_VERSION = 1
 TERMINAL = frozenset({"completed", "aborted", "rolled_back"})
@@ -57,6 +57,48 @@ class RolloutPlan:
             raise ConfigError("shadow must be >= 0 s, every n-th input >= 0", hint="e.g. shadow_s = 60")
         if not 0.0 <= self.max_failures < 1.0:
             raise ConfigError(f"max_failures {self.max_failures:g} must be a share in [0, 1)", hint="e.g. --max-failures 5%")
+
+
+@dataclass(frozen=True)
+class TargetSelector:
+    """Which devices a rollout targets: every device, or those whose tags match all ``pairs``.
+
+    ``group=cams-north`` selects the devices tagged ``group = "cams-north"``; several pairs
+    (``group=cams-north,site=a``) must all match.  A tag the fleet set (``tags``) wins over
+    the same key reported by the agent (``hardware``, e.g. ``group`` in its config).
+    """
+
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def everything(self) -> bool:
+        return not self.pairs
+
+    def matches(self, tags: Mapping[str, Any] | None, hardware: Mapping[str, Any] | None = None) -> bool:
+        tags, hardware = tags or {}, hardware or {}
+        for key, value in self.pairs:
+            have = tags.get(key, hardware.get(key))
+            if have is None or str(have) != value:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.pairs) if self.pairs else "all"
+
+
+def parse_target(text: str | None) -> TargetSelector:
+    """``None`` / ``""`` / ``"all"`` -> every device; ``"group=cams-north[,key=value...]"`` -> a tag selector."""
+    t = (text or "").strip()
+    if not t or t.lower() == "all":
+        return TargetSelector()
+    pairs = []
+    for part in (p.strip() for p in t.split(",")):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value or not key.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"bad rollout target {text!r}", hint="all, or tag selectors like group=cams-north")
+        pairs.append((key, value))
+    return TargetSelector(tuple(pairs))
 
 
 def wave_sizes(n: int, plan: RolloutPlan) -> list[int]:
@@ -165,6 +207,7 @@ class RolloutState:
     verdicts: tuple[dict[str, Any], ...] = ()  # every canary analysis (Verdict.to_dict + wave, ts)
     held: bool = False  # paused by on_inconclusive = "hold" (a resume accepts the wave)
     accepted_wave: int = -1  # a held wave an operator resumed: an inconclusive verdict passes
+    target: str = "all"  # the devices chosen: "all" or a tag selector (TargetSelector), shown by the dashboard
 
     @property
     def terminal(self) -> bool:

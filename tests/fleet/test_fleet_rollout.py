@@ -356,6 +356,39 @@ def test_driver_pause_resume_abort_and_mqtt_delivery(tmp_path) -> None:
         drv.start("m", "3", PLAN)
 
 
+def test_target_selects_devices_by_tag_and_is_kept_in_the_state(tmp_path) -> None:
+    from fleet.rollout import parse_target
+    from fleet.rollout_driver import RolloutDriver
+
+    reg = _fleet(tmp_path, n=4)
+    reg.upsert_device("cam1", tags={"group": "cams-north"})
+    reg.upsert_device("cam3", tags={"group": "cams-north", "site": "b"})
+    reg.upsert_device("cam2", tags={"group": "cams-south"})
+    pub = Recorder()
+    drv = RolloutDriver(reg, pub, delivery="mqtt", clock=Clock())
+    s = drv.start("m", "2", RolloutPlan(canary=0.5, waves=(1.0,), soak_s=5.0), target="group=cams-north",
+                  rollout_id="r-north")
+    assert sorted(d.device_id for d in s.devices) == ["cam1", "cam3"] and s.target == "group=cams-north"
+    assert "group=cams-north" in s.events[0].detail
+    assert drv.load("r-north").target == "group=cams-north"  # persisted with the state
+    assert {c.job_id.split("-")[-1] for c in pub.take()} <= {"cam1", "cam3"}
+    drv.abort("r-north")
+    # several pairs must all match; no match is a one-line error naming the target
+    assert [d.device_id for d in drv.start("m", "2", PLAN, target="group=cams-north,site=b").devices] == ["cam3"]
+    drv.abort(drv.active()[0].rollout_id)
+    with pytest.raises(RolloutError, match="group=nowhere"):
+        drv.start("m", "2", PLAN, target="group=nowhere")
+    with pytest.raises(RolloutError, match="not both"):
+        drv.start("m", "2", PLAN, target="group=cams-north", devices=["cam0"])
+    assert str(parse_target(None)) == "all" and parse_target("all").everything
+    for bad in ("group", "=x", "group=", "gr oup=x"):
+        with pytest.raises(ConfigError):
+            parse_target(bad)
+    # the agent may report its group itself (hardware); a fleet-set tag wins over it
+    sel = parse_target("group=a")
+    assert sel.matches({}, {"group": "a"}) and not sel.matches({"group": "b"}, {"group": "a"})
+
+
 def test_cli_parsers() -> None:
     import argparse
 
@@ -372,7 +405,8 @@ def test_cli_parsers() -> None:
     register_rollout(parser.add_subparsers())
     args = parser.parse_args(["rollout", "m-2.elb", "--canary", "10%", "--waves", "25,50,100", "--soak", "60s",
                               "--max-failures", "5%", "--json"])
-    assert args.canary == "10%" and args.json and args.func.__name__ == "_cmd_rollout"
+    assert args.canary == "10%" and args.json and args.func.__name__ == "_cmd_rollout" and args.target is None
+    assert parser.parse_args(["rollout", "m:2", "--target", "group=cams-north"]).target == "group=cams-north"
     assert parser.parse_args(["abort", "r1"]).verb == "abort"
 
 
