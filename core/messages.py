@@ -2,8 +2,8 @@
 
 Device -> fleet: :class:`DeviceState`, :class:`Telemetry` (with the shared latency
 histogram buckets), :class:`DriftReportMsg`, :class:`JobStatus`, :class:`Feedback`,
-:class:`BundleRequest`, :class:`InferenceResult`; fleet -> device: :class:`DeployCommand`,
-:class:`RollbackCommand`, :class:`Receipt`.  Each registers itself with
+:class:`BundleRequest`, :class:`InferenceResult`, :class:`LogLines`; fleet -> device:
+:class:`DeployCommand`, :class:`RollbackCommand`, :class:`Receipt`, :class:`LogsRequest`.  Each registers itself with
 :func:`core.codec.decode` by subclassing :class:`core.codec.Message`.  Re-exported by
 :mod:`core.protocol`.
 """
@@ -11,6 +11,7 @@ histogram buckets), :class:`DriftReportMsg`, :class:`JobStatus`, :class:`Feedbac
 from __future__ import annotations
 
 import math
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from .identifiers import validate_name
 
 __all__ = [
     "now", "DeviceState", "Telemetry", "DriftReportMsg", "InferenceResult", "JobStatus", "Feedback",
-    "DeployCommand", "RollbackCommand", "BundleRequest", "Receipt",
+    "DeployCommand", "RollbackCommand", "BundleRequest", "Receipt", "LogsRequest", "LogLines",
+    "LOG_LEVELS", "MAX_LOG_LINES_PER_MESSAGE", "MAX_LOG_MESSAGE_BYTES", "MAX_LOG_LINE_CHARS",
+    "MAX_LOG_LOGGER_CHARS", "MAX_LOG_REQUEST_LINES",
     "LATENCY_BUCKET_BASE_MS", "LATENCY_BUCKETS_PER_OCTAVE", "LATENCY_BUCKETS", "latency_bucket", "latency_bucket_ms",
 ]
 
@@ -291,3 +294,100 @@ class Receipt(Message):
     def _validate(self) -> None:
         if any(type(i) is not int or i < 0 for i in self.ids):
             raise ProtocolError("receipt ids must be non-negative integers")
+
+
+# --------------------------------------------------------------------------- remote logs
+# An operator reads a device's recent log lines without SSH: the fleet sends a LogsRequest
+# on cmd/logs, the agent answers from its in-memory ring (edge_agent.logring) with one or
+# more LogLines on its logs topic.  Every bound below is checked on both sides, so a
+# hostile device cannot make the fleet store more than these per message.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_LOG_LINES_PER_MESSAGE = 100
+MAX_LOG_MESSAGE_BYTES = 32 * 1024  # one encoded LogLines (the agent splits an answer to stay below)
+MAX_LOG_LINE_CHARS = 1000  # one line's text (the agent truncates longer ones)
+MAX_LOG_LOGGER_CHARS = 100
+MAX_LOG_REQUEST_LINES = 1000
+_LINE_KEYS = frozenset({"seq", "ts", "level", "logger", "msg"})
+_BOOT_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+
+
+def _check_level(level: str) -> None:
+    if level not in LOG_LEVELS:
+        raise ProtocolError(f"unknown log level {str(level)[:20]!r}", hint=f"one of {', '.join(LOG_LEVELS)}")
+
+
+@dataclass(frozen=True)
+class LogsRequest(Message):
+    """Asks a device for its recent log lines (``cmd/logs``).
+
+    ``boot`` and ``since_seq`` name the last line the fleet holds: the device answers with
+    the lines after it, or with everything it holds when ``boot`` is not its own (it
+    restarted, or the fleet holds nothing yet).  At most ``max_lines`` (the newest), at
+    ``min_level`` or above.  An agent that predates this command drops it as an unknown
+    topic: the fleet then gets no answer.
+    """
+
+    TYPE: ClassVar[str] = "logs-req"
+    request_id: str
+    since_seq: int = 0
+    boot: str | None = None
+    max_lines: int = 200
+    min_level: str = "DEBUG"
+    ts: float = field(default_factory=now)
+
+    def _validate(self) -> None:
+        validate_name(self.request_id, "request id")
+        _check_level(self.min_level)
+        if self.since_seq < 0:
+            raise ProtocolError("logs request since_seq must be >= 0")
+        if not 1 <= self.max_lines <= MAX_LOG_REQUEST_LINES:
+            raise ProtocolError(f"logs request max_lines {self.max_lines} is not in 1..{MAX_LOG_REQUEST_LINES}")
+        if self.boot is not None and not _BOOT_RE.fullmatch(self.boot):
+            raise ProtocolError("logs request boot must be 1-32 letters or digits")
+
+
+@dataclass(frozen=True)
+class LogLines(Message):
+    """Part of a device's answer to a :class:`LogsRequest` (on the device's ``logs`` topic).
+
+    ``lines`` are ``{"seq", "ts", "level", "logger", "msg"}`` objects in ``seq`` order;
+    ``seq`` counts the device's log records since ``boot`` (a random id per agent
+    process).  An answer too big for one message comes as several, each with at most
+    ``MAX_LOG_LINES_PER_MESSAGE`` lines and ``MAX_LOG_MESSAGE_BYTES`` bytes; ``more`` says
+    another follows.  ``dropped``: lines after ``since_seq`` the device no longer holds.
+    """
+
+    TYPE: ClassVar[str] = "logs"
+    device_id: str
+    request_id: str
+    boot: str
+    lines: tuple[dict[str, Any], ...] = ()
+    more: bool = False
+    dropped: int = 0
+    ts: float = field(default_factory=now)
+
+    def _validate(self) -> None:
+        validate_name(self.request_id, "request id")
+        if not _BOOT_RE.fullmatch(self.boot):
+            raise ProtocolError("log lines boot must be 1-32 letters or digits")
+        if self.dropped < 0:
+            raise ProtocolError("log lines dropped must be >= 0")
+        if len(self.lines) > MAX_LOG_LINES_PER_MESSAGE:
+            raise ProtocolError(f"{len(self.lines)} log lines in one message (at most {MAX_LOG_LINES_PER_MESSAGE})")
+        for line in self.lines:
+            _check_line(line)
+
+
+def _check_line(line: dict[str, Any]) -> None:
+    if line.keys() != _LINE_KEYS:
+        raise ProtocolError(f"a log line has the fields {sorted(line)[:8]}, not {sorted(_LINE_KEYS)}")
+    seq, ts, level, logger, msg = (line[k] for k in ("seq", "ts", "level", "logger", "msg"))
+    if type(seq) is not int or seq < 0:
+        raise ProtocolError("a log line's seq must be a non-negative integer")
+    if type(ts) not in (int, float) or not math.isfinite(ts):
+        raise ProtocolError("a log line's ts must be a finite number")
+    _check_level(level)
+    if type(logger) is not str or len(logger) > MAX_LOG_LOGGER_CHARS:
+        raise ProtocolError(f"a log line's logger must be a string of at most {MAX_LOG_LOGGER_CHARS} characters")
+    if type(msg) is not str or len(msg) > MAX_LOG_LINE_CHARS:
+        raise ProtocolError(f"a log line's msg must be a string of at most {MAX_LOG_LINE_CHARS} characters")

@@ -23,10 +23,12 @@ Topic scheme (``{p}`` = ``TopicScheme.prefix``, default ``edgeloop/v1``)::
     {p}/devices/{device}/feedback     device -> fleet  Feedback (true label for a sample)
     {p}/devices/{device}/bundle-req   device -> fleet  BundleRequest (MQTT delivery, resumable)
     {p}/devices/{device}/results      device -> any    InferenceResult of a continuous source (QoS 0, rate-limited)
+    {p}/devices/{device}/logs         device -> fleet  LogLines answering a LogsRequest (recent log lines)
     {p}/devices/{device}/cmd/deploy   fleet -> device  DeployCommand
     {p}/devices/{device}/cmd/rollback fleet -> device  RollbackCommand
     {p}/devices/{device}/cmd/bundle   fleet -> device  Chunk frames of a bundle
     {p}/devices/{device}/cmd/receipt  fleet -> device  Receipt: outbox ids the fleet has committed
+    {p}/devices/{device}/cmd/logs     fleet -> device  LogsRequest: send me your recent log lines
     {p}/feedback                      operator -> fleet Feedback
 
 A device may publish only under ``{p}/devices/{its id}/`` (not ``cmd/``) and read only
@@ -69,6 +71,12 @@ from .messages import (
     LATENCY_BUCKET_BASE_MS,
     LATENCY_BUCKETS,
     LATENCY_BUCKETS_PER_OCTAVE,
+    LOG_LEVELS,
+    MAX_LOG_LINE_CHARS,
+    MAX_LOG_LINES_PER_MESSAGE,
+    MAX_LOG_LOGGER_CHARS,
+    MAX_LOG_MESSAGE_BYTES,
+    MAX_LOG_REQUEST_LINES,
     BundleRequest,
     DeployCommand,
     DeviceState,
@@ -76,6 +84,8 @@ from .messages import (
     Feedback,
     InferenceResult,
     JobStatus,
+    LogLines,
+    LogsRequest,
     Receipt,
     RollbackCommand,
     Telemetry,
@@ -93,6 +103,9 @@ __all__ = [
     "wants_receipt", "decode", "decode_as", "parse_json", "validate_name", "MAX_MESSAGE_BYTES", "MAX_JSON_DEPTH",
     "validate_topic_prefix", "MqttVersion", "MQTT_VERSIONS", "MQTT_VERSION_ALIASES",
     "LATENCY_BUCKET_BASE_MS", "LATENCY_BUCKETS_PER_OCTAVE", "LATENCY_BUCKETS", "latency_bucket", "latency_bucket_ms",
+    # remote logs
+    "LogsRequest", "LogLines", "LOG_LEVELS", "MAX_LOG_LINES_PER_MESSAGE", "MAX_LOG_MESSAGE_BYTES",
+    "MAX_LOG_LINE_CHARS", "MAX_LOG_LOGGER_CHARS", "MAX_LOG_REQUEST_LINES",
     # chunk framing (core.chunks)
     "CHUNK_MAGIC", "Frame", "Completed", "Dropped", "Reassembler", "split", "parse_frame", "is_frame",
     "OverBudgetError",
@@ -112,8 +125,8 @@ SAMPLES_KIND = "samples"
 BUNDLE_KIND = "bundle"
 
 # device -> fleet kinds, and fleet -> device command kinds
-DEVICE_KINDS = ("state", "telemetry", "drift", "samples", "jobs", "feedback", "bundle-req", "results")
-COMMAND_KINDS = ("deploy", "rollback", "bundle", "receipt")
+DEVICE_KINDS = ("state", "telemetry", "drift", "samples", "jobs", "feedback", "bundle-req", "results", "logs")
+COMMAND_KINDS = ("deploy", "rollback", "bundle", "receipt", "logs")
 
 # End-to-end delivery (``docs/protocol.md``, "Receipts"): a device tags every publish of
 # these kinds with the MQTT 5 user property ``RECEIPT_PROPERTY`` = its outbox id (decimal),
@@ -202,6 +215,8 @@ _ROUTES: dict[str, Route] = {
     Telemetry.TYPE: Route("telemetry", PRIORITY_REPORT, False),
     Feedback.TYPE: Route("feedback", PRIORITY_REPORT, False),
     InferenceResult.TYPE: Route("results", PRIORITY_REPORT, False),  # published directly, QoS 0 (not the outbox)
+    # An answer the operator waits for; not receipted (a lost one is asked for again).
+    LogLines.TYPE: Route("logs", PRIORITY_REPORT, False),
 }
 
 

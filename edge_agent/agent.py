@@ -30,12 +30,14 @@ from typing import Any
 from core.agent_config import AgentConfig
 from core.drift import DriftReport
 from core.errors import EdgeloopError, QueueError
-from core.protocol import DeviceState, JobStatus, Message, Telemetry, TopicScheme, route
+from core.protocol import DeviceState, JobStatus, LogsRequest, Message, Telemetry, TopicScheme, route
 
 from . import sdnotify
 from .deploy import CommandWorker
 from .inference import FolderSource, InferencePipeline, LoadedModel, Prediction
 from .jobs import JobLog
+from .logring import LogRing
+from .logring import install as install_log_ring
 from .outbox import Outbox
 from .reports import DriftReporter
 from .select import VariantChoice
@@ -160,6 +162,7 @@ class Agent:
         self.stream: Any = None  # edge_agent.pipeline.StreamPipeline while `agent run` has sources
         self.results: Any = None  # edge_agent.sinks.ResultHub behind GET /results/*
         self.worker: CommandWorker | None = None  # runs fleet commands (deploy, rollback)
+        self.logring: LogRing | None = None  # the process's recent log lines, for cmd/logs
         self._telemetry_seq = 0
         self._sampler = ProcessSampler()
 
@@ -181,9 +184,12 @@ class Agent:
         else:
             self.updates.load_serving()
         self.worker = CommandWorker(self.updates, self.job_log, self.send, device_id=self.device_id)
+        self.logring = install_log_ring()
         if connect and self.config.broker.enabled:
+            self.logring.add_secret(self.config.broker_password())  # never in a line the fleet reads
             self.link = _make_link(self.config, self.outbox, self.topics, self.worker.on_command,
                                    self.device_state(online=True))
+            self.link.commands.on_logs = self._answer_logs
             self.link.start()
         if serve_http if serve_http is not None else self.config.http.enabled:
             from .http import serve
@@ -272,6 +278,12 @@ class Agent:
             self.outbox.put(self.topics.device(self.device_id, r.kind), msg.encode(), r.priority, 1, retain=r.retain)
         except QueueError as exc:
             log.error("outbox refused a %s message: %s", msg.TYPE, exc)
+
+    def _answer_logs(self, req: LogsRequest) -> None:
+        """``cmd/logs``: the ring's lines after the fleet's last one, as LogLines on the logs topic."""
+        if self.logring is not None:
+            for msg in self.logring.answer(self.device_id, req):
+                self.send(msg)
 
     def device_state(self, *, online: bool = True) -> DeviceState:
         model = self.pipeline.model

@@ -5,6 +5,10 @@ Nothing a message carries may end that thread -- a device whose command thread d
 healthy but never takes a deploy or rollback again -- so every decoding failure
 (``ProtocolError``, and whatever else hostile bytes may raise) is logged and counted, and
 a failing handler is logged.
+
+A :class:`~core.protocol.LogsRequest` (``cmd/logs``) goes to ``on_logs`` instead of
+``on_command``: answering it takes milliseconds and needs none of the update machinery.
+With no ``on_logs`` set it is dropped, as an agent from before remote logs does.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ class CommandInbox:
     """The command queue and thread body of one device's link."""
 
     def __init__(self, device_id: str, topics: proto.TopicScheme,
-                 on_command: Callable[[Command], None] | None = None, *, maxsize: int = 256) -> None:
+                 on_command: Callable[[Command], None] | None = None, *, maxsize: int = 256,
+                 on_logs: Callable[[proto.LogsRequest], None] | None = None) -> None:
         self.device_id = device_id
         self.topics = topics
         self.on_command = on_command
+        self.on_logs = on_logs  # the agent sets it after building the link (edge_agent.agent)
         self.rejected = 0  # malformed commands (and receipts) dropped, and commands dropped for a full queue
         self._lock = threading.Lock()  # the command and the sender thread both count
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
@@ -73,20 +79,24 @@ class CommandInbox:
             except Exception as exc:  # ProtocolError, and whatever else hostile bytes may raise
                 self.reject(msg.topic, exc)
                 continue
-            if self.on_command is None:
+            handler: Callable[[Any], None] | None = (
+                self.on_logs if isinstance(cmd, proto.LogsRequest) else self.on_command)
+            if handler is None:
                 continue
             try:
-                self.on_command(cmd)
+                handler(cmd)
             except Exception:  # the link must outlive a failing handler
                 log.exception("command handler failed on %s", msg.topic)
 
-    def decode(self, topic: str, payload: bytes) -> Command:
+    def decode(self, topic: str, payload: bytes) -> Command | proto.LogsRequest:
         """A command's topic and payload -> the command; :class:`ProtocolError` if malformed."""
         device, kind = self.topics.parse(topic)
         if device != self.device_id:
             raise ProtocolError(f"command for {device} reached {self.device_id}")
         if kind == "cmd/bundle":
             return proto.parse_frame(payload)
+        if kind == "cmd/logs":
+            return proto.decode_as(payload, proto.LogsRequest)
         expected = {"cmd/deploy": proto.DeployCommand, "cmd/rollback": proto.RollbackCommand}.get(kind)
         if expected is None:  # cmd/receipt: applied by the sender thread, never handed to on_command
             raise ProtocolError(f"{kind} is not a command for on_command")
