@@ -109,8 +109,10 @@ def _reference(ref: DriftFeatures, k: int, class_prior: np.ndarray | None, grid:
     if e is not None:
         e = np.asarray(e, dtype=np.float32).astype(np.float64)
         gamma = _gamma(e, pred)
+        d2 = st.sq_distances(e, e)
+        np.fill_diagonal(d2, np.inf)  # leave-one-out: what a new sample's k-NN distance to the reference looks like
         kw.update(emb_ref=e.astype(np.float32), ref_class=pred, gamma=gamma, knn_scale=np.ones(k),
-                  class_kernel=_class_kernel(e, pred, k, gamma))
+                  class_kernel=_class_kernel(e, pred, k, gamma), knn_ref=st.knn_distance(d2, knn_k))
     if ref.outputs is not None:
         o = np.asarray(ref.outputs, dtype=np.float32).astype(np.float64)
         kw.update(out_ref=np.sort(o, axis=0), out_mean=o.mean(axis=0),
@@ -162,42 +164,50 @@ def calibrate(ref: DriftFeatures, cal: DriftFeatures, *, windows: int | Sequence
         f = dataclasses.replace(f, knn=f.knn / scale[f.pred])
     kernel = np.exp(-b.gamma * st.sq_distances(f.emb, f.emb)) if f.emb is not None else None
     rng = np.random.default_rng(seed)
-    nulls, combined, groups = [], [], []
+    nulls, combined, groups, spread_draws = [], [], [], []
+    n_spread = max(_OUTER * 10, n_boot // 2)
     for w in ok:
         group_of = st.merge_small_classes(b.class_prior * w) if b.class_prior is not None else None
         groups.append(group_of)
 
         def draw(n: int, group: int, w: int = w, group_of: np.ndarray | None = group_of) -> np.ndarray:
-            # n windows; each run of `group` consecutive windows shares one resample of the calibration set
-            out, chunk = [], max(group, (20000 // w) // group * group)
+            # n windows of w calibration samples drawn with replacement (i.i.d. from the calibration set, as
+            # a stream draws from the population); group > 0: each run of `group` consecutive windows first
+            # resamples the calibration set (only to measure how much another calibration set would move
+            # the realised rates -- thresholds never come from those windows, whose spread is inflated)
+            out, chunk = [], max(group, (20000 // w) // max(group, 1) * max(group, 1))
             for start in range(0, n, chunk):
                 nb = min(n - start, chunk)
-                pops = rng.integers(0, cal.n, size=(-(-nb // group), cal.n))
-                idx = pops[np.arange(nb)[:, None] // group, rng.integers(0, cal.n, size=(nb, w))]
+                if group:
+                    pops = rng.integers(0, cal.n, size=(-(-nb // group), cal.n))
+                    idx = pops[np.arange(nb)[:, None] // group, rng.integers(0, cal.n, size=(nb, w))]
+                else:
+                    idx = rng.integers(0, cal.n, size=(nb, w))
                 out.append(_window_stats(b, f, idx, tests, group_of, pair_mask=idx[:, :, None] != idx[:, None, :],
                                          kernel=kernel))
             return np.concatenate(out)
 
-        null = np.sort(draw(n_boot, 1), axis=0)  # a fresh calibration resample per window
+        null = np.sort(draw(n_boot, 0), axis=0)
         nulls.append(null)
-        per = -(-n_boot // _OUTER)
-        comb = combine(null, draw(per * _OUTER, per), tests)  # grouped by calibration resample
-        combined.append(comb)
-    comb_all = np.stack(combined)  # (nw, n2, 2), grouped by outer resample
-    b = dataclasses.replace(b, null=np.stack(nulls), combined=np.sort(comb_all, axis=1).transpose(0, 2, 1),
+        combined.append(combine(null, draw(n_boot, 0), tests))  # an independent bootstrap: the thresholds
+        per = -(-n_spread // _OUTER)
+        spread_draws.append(combine(null, draw(per * _OUTER, per), tests))  # grouped by calibration resample
+    comb_all = np.sort(np.stack(combined), axis=1).transpose(0, 2, 1)  # (nw, 2, n_boot)
+    b = dataclasses.replace(b, null=np.stack(nulls), combined=comb_all,
                             class_groups=None if b.class_prior is None else np.stack(groups))
-    object.__setattr__(b, "_spread", _spread(b, comb_all))
+    object.__setattr__(b, "_spread", _spread(b, np.stack(spread_draws)))
     return b
 
 
 def calibrate_heldout(held: DriftFeatures, *, seed: int = 0, **kw: Any) -> Baseline:
-    """``calibrate`` on one held-out set, split at random into equal reference and calibration halves.
+    """``calibrate`` on one held-out set, split at random into a reference third and a calibration
+    two thirds (``min_calibration``: a window needs W reference and 2 W calibration images).
 
     What the export and ``bundle create --baseline-dir`` use; ``kw`` go to ``calibrate``.
-    Window sizes the halves are too small for are skipped (see ``Baseline.skipped``).
+    Window sizes the parts are too small for are skipped (see ``Baseline.skipped``).
     """
     order = np.random.default_rng(seed).permutation(held.n)
-    half = held.n // 2
+    half = max(10, held.n // 3)
 
     def part(idx: np.ndarray) -> DriftFeatures:
         return DriftFeatures(**{k: np.asarray(v)[idx] for k, v in held.fields().items()})
@@ -212,7 +222,7 @@ def _spread(b: Baseline, comb: np.ndarray) -> np.ndarray:
     for i in range(len(b.windows)):
         per = comb[i].reshape(_OUTER, -1, 2)
         for g, rate in enumerate((b.input_budget, p_flag)):
-            thr = np.quantile(comb[i][:, g], 1.0 - rate)
+            thr = np.quantile(b.combined[i, g], 1.0 - rate)
             r = (per[:, :, g] > thr).mean(axis=1)
             between = r.var() - rate * (1.0 - rate) / per.shape[1]
             out[i, g] = float(np.sqrt(max(between, 0.0)))

@@ -295,7 +295,7 @@ def drift_baseline(task: Any, files: list[Path], *, seed: int = 0) -> tuple[byte
 
     try:
         from core.drift import DriftMonitor
-        from core.drift_calibrate import calibrate
+        from core.drift_calibrate import calibrate_heldout
         from core.drift_features import DriftFeatures
     except ImportError as exc:
         return None, f"no drift baseline: this edgeloop cannot calibrate {task.kind} drift ({exc.name})"
@@ -305,13 +305,9 @@ def drift_baseline(task: Any, files: list[Path], *, seed: int = 0) -> tuple[byte
         outs = task.run(p)
         feats.append(task.drift_features(p, outs, task.decode(outs, p)))
     fields = feats[0].kinds
-    stacked = {k: np.concatenate([getattr(f, k) for f in feats]) for k in fields}
-    order = np.random.default_rng(seed).permutation(len(files))
-    half = len(order) // 2
-    ref = DriftFeatures(**{k: v[order[:half]] for k, v in stacked.items()})
-    cal = DriftFeatures(**{k: v[order[half:]] for k, v in stacked.items()})
+    held = DriftFeatures(**{k: np.concatenate([getattr(f, k) for f in feats]) for k in fields})
     try:
-        baseline = calibrate(ref, cal)
+        baseline = calibrate_heldout(held, seed=seed)
         monitor = DriftMonitor(baseline)
         monitor.update(feats[0])  # the agent will feed exactly this
     except EdgeloopError as exc:

@@ -119,7 +119,8 @@ def test_bring_your_own_model_bundle(exported_bundle, digits_loaded, tmp_path: P
     images, _ = digits_loaded.images("val")
     folder = tmp_path / "samples"
     folder.mkdir()
-    for i, img in enumerate(images[:40]):
+    assert len(images) >= 80, "the digits validation split is the held-out set the drift baseline needs"
+    for i, img in enumerate(images[:80]):  # W = 25 needs 25 reference + 50 calibration images
         np.save(folder / f"{i}.npy", img)
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(digits_loaded.labels) + "\n")
