@@ -6,6 +6,7 @@
     edgeloop fleet provision DEVICE [--out DIR] [--owner USER]
     edgeloop fleet keys trust PUB | list; edgeloop fleet model add BUNDLE   (fleet.cli_setup)
     edgeloop fleet label import CSV | export CSV | teacher BUNDLE --threshold 0.9
+    edgeloop fleet logs DEVICE [--lines N] [--level LEVEL] [--follow]   (fleet.cli_logs)
 
 Reporting commands read the database directly (SQLite in WAL mode lets them read
 while ``serve`` writes).  ``rollout``/``pause``/``resume``/``abort`` come from
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.cliutil import add_json_flag, emit
 from core.progress import is_quiet
+from fleet.cli_logs import register_logs
 from fleet.cli_rollout import register_rollout
 from fleet.cli_setup import register_setup
 from fleet.cliargs import add_config, fleet_config
@@ -107,6 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=_cmd_label_teacher)
 
     register_rollout(sub)
+    register_logs(sub)  # logs DEVICE [--lines N] [--level L] [--follow]
 
 
 # --------------------------------------------------------------------------- handlers

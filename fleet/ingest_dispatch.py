@@ -3,7 +3,9 @@
 :class:`IngestDispatch` turns one raw ``(topic, payload)`` into its message, checks it
 against its topic and the sender's rules (:mod:`fleet.ingest_guard`), and files it into the
 writer's :class:`~fleet.registry.IngestBatch` by kind: sample frames to the reassembler,
-device feedback to its own transaction after the batch, everything else into the batch.
+device feedback to its own transaction after the batch, log lines (remote logs, rare: an
+operator asked) straight to their bounded store (:mod:`fleet.remote_logs`), everything
+else into the batch.
 A malformed or refused message is counted and logged (never fatal) and, when it will never
 be accepted, receipted so the device stops sending it.  Writer thread only.
 """
@@ -33,6 +35,8 @@ from .ingest_guard import Budgets, Counters, SenderChecks, refused
 from .ingest_samples import Ack, SampleIntake
 from .receipts import ReceiptBook
 from .registry import IngestBatch
+from .remote_logs import LogIntake
+from .repos.logs import LogRepo
 
 __all__ = ["IngestDispatch", "Raw"]
 
@@ -52,7 +56,8 @@ class IngestDispatch:
     """Decodes a batch's raw messages into an :class:`IngestBatch`; counts into the service's stats."""
 
     def __init__(self, topics: TopicScheme, budgets: Budgets, checks: SenderChecks, samples: SampleIntake,
-                 stats: Any, guard_counters: Counters, receipts: ReceiptBook) -> None:
+                 stats: Any, guard_counters: Counters, receipts: ReceiptBook, *,
+                 logs: LogIntake | None = None) -> None:
         self.topics = topics
         self.budgets = budgets
         self.checks = checks
@@ -60,6 +65,7 @@ class IngestDispatch:
         self.stats = stats
         self.guard_counters = guard_counters
         self.receipts = receipts
+        self.logs = logs or LogIntake(LogRepo.of(checks.registry), checks)
         # this batch's device feedback, written after the batch: (device id, feedback, receipt)
         self.device_labels: list[tuple[str, Feedback, Ack | None]] = []
 
@@ -110,6 +116,8 @@ class IngestDispatch:
             return None
         if len(payload) > b.max_message_bytes:
             raise refused("message_size", f"{len(payload)}-byte {kind} message (limit {b.max_message_bytes})")
+        if kind == "logs":
+            return self._log_lines(device_id, payload, received, batch)
         msg = decode(payload)
         expected = _KIND_TYPES.get(kind)
         if expected is None or not isinstance(msg, expected):
@@ -141,6 +149,18 @@ class IngestDispatch:
             batch.drift.append((msg, received))
         elif isinstance(msg, JobStatus):
             batch.jobs.append((msg, received))
+        return msg
+
+    def _log_lines(self, device_id: str, payload: bytes, received: float, batch: IngestBatch) -> Message:
+        """A device's answer to a logs request: checked (size, rate, sender), stored at once."""
+        msg = self.logs.check(device_id, payload)
+        batch.seen[device_id] = received
+        try:
+            self.logs.store(msg, received)
+        except Exception as exc:  # noqa: BLE001 - not malformed: the database failed; the operator asks again
+            self.stats.db_errors += 1
+            self.stats.last_error = f"database: {exc}"
+            log.warning("log lines of %s not stored: %s", device_id, exc)
         return msg
 
     def on_malformed(self, topic: str, exc: BaseException, oid: int | None = None) -> None:

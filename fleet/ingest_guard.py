@@ -14,7 +14,11 @@ message refers to is that device's own:
   of them), never overwrites an operator's label, must be one of the class names of the
   sample's model, and its ``source`` is always ``device`` — a device claiming to be an
   operator or a teacher is refused;
-* a **sample** must not name another device (payload) or take another device's sample id.
+* a **sample** must not name another device (payload) or take another device's sample id;
+* **log lines** (remote logs, :mod:`fleet.remote_logs`) must be the device's own, within
+  ``log_message_bytes`` a message, at most ``log_messages_burst`` messages, then
+  ``log_messages_per_s`` a second (an answer is a few messages; the store keeps a bounded
+  number of lines per device whatever arrives).
 
 Every refusal is counted per rule (and per device, for the top offenders) in
 :class:`Counters`, which ``/metrics`` and the dashboard show.  A refusal raises
@@ -66,6 +70,8 @@ RULES: dict[str, str] = {
     "job_foreign": "a job status for another device's job",
     "bundle_request_foreign": "a bundle request for a job or version that is not the device's",
     "bundle_request_rate": "bundle requests over the per-device rate",
+    "logs_size": "a log lines message over its size limit",
+    "logs_rate": "log lines messages over the per-device rate",
 }
 
 
@@ -84,6 +90,9 @@ class Budgets:
     bundle_request_interval_s: float = 10.0  # the agent asks again at most every 5 s while chunks stop coming
     max_image_side: int = 4096
     max_image_pixels: int = 4096 * 4096
+    log_message_bytes: int = 40 * 1024  # one LogLines (the agent keeps each below 32 KiB)
+    log_messages_burst: int = 40  # a full answer (1000 lines) is at most ~20 messages
+    log_messages_per_s: float = 1.0
 
 
 def refused(rule: str, message: str, *, retry: bool = False, **context: Any) -> ProtocolError:
@@ -145,6 +154,7 @@ class SenderChecks:
         self._versions: OrderedDict[str, str] = OrderedDict()  # rollout id -> version
         self._labels: OrderedDict[tuple[str, str], frozenset[str] | None] = OrderedDict()
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._log_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     # ------------------------------------------------------------------ jobs
     def _job(self, job_id: str) -> tuple[str, str] | None:
@@ -185,6 +195,21 @@ class SenderChecks:
         if not bucket.try_take():
             raise refused("bundle_request_rate", f"{device_id} asks for bundles faster than one every "
                                                  f"{self.budgets.bundle_request_interval_s:g} s")
+
+    # ------------------------------------------------------------------ remote logs
+    def check_log_lines(self, device_id: str, size: int) -> None:
+        """A LogLines message of ``size`` bytes from ``device_id``: within its size and rate (before decoding)."""
+        b = self.budgets
+        if size > b.log_message_bytes:
+            raise refused("logs_size", f"{size}-byte log lines message (limit {b.log_message_bytes})")
+        bucket = self._log_buckets.get(device_id)
+        if bucket is None:
+            bucket = self._log_buckets[device_id] = TokenBucket(b.log_messages_per_s, b.log_messages_burst,
+                                                                clock=self._clock)
+            _trim(self._log_buckets, 50_000)
+        if not bucket.try_take():
+            raise refused("logs_rate", f"{device_id} sends log lines faster than {b.log_messages_per_s:g} "
+                                       "messages a second")
 
     # ------------------------------------------------------------------ labels
     @staticmethod

@@ -9,6 +9,7 @@
     registry.models      models.py       signed model versions, lineage, verdicts
     registry.rollouts    rollouts.py     staged rollouts and their per-device targets
     registry.credentials credentials.py  MQTT users the fleet issued
+    LogRepo.of(registry) logs.py         devices' recent log lines (remote logs), bounded per device
 
 Every method is one short transaction returning frozen records (:mod:`.records`);
 ingestion's batched writes are :meth:`fleet.registry.Registry.apply`.
@@ -22,6 +23,7 @@ from .devices import DeviceRepo
 from .drift import DriftBucket, DriftRepo
 from .jobs import JobRepo
 from .labels import LabelRepo
+from .logs import LogLineRecord, LogRepo
 from .models import ModelRepo, file_sha256
 from .rollouts import RolloutRepo
 from .samples import SampleRepo
@@ -30,5 +32,5 @@ from .telemetry import TelemetryRepo
 
 __all__ = [
     "Page", "Repository", "CredentialRepo", "DeviceRepo", "DriftBucket", "DriftRepo", "JobRepo", "LabelRepo",
-    "ModelRepo", "RolloutRepo", "SampleRepo", "TelemetryRepo", "file_sha256", "fleet_status",
+    "LogLineRecord", "LogRepo", "ModelRepo", "RolloutRepo", "SampleRepo", "TelemetryRepo", "file_sha256", "fleet_status",
 ]
