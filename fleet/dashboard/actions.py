@@ -1,4 +1,5 @@
-"""What an operator can do from the dashboard: label samples, start and steer rollouts.
+"""What an operator can do from the dashboard: label samples, register models, tag devices,
+start and steer rollouts.
 
 Each action is a plain function over :class:`~fleet.dashboard.data.DashContext` that
 calls the registry or the rollout driver (:class:`fleet.rollout_driver.RolloutDriver`)
@@ -10,13 +11,19 @@ a hint, which the routes show as a flash message (HTML) or a 4xx body (JSON).
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError, FleetError, RolloutError
+from core.errors import ConfigError, EdgeloopError, FleetError, RolloutError
 
 from .data import DashContext, class_names, model_labels, parse_shares
 
-__all__ = ["label_sample", "start_rollout", "rollout_command", "ROLLOUT_VERBS", "parse_duration"]
+__all__ = ["label_sample", "start_rollout", "rollout_command", "ROLLOUT_VERBS", "parse_duration", "upload_model",
+           "set_device_group", "MAX_UPLOAD_BYTES"]
+
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # a bundle of a few models; the body is read into memory
 
 ROLLOUT_VERBS = ("pause", "resume", "abort", "rollback")
 
@@ -53,10 +60,54 @@ def _require_driver(ctx: DashContext) -> Any:
     return driver
 
 
+def upload_model(ctx: DashContext, data: bytes, filename: str = "upload.elb") -> dict[str, Any]:
+    """Register an uploaded bundle exactly as ``edgeloop fleet model add`` does (:func:`fleet.setup.add_model`):
+    verified against the fleet's trusted keys, stored signed by the fleet.  Nothing is stored when it fails."""
+    from ..setup import add_model
+
+    cfg = ctx.config
+    if cfg is None:
+        raise FleetError("this dashboard does not know the fleet's config (trusted keys, bundle store)",
+                         hint="use the dashboard served by `edgeloop fleet serve`, or `edgeloop fleet model add`")
+    if not data:
+        raise FleetError("no bundle uploaded", hint="choose a signed .elb file (edgeloop bundle create --sign)")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise FleetError(f"bundle {filename} is larger than {MAX_UPLOAD_BYTES >> 20} MB",
+                         hint="register it with `edgeloop fleet model add` on the fleet host")
+    cfg.bundles_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".elb", dir=cfg.bundles_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        try:
+            rec = add_model(cfg, ctx.registry, Path(tmp))
+        except EdgeloopError as exc:  # name the file the operator chose, not our temporary copy
+            text = exc.message.replace(str(Path(tmp).resolve()), filename).replace(tmp, filename)
+            raise FleetError(f"bundle not registered: {text}", hint=exc.hint) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return {"name": rec.name, "version": rec.version, "status": rec.status, "signed_by": rec.signed_by,
+            "sha256": rec.sha256, "message": f"registered {rec.name} {rec.version} from {filename}"}
+
+
+def set_device_group(ctx: DashContext, device_id: str, group: str) -> dict[str, Any]:
+    """Set (or, with an empty ``group``, clear) a device's ``group`` tag: rollouts target it (``group=...``)."""
+    if ctx.registry.devices.get(device_id) is None:
+        raise FleetError(f"no device {device_id}", device_id=device_id, hint="see the devices page")
+    group = group.strip()
+    if len(group) > 64 or not all(c.isalnum() or c in "-_." for c in group):
+        raise ConfigError(f"group {group!r} is not a plain name", hint="letters, digits, - _ . (e.g. cams-north)")
+    ctx.registry.devices.upsert(device_id, tags={"group": group or None})
+    return {"device_id": device_id, "group": group or None,
+            "message": f"{device_id}: group {group}" if group else f"{device_id}: no group"}
+
+
 def start_rollout(ctx: DashContext, name: str, version: str, *, canary: str = "10%", waves: str = "25,50,100",
-                  soak: str = "60s", max_failures: str = "5%", job_timeout: str | None = None) -> dict[str, Any]:
-    """Start a staged rollout of a registered version (same rules as ``edgeloop fleet rollout``)."""
-    from ..rollout import RolloutPlan
+                  soak: str = "60s", max_failures: str = "5%", job_timeout: str | None = None,
+                  target: str | None = None) -> dict[str, Any]:
+    """Start a staged rollout of a registered version (same rules as ``edgeloop fleet rollout``);
+    ``target``: all devices, or a tag selector such as ``group=cams-north``."""
+    from ..rollout import RolloutPlan, parse_target
     from ..rollout_driver import analysis_from_config
 
     driver = _require_driver(ctx)
@@ -68,8 +119,9 @@ def start_rollout(ctx: DashContext, name: str, version: str, *, canary: str = "1
                            analysis=analysis_from_config(ctx.rollout_defaults), **extra)
     except ValueError as exc:
         raise ConfigError(f"bad rollout settings: {exc}", hint="canary 10%, waves 25,50,100, soak 60s") from exc
-    state = driver.start(name, version, plan)
+    state = driver.start(name, version, plan, target=parse_target(target))
     return {"rollout_id": state.rollout_id, "status": state.status, "devices": len(state.devices),
+            "target": state.target,
             "n_waves": state.n_waves, "plan": dataclasses.asdict(plan)}
 
 

@@ -19,6 +19,8 @@ PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#d
 def _fmt(v: float) -> str:
     if v == 0:
         return "0"
+    if float(v).is_integer():  # counts read as counts: 8, not 8.0
+        return f"{int(v)}"
     if abs(v) >= 100:
         return f"{v:.0f}"
     if abs(v) >= 1:

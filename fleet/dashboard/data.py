@@ -22,13 +22,16 @@ from ..config import FleetConfig, RolloutConfig
 from ..policy import RetrainPolicyConfig
 from ..registry import ACTIVE_ROLLOUT_STATUSES, Registry
 from ..repos import Page
+from .present import gate_rows, human_bytes
 
 if TYPE_CHECKING:
     from ..rollout_driver import RolloutDriver
 
 __all__ = ["DashContext", "overview", "devices_page", "device_detail", "drift_overview", "labelling",
            "models_page", "rollouts_page", "rollout_detail", "samples_page", "class_names", "model_labels",
-           "device_group"]
+           "device_group", "NO_GROUP"]
+
+NO_GROUP = "—"
 
 
 @dataclass
@@ -43,6 +46,7 @@ class DashContext:
     rollout_defaults: RolloutConfig = field(default_factory=RolloutConfig)
     model_name: str | None = None
     page_size: int = 50
+    config: FleetConfig | None = None  # the fleet's config: trusted keys and bundle store for model uploads
 
     @classmethod
     def for_fleet(cls, cfg: FleetConfig, registry: Registry, *, driver: RolloutDriver | None = None,
@@ -52,7 +56,7 @@ class DashContext:
 
         return cls(registry=registry, samples_dir=samples_dir or cfg.samples_dir, driver=driver,
                    policy=policy_from_fleet_config(cfg), rollout_defaults=cfg.rollout, model_name=cfg.model_name,
-                   page_size=page_size or cfg.dashboard.page_size)
+                   page_size=page_size or cfg.dashboard.page_size, config=cfg)
 
     def get_driver(self) -> RolloutDriver | None:
         """The rollout driver, or None when this dashboard cannot reach devices."""
@@ -64,13 +68,11 @@ def _asdict(rec: Any) -> dict[str, Any]:
 
 
 def device_group(dev: Any) -> str:
-    """A device's group for the drift page: its ``group`` tag, else the model version it runs."""
+    """A device's group: its ``group`` tag (else the ``group`` its agent reports), or ``"—"``."""
     tags = dev.tags or {}
     hw = dev.hardware or {}
     group = tags.get("group") or hw.get("group")
-    if group:
-        return str(group)
-    return f"v{dev.model_version}" if dev.model_version else "unknown"
+    return str(group) if group else NO_GROUP
 
 
 def _pages(total: int, page: int, size: int) -> dict[str, int]:
@@ -122,10 +124,16 @@ def label_needs(ctx: DashContext) -> dict[str, Any]:
     model = served_model(ctx)
     since = model.created if model is not None else None
     labelled = ctx.registry.samples.count(labelled=True, since=since)
-    target = ctx.policy.min_labelled_samples
-    for_drift = ctx.policy.min_labels_for_drift
-    return {"labelled_since_model": labelled, "target": target, "needed": max(0, target - labelled),
-            "needed_for_drift_trigger": max(0, for_drift - labelled),
+    pol = ctx.policy
+    by_count, by_drift = max(0, pol.min_labelled_samples - labelled), max(0, pol.min_labels_for_drift - labelled)
+    alarming = ctx.registry.status().alarming
+    drift_applies = alarming >= pol.alarm_devices
+    # One statement: the rule that applies now (a drift alarm on enough devices, else the label count).
+    needed, target = (by_drift, pol.min_labels_for_drift) if drift_applies else (by_count, pol.min_labelled_samples)
+    return {"labelled_since_model": labelled, "target": target, "needed": needed, "rule": "drift" if drift_applies
+            else "count", "alarming": alarming, "alarm_devices": pol.alarm_devices,
+            "count_target": pol.min_labelled_samples, "drift_target": pol.min_labels_for_drift,
+            "needed_by_count": by_count, "needed_for_drift_trigger": by_drift,
             "model_version": model.version if model else None}
 
 
@@ -140,6 +148,17 @@ def _wave_health(counts: dict[str, int], n: int, bad: int) -> str:
     if counts.get("sent", 0) or counts.get("rolling_back", 0):
         return "in progress"
     return "pending"
+
+
+def _rollout_progress(status: str, wave: int, n_waves: int, waves: list[dict[str, Any]]) -> str:
+    """``canary, stage 1 of 3`` while running; ``completed, 3 of 3 waves`` once done."""
+    finished = sum(1 for w in waves if w["health"] == "healthy")
+    if status == "completed":
+        return f"completed, {n_waves} of {n_waves} waves"
+    stage = "canary" if wave == 0 else f"wave {wave}"
+    if status in ("pending", "running", "paused"):
+        return f"{stage}, stage {wave + 1} of {n_waves}"
+    return f"{status.replace('_', ' ')} at {stage} ({finished} of {n_waves} waves completed)"
 
 
 def rollout_summary(rec: Any) -> dict[str, Any]:
@@ -161,7 +180,9 @@ def rollout_summary(rec: Any) -> dict[str, Any]:
                  health=_wave_health(c, w["devices"], bad))
         out.append(w)
     plan = state.get("plan", {})
-    return {"id": rec.id, "model_name": rec.model_name, "version": rec.version, "status": rec.status,
+    n_waves = int(state.get("n_waves", len(out)) or 0)
+    return {"progress": _rollout_progress(rec.status, int(state.get("wave", 0) or 0), n_waves, out),
+            "target": state.get("target") or "all devices", "id": rec.id, "model_name": rec.model_name, "version": rec.version, "status": rec.status,
             "machine_status": state.get("status"), "phase": state.get("phase", ""), "wave": state.get("wave", 0),
             "n_waves": state.get("n_waves", len(out)), "reason": rec.reason, "created": rec.created,
             "updated": rec.updated, "waves": out, "plan": plan,
@@ -222,6 +243,7 @@ def device_detail(ctx: DashContext, device_id: str, *, points: int = 300, sample
         "telemetry": [{"ts": t.ts, "p50": t.latency_p50_ms, "p99": t.latency_p99_ms,
                        "inferences": t.inferences_interval, "errors": t.errors,
                        "queue_depth": t.data.get("queue_depth"), "confidence": t.mean_confidence,
+                       "cpu_percent": t.data.get("cpu_percent"), "memory_mb": t.data.get("memory_mb"),
                        "model_version": t.model_version} for t in tel],
         "drift": [{"ts": r.ts, "risk": r.risk, "alarm": r.alarm, "window": r.window,
                    "model_version": r.model_version} for r in drift],
@@ -237,6 +259,11 @@ def _sample(r: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- drift
+def _drift_group(dev: Any) -> str:
+    group = device_group(dev)
+    return "no group" if group == NO_GROUP else group
+
+
 def drift_overview(ctx: DashContext, *, since: float | None = None, buckets: int = 40, page: int = 1,
                    now: float | None = None) -> dict[str, Any]:
     """Mean drift risk and share of alarmed windows per device group per time bucket, plus alarmed windows."""
@@ -248,15 +275,15 @@ def drift_overview(ctx: DashContext, *, since: float | None = None, buckets: int
     width = max(1.0, (t1 - t0) / buckets)
     # One row per (device, bucket): SQL does the heavy lifting, Python only maps devices to groups.
     cells_by_device = reg.drift.buckets(t0, width)
-    groups = {d.id: device_group(d) for d in reg.devices.by_ids(sorted({c.device_id for c in cells_by_device}))
+    groups = {d.id: _drift_group(d) for d in reg.devices.by_ids(sorted({c.device_id for c in cells_by_device}))
               .values()}
     found = reg.drift.alarms_page(t0, page=page, size=ctx.page_size)
     alarms = [{"device_id": r.device_id, "ts": r.ts, "window": r.window, "risk": r.risk, "n": r.n,
-               "model_version": r.model_version, "group": groups.get(r.device_id, "unknown"),
+               "model_version": r.model_version, "group": groups.get(r.device_id, "no group"),
                "scores": r.scores, "input_shift": r.input_shift} for r in found.items]
     acc: dict[str, dict[int, list[float]]] = {}
     for c in cells_by_device:
-        cell = acc.setdefault(groups.get(c.device_id, "unknown"), {}).setdefault(c.bucket, [0.0, 0.0, 0.0])
+        cell = acc.setdefault(groups.get(c.device_id, "no group"), {}).setdefault(c.bucket, [0.0, 0.0, 0.0])
         cell[0] += c.mean_risk * c.n
         cell[1] += c.n
         cell[2] += c.alarms
@@ -302,13 +329,21 @@ def models_page(ctx: DashContext) -> dict[str, Any]:
         items.append({
             "name": m.name, "version": m.version, "status": m.status, "reason": m.reason, "created": m.created,
             "parent_version": m.parent_version, "children": children.get(f"{m.name}:{m.version}", []),
-            "sha256": m.sha256, "size": m.size, "signed_by": m.signed_by, "has_bundle": bool(m.bundle_path),
-            "variants": metrics.pop("variants", {}) or {}, "gate": metrics.pop("gate", None),
+            "sha256": m.sha256, "size": m.size, "size_text": human_bytes(m.size) if m.size is not None else None,
+            "signed_by": m.signed_by, "has_bundle": bool(m.bundle_path),
+            "variants": metrics.pop("variants", {}) or {}, "gate": gate_rows(metrics.pop("gate", None)),
             "metrics": metrics, "lineage": m.lineage or {}, "devices": counts.get(m.version, 0)})
     defaults = ctx.rollout_defaults
     return {"items": items, "rollout_defaults": {
         "canary": defaults.canary, "waves": list(defaults.waves), "soak_s": defaults.soak_s,
-        "max_failures": defaults.max_failures}, "can_roll_out": ctx.get_driver() is not None}
+        "max_failures": defaults.max_failures}, "can_roll_out": ctx.get_driver() is not None,
+        "can_upload": ctx.config is not None, "groups": _group_choices(ctx)}
+
+
+def _group_choices(ctx: DashContext, *, limit: int = 1000) -> list[str]:
+    """The device groups the rollout form offers (from the first ``limit`` devices: a hint, not a rule)."""
+    found = ctx.registry.devices.page(page=1, size=limit)
+    return sorted({g for g in (device_group(d) for d in found.items) if g != NO_GROUP})
 
 
 def rollouts_page(ctx: DashContext, *, limit: int = 100) -> dict[str, Any]:

@@ -90,6 +90,35 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode(errors="replace"), keep_blank_values=True).items()}
 
 
+async def _upload_form(request: Request) -> dict[str, Any]:
+    """A ``multipart/form-data`` POST (the models page's upload form) as a dict: text fields as
+    ``str``, the ``bundle`` file as bytes and its name as ``filename`` (parsed with the standard
+    library's MIME parser: no python-multipart dependency).  A raw body (``application/octet-stream``,
+    what scripts send) is the bundle itself, named by ``?filename=``."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    ctype = request.headers.get("content-type", "")
+    length = int(request.headers.get("content-length") or 0)
+    if length > actions.MAX_UPLOAD_BYTES + 65536:
+        raise HTTPException(413, f"upload larger than {actions.MAX_UPLOAD_BYTES >> 20} MB")
+    body = await request.body()
+    if not ctype.startswith("multipart/form-data"):
+        return {"bundle": body, "filename": Path(request.query_params.get("filename") or "upload.elb").name}
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise HTTPException(400, "malformed multipart body")
+    out: dict[str, Any] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name == "bundle":
+            out["bundle"], out["filename"] = payload, Path(part.get_filename() or "upload.elb").name
+        elif isinstance(name, str):
+            out[name] = payload.decode("utf-8", errors="replace")
+    return out
+
+
 def _safe_next(url: str | None, prefix: str) -> str:
     # Only same-site paths under the dashboard: an open redirect would help phishing.
     if url and url.startswith(prefix) and not url.startswith("//") and "\\" not in url:
@@ -143,14 +172,14 @@ def create_router(source: Registry | data.DashContext | FleetApp, config: Any = 
         except EdgeloopError as exc:
             raise HTTPException(404, f"{exc}") from exc
 
-    async def act(request: Request, fn: Callable[[dict[str, str], Session], dict[str, Any]],
-                  back: str) -> Response:
+    async def act(request: Request, fn: Callable[[dict[str, Any], Session], dict[str, Any]],
+                  back: str, *, parse: Callable[[Request], Any] = _form) -> Response:
         """Run a POST action: operator role, CSRF (cookie sessions), JSON or redirect answer."""
         session, bearer = who(request)
         wants_json = "application/json" in request.headers.get("accept", "") or bearer
         if session is None:
             raise HTTPException(401, "not logged in")
-        form = await _form(request)
+        form = await parse(request)
         if not bearer and not auth.check_csrf(session.sid, form.get("csrf_token")
                                                or request.headers.get("x-csrf-token")):
             raise HTTPException(403, "missing or wrong CSRF token (reload the page)")
@@ -162,8 +191,8 @@ def create_router(source: Registry | data.DashContext | FleetApp, config: Any = 
             result = fn(form, session)
         except EdgeloopError as exc:
             if wants_json:
-                return JSONResponse({"error": str(exc), "hint": exc.hint}, status_code=400)
-            text = f"{exc}" + (f" — {exc.hint}" if exc.hint else "")
+                return JSONResponse({"error": exc.message, "hint": exc.hint}, status_code=400)
+            text = exc.message + (f" — {exc.hint}" if exc.hint else "")
             return RedirectResponse(f"{nxt}{sep}err={urllib.parse.quote(text)}", status_code=303)
         if wants_json:
             return JSONResponse(result)
@@ -294,12 +323,23 @@ def create_router(source: Registry | data.DashContext | FleetApp, config: Any = 
             out = actions.start_rollout(ctx, f.get("name", ""), f.get("version", ""),
                                         canary=f.get("canary") or "10%", waves=f.get("waves") or "25,50,100",
                                         soak=f.get("soak") or "60s", max_failures=f.get("max_failures") or "5%",
-                                        job_timeout=f.get("job_timeout") or None)
-            out["message"] = f"rollout {out['rollout_id']} started over {out['devices']} devices"
+                                        job_timeout=f.get("job_timeout") or None, target=f.get("target") or None)
+            out["message"] = f"rollout {out['rollout_id']} started over {out['devices']} devices ({out['target']})"
             f.setdefault("next", f"{prefix}/rollouts/{out['rollout_id']}")
             return out
 
         return await act(request, run, f"{prefix}/rollouts")
+
+    @router.post("/actions/models", summary="Register a signed bundle (operator; multipart form or raw body)")
+    async def model_upload(request: Request) -> Response:
+        return await act(request, lambda f, s: actions.upload_model(ctx, f.get("bundle") or b"",
+                                                                     f.get("filename") or "upload.elb"),
+                         f"{prefix}/models", parse=_upload_form)
+
+    @router.post("/actions/devices/{device_id}/group", summary="Set a device's group tag (operator)")
+    async def device_group(device_id: str, request: Request) -> Response:
+        return await act(request, lambda f, s: actions.set_device_group(ctx, device_id, f.get("group", "")),
+                         f"{prefix}/devices/{urllib.parse.quote(device_id)}")
 
     @router.post("/actions/rollouts/{rollout_id}/{verb}", summary="pause / resume / abort / rollback a rollout")
     async def rollout_verb(rollout_id: str, verb: str, request: Request) -> Response:

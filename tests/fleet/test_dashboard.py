@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import struct
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 from typing import Any
@@ -153,13 +154,143 @@ def test_every_page_renders(fleet: dict[str, Any]) -> None:
     c = login(fleet["app"])
     for path, needle in [("/dashboard/", "in drift alarm"), ("/dashboard/devices", "cam-00"),
                          ("/dashboard/devices/cam-00", "Model history"), ("/dashboard/drift", "Alarmed windows"),
-                         ("/dashboard/labels", "still needs"), ("/dashboard/samples?device=cam-00", "s-0"),
+                         ("/dashboard/labels", "more labelled samples"), ("/dashboard/samples?device=cam-00", "s-0"),
                          ("/dashboard/models", "no improvement"), ("/dashboard/rollouts", "No rollout yet")]:
         r = c.get(path)
         assert r.status_code == 200, path
         assert needle in r.text, path
+        assert "vNone" not in r.text and "vunknown" not in r.text and ">None<" not in r.text, path
+        assert 'id="nav-samples"' in r.text, path  # every page links every other one
     assert c.get("/dashboard/devices/nope").status_code == 404
     assert "<svg" in c.get("/dashboard/devices/cam-00").text
+
+
+def test_pages_read_like_a_person_wrote_them(fleet: dict[str, Any]) -> None:
+    """Issue 15: no vNone, counts as integers, sizes in units, the gate as a table, one labels statement."""
+    reg = fleet["reg"]
+    from core.protocol import DeviceState as DS
+    from fleet.registry import IngestBatch as IB
+
+    reg.apply(IB(states=[(DS("cam-new", True, ts=time.time()), time.time())]))  # no model yet
+    reg.upsert_device("cam-01", tags={"group": "cams-north"})
+    reg.add_model_version("digits", "4", status="rejected", parent_version="2", size=90_000, sha256="c" * 64,
+                          metrics={"gate": {"holdout_current": 0.62, "holdout_candidate": 0.63, "test_current": 0.98,
+                                            "test_candidate": 0.95, "n_holdout": 40, "min_improvement": 0.02,
+                                            "max_original_drop": 0.01, "passed": False}})
+    c = login(fleet["app"])
+    devices = c.get("/dashboard/devices").text + c.get("/dashboard/devices?page=2").text
+    row = re.search(r'data-device="cam-new">(.*?)</tr>', devices, re.S).group(1)
+    assert "<td>—</td>" in row and "vNone" not in row
+    north = re.search(r'data-device="cam-01">(.*?)</tr>', devices, re.S).group(1)
+    assert "<td>cams-north</td>" in north  # the group column is the group tag, not the model version
+    assert c.get("/dashboard/api/devices/cam-02").json()["group"] == "—"
+    models = c.get("/dashboard/models").text
+    assert "87.9 KB" in models and "90000" not in models
+    gate = c.get("/dashboard/api/models").json()["items"][0]["gate"]
+    assert [(g["metric"].split(" (")[0], g["verdict"]) for g in gate] == [
+        ("held-out drift accuracy", "fail"), ("original test accuracy", "fail"), ("gate", "fail")]
+    assert 'id="gate-4"' in models and "+1.0 pt" in models and "-3.0 pt" in models and "{" not in \
+        re.search(r'id="gate-4".*?</table>', models, re.S).group(0)
+    overview = c.get("/dashboard/").text
+    assert re.search(r'id="stat-devices"><b>7</b>', overview) and ">7.0<" not in overview
+    assert 'href="/metrics"' in overview
+    needs = re.search(r'id="labels-needed">(.*?)</p>', overview, re.S).group(1)
+    assert "more labelled samples" in needs and needs.count("needs") == 1, needs
+    dev = c.get("/dashboard/devices/cam-00").text
+    assert 'id="cpu-chart"' in dev and 'id="memory-chart"' in dev
+
+
+def test_device_group_tag_and_rollout_target_from_the_ui(fleet: dict[str, Any]) -> None:
+    c = login(fleet["app"])
+    token = csrf_of(c)
+    for dev in ("cam-03", "cam-04"):
+        r = c.post(f"/dashboard/actions/devices/{dev}/group", data={"group": "cams-north", "csrf_token": token})
+        assert r.status_code == 303 and "msg=" in r.headers["location"]
+    assert fleet["reg"].device("cam-03").tags["group"] == "cams-north"
+    r = c.post("/dashboard/actions/devices/cam-03/group", data={"group": "a b", "csrf_token": token})
+    assert "err=" in r.headers["location"]
+    assert 'value="group=cams-north"' in c.get("/dashboard/models").text  # offered as a target
+    r = c.post("/dashboard/actions/rollout", data={"name": "digits", "version": "2", "target": "group=cams-north",
+                                                   "canary": "50%", "waves": "100", "soak": "0s",
+                                                   "csrf_token": token}, headers={"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["devices"] == 2 and body["target"] == "group=cams-north"
+    page = c.get(f"/dashboard/rollouts/{body['rollout_id']}").text
+    assert "group=cams-north" in page and "canary, stage 1 of 2" in page
+
+
+def test_completed_rollout_reads_completed(fleet: dict[str, Any]) -> None:
+    from fleet.dashboard.data import rollout_summary
+
+    rec = fleet["reg"]
+    state = {"status": "completed", "wave": 2, "n_waves": 3, "plan": {"canary": 0.1, "waves": [0.5, 1.0], "soak_s": 60.0, "max_failures": 0.05},
+             "devices": [
+        {"device_id": f"d{i}", "wave": w, "status": "updated"} for i, w in enumerate((0, 1, 2))]}
+    rec.create_rollout("r-done", "digits", "2", {"d0": 0, "d1": 1, "d2": 2}, state=state, status="completed")
+    s = rollout_summary(rec.rollout("r-done"))
+    assert s["progress"] == "completed, 3 of 3 waves" and s["target"] == "all devices"
+    c = login(fleet["app"])
+    assert "completed, 3 of 3 waves" in c.get("/dashboard/rollouts/r-done").text
+    assert "wave 2 of 3" not in c.get("/dashboard/rollouts").text
+
+
+def test_model_upload_registers_trusted_bundles_only(tmp_path: Path) -> None:
+    from core.signing import save_keypair
+    from fleet.config import default_config
+    from fleet.dashboard.data import DashContext
+    from fleet.setup import trust_key
+    from tests.plugins.agent_kit import make_bundle
+
+    cfg = default_config(tmp_path / "fleet-data")
+    reg = Registry.open(cfg.database_url)
+    app = FastAPI()
+    mount_dashboard(app, DashContext.for_fleet(cfg, reg), DashboardConfig(operator_token=OP, session_secret="s" * 32))
+    c = login(app)
+    token = csrf_of(c, "/dashboard/models")
+    assert 'id="upload-form"' in c.get("/dashboard/models").text
+    mine = save_keypair(tmp_path / "me")
+    signed = make_bundle(tmp_path / "tiny.elb", signing_key=mine.private).read_bytes()
+
+    def upload(data: bytes, name: str = "tiny.elb") -> str:
+        r = c.post("/dashboard/actions/models", data={"csrf_token": token},
+                   files={"bundle": (name, data, "application/octet-stream")})
+        assert r.status_code == 303, r.text
+        return urllib.parse.unquote(r.headers["location"])
+
+    try:
+        for data, why in [(signed, "not trusted"), (b"PK\x03\x04 not a zip", "not a bundle"),
+                          (make_bundle(tmp_path / "u.elb", sign=False).read_bytes(), "not signed")]:
+            where = upload(data)
+            assert "err=" in where and why in where and "\n" not in where, where
+            assert "tiny.elb" in where or "bundle not registered" in where
+            assert str(tmp_path) not in where  # no server path leaks
+        assert reg.models.find() == [] and not list(cfg.bundles_dir.glob("*.elb"))  # nothing stored
+        assert c.post("/dashboard/actions/models", files={"bundle": ("x.elb", signed)}).status_code == 403  # CSRF
+        trust_key(cfg, mine.public)
+        where = upload(signed)
+        assert "msg=registered tiny-mlp 1.0.0" in where, where
+        (rec,) = reg.models.find()
+        assert rec.status == "accepted" and Path(rec.bundle_path).parent == cfg.bundles_dir
+        assert [p.name for p in cfg.bundles_dir.iterdir()] == ["tiny-mlp-1.0.0.elb"]  # no temporary left
+        # scripts: the raw bundle as the body, with a bearer token
+        r = c.post("/dashboard/actions/models?filename=again.elb", content=signed,
+                   headers={"Authorization": f"Bearer {OP}", "Content-Type": "application/octet-stream"})
+        assert r.status_code == 200 and r.json()["version"] == "1.0.0"
+    finally:
+        reg.close()
+
+
+def test_presentation_helpers() -> None:
+    from fleet.dashboard.present import count, gate_rows, human_bytes, version
+
+    assert [version(v) for v in (None, "", "None", "unknown", "2", "v3")] == ["—", "—", "—", "—", "v2", "v3"]
+    assert [count(v) for v in (8.0, 3, None, 1234.0)] == ["8", "3", "—", "1,234"]
+    assert [human_bytes(v) for v in (10, 90_000, 5 * 1024 ** 2, None)] == ["10 B", "87.9 KB", "5.0 MB", "—"]
+    rows = gate_rows({"holdout_current": 0.5, "holdout_candidate": 0.6, "min_improvement": 0.02, "variant": "fp32",
+                      "acc_current": 0.9, "acc_candidate": 0.8})
+    assert [r["verdict"] for r in rows] == ["pass", "—", "—"] and rows[1]["metric"] == "acc"
+    assert rows[2]["metric"] == "variant: fp32" and gate_rows(None) == []
 
 
 def test_json_api_matches_and_paginates(fleet: dict[str, Any]) -> None:
@@ -172,7 +303,7 @@ def test_json_api_matches_and_paginates(fleet: dict[str, Any]) -> None:
     assert (p1["total"], p1["pages"], len(p1["items"]), len(p2["items"])) == (6, 2, 5, 1)
     assert c.get("/dashboard/api/devices?alarm=1").json()["total"] == 2
     drift = c.get("/dashboard/api/drift").json()
-    assert drift["total"] == 4 and set(drift["groups"]) == {"v1"}
+    assert drift["total"] == 4 and set(drift["groups"]) == {"no group"}
     dev = c.get("/dashboard/api/devices/cam-00").json()
     assert len(dev["telemetry"]) == 5 and dev["telemetry"][-1]["queue_depth"] == 4
     assert dev["history"][0]["version"] == "1"
