@@ -69,6 +69,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.zoo is not None:
         from .zoo import run_zoo, summary_table
 
+        _warn_threads(args.threads[:1])
+
         result = run_zoo([m for m in args.zoo.split(",") if m], args.out, threads=args.threads[0], runs=args.runs,
                          say=lambda m: print(f"  {m}", file=sys.stderr))
         emit(args, result, lambda: print(summary_table(result["ab"])))
@@ -76,6 +78,17 @@ def _bench(args: argparse.Namespace) -> int:
     if args.target is None:
         raise BenchmarkError("nothing to benchmark", hint="give a bundle (.elb) or a run directory, or --compare A B")
     return _run_bench(args)
+
+
+def _warn_threads(threads: tuple[int, ...]) -> tuple[int, str | None]:
+    """Warn on stderr (at once, before minutes of measuring) when threads exceed the cores."""
+    from .model_bench import oversubscription, usable_cores
+
+    cores = usable_cores()
+    warning = oversubscription(threads, cores)
+    if warning:
+        print(f"edgeloop bench: warning: {warning}", file=sys.stderr)
+    return cores, warning
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -109,6 +122,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         from core.signing import load_public_key
 
         key = load_public_key(args.key)
+    cores, warning = _warn_threads(config.threads)
     with workdir() as tmp:
         if bundle is not None:
             entries.extend(entries_from_bundle(bundle, Path(tmp), trusted_key=key, only=config.variants))
@@ -117,7 +131,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         quiet = args.json or not sys.stderr.isatty()
         cells = run_matrix(entries, config, progress=None if quiet else lambda m: print(f"  measuring {m}", file=sys.stderr))
         result = {"system": system_info(), "config": {k: getattr(config, k) for k in ("threads", "batches", "runs", "warmup", "time_budget_s")},
-                  "target": str(target), "cells": [c.to_dict() for c in cells]}
+                  "target": str(target), "cells": [c.to_dict() for c in cells], "cores_usable": cores,
+                  "warnings": [warning] if warning else []}
     paths = write_report(result, args.out)
     from .model_bench import failed_cells
 

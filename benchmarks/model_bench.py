@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from core.errors import BenchmarkError
 from .measure import CellSpec
 
 __all__ = ["BenchConfig", "ModelEntry", "entries_from_bundle", "entry_from_model", "entry_from_run", "run_matrix", "Cell",
-           "concrete_shape", "MODEL_SUFFIXES", "failed_cells"]
+           "concrete_shape", "MODEL_SUFFIXES", "failed_cells", "usable_cores", "oversubscription"]
 
 MODEL_SUFFIXES = (".onnx", ".tflite")
 DYNAMIC_DIM = 64  # a dynamic non-batch dimension of a bare model file is measured at this size
@@ -97,6 +98,24 @@ def entry_from_model(path: Path, *, input_shape: Sequence[int] = ()) -> ModelEnt
     precision = "int8" if quant else ("fp16" if inp.dtype == "float16" else "fp32")
     return ModelEntry(id=f"{fmt}-{precision}", runtime=_RUNTIME_OF_FORMAT[fmt], precision=precision, path=str(path),
                       size_bytes=Path(path).stat().st_size, input_shape=shape, model=Path(path).name)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def oversubscription(threads: Sequence[int], cores: int) -> str | None:
+    """A warning when a thread count exceeds the cores: such cells measure contention, not speed-up."""
+    over = sorted({t for t in threads if t > cores})
+    if not over:
+        return None
+    return (f"--threads {','.join(map(str, over))} exceeds the {cores} core{'s' if cores > 1 else ''} this machine "
+            f"gives the benchmark: those cells measure threads competing for cores, not a speed-up "
+            f"(use --threads {','.join(str(t) for t in sorted(set(threads)) if t <= cores) or '1'})")
 
 
 def failed_cells(cells: Sequence[Cell]) -> list[Cell]:

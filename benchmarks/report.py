@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,14 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+def _cores(result: dict[str, Any]) -> int | None:
+    """The cores the benchmark could use (its affinity), else the machine's."""
+    cores = result.get("cores_usable") or result.get("system", {}).get("cores")
+    return int(cores) if cores else None
+
+
 def markdown_table(result: dict[str, Any]) -> str:
+    cores = _cores(result)
     head = ("| variant | runtime | threads | batch | p50 ms | p90 ms | p99 ms | items/s | load ms "
             "| peak RSS MB | size KB | accuracy |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
@@ -53,8 +61,9 @@ def markdown_table(result: dict[str, Any]) -> str:
             lines.append(f"| {r['variant']} | {r['runtime']} | {r['threads']} | – | error: {r['error']} |||||||| ")
             continue
         acc = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "–"
+        threads = f"{r['threads']} (> {cores} cores)" if cores and r["threads"] > cores else r["threads"]
         lines.append(
-            f"| {r['variant']} | {r['runtime']} | {r['threads']} | {r['batch']} | {_fmt(r.get('p50_ms'), 3)} "
+            f"| {r['variant']} | {r['runtime']} | {threads} | {r['batch']} | {_fmt(r.get('p50_ms'), 3)} "
             f"| {_fmt(r.get('p90_ms'), 3)} | {_fmt(r.get('p99_ms'), 3)} | {_fmt(r.get('throughput_per_s'), 0)} "
             f"| {_fmt(r.get('load_ms'), 1)} | {_fmt(r.get('peak_rss_mb'), 1)} | {r['size_bytes'] / 1024:.1f} | {acc} |")
     sysinfo = result.get("system", {})
@@ -62,11 +71,78 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines.append(f"Machine: {sysinfo.get('cpu')} ({sysinfo.get('cores')} cores; flags {', '.join(sysinfo.get('cpu_flags', []))}); "
                  f"versions: {', '.join(f'{k} {v}' for k, v in sysinfo.get('versions', {}).items())}.")
     lines.append(f"Command: `{sysinfo.get('command', '')}`")
+    lines += [f"\n**Warning:** {w}" for w in result.get("warnings", [])]
     return "\n".join(lines) + "\n"
 
 
+_MARKERS = "osD^vP*Xph<>"
+
+
+def _front_steps(front: list[tuple[float, float]], x_max: float, y_min: float) -> tuple[list[float], list[float]]:
+    """The Pareto front as a staircase: nothing to its right and below it is worth having."""
+    xs, ys = [front[0][0]], [y_min]
+    for (x, y), nxt in zip(front, [*front[1:], (x_max, None)], strict=True):
+        xs += [x, nxt[0]]
+        ys += [y, y]
+    return xs, ys
+
+
+def _latency_accuracy_plot(result: dict[str, Any], out_dir: Path, plt: Any) -> Path | None:
+    """Latency vs accuracy at batch 1 and the fewest threads measured, with the Pareto front.
+
+    Each variant has its own marker and colour, named in a legend outside the axes with its
+    numbers (no text next to points, where close variants made the labels overlap); the
+    front is a staircase with its variants filled and ringed, the dominated ones hollow.
+    """
+    threads = min((c["threads"] for c in result.get("cells", [])), default=1)
+    pts = [r for r in rows(result) if r.get("batch") == 1 and r["threads"] == threads
+           and r.get("accuracy") is not None and r.get("p50_ms") is not None]
+    if not pts:
+        return None
+    xy = [(float(r["p50_ms"]), 100 * float(r["accuracy"])) for r in pts]
+    on_front = set(pareto_front(xy))
+    fig, ax = plt.subplots(figsize=(9, 4.6 + 0.22 * ((len(pts) + 2) // 2)), layout="constrained")
+    xs, ys = [p[0] for p in xy], [p[1] for p in xy]
+    log_x = max(xs) / max(min(xs), 1e-9) > 4
+    if log_x:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xscale("log")
+        ticks = FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (1, 2, 5)
+                              else "")
+        ax.xaxis.set_major_formatter(ticks)
+        ax.xaxis.set_minor_formatter(ticks)
+    span = max(ys) - min(ys)
+    pad = max(0.5, 0.15 * span)
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    x_hi = max(xs) * (1.6 if log_x else 1.0) + (0 if log_x else 0.15 * (max(xs) - min(xs) or max(xs)))
+    x_lo = min(xs) / 1.6 if log_x else max(0.0, min(xs) - 0.15 * (max(xs) - min(xs) or min(xs)))
+    ax.set_xlim(x_lo, x_hi)
+    front = sorted(xy[i] for i in on_front)
+    fx, fy = _front_steps(front, x_hi, ax.get_ylim()[0])
+    ax.fill_between(fx, fy, ax.get_ylim()[0], color="tab:green", alpha=0.07, lw=0)
+    ax.plot(fx, fy, color="tab:green", lw=2, zorder=2, label="Pareto front (filled markers; shaded: dominated)")
+    colours = plt.get_cmap("tab10").colors
+    for i, (r, (x, y)) in enumerate(zip(pts, xy, strict=True)):
+        best = i in on_front
+        colour = colours[i % len(colours)]
+        ax.scatter([x], [y], s=70 if best else 55, marker=_MARKERS[i % len(_MARKERS)], zorder=3,
+                   facecolors=colour if best else "white", edgecolors="black" if best else colour,
+                   linewidths=1.4 if best else 1.6,
+                   label=f"{r['variant']} ({r['runtime']}): {x:.3g} ms, {y:.2f} %" + (", on the front" if best else ""))
+    ax.set_xlabel(f"p50 latency, batch 1, {threads} thread{'s' if threads > 1 else ''} (ms{', log scale' if log_x else ''})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Latency vs accuracy: up and to the left is better")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    p = out_dir / "latency_vs_accuracy.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Latency vs accuracy (batch 1, one thread) with the Pareto front; file size bars."""
+    """Latency vs accuracy (batch 1, fewest threads) with the Pareto front; file size bars."""
     try:
         import matplotlib
 
@@ -75,36 +151,20 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     except ImportError:
         return []
     paths = []
-    pts = [r for r in rows(result) if r.get("batch") == 1 and r["threads"] == min(c["threads"] for c in result["cells"])
-           and r.get("accuracy") is not None and r.get("p50_ms") is not None]
-    if pts:
-        xy = [(r["p50_ms"], 100 * r["accuracy"]) for r in pts]
-        front = pareto_front(xy)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r, (x, y) in zip(pts, xy, strict=True):
-            ax.scatter(x, y, s=40)
-            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        fx = sorted(xy[i] for i in front)
-        ax.plot([p[0] for p in fx], [p[1] for p in fx], "k--", lw=1, label="Pareto front")
-        ax.set_xlabel("p50 latency, batch 1, 1 thread (ms)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Latency vs accuracy")
-        ax.legend()
-        fig.tight_layout()
-        p = out_dir / "latency_vs_accuracy.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
+    p = _latency_accuracy_plot(result, out_dir, plt)
+    if p is not None:
         paths.append(p)
     sizes: dict[str, int] = {}
     for c in result.get("cells", []):
         sizes[c["entry"]["id"]] = c["entry"]["size_bytes"]
     if sizes:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * len(sizes)), layout="constrained")
         names = list(sizes)
-        ax.barh(names, [sizes[n] / 1024 for n in names])
+        bars = ax.barh(names, [sizes[n] / 1024 for n in names])
+        ax.bar_label(bars, labels=[f"{sizes[n] / 1024:,.1f} KiB" for n in names], padding=3, fontsize=8)
+        ax.set_xlim(0, max(sizes.values()) / 1024 * 1.25)
         ax.set_xlabel("file size (KiB)")
         ax.set_title("Model size per variant")
-        fig.tight_layout()
         p = out_dir / "sizes.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)

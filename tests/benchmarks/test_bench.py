@@ -99,3 +99,39 @@ def test_real_cell_in_fresh_process(tmp_path: Path):
     res = measure_cell(CellSpec(path=str(path), runtime="onnxruntime", threads=1, batches=(2,), input_shape=(1, 8, 8),
                                 warmup=1, runs=5))
     assert res.latency[2].n == 5 and res.load_ms > 0
+
+
+def test_more_threads_than_cores_is_warned_and_marked(tmp_path: Path, capsys, monkeypatch):
+    from benchmarks import model_bench
+    from benchmarks.model_bench import oversubscription
+
+    assert oversubscription((1, 2), 2) is None
+    warning = oversubscription((1, 2, 4), 2)
+    assert warning and "--threads 4 exceeds the 2 cores" in warning and "--threads 1,2" in warning
+    path = _tiny_onnx(tmp_path / "tiny.onnx")
+    monkeypatch.setattr(model_bench, "usable_cores", lambda: 1)
+    rc = main(["bench", str(path), "--threads", "2", "--batch", "1", "--runs", "5", "--warmup", "1",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "warning: --threads 2 exceeds the 1 core this machine" in err
+    result = load_result(tmp_path / "out" / "bench.json")
+    assert result["warnings"] and result["cores_usable"] == 1
+    md = markdown_table(result)
+    assert "| 2 (> 1 cores) |" in md and "**Warning:**" in md
+
+
+def test_latency_accuracy_plot_draws_the_pareto_front_as_a_staircase(tmp_path: Path):
+    from benchmarks.report import _front_steps, plot
+
+    # one point on the front still gives a visible line: up to it, then right to the edge
+    assert _front_steps([(1.0, 90.0)], 5.0, 80.0) == ([1.0, 1.0, 5.0], [80.0, 90.0, 90.0])
+    xs, ys = _front_steps([(1.0, 90.0), (2.0, 95.0)], 5.0, 80.0)
+    assert xs == [1.0, 1.0, 2.0, 2.0, 5.0] and ys == [80.0, 90.0, 90.0, 95.0, 95.0]
+    result = _fake_result(2.0)
+    fast = json.loads(json.dumps(result["cells"][0]))
+    fast["entry"].update(id="onnx-int8", accuracy=0.97)
+    fast["latency"]["1"]["p50_ms"] = 1.0
+    result["cells"].append(fast)
+    names = {p.name for p in plot(result, tmp_path)}
+    assert names == {"latency_vs_accuracy.png", "sizes.png"}
