@@ -30,7 +30,7 @@ from core.protocol import MAX_LOG_REQUEST_LINES, LogLines, LogsRequest, TopicSch
 from .ingest_guard import Budgets, Counters, SenderChecks
 from .repos.logs import LogRepo
 
-__all__ = ["LogIntake", "LogClient", "LogAnswer", "make_request", "NO_LINES"]
+__all__ = ["LogIntake", "LogClient", "LogAnswer", "make_request", "request_logs", "device_logs", "NO_LINES"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,22 @@ def make_request(repo: LogRepo, device_id: str, *, request_id: str | None = None
     boot, since = last if last is not None else (None, 0)
     return LogsRequest(request_id=request_id or f"logs-{uuid.uuid4().hex[:16]}", since_seq=since, boot=boot,
                        max_lines=max_lines, min_level="DEBUG")
+
+
+def request_logs(publish: Callable[..., Any], topics: TopicScheme, registry: Any, device_id: str) -> LogsRequest:
+    """Ask ``device_id`` for its new lines through a running fleet's connection (``publish(topic,
+    payload, qos=)``, e.g. :attr:`fleet.app.FleetApp.publisher`); ingestion stores the answer."""
+    req = make_request(LogRepo.of(registry), device_id)
+    publish(topics.command(device_id, "logs"), req.encode(), qos=1)
+    return req
+
+
+def device_logs(registry: Any, device_id: str, *, lines: int = 200, min_level: str = "DEBUG") -> dict[str, Any]:
+    """The stored lines of ``device_id`` as JSON-ready data (the API route and the dashboard's device page):
+    ``{"device_id", "lines": [{seq, boot, ts, received, level, logger, msg}], "note"}``, ``note`` being
+    :data:`NO_LINES` when there are none."""
+    rows = LogRepo.of(registry).find(device_id, lines=lines, min_level=min_level)
+    return {"device_id": device_id, "lines": [r.to_dict() for r in rows], "note": None if rows else NO_LINES}
 
 
 @dataclass

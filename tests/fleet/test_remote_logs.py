@@ -23,7 +23,7 @@ from fleet.cli_logs import follow
 from fleet.config import BrokerConfig, FleetConfig, default_config, render_config
 from fleet.ingest import IngestService
 from fleet.registry import Registry
-from fleet.remote_logs import NO_LINES, LogClient
+from fleet.remote_logs import NO_LINES, LogClient, device_logs, request_logs
 from fleet.repos import LogRepo
 from tests.plugins.agent_kit import agent_config
 from tests.plugins.broker import MosquittoBroker
@@ -161,6 +161,23 @@ def test_the_store_keeps_the_latest_lines_per_device_once(registry: Registry) ->
     assert len(repo.find("cam-1", lines=100, min_level="INFO")) == 50
     assert repo.add(_lines("cam-1", "b2", range(1, 3))) == 2  # the agent restarted: a new boot, seq from 1
     assert repo.last("cam-1") == ("b2", 2) and [r.seq for r in repo.find("cam-1", lines=3)] == [80, 1, 2]
+
+
+def test_the_api_and_dashboard_helpers_ask_after_the_last_stored_line(tmp_path: Path) -> None:
+    reg = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+    sent: list[tuple[str, bytes, int]] = []
+    topics = proto.TopicScheme("h/v1")
+    assert device_logs(reg, "cam-1") == {"device_id": "cam-1", "lines": [], "note": NO_LINES}
+    first = request_logs(lambda t, p, qos: sent.append((t, p, qos)), topics, reg, "cam-1")
+    assert (first.boot, first.since_seq) == (None, 0)
+    LogRepo.of(reg).add(_lines("cam-1", "b1", range(1, 4), level="ERROR"))
+    second = request_logs(lambda t, p, qos: sent.append((t, p, qos)), topics, reg, "cam-1")
+    assert [(t, proto.decode(p), q) for t, p, q in sent] == [(topics.command("cam-1", "logs"), first, 1),
+                                                              (topics.command("cam-1", "logs"), second, 1)]
+    assert (second.boot, second.since_seq, second.min_level) == ("b1", 3, "DEBUG")
+    data = device_logs(reg, "cam-1", lines=2, min_level="WARNING")
+    assert [ln["seq"] for ln in data["lines"]] == [2, 3] and data["note"] is None
+    reg.close()
 
 
 def test_ingestion_checks_and_stores_answers(tmp_path: Path) -> None:
