@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["version", "count", "human_bytes", "gate_rows", "NO_MODEL"]
+__all__ = ["version", "count", "human_bytes", "gate_rows", "gate_value", "NO_MODEL"]
 
 NO_MODEL = "—"
 
@@ -49,6 +49,16 @@ def human_bytes(v: Any) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"  # pragma: no cover - the loop always returns
+
+
+def gate_value(v: Any) -> str:
+    """A gate cell: an accuracy in [0, 1] as a percentage, a count as an integer, else 3 digits."""
+    f = _f(v)
+    if f is None:
+        return "—"
+    if 0.0 <= f <= 1.0 and not (f == 1.0 and isinstance(v, int)):
+        return f"{100 * f:.1f}%"
+    return count(f) if f.is_integer() else f"{f:.3f}"
 
 
 def _f(v: Any) -> float | None:
@@ -91,10 +101,17 @@ def gate_rows(gate: Mapping[str, Any] | None) -> list[dict[str, Any]]:
                          budget=f"drop ≤ {100 * max_drop:.1f} pt" if max_drop is not None else "—",
                          ok=None if max_drop is None else -change <= max_drop + 1e-12))
     passed = g.pop("passed", None)
-    for key in sorted(k for k in g if k.endswith("_current")):
-        stem = key[: -len("_current")]
-        if f"{stem}_candidate" in g:
-            cur, new = _f(g.pop(key)), _f(g.pop(f"{stem}_candidate"))
+    for key in sorted(g):  # X_current / X_candidate, or current_X / candidate_X: one row per pair
+        if key not in g:
+            continue
+        if key.endswith("_current"):
+            stem, other = key[: -len("_current")], f"{key[: -len('_current')]}_candidate"
+        elif key.startswith("current_"):
+            stem, other = key[len("current_"):], f"candidate_{key[len('current_'):]}"
+        else:
+            continue
+        if other in g:
+            cur, new = _f(g.pop(key)), _f(g.pop(other))
             rows.append(_row(stem.replace("_", " "), cur, new, budget="—", ok=None,
                              change=None if cur is None or new is None else new - cur))
     for key in sorted(g):

@@ -14,7 +14,7 @@ from markupsafe import Markup
 from . import charts
 from .data import DashContext
 from .png import encode_png, upscale
-from .present import count, human_bytes, version
+from .present import count, gate_value, human_bytes, version
 
 __all__ = ["Views"]
 
@@ -57,7 +57,7 @@ class Views:
         self.env = Environment(loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
                                autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
         self.env.filters.update(ago=_ago, clock=_clock, pct=_pct, num=_num, ver=version, count=count,
-                                bytes=human_bytes)
+                                bytes=human_bytes, gate=gate_value)
         self.env.globals.update(prefix=prefix, refresh_s=refresh_s, line_chart=self.line_chart,
                                 bar_chart=self.bar_chart)
 

@@ -288,9 +288,9 @@ def test_presentation_helpers() -> None:
     assert [count(v) for v in (8.0, 3, None, 1234.0)] == ["8", "3", "—", "1,234"]
     assert [human_bytes(v) for v in (10, 90_000, 5 * 1024 ** 2, None)] == ["10 B", "87.9 KB", "5.0 MB", "—"]
     rows = gate_rows({"holdout_current": 0.5, "holdout_candidate": 0.6, "min_improvement": 0.02, "variant": "fp32",
-                      "acc_current": 0.9, "acc_candidate": 0.8})
-    assert [r["verdict"] for r in rows] == ["pass", "—", "—"] and rows[1]["metric"] == "acc"
-    assert rows[2]["metric"] == "variant: fp32" and gate_rows(None) == []
+                      "acc_current": 0.9, "acc_candidate": 0.8, "current_f1": 0.7, "candidate_f1": 0.75})
+    assert [r["verdict"] for r in rows] == ["pass", "—", "—", "—"] and [r["metric"] for r in rows[1:3]] == ["acc", "f1"]
+    assert rows[2]["change"] == pytest.approx(0.05) and rows[3]["metric"] == "variant: fp32" and gate_rows(None) == []
 
 
 def test_json_api_matches_and_paginates(fleet: dict[str, Any]) -> None:

@@ -8,8 +8,10 @@ encoded with ``core.sampling``) over real MQTT: birth/Last Will, telemetry, drif
 reports (shifted inputs raise the alarm), samples, and job statuses answering commands.
 They do not fetch or verify bundles — the agent's own tests cover that.
 
-Screenshots of every page go to ``tests/artifacts/screenshots/`` (and, with
-``EDGELOOP_SCREENSHOTS_TO_DOCS=1``, to ``docs/screenshots/``).
+Every page is checked and photographed twice: at desktop width (1400 px) and at 400 px,
+where nothing may scroll sideways.  The screenshots go to ``$EDGELOOP_SCREENSHOTS`` (default
+``tests/fleet/artifacts/screenshots/``, which the test prints) and, with
+``EDGELOOP_SCREENSHOTS_TO_DOCS=1``, to ``docs/screenshots/`` as well.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from tests.plugins.broker import free_port  # noqa: E402
 
 pytestmark = pytest.mark.broker
 
-ARTIFACTS = Path(__file__).parent / "artifacts" / "screenshots"
+ARTIFACTS = Path(os.environ.get("EDGELOOP_SCREENSHOTS") or Path(__file__).parent / "artifacts" / "screenshots")
+WIDTHS = (("desktop", 1400), ("400px", 400))
 DOCS_SHOTS = Path(__file__).parents[2] / "docs" / "screenshots"
 TOKEN = "e2e-operator-token-0123456789"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -95,7 +98,7 @@ class SimAgent:
     def publish_state(self) -> None:
         st = DeviceState(self.id, True, model_name="digits", model_version=self.version, variant="fp32",
                          variants=("fp32",), delivery=("mqtt",), previous_version=self.previous,
-                         hardware={"machine": "sim", "group": "shifted" if self.id in SHIFTED else "clean"})
+                         hardware={"machine": "sim", "group": "cams-north" if self.id in NORTH else "cams-south"})
         self.client.publish(self.topics.device(self.id, "state"), st.encode(), qos=1, retain=True)
 
     def _job(self, job_id: str, version: str, step: str, **kw: Any) -> None:
@@ -126,7 +129,9 @@ class SimAgent:
         tel = Telemetry(self.id, self.seq, model_version=self.version, inferences=self.inferences,
                         inferences_interval=50, latency_p50_ms=1.0 + 0.2 * self.rng.random(),
                         latency_p99_ms=2.5 + self.rng.random(), mean_confidence=0.55 if struggling else 0.95,
-                        queue_depth=int(self.rng.integers(0, 6)), drift_alarm=struggling)
+                        queue_depth=int(self.rng.integers(0, 6)), drift_alarm=struggling,
+                        cpu_percent=round(8.0 + 6.0 * float(self.rng.random()), 1),
+                        memory_mb=round(42.0 + float(self.rng.random()), 1))
         drift = DriftReportMsg(self.id, self.seq, window=self.seq, n=50, model_version=self.version, risk=risk,
                                alarm=struggling, input_shift=self.shifted, mean_confidence=tel.mean_confidence,
                                scores={"ks": risk})
@@ -147,6 +152,7 @@ class SimAgent:
 
 
 SHIFTED = {"cam-01", "cam-02"}
+NORTH = {"cam-00", "cam-01", "cam-02", "cam-03"}  # the agents report their group; rollouts may target it
 
 
 class Fleet:
@@ -156,12 +162,15 @@ class Fleet:
         import uvicorn
         from fastapi import FastAPI
 
+        from core.signing import save_keypair
         from fleet.config import ApiConfig, BrokerConfig, RolloutConfig, default_config
         from fleet.dashboard import DashboardConfig, mount_dashboard
         from fleet.dashboard.data import DashContext
         from fleet.ingest import IngestService, connect_client
         from fleet.registry import Registry
         from fleet.rollout_driver import RolloutDriver
+        from fleet.setup import trust_key
+        from tests.plugins.agent_kit import make_bundle
 
         try:
             from fleet.api import create_app
@@ -174,6 +183,12 @@ class Fleet:
                                   # simulated agents: too little telemetry to judge; proceed (with a warning)
                                   rollout=RolloutConfig(canary_max_extension_s=0.0))
         self.registry = Registry.open(self.cfg.database_url)
+        # bundles to upload from the models page: one signed by a key the fleet trusts, one by a stranger's
+        mine = save_keypair(tmp / "me")
+        trust_key(self.cfg, mine.public)
+        self.trusted_bundle = make_bundle(tmp / "upload" / "tiny-mlp.elb", signing_key=mine.private)
+        self.untrusted_bundle = make_bundle(tmp / "upload" / "stranger.elb",
+                                            signing_key=save_keypair(tmp / "stranger").private)
         self.ingest = IngestService(self.cfg, self.registry, client_id="fleet-ingest-e2e")
         self.ingest.start()
         self.client, _ = connect_client(self.cfg.broker, client_id="fleet-cmd-e2e")
@@ -191,8 +206,11 @@ class Fleet:
                                         signed_by="fleet", lineage={"trigger": "drift", "n_labelled": 240},
                                         metrics={"variants": {"fp32": {"test_accuracy": 0.975, "accuracy_drop": 0.0,
                                                                        "latency_ms": 1.1, "size": 90_000}},
-                                                 "gate": {"candidate_drift_acc": 0.91, "current_drift_acc": 0.62,
-                                                          "original_drop": 0.005}}, created=now - 30)
+                                                 "gate": {"holdout_current": 0.62, "holdout_candidate": 0.91,
+                                                          "test_current": 0.98, "test_candidate": 0.975,
+                                                          "n_holdout": 72, "n_train": 168, "variant": "fp32",
+                                                          "min_improvement": 0.02, "max_original_drop": 0.01,
+                                                          "passed": True}}, created=now - 30)
         self.registry.add_model_version("digits", "3", status="rejected", parent_version="2",
                                         reason="gate: +0.4 points on held-out drift samples < 2.0 required",
                                         created=now - 20)
@@ -241,18 +259,38 @@ def chrome(tmp_path: Path) -> Iterator[Any]:
         drv.quit()
 
 
-def shot(drv: Any, name: str) -> Path:
-    """A full-page PNG: grow the window to the page height first."""
-    height = int(drv.execute_script("return document.documentElement.scrollHeight"))
-    drv.set_window_size(1400, min(1600, max(900, height)))
+def _emulate(drv: Any, width: int, height: int) -> None:
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+
+
+def shot(drv: Any, name: str) -> list[Path]:
+    """Full-page PNGs of the current page at desktop width and at 400 px, where nothing may scroll sideways."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    drv.save_screenshot(str(path))
-    drv.set_window_size(1400, 1000)
-    if os.environ.get("EDGELOOP_SCREENSHOTS_TO_DOCS") == "1":
-        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, DOCS_SHOTS / path.name)
-    return path
+    paths = []
+    try:
+        for label, width in WIDTHS:
+            _emulate(drv, width, 900)
+            height = int(drv.execute_script("return document.documentElement.scrollHeight"))
+            _emulate(drv, width, min(4000, max(900, height)))
+            if width < 600:
+                wide = drv.execute_script(
+                    "const w = document.documentElement.clientWidth; "
+                    "return Array.from(document.querySelectorAll('main *, header *')).filter("
+                    "e => e.getBoundingClientRect().right > w + 1 && e.offsetParent !== null)"
+                    ".slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className);")
+                scroll = drv.execute_script("return document.documentElement.scrollWidth - "
+                                            "document.documentElement.clientWidth")
+                assert scroll <= 0 and not wide, f"{name} scrolls sideways at {width} px: {wide}"
+            path = ARTIFACTS / f"{name}-{label}.png"
+            drv.save_screenshot(str(path))
+            paths.append(path)
+            if os.environ.get("EDGELOOP_SCREENSHOTS_TO_DOCS") == "1":
+                DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, DOCS_SHOTS / path.name)
+    finally:
+        drv.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    return paths
 
 
 def text_of(drv: Any, css: str) -> str:
@@ -284,6 +322,7 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
     agents: list[SimAgent] = []
     stop = threading.Event()
     wait = WebDriverWait(chrome, 60, poll_frequency=0.2)
+    print(f"\nscreenshots: {ARTIFACTS}")
 
     def report() -> None:
         while not stop.wait(0.25):
@@ -315,16 +354,27 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
         wait.until(lambda d: text_of(d, "#stat-alarming b") == "2")
         wait.until(lambda d: int(text_of(d, "#stat-unlabelled b") or 0) >= 12)
         assert texts_of(chrome, "#alarms td a") == SHIFTED
+        assert "more labelled samples" in text_of(chrome, "#labels-needed")
+        assert chrome.find_element(By.ID, "metrics-link").get_attribute("href").endswith("/metrics")
         shot(chrome, "02-overview-drift-alarm")
         chrome.get(fleet.url + "/dashboard/drift")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#alarm-windows tr.alarm-row"))
         shot(chrome, "03-drift")
         chrome.get(fleet.url + "/dashboard/devices")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices-table tr[data-device]")) == 8)
+        assert texts_of(chrome, "#devices-table td:nth-child(3)") == {"cams-north", "cams-south"}  # group column
+        assert "vNone" not in chrome.page_source
         shot(chrome, "04-devices")
         chrome.get(fleet.url + "/dashboard/devices/cam-01")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".thumbs img"))
         wait.until(lambda d: d.execute_script(
             "return Array.from(document.querySelectorAll('.thumbs img')).every(i => i.complete && i.naturalWidth > 0)"))
+        for chart in ("#cpu-chart polyline", "#memory-chart polyline"):
+            wait.until(lambda d, c=chart: d.find_elements(By.CSS_SELECTOR, c))
+        shot(chrome, "05-device-alarmed")
+        click(chrome, "#nav-samples")
+        wait.until(lambda d: "/dashboard/samples" in d.current_url and d.find_elements(By.CSS_SELECTOR, ".thumbs img"))
+        shot(chrome, "06-samples")
 
         # 4. label samples: a key press on the selected card, then a click on a class button
         chrome.get(fleet.url + "/dashboard/labels")
@@ -339,39 +389,57 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
         assert fleet.registry.sample(first).label == "3"
         assert fleet.registry.sample(second_id).label == "7"
         assert int(text_of(chrome, "#unlabelled-count")) == before - 2
-        shot(chrome, "05-labelling")
+        shot(chrome, "07-labelling")
 
-        # 5. start a rollout of v2 from the models page and watch it finish
+        # 5. register models from the models page: a stranger's bundle is refused, a trusted one registered
         chrome.get(fleet.url + "/dashboard/models")
+        chrome.find_element(By.ID, "bundle-file").send_keys(str(fleet.untrusted_bundle))
+        chrome.find_element(By.ID, "upload-submit").click()
+        wait.until(lambda d: d.find_elements(By.ID, "flash-error"))
+        assert "not trusted" in text_of(chrome, "#flash-error") and fleet.registry.model("tiny-mlp", "1.0.0") is None
+        shot(chrome, "08-models-upload-refused")
+        chrome.find_element(By.ID, "bundle-file").send_keys(str(fleet.trusted_bundle))
+        chrome.find_element(By.ID, "upload-submit").click()
+        wait.until(lambda d: "registered tiny-mlp 1.0.0" in text_of(d, "#flash"))
+        assert fleet.registry.model("tiny-mlp", "1.0.0").status == "accepted"
+
+        # 6. roll v2 out to the cams-north group from the models page and watch it finish
         form = chrome.find_element(By.CSS_SELECTOR, "#model-2 form.rollout-form")
-        for name, value in [("canary", "25%"), ("waves", "50,100"), ("soak", "1s"), ("max_failures", "0%")]:
+        for name, value in [("target", "group=cams-north"), ("canary", "25%"), ("waves", "50,100"), ("soak", "1s"),
+                            ("max_failures", "0%")]:
             field = form.find_element(By.NAME, name)
             field.clear()
             field.send_keys(value)
-        assert "gate" in chrome.find_element(By.ID, "model-2").text
+        assert chrome.find_elements(By.CSS_SELECTOR, "#gate-2 tr")
         assert "Rejected" in chrome.find_element(By.ID, "model-3").text
-        shot(chrome, "06-models")
+        assert "{" not in chrome.find_element(By.ID, "model-2").text  # no raw dict
+        shot(chrome, "09-models")
         chrome.find_element(By.ID, "rollout-2").click()
         wait.until(lambda d: "/dashboard/rollouts/ro-" in d.current_url)
         rid = chrome.current_url.split("/dashboard/rollouts/")[1].split("?")[0]
         wait.until(lambda d: text_of(d, "#rollout-status") == "completed")
-        assert all(d.model_version == "2" for d in fleet.registry.devices())
-        shot(chrome, "07-rollout-completed")
+        wait.until(lambda d: "completed, 3 of 3 waves" in text_of(d, "#rollout-progress"))
+        assert "group=cams-north" in text_of(chrome, "#rollout-progress")
+        assert {d.id for d in fleet.registry.devices() if d.model_version == "2"} == NORTH
+        shot(chrome, "10-rollout-completed")
+        chrome.get(fleet.url + "/dashboard/rollouts")
+        shot(chrome, "11-rollouts")
 
-        # 6. roll it back from the same page
+        # 7. roll it back from its page
+        chrome.get(fleet.url + f"/dashboard/rollouts/{rid}")
         click(chrome, "#btn-rollback")
         wait.until(lambda d: _accept_alert(d))
         wait.until(lambda d: text_of(d, "#rollout-status") == "rolled_back")
         assert fleet.registry.rollout(rid).status == "rolled_back"
         wait.until(lambda _d: all(d.model_version == "1" for d in fleet.registry.devices()))
-        shot(chrome, "08-rollout-rolled-back")
+        shot(chrome, "12-rollout-rolled-back")
         chrome.get(fleet.url + "/dashboard/devices/cam-01")
         history = text_of(chrome, "#history")
         assert "rollback" in history and "install" in history
-        shot(chrome, "09-device")
+        shot(chrome, "13-device-history")
         chrome.get(fleet.url + "/dashboard/")
         wait.until(lambda d: d.find_elements(By.ID, "stat-online"))
-        shot(chrome, "10-overview-after")
+        shot(chrome, "14-overview-after")
     finally:
         stop.set()
         if reporter.is_alive():
