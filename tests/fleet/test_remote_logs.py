@@ -29,6 +29,7 @@ from tests.plugins.agent_kit import agent_config
 from tests.plugins.broker import MosquittoBroker
 
 WAIT = 30.0  # upper bound for one wait; the tests finish long before
+PASSWORD = "broker-pw-never-in-logs"  # the test broker lets anyone in; the agent still redacts it
 
 
 def _ring(capacity: int = 500) -> tuple[LogRing, logging.Logger]:
@@ -217,7 +218,7 @@ def fleet_cfg(broker: MosquittoBroker, topic_prefix: str, tmp_path: Path) -> Fle
 def agent(broker: MosquittoBroker, topic_prefix: str, tmp_path: Path) -> Iterator[Agent]:
     cfg = agent_config(tmp_path / "state", agent={"device_id": "cam-logs"},
                        broker={"enabled": True, "host": broker.host, "port": broker.port,
-                               "topic_prefix": topic_prefix})
+                               "topic_prefix": topic_prefix, "username": "cam-logs", "password": PASSWORD})
     a = Agent(cfg).start()
     assert a.link.connection.ready.wait(WAIT), "the agent never subscribed to its commands"
     yield a
@@ -229,12 +230,13 @@ def test_a_real_agent_answers_and_fleet_logs_prints_its_lines(agent: Agent, flee
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     marker = uuid.uuid4().hex[:8]
     logging.getLogger("edge_agent.camera").warning("camera 0 lost 12 frames (%s)", marker)
+    logging.getLogger("edge_agent.camera").warning("connecting with %s (%s)", PASSWORD, marker)
     logging.getLogger("edge_agent.camera").debug("below the agent's level: never recorded (%s)", marker)
     assert main(["fleet", "logs", "cam-logs", "-c", str(tmp_path / "fleet.toml"), "--timeout", str(WAIT),
                  "--level", "warning"]) == 0
     out = capsys.readouterr().out
     assert f"WARNING  edge_agent.camera: camera 0 lost 12 frames ({marker})" in out, out
-    assert "never recorded" not in out
+    assert "never recorded" not in out and PASSWORD not in out and f"connecting with *** ({marker})" in out
     # --json, and the answer is stored: the next request asks only for what is new
     logging.getLogger("edge_agent.camera").error("second line %s", marker)
     assert main(["fleet", "logs", "cam-logs", "-c", str(tmp_path / "fleet.toml"), "--timeout", str(WAIT),
