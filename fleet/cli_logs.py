@@ -49,10 +49,13 @@ def format_line(r: LogLineRecord) -> str:
     return f"{when} {r.level:<8} {r.logger}: {r.msg}"
 
 
-def _status_note(answer: LogAnswer, timeout_s: float, stored: int) -> str | None:
+def _status_note(answer: LogAnswer, timeout_s: float, stored: int, known: Any) -> str | None:
+    """The stderr line after the lines (``known``: the device's registry record, or None)."""
     if not answer.answered:
-        return (f"{answer.device_id} did not answer within {timeout_s:g} s (agent too old or offline); "
-                f"{stored} stored lines")
+        seen = ("the fleet has never seen it (`edgeloop fleet devices` lists the ids)" if known is None
+                else "it is offline" if not known.online else "its agent may predate remote logs")
+        return (f"{answer.device_id} did not answer within {timeout_s:g} s: {seen}; "
+                f"{stored} stored lines shown")
     if answer.dropped:
         return f"{answer.dropped} older lines were no longer on {answer.device_id}"
     return None
@@ -83,14 +86,13 @@ def _cmd_logs(args: argparse.Namespace) -> int:
             answer = client.ask(device, timeout_s=args.timeout)
             rows = client.repo.find(device, lines=args.lines, min_level=args.level)
             _report_refusals(client, device)
-            note = _status_note(answer, args.timeout, len(rows))
+            note = _status_note(answer, args.timeout, len(rows), reg.devices.get(device))
             data = {"device_id": device, "answered": answer.answered, "dropped": answer.dropped,
                     "lines": [r.to_dict() for r in rows]}
 
             def human() -> None:
                 if not rows:
                     print(NO_LINES if not answer.answered else f"no log lines from {device} at {args.level} or above")
-                    return
                 for r in rows:
                     print(format_line(r))
                 if note:
