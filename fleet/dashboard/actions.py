@@ -21,7 +21,7 @@ from core.errors import ConfigError, EdgeloopError, FleetError, RolloutError
 from .data import DashContext, class_names, model_labels, parse_shares
 
 __all__ = ["label_sample", "start_rollout", "rollout_command", "ROLLOUT_VERBS", "parse_duration", "upload_model",
-           "set_device_group", "MAX_UPLOAD_BYTES"]
+           "set_device_group", "request_device_logs", "MAX_UPLOAD_BYTES"]
 
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # a bundle of a few models; the body is read into memory
 
@@ -100,6 +100,18 @@ def set_device_group(ctx: DashContext, device_id: str, group: str) -> dict[str, 
     ctx.registry.devices.upsert(device_id, tags={"group": group or None})
     return {"device_id": device_id, "group": group or None,
             "message": f"{device_id}: group {group}" if group else f"{device_id}: no group"}
+
+
+def request_device_logs(ctx: DashContext, device_id: str) -> dict[str, Any]:
+    """Ask a device for its new log lines (:func:`fleet.remote_logs.request_logs`); ingestion stores the answer."""
+    from ..remote_logs import request_logs
+
+    if ctx.registry.devices.get(device_id) is None:
+        raise FleetError(f"no device {device_id}", device_id=device_id, hint="see the devices page")
+    driver = _require_driver(ctx)
+    req = request_logs(driver.publisher.publish, driver.topics, ctx.registry, device_id)
+    return {"device_id": device_id, "request_id": req.request_id,
+            "message": f"asked {device_id} for its log lines: reload in a second"}
 
 
 def start_rollout(ctx: DashContext, name: str, version: str, *, canary: str = "10%", waves: str = "25,50,100",

@@ -223,9 +223,19 @@ def devices_page(ctx: DashContext, *, page: int = 1, q: str | None = None, onlin
     return {**_page_info(found), "items": items, "q": q or "", "online": online, "alarm": alarm}
 
 
-def device_detail(ctx: DashContext, device_id: str, *, points: int = 300, samples: int = 24) -> dict[str, Any]:
-    """A device with its telemetry and drift series (last ``points``), model history and recent samples."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def device_detail(ctx: DashContext, device_id: str, *, points: int = 300, samples: int = 24,
+                  log_level: str | None = None, log_lines: int = 100) -> dict[str, Any]:
+    """A device with its telemetry and drift series (last ``points``), model history, recent samples
+    and the newest ``log_lines`` of its agent's log at ``log_level`` or above (remote logs)."""
+    from ..remote_logs import device_logs
+
     reg = ctx.registry
+    level = (log_level or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise FleetError(f"unknown log level {log_level!r}", hint=f"one of {', '.join(LOG_LEVELS)}")
     dev = reg.devices.get(device_id)
     if dev is None:
         raise FleetError(f"no device {device_id}", device_id=device_id, hint="see the devices page")
@@ -249,6 +259,8 @@ def device_detail(ctx: DashContext, device_id: str, *, points: int = 300, sample
                    "model_version": r.model_version} for r in drift],
         "history": history[::-1],
         "samples": [_sample(r) for r in reversed(recent)], "samples_total": total,
+        "logs": device_logs(reg, device_id, lines=log_lines, min_level=level), "log_level": level,
+        "can_request_logs": ctx.get_driver() is not None,
     }
 
 

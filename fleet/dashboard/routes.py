@@ -297,11 +297,12 @@ def create_router(source: Registry | data.DashContext | FleetApp, config: Any = 
 
     @router.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
     def device_page(device_id: str, request: Request) -> Response:
-        return page("device.html", request, lambda: data.device_detail(ctx, device_id), active="devices")
+        return page("device.html", request, lambda: data.device_detail(ctx, device_id, log_level=q(request, "level")),
+                    active="devices")
 
     @router.get("/api/devices/{device_id}", summary="Dashboard data: one device", response_model=None)
     def device_api(device_id: str, request: Request) -> dict[str, Any]:
-        return api(request, lambda: data.device_detail(ctx, device_id))
+        return api(request, lambda: data.device_detail(ctx, device_id, log_level=q(request, "level")))
 
     @router.get("/rollouts/{rollout_id}", response_class=HTMLResponse, include_in_schema=False)
     def rollout_page(rollout_id: str, request: Request) -> Response:
@@ -337,9 +338,14 @@ def create_router(source: Registry | data.DashContext | FleetApp, config: Any = 
                          f"{prefix}/models", parse=_upload_form)
 
     @router.post("/actions/devices/{device_id}/group", summary="Set a device's group tag (operator)")
-    async def device_group(device_id: str, request: Request) -> Response:
+    async def group_action(device_id: str, request: Request) -> Response:
         return await act(request, lambda f, s: actions.set_device_group(ctx, device_id, f.get("group", "")),
                          f"{prefix}/devices/{urllib.parse.quote(device_id)}")
+
+    @router.post("/actions/devices/{device_id}/logs", summary="Ask a device for its recent log lines (operator)")
+    async def logs_action(device_id: str, request: Request) -> Response:
+        return await act(request, lambda f, s: actions.request_device_logs(ctx, device_id),
+                         f"{prefix}/devices/{urllib.parse.quote(device_id)}#logs")
 
     @router.post("/actions/rollouts/{rollout_id}/{verb}", summary="pause / resume / abort / rollback a rollout")
     async def rollout_verb(rollout_id: str, verb: str, request: Request) -> Response:

@@ -220,6 +220,26 @@ def test_device_group_tag_and_rollout_target_from_the_ui(fleet: dict[str, Any]) 
     assert "group=cams-north" in page and "canary, stage 1 of 2" in page
 
 
+def test_device_page_shows_the_agents_log_and_asks_for_more(fleet: dict[str, Any]) -> None:
+    from core.protocol import LogLines, LogsRequest, decode
+    from fleet.repos.logs import LogRepo
+
+    c = login(fleet["app"])
+    assert "no log lines" in c.get("/dashboard/devices/cam-00").text
+    lines = tuple({"seq": i, "ts": time.time(), "level": lv, "logger": "edge_agent", "msg": msg}
+                  for i, (lv, msg) in enumerate([("INFO", "model digits 1 loaded"),
+                                                 ("ERROR", "<script>alert(1)</script> broker down")], 1))
+    LogRepo.of(fleet["reg"]).add(LogLines("cam-00", "req-1", "boot1", lines=lines))
+    page = c.get("/dashboard/devices/cam-00").text
+    assert "model digits 1 loaded" in page and "&lt;script&gt;alert(1)" in page and "<script>alert" not in page
+    assert "model digits 1 loaded" not in c.get("/dashboard/devices/cam-00?level=ERROR").text
+    assert c.get("/dashboard/api/devices/cam-00?level=loud").status_code == 404
+    r = c.post("/dashboard/actions/devices/cam-00/logs", data={"csrf_token": csrf_of(c)})
+    assert r.status_code == 303 and "msg=" in r.headers["location"]
+    (req,) = [decode(p) for t, p in fleet["pub"].sent if t.endswith("/cmd/logs")]
+    assert isinstance(req, LogsRequest) and (req.boot, req.since_seq) == ("boot1", 2)
+
+
 def test_completed_rollout_reads_completed(fleet: dict[str, Any]) -> None:
     from fleet.dashboard.data import rollout_summary
 

@@ -371,6 +371,7 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
             "return Array.from(document.querySelectorAll('.thumbs img')).every(i => i.complete && i.naturalWidth > 0)"))
         for chart in ("#cpu-chart polyline", "#memory-chart polyline"):
             wait.until(lambda d, c=chart: d.find_elements(By.CSS_SELECTOR, c))
+        assert chrome.find_elements(By.ID, "btn-logs") and text_of(chrome, "#logs h2").startswith("Agent log")
         shot(chrome, "05-device-alarmed")
         click(chrome, "#nav-samples")
         wait.until(lambda d: "/dashboard/samples" in d.current_url and d.find_elements(By.CSS_SELECTOR, ".thumbs img"))
