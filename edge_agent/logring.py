@@ -23,6 +23,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from core.protocol import (
     MAX_LOG_LINE_CHARS,
@@ -62,7 +63,7 @@ class LogRing(logging.Handler):
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.boot = secrets.token_hex(8)
-        self._lines: collections.deque[dict[str, object]] = collections.deque(maxlen=capacity)
+        self._lines: collections.deque[dict[str, Any]] = collections.deque(maxlen=capacity)
         self._seq = 0
         self._secrets: set[str] = set()
         self._ring_lock = threading.Lock()
@@ -96,7 +97,7 @@ class LogRing(logging.Handler):
 
     # ------------------------------------------------------------------ answering
     def lines(self, *, since_seq: int = 0, boot: str | None = None, max_lines: int = MAX_LOG_LINES_PER_MESSAGE,
-              min_level: str = "DEBUG") -> tuple[list[dict[str, object]], int]:
+              min_level: str = "DEBUG") -> tuple[list[dict[str, Any]], int]:
         """``(lines, dropped)``: the newest ``max_lines`` lines after ``since_seq`` at ``min_level`` or
         above (all this boot's lines when ``boot`` is another); ``dropped`` counts lines after
         ``since_seq`` the ring no longer holds."""
@@ -105,8 +106,8 @@ class LogRing(logging.Handler):
             since = since_seq if boot == self.boot else 0
             held = list(self._lines)
         oldest = held[0]["seq"] if held else self.last_seq + 1
-        dropped = max(0, int(oldest) - since - 1)  # type: ignore[call-overload]
-        picked = [ln for ln in held if ln["seq"] > since and _LEVELS[str(ln["level"])] >= floor]  # type: ignore[operator]
+        dropped = max(0, int(oldest) - since - 1)
+        picked = [ln for ln in held if ln["seq"] > since and _LEVELS[ln["level"]] >= floor]
         return picked[-max_lines:] if max_lines > 0 else [], dropped
 
     def answer(self, device_id: str, req: LogsRequest) -> list[LogLines]:
@@ -123,9 +124,9 @@ def _truncate(text: str) -> str:
     return text if len(text) <= MAX_LOG_LINE_CHARS else text[:MAX_LOG_LINE_CHARS - 3] + "..."
 
 
-def _split(lines: list[dict[str, object]]) -> Iterable[list[dict[str, object]]]:
+def _split(lines: list[dict[str, Any]]) -> Iterable[list[dict[str, Any]]]:
     """Lines in parts of at most MAX_LOG_LINES_PER_MESSAGE lines and MAX_LOG_MESSAGE_BYTES encoded."""
-    part: list[dict[str, object]] = []
+    part: list[dict[str, Any]] = []
     size = _ENVELOPE_BYTES
     for ln in lines:
         n = len(json.dumps(ln, separators=(",", ":"))) + 1  # as Message.encode writes it (ASCII-escaped)
