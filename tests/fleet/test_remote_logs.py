@@ -17,6 +17,7 @@ import pytest
 from core import protocol as proto
 from core.errors import ProtocolError
 from edge_agent.agent import Agent
+from edge_agent.link_commands import CommandInbox
 from edge_agent.logring import LogRing
 from edgeloop.cli import main
 from fleet.cli_logs import follow
@@ -89,6 +90,36 @@ def test_an_answer_is_split_within_the_protocol_bounds_and_resumes_after_the_las
     assert [ln["seq"] for ln in fresh.lines] == [499, 500, 501]
     (empty,) = ring.answer("cam-1", proto.LogsRequest("r4", since_seq=501, boot=ring.boot))
     assert empty.lines == () and not empty.more  # an answer always comes: the fleet knows the agent heard
+
+
+def test_the_command_thread_hands_logs_requests_to_on_logs_and_drops_bad_ones() -> None:
+    topics = proto.TopicScheme("c/v1")
+    commands: list[proto.RollbackCommand] = []  # what on_command got
+    asked: list[proto.LogsRequest] = []
+    handled = threading.Semaphore(0)
+
+    def on_command(cmd: object) -> None:
+        commands.append(cmd)  # type: ignore[arg-type]
+        handled.release()
+
+    def on_logs(req: proto.LogsRequest) -> None:
+        asked.append(req)
+        handled.release()
+
+    inbox = CommandInbox("cam-1", topics, on_command, on_logs=on_logs)
+    thread = threading.Thread(target=inbox.run, daemon=True)
+    thread.start()
+    Msg = dataclasses.make_dataclass("Msg", ["topic", "payload"])
+    logs = topics.command("cam-1", "logs")
+    for payload in (proto.LogsRequest("r1").encode(), b"{}", b'{"type": "logs-req", "schema_version": 1, '
+                    b'"request_id": "r2", "max_lines": 100000}', proto.RollbackCommand("j1", "x").encode()):
+        inbox.put(Msg(logs, payload))
+    inbox.put(Msg(topics.command("cam-1", "rollback"), proto.RollbackCommand("j2", "x").encode()))
+    assert handled.acquire(timeout=WAIT) and handled.acquire(timeout=WAIT)  # the request, then the rollback
+    inbox.close()
+    thread.join(WAIT)
+    assert [r.request_id for r in asked] == ["r1"] and [c.job_id for c in commands] == ["j2"]
+    assert inbox.rejected == 3  # the bad requests (and a rollback on the logs topic) are counted, not fatal
 
 
 @pytest.mark.parametrize("bad", [
