@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import drift_stats as st
-from .drift_features import input_blocks
+from .drift_features import input_blocks, tangent_directions
 from .drift_stats import Hysteresis
 from .errors import BundleError, InputError
 
@@ -25,17 +25,23 @@ __all__ = ["BASELINE_SCHEMA_VERSION", "TEST_NAMES", "RISK_TESTS", "INPUT_TESTS",
            "min_calibration", "Baseline", "combine"]
 
 BASELINE_SCHEMA_VERSION = 2
-INPUT_TESTS = ("pixel_ks", "pixel_z", "pixel_psi", "image_ks", "image_z")
+INPUT_TESTS = ("pixel_ks", "pixel_z", "pixel_psi", "image_ks", "image_z", "image_rotation", "image_shift")
 RISK_TESTS = ("embedding_mmd", "embedding_knn", "confidence_ks", "output_ks", "output_z")
 CLASS_TESTS = ("class_chi2",)
 TEST_NAMES = INPUT_TESTS + RISK_TESTS + CLASS_TESTS
 _HINT = "recompute it with core.drift.calibrate (`edgeloop export` and `bundle create --baseline-dir` do)"
 
 
-def tests_for(kinds: Sequence[str]) -> tuple[str, ...]:
-    """The tests a baseline runs for the feature kinds it was calibrated with (``DriftFeatures.kinds``)."""
+def tests_for(kinds: Sequence[str], *, tangent: bool = True) -> tuple[str, ...]:
+    """The tests a baseline runs for the feature kinds it was calibrated with (``DriftFeatures.kinds``).
+
+    ``tangent``: whether the baseline has class templates for ``image_rotation`` / ``image_shift`` (images only;
+    baselines written before it existed do not, and run the other tests).
+    """
     k = set(kinds)
     want = set(INPUT_TESTS) if "inputs" in k else set()
+    if not tangent:
+        want -= {"image_rotation", "image_shift"}
     if k & {"embedding", "probs"}:
         want |= {"embedding_mmd", "embedding_knn"}
     if "probs" in k:
@@ -53,7 +59,7 @@ def min_calibration(window: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------ baseline
 
 _OPTIONAL = ("grid_ref", "grid_mean", "grid_sd", "stats_ref", "stats_mean", "stats_sd", "hist_range", "hist_fraction", "emb_ref",
-             "ref_class", "class_kernel", "knn_scale", "conf_ref", "class_prior", "class_groups", "out_ref",
+             "tangent_mean", "tangent_sd", "tangent_slot", "ref_class", "class_kernel", "knn_scale", "knn_ref", "conf_ref", "class_prior", "class_groups", "out_ref",
              "out_mean", "out_sd")
 
 
@@ -94,10 +100,14 @@ class Baseline:
     stats_sd: np.ndarray | None = None
     hist_range: np.ndarray | None = None  # (C, 2)
     hist_fraction: np.ndarray | None = None  # (C, bins)
+    tangent_mean: np.ndarray | None = None  # (T, C h w) class template thumbnails (the last: all classes)
+    tangent_sd: np.ndarray | None = None  # (T, 3) sd of the reference's tangent projections per template
+    tangent_slot: np.ndarray | None = None  # (K,) template of each predicted class
     emb_ref: np.ndarray | None = None  # (R, D)
     ref_class: np.ndarray | None = None  # (R,) predicted class of each reference sample (0 without probs)
     class_kernel: np.ndarray | None = None  # (K, K) mean kernel between reference classes
     knn_scale: np.ndarray | None = None  # (K,) median k-NN distance per predicted class (calibration)
+    knn_ref: np.ndarray | None = None  # (R,) leave-one-out k-NN distance of each reference sample
     conf_ref: np.ndarray | None = None  # (R,) max-probability of each reference sample
     class_prior: np.ndarray | None = None  # (K,)
     class_groups: np.ndarray | None = None  # (n_windows, K) chi-square group of each class
@@ -127,6 +137,12 @@ class Baseline:
         d = self.__dict__
         if self.grid_ref is not None:
             d["grid_index"], d["stats_index"] = st.EcdfIndex(self.grid_ref), st.EcdfIndex(self.stats_ref)
+        if self.tangent_mean is not None:
+            c, h, w = _thumb_chw(self.input_shape)
+            dirs = tangent_directions(self.tangent_mean.reshape(-1, c, h, w).astype(np.float64))
+            norm = np.maximum(np.einsum("tdp,tdp->td", dirs, dirs), 1e-12)
+            # <residual, direction> is then the projection in units of the reference's spread
+            d["tangent_dirs"] = dirs / (norm * self.tangent_sd)[:, :, None]
         if self.out_ref is not None:
             d["out_index"] = st.EcdfIndex(self.out_ref)
         if self.emb_ref is not None:
@@ -135,6 +151,14 @@ class Baseline:
             onehot = np.zeros((len(self.ref_class), k))
             onehot[np.arange(len(self.ref_class)), self.ref_class] = 1.0
             d["class_avg"] = onehot / np.maximum(onehot.sum(axis=0), 1.0)
+        if self.knn_ref is not None:
+            # class-banded sorted k-NN distances, as for the confidences: a new sample's distance is ranked
+            # among its predicted class's reference distances (uniform under no drift, whatever the class mix)
+            band = 2.0 * float(self.knn_ref.max()) + 1.0
+            d["knn_band"] = band
+            d["knn_banded"] = np.sort(self.knn_ref + band * self.ref_class)
+            d["knn_count"] = np.bincount(self.ref_class, minlength=len(d["class_avg"][0])).astype(np.float64)
+            d["knn_start"] = np.r_[0.0, np.cumsum(d["knn_count"])[:-1]]
         if self.conf_ref is not None:
             # class-banded sorted confidences: value + 2 * class, so one searchsorted serves all classes
             d["conf_banded"] = np.sort(self.conf_ref + 2.0 * self.ref_class)
@@ -143,7 +167,7 @@ class Baseline:
 
     @property
     def tests(self) -> tuple[str, ...]:
-        return tests_for(self.kinds)
+        return tests_for(self.kinds, tangent=self.tangent_mean is not None)
 
     @property
     def window(self) -> int:
@@ -233,52 +257,80 @@ class _Samples:
     grid_z: np.ndarray | None = None  # (n, G) standardised pooled cells
     stats_code: np.ndarray | None = None  # (n, S) ECDF codes of the image summary features
     stats_z: np.ndarray | None = None  # (n, S) standardised summary features
+    tangent_z: np.ndarray | None = None  # (n, 3) class-template tangent projections, in reference sd
     hist: np.ndarray | None = None  # (n, C, B) intensity histogram counts
     emb: np.ndarray | None = None  # (n, D)
     pred: np.ndarray | None = None  # (n,) predicted class (0 without probs)
     knn: np.ndarray | None = None  # (n,) k-NN distance / its calibration median for the predicted class
+    knn_pit: np.ndarray | None = None  # (n,) rank of the k-NN distance within the predicted class's reference
     kr: np.ndarray | None = None  # (n, K) mean kernel to each reference class
     pit: np.ndarray | None = None  # (n,) rank of the confidence within the predicted class's reference
     out_code: np.ndarray | None = None
     out_z: np.ndarray | None = None
 
 
-def _input_samples(b: Any, thumbs: np.ndarray, bins: int) -> dict[str, np.ndarray]:
+def _thumb_chw(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    from .drift_features import thumb_shape
+
+    c, h, w = thumb_shape(tuple(input_shape))
+    return c, h, w
+
+
+def tangent_projections(thumbs: np.ndarray, slots: np.ndarray, mean: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+    """(n, 3) projections of each thumbnail's residual from its template ``mean[slots]`` on ``dirs[slots]``."""
+    r = np.asarray(thumbs, dtype=np.float64).reshape(len(thumbs), -1) - mean[slots]
+    return np.einsum("np,ndp->nd", r, dirs[slots])
+
+
+def _input_samples(b: Any, thumbs: np.ndarray, bins: int, pred: np.ndarray) -> dict[str, np.ndarray]:
     cells, stats, values = input_blocks(thumbs, b.grid)
     hist = np.stack([st.histogram_counts(values[:, c], *b.hist_range[c], bins) for c in range(values.shape[1])],
                     axis=1)
-    return {"grid_code": b.grid_index.codes(cells), "grid_z": (cells - b.grid_mean) / b.grid_sd,
-            "stats_code": b.stats_index.codes(stats),
-            "stats_z": (stats - b.stats_mean) / b.stats_sd, "hist": hist}
+    out = {"grid_code": b.grid_index.codes(cells), "grid_z": (cells - b.grid_mean) / b.grid_sd,
+           "stats_code": b.stats_index.codes(stats),
+           "stats_z": (stats - b.stats_mean) / b.stats_sd, "hist": hist}
+    if getattr(b, "tangent_mean", None) is not None:
+        out["tangent_z"] = tangent_projections(thumbs, b.tangent_slot[pred], b.tangent_mean, b.tangent_dirs)
+    return out
 
 
 def _samples(b: Any, thumbs: np.ndarray | None, probs: np.ndarray | None, emb: np.ndarray | None,
              outputs: np.ndarray | None, n: int) -> _Samples:
     kw: dict[str, Any] = {}
-    if thumbs is not None:
-        kw.update(_input_samples(b, thumbs, b.hist_fraction.shape[1]))
     pred = np.zeros(n, np.int64)
     if probs is not None:
         probs = np.asarray(probs, dtype=np.float32).astype(np.float64)  # as the device computes them
         pred = probs.argmax(axis=1)
         conf = probs[np.arange(n), pred]
-        v = conf + 2.0 * pred
-        lo = np.searchsorted(b.conf_banded, v, side="left") - b.conf_start[pred]
-        hi = np.searchsorted(b.conf_banded, v, side="right") - b.conf_start[pred]
-        cnt = b.conf_count[pred]
-        kw["pit"] = np.where(cnt > 0, (lo + hi) / (2.0 * np.maximum(cnt, 1.0)), 0.0)
+        kw["pit"] = _banded_rank(conf, pred, 2.0, b.conf_banded, b.conf_start, b.conf_count)
     kw["pred"] = pred
+    if thumbs is not None:
+        kw.update(_input_samples(b, thumbs, b.hist_fraction.shape[1], pred))
     e = emb if emb is not None else probs_embedding(probs)
     if e is not None and b.emb_ref is not None:
         e = np.asarray(e, dtype=np.float32).astype(np.float64)
         d2 = st.sq_distances(e, b.emb_ref, b_sq=b.emb_ref_sq)
         kw["emb"] = e
-        kw["knn"] = st.knn_distance(d2, b.knn_k) / b.knn_scale[pred]
+        knn = st.knn_distance(d2, b.knn_k)
+        kw["knn"] = knn / b.knn_scale[pred]
+        if getattr(b, "knn_ref", None) is not None:
+            kw["knn_pit"] = _banded_rank(np.minimum(knn, b.knn_band * 0.5), pred, b.knn_band, b.knn_banded,
+                                         b.knn_start, b.knn_count)
         kw["kr"] = np.exp(-b.gamma * d2) @ b.class_avg
     if outputs is not None:
         o = np.asarray(outputs, dtype=np.float32).astype(np.float64)
         kw["out_code"], kw["out_z"] = b.out_index.codes(o), (o - b.out_mean) / b.out_sd
     return _Samples(n=n, **kw)
+
+
+def _banded_rank(values: np.ndarray, cls: np.ndarray, band: float, banded: np.ndarray, start: np.ndarray,
+                 count: np.ndarray) -> np.ndarray:
+    """Mid-rank of each value among its class's reference values (class-banded sorted array) in [0, 1]."""
+    v = values + band * cls
+    lo = np.searchsorted(banded, v, side="left") - start[cls]
+    hi = np.searchsorted(banded, v, side="right") - start[cls]
+    cnt = count[cls]
+    return np.where(cnt > 0, (lo + hi) / (2.0 * np.maximum(cnt, 1.0)), 0.5)
 
 
 def probs_embedding(probs: np.ndarray | None) -> np.ndarray | None:
@@ -306,6 +358,11 @@ def _window_stats(b: Any, f: _Samples, idx: np.ndarray, tests: Sequence[str], gr
         out[:, col["pixel_psi"]] = st.psi(f.hist[idx].sum(axis=1), b.hist_fraction[None]).max(axis=1)
         out[:, col["image_ks"]] = st.ks_from_codes(f.stats_code[idx], b.stats_ref.shape[0]).max(axis=1)
         out[:, col["image_z"]] = np.abs(f.stats_z[idx].mean(axis=1)).max(axis=1) * np.sqrt(w)
+    if "image_rotation" in col:
+        # z-tests of the window means of the class-template tangent projections: rotation; the larger shift
+        tz = np.abs(f.tangent_z[idx].mean(axis=1)) * np.sqrt(w)
+        out[:, col["image_rotation"]] = tz[:, 0]
+        out[:, col["image_shift"]] = tz[:, 1:].max(axis=1)
     if "embedding_mmd" in col:
         if kernel is None:
             e = f.emb[idx]
@@ -323,7 +380,7 @@ def _window_stats(b: Any, f: _Samples, idx: np.ndarray, tests: Sequence[str], gr
         own = np.take_along_axis(f.kr[idx], pred[:, :, None], axis=2)[:, :, 0].mean(axis=1)
         out[:, col["embedding_mmd"]] = st.within_class_mmd2((k_ww * mask).sum(axis=(1, 2)), mask.sum(axis=(1, 2)),
                                                             own, counts, np.diag(b.class_kernel))
-        out[:, col["embedding_knn"]] = f.knn[idx].mean(axis=1)
+        out[:, col["embedding_knn"]] = (f.knn if f.knn_pit is None else f.knn_pit)[idx].mean(axis=1)
     if "confidence_ks" in col:
         out[:, col["confidence_ks"]] = st.ks_uniform(f.pit[idx])
     if "output_ks" in col:

@@ -82,9 +82,37 @@ def _class_kernel(emb: np.ndarray, cls: np.ndarray, k: int, gamma: float) -> np.
     return np.where(pairs > 0, sums / np.maximum(pairs, 1.0), 0.0)
 
 
+_MAX_TEMPLATES = 32  # class templates kept for image_tangent (the most frequent classes; the rest share one)
+_MIN_TEMPLATE = 5  # reference samples a class needs for its own template
+
+
+def _tangents(t: np.ndarray, pred: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Class templates of the reference thumbnails and the spread of their tangent projections."""
+    from .drift_baseline import tangent_projections
+    from .drift_features import tangent_directions
+
+    counts = np.bincount(pred, minlength=k)
+    own = [c for c in np.argsort(-counts, kind="stable")[:_MAX_TEMPLATES] if counts[c] >= _MIN_TEMPLATE]
+    slot = np.full(k, len(own), np.int64)
+    slot[own] = np.arange(len(own))
+    flat = t.reshape(len(t), -1).astype(np.float64)
+    mean = np.stack([flat[pred == c].mean(axis=0) for c in own] + [flat.mean(axis=0)])
+    dirs = tangent_directions(mean.reshape(-1, *t.shape[1:]))
+    norm = np.maximum(np.einsum("tdp,tdp->td", dirs, dirs), 1e-12)
+    z = tangent_projections(t, slot[pred], mean, dirs / norm[:, :, None])
+    n = np.bincount(slot[pred], minlength=len(mean)).astype(np.float64)
+    # per template: the reference's own residual spread, inflated by n/(n-1) (the template was fitted to them)
+    var = np.stack([np.square(z[slot[pred] == j]).sum(axis=0) for j in range(len(mean))]) / np.maximum(n - 1, 1)[:, None]
+    overall = np.square(z).mean(axis=0)
+    sd = np.sqrt(np.where(n[:, None] >= _MIN_TEMPLATE, var, overall[None]))
+    return {"tangent_mean": mean.astype(np.float32), "tangent_sd": np.maximum(sd, 1e-9), "tangent_slot": slot}
+
+
 def _reference(ref: DriftFeatures, k: int, class_prior: np.ndarray | None, grid: int, bins: int,
                knn_k: int) -> dict[str, Any]:
     kw: dict[str, Any] = {"grid": grid, "knn_k": knn_k, "gamma": 1.0}
+    ref_pred = (np.zeros(ref.n, np.int64) if ref.probs is None
+                else np.asarray(ref.probs, dtype=np.float32).astype(np.float64).argmax(axis=1))
     if ref.inputs is not None:
         t = thumbnail(ref.inputs)
         cells, stats, values = input_blocks(t, grid)
@@ -98,6 +126,8 @@ def _reference(ref: DriftFeatures, k: int, class_prior: np.ndarray | None, grid:
                   stats_sd=np.maximum(sd, 1e-6 * (np.abs(stats.mean(axis=0)) + 1.0)),
                   hist_range=np.stack([lo, hi], axis=1).astype(np.float64),
                   hist_fraction=counts / counts.sum(axis=1, keepdims=True))
+        if t.ndim == 4:
+            kw.update(_tangents(t, ref_pred, k))
     pred = np.zeros(ref.n, np.int64)
     if ref.probs is not None:
         probs = np.asarray(ref.probs, dtype=np.float32).astype(np.float64)  # as the device computes them
@@ -142,7 +172,7 @@ def calibrate(ref: DriftFeatures, cal: DriftFeatures, *, windows: int | Sequence
     ok, skipped = _usable_windows(wanted, ref.n, cal.n)
     default = default_window if default_window in ok else (50 if 50 in ok else ok[0])
     k = np.shape(ref.probs)[1] if ref.probs is not None else 1
-    kinds, tests = ref.kinds, tests_for(ref.kinds)
+    kinds, tests = ref.kinds, tests_for(ref.kinds, tangent=ref.inputs is not None and np.ndim(ref.inputs) == 4)
     shape = tuple(np.shape(ref.inputs)[1:]) if ref.inputs is not None else ()
     placeholder = dict(kinds=kinds, windows=tuple(ok), default_window=default,
                        null=np.zeros((len(ok), 2, len(tests))), combined=np.zeros((len(ok), 2, 2)),

@@ -176,7 +176,7 @@ def empirical_pvalues(scores: np.ndarray, null_sorted: np.ndarray) -> np.ndarray
         emp = (1.0 + n - np.searchsorted(col, s[..., j], side="left")) / (n + 1.0)
         u = col[n - m]
         beta = max(float(np.mean(col[n - m:] - u)), 1e-12)
-        tail = (m / (n + 1.0)) * np.exp(-(s[..., j] - u) / beta)
+        tail = (m / (n + 1.0)) * np.exp(-np.maximum(s[..., j] - u, 0.0) / beta)  # only used above u
         out[..., j] = np.where(s[..., j] > u, np.minimum(emp, tail), emp)
     return out
 

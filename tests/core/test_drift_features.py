@@ -172,3 +172,45 @@ def test_class_reweighted_mmd_is_unbiased_under_label_shift() -> None:
         vals.append(st.class_mmd2(np.array([within]), kr[None], np.bincount(y, minlength=3)[None] * 1.0, m)[0])
     vals = np.array(vals)
     assert abs(vals.mean()) < 3 * vals.std() / np.sqrt(len(vals)) + 1e-3
+
+
+def _bars(rng: np.random.Generator, n: int, degrees: float = 0.0) -> DriftFeatures:
+    """Oriented strokes, one angle per class (+- 4 degrees of 'handwriting'), optionally all tilted by ``degrees``."""
+    from scipy import ndimage
+
+    y = rng.integers(0, 4, n)
+    x = np.zeros((n, 1, 16, 16), np.float32)
+    for i in range(n):
+        img = np.zeros((16, 16), np.float32)
+        img[3:13, 7:9] = 1.0
+        img = ndimage.rotate(img, 40.0 * y[i] + rng.normal(scale=4.0) + degrees, reshape=False, order=1)
+        x[i, 0] = img + rng.normal(scale=0.05, size=(16, 16))
+    probs = np.full((n, 4), 0.02)
+    probs[np.arange(n), y] = 0.94
+    return DriftFeatures(inputs=x, probs=probs)
+
+
+def test_small_rotation_is_seen_by_the_class_template_tangent() -> None:
+    rng = np.random.default_rng(11)
+    b = calibrate(_bars(rng, 200), _bars(rng, 200), windows=(25,), n_boot=600)
+    assert {"image_rotation", "image_shift"} <= set(b.tests)
+    quiet = DriftMonitor(b, window=25).update(_bars(rng, 25 * 40))
+    tilted = DriftMonitor(b, window=25).update(_bars(rng, 25 * 40, degrees=4.0))
+    assert np.mean([r.test("image_rotation").flag for r in quiet]) <= 0.1
+    # 4 degrees against 4 degrees of per-image spread: the class-blind tests barely move, the tangent does
+    assert np.mean([r.test("image_rotation").flag for r in tilted]) > 0.8
+    assert np.mean([r.input_shift for r in tilted]) > 0.8
+
+
+def test_a_baseline_without_class_templates_still_runs(class_baseline) -> None:
+    import dataclasses
+
+    keep = [i for i, t in enumerate(class_baseline.tests) if t not in ("image_rotation", "image_shift")]
+    old = dataclasses.replace(class_baseline, tangent_mean=None, tangent_sd=None, tangent_slot=None, knn_ref=None,
+                              null=class_baseline.null[:, :, keep])
+    from core.drift import Baseline
+
+    old = Baseline.load(old.to_bytes())
+    assert "image_rotation" not in old.tests
+    reps = DriftMonitor(old, window=25).update(_classes(np.random.default_rng(12), 25 * 4))
+    assert len(reps) == 4 and "image_rotation" not in {t.name for t in reps[0].tests}
