@@ -178,13 +178,13 @@ class Agent:
         if not service:
             self.updates.load_serving()
             return self
+        self.logring = install_log_ring()  # first: the boot counter's and the model load's lines matter most
         self.outbox = Outbox(self.config.state_dir / "outbox.sqlite", max_bytes=self.config.outbox.max_bytes)
         if count_boot:
             self.updates.boot()
         else:
             self.updates.load_serving()
         self.worker = CommandWorker(self.updates, self.job_log, self.send, device_id=self.device_id)
-        self.logring = install_log_ring()
         if connect and self.config.broker.enabled:
             self.logring.add_secret(self.config.broker_password())  # never in a line the fleet reads
             self.link = _make_link(self.config, self.outbox, self.topics, self.worker.on_command,

@@ -146,6 +146,9 @@ class LogClient:
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
+            # A deliberate disconnect: without this the connection's handler warns "disconnected ...;
+            # reconnecting" (fleet.ingest_workers.connect_client hands out the bare paho client).
+            client.on_disconnect = None
             client.disconnect()
             client.loop_stop()
 
