@@ -5,8 +5,9 @@ naming the last line it holds; the agent answers with :class:`~core.protocol.Log
 on its ``logs`` topic (``docs/protocol.md``, "Remote logs").  Every answer goes through
 :class:`LogIntake`: the per-device rules of :mod:`fleet.ingest_guard` (size and rate,
 before decoding), strict decoding, the sender bound to its topic, then the bounded store
-(:class:`fleet.repos.LogRepo`, the latest 1000 lines per device).  Ingestion uses it for
-answers arriving at ``fleet serve``; :class:`LogClient` (``edgeloop fleet logs``) asks
+(:class:`fleet.repos.LogRepo`, the latest 1000 lines per device).  Ingestion
+(:class:`fleet.ingest_dispatch.IngestDispatch`) uses it for every answer it receives on a
+device's ``logs`` topic; :class:`LogClient` (``edgeloop fleet logs``) asks
 and listens on a connection of its own, so it works with or without a running fleet.
 
 An agent from before remote logs drops the request (an unknown command topic) and never
