@@ -15,6 +15,7 @@ measures the original accuracy on.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
@@ -89,11 +90,33 @@ class _Timeline:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    def __call__(self, kind: str, text: str) -> None:
+    def __call__(self, kind: str, text: str, *, at: float | None = None) -> None:
+        """Record and print an event; ``at``: its wall-clock time when it happened elsewhere (the rollout)."""
         with self._lock:
-            e = Event(round(self.now(), 2), kind, text)
+            e = Event(round(self.now() if at is None else at - self.wall0, 2), kind, text)
             self.events.append(e)
         self.say(f"[{e.t:6.1f}s] {text}")
+
+
+class _RolloutWatch:
+    """Prints the rollout's own events (wave started, soak, verdict, promotion or rollback) as they
+    happen, into the timeline as ``rollout.<kind>``."""
+
+    def __init__(self, tl: _Timeline, load: Callable[[], Any]) -> None:
+        self.tl, self.load, self.seen = tl, load, 0
+
+    # where a verdict's per-metric evidence starts (the report's canary section shows it as a table)
+    _EVIDENCE = re.compile(r"\): (?=latency|errors|accuracy|drift|confidence|agreement|not voting)")
+
+    def __call__(self) -> Any:
+        state = self.load()
+        for e in state.events[self.seen:]:
+            if e.kind != "created":
+                detail = self._EVIDENCE.split(e.detail, maxsplit=1)
+                text = detail[0] + (") — evidence in the report" if len(detail) > 1 else "")
+                self.tl(f"rollout.{e.kind}", f"  rollout: {e.kind.replace('_', ' ')} — {text}".rstrip(" —"), at=e.ts)
+        self.seen = len(state.events)
+        return state
 
 
 @dataclass
@@ -262,8 +285,9 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             for c in cameras:
                 c.set_phase("rollout")
             rid = flags.data["rollout_id"]
-            _wait(lambda: driver.load(rid).terminal, max(1.0, deadline - time.monotonic()), "the rollout", stop)
-            rollout_state = driver.load(rid)
+            watch = _RolloutWatch(tl, lambda: driver.load(rid))
+            _wait(lambda: watch().terminal, max(1.0, deadline - time.monotonic()), "the rollout", stop)
+            rollout_state = watch()
             tl("rollout_done", f"rollout {rid}: {rollout_state.status} {rollout_state.reason}".strip())
             if rollout_state.status == "completed":
                 for c in cameras:
@@ -302,8 +326,8 @@ def _finish(cfg: DemoConfig, out: Path, tl: _Timeline, broker: str, registry: Re
     with obs_lock:
         obs = list(observations)
     acc, cnt = _accuracy(obs)
-    drift = [DriftPoint(r.received - tl.wall0, r.device_id, groups.get(r.device_id, "clean"), r.risk, r.alarm)
-             for r in registry.drift.find()]
+    drift = [DriftPoint(round(r.received - tl.wall0, 3), r.device_id, groups.get(r.device_id, "clean"), r.risk,
+                        r.alarm, r.model_version, (r.thresholds or {}).get("risk")) for r in registry.drift.find()]
     versions = {c.device_id: (c.agent.model.version if c.agent.model else None) for c in cameras}
     outcome = flags.data.get("outcome")
     retrain: dict[str, Any] = {}
@@ -317,7 +341,11 @@ def _finish(cfg: DemoConfig, out: Path, tl: _Timeline, broker: str, registry: Re
     if rollout_state is not None:
         rollout = {"rollout_id": rollout_state.rollout_id, "status": rollout_state.status,
                    "reason": rollout_state.reason, "waves": rollout_state.n_waves,
-                   "events": [(round(e.ts - tl.wall0, 2), e.kind, e.detail) for e in rollout_state.events]}
+                   "events": [(round(e.ts - tl.wall0, 2), e.kind, e.detail) for e in rollout_state.events],
+                   "devices": [{"device_id": d.device_id, "wave": d.wave, "status": d.status,
+                                "previous_version": d.previous_version} for d in rollout_state.devices],
+                   # the canary analysis of every wave: metric, canary vs control, statistic, p-value, decision
+                   "verdicts": [{**v, "t": round(v["ts"] - tl.wall0, 2)} for v in rollout_state.verdicts]}
     base = acc.get("baseline", {}).get("shifted")
     rec = acc.get("recovered", {}).get("shifted")
     problems = []
@@ -338,12 +366,18 @@ def _finish(cfg: DemoConfig, out: Path, tl: _Timeline, broker: str, registry: Re
               f"on {new_version}" if closed else "; ".join(problems))
     tl("closed" if closed else "not_closed", f"loop {'closed' if closed else 'NOT closed'}: {reason}")
     result = DemoResult(closed=closed, reason=reason, devices=groups, broker=broker, seconds=tl.now(), accuracy=acc,
-                        counts=cnt, versions=versions, events=list(tl.events), observations=obs, drift=drift,
+                        counts=cnt, versions=versions, events=sorted(tl.events, key=lambda e: e.t), observations=obs, drift=drift,
                         retrain=retrain, rollout=rollout, dashboard_url=dashboard_url,
                         settings={**cfg.settings, "devices": cfg.devices, "shifted": cfg.n_shifted, "fps": cfg.fps,
                                   "label_fraction": cfg.label_fraction, "labels_sent": labels_sent,
                                   "shift": cfg.shift, "quick": cfg.quick, "seed": cfg.seed})
+    k = result.key_figures
+    canary = k["canary"] or {}
+    tl("figures", f"key figures: trigger delay {k['trigger_delay_s']} s, canary {canary.get('decision', '-')} "
+                  f"(score {canary.get('score', '-')}), recovered alarm rate "
+                  f"{k['recovered_alarm_windows'][0]}/{k['recovered_alarm_windows'][1]} windows")
+    result.events = sorted(tl.events, key=lambda e: e.t)
     path = write_report(result, out)
     tl("report", f"report: {path}")
-    result.events = list(tl.events)
+    result.events = sorted(tl.events, key=lambda e: e.t)
     return result
