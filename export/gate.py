@@ -11,11 +11,15 @@ the FP32 ONNX accuracy.  Static INT8 gets repaired rather than rejected outright
 
 1. try each recipe of :data:`export.quantize.STATIC_ATTEMPTS` in turn (ORT's default
    first; it collapses on AVX2 CPUs without VNNI);
-2. when none is within budget, measure per-layer sensitivity on the validation split:
+2. when none is within budget and the caller names a ``head`` (``edgeloop optimize``, for a
+   detector: :func:`head_nodes`, the Concat / Reshape / Transpose / Sigmoid after the last
+   Conv/Gemm/MatMul, where box regressions and scores are joined in one tensor that one
+   INT8 scale would flatten), try it in float; it stays float in later attempts when that helped;
+3. when still not within budget, measure per-layer sensitivity on the validation split:
    for each Conv/Gemm/MatMul, re-quantize with that layer *and the activation it
    produces* kept in float (excluding the layer alone would leave its output tensor
    quantized by its consumers) and see how much accuracy comes back;
-3. keep the most sensitive layers in float, one more at a time, until the variant is
+4. keep the most sensitive layers in float, one more at a time, until the variant is
    within budget, or give up after ``max_float_layers`` and leave it out of the bundle.
 """
 
@@ -34,7 +38,7 @@ from .measure import accuracy, percentage_points
 from .quantize import QUANTIZABLE_OPS, STATIC_ATTEMPTS, StaticSettings, quantize_static_int8
 
 __all__ = ["DEFAULT_MAX_DROP_PP", "Attempt", "AccuracyGateResult", "check_variant", "check_scored", "exclusion_units",
-           "gate_static_int8"]
+           "head_nodes", "gate_static_int8"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,27 @@ def exclusion_units(model_path: Path) -> dict[str, tuple[str, ...]]:
     return units
 
 
+def head_nodes(model_path: Path) -> tuple[str, ...]:
+    """The nodes after the last quantizable layers: every node from which no Conv/Gemm/MatMul is reachable.
+
+    For a raw-head detector (YOLOX, YOLOv5/8) that is the Sigmoid of the scores and the
+    Concat / Reshape / Transpose that join box regressions and scores into the output
+    tensor; for a classifier, its Softmax / Flatten.  Graph order (topological in ONNX).
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    feeds_layer: dict[str, bool] = {}  # node name -> a quantizable layer is downstream
+    for node in reversed(graph.node):
+        feeds_layer[node.name] = any(c.op_type in QUANTIZABLE_OPS or feeds_layer.get(c.name, False)
+                                     for o in node.output for c in consumers.get(o, []))
+    return tuple(n.name for n in graph.node if n.op_type not in QUANTIZABLE_OPS and not feeds_layer[n.name])
+
+
 def _try(pre_path: Path, out: Path, calib: np.ndarray, settings: StaticSettings, exclude: tuple[str, ...],
          calibration: CalibrationConfig, cache: Path, data: tuple[np.ndarray, np.ndarray],
          reference: float, max_drop: float) -> Attempt:
@@ -137,10 +162,12 @@ def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tup
                      reference: float, *, max_drop: float = DEFAULT_MAX_DROP_PP, calibration: CalibrationConfig = DEFAULT_CALIBRATION,
                      select: tuple[np.ndarray, np.ndarray] | None = None,
                      attempts: tuple[StaticSettings, ...] = STATIC_ATTEMPTS, max_float_layers: int = 8,
-                     variant_id: str = "onnx-int8-static") -> AccuracyGateResult:
+                     variant_id: str = "onnx-int8-static", head: tuple[str, ...] = ()) -> AccuracyGateResult:
     """Quantize ``pre_path`` statically until the test accuracy is within ``max_drop`` points.
 
-    ``select`` (the validation split) ranks layer sensitivity, so the test split only judges.  Returns the passing file
+    ``select`` (the validation split) ranks layer sensitivity, so the test split only judges.  ``head``
+    (e.g. :func:`head_nodes`) is tried in float before the per-layer search, and kept in float during it
+    when that helped.  Returns the passing file
     or a rejected :class:`AccuracyGateResult` whose ``reason`` says what was tried.
     """
     workdir.mkdir(parents=True, exist_ok=True)
@@ -155,12 +182,24 @@ def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tup
         if att.passed:
             return _accepted(variant_id, out, att, settings, calibration, tried, {})
 
-    # No recipe is good enough: keep the most sensitive layers in float.
+    # No recipe is good enough: the head in float, then the most sensitive layers in float.
     best_i = int(np.argmax([a.accuracy for a in tried]))
     settings = attempts[best_i]
+    best_file = workdir / f"int8-{best_i}-{settings.name}.onnx"
+    base: tuple[str, ...] = ()
+    if head:
+        out = workdir / "int8-float-head.onnx"
+        att = _try(pre_path, out, calib, settings, head, calibration, cache, test, reference, max_drop)
+        tried.append(att)
+        log.info("static INT8 %s, head in float (%d nodes): accuracy %.4f, drop %.2f pp", settings.name, len(head),
+                 att.accuracy, att.drop_pp)
+        if att.passed:
+            return _accepted(variant_id, out, att, settings, calibration, tried, {})
+        if att.accuracy > tried[best_i].accuracy:
+            base, best_file = head, out
     sel = select if select is not None else test
-    base_sel = _score(workdir / f"int8-{best_i}-{settings.name}.onnx", sel)
-    units = exclusion_units(pre_path)
+    base_sel = _score(best_file, sel)
+    units = {layer: tuple(dict.fromkeys(base + unit)) for layer, unit in exclusion_units(pre_path).items()}
     gains: dict[str, float] = {}
     probe = workdir / "int8-probe.onnx"
     for layer, unit in units.items():
@@ -170,7 +209,7 @@ def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tup
     ranked = sorted(gains, key=lambda k: -gains[k])
     log.info("layer sensitivity (pp recovered on %s): %s", "val" if select is not None else "test",
              {k: gains[k] for k in ranked[:8]})
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = base
     for k, layer in enumerate(ranked[:max_float_layers], start=1):
         exclude = tuple(dict.fromkeys(exclude + units[layer]))
         if set(units) <= set(exclude):  # nothing left in INT8: that is the FP32 model, not a variant
@@ -182,8 +221,8 @@ def gate_static_int8(pre_path: Path, workdir: Path, calib: np.ndarray, test: tup
             return _accepted(variant_id, out, att, settings, calibration, tried, gains)
     best = max(tried, key=lambda a: a.accuracy)
     return AccuracyGateResult(variant_id, None, best.accuracy, best.drop_pp, False,
-                      f"no static INT8 recipe within {max_drop} pp: tried {', '.join(s.name for s in attempts)} "
-                      f"and up to {min(max_float_layers, len(ranked))} float layers; best drop {best.drop_pp:.2f} pp",
+                      f"no static INT8 recipe within {max_drop} pp: tried {', '.join(s.name for s in attempts)}"
+                      f"{', the head in float' if head else ''} and up to {min(max_float_layers, len(ranked))} float layers; best drop {best.drop_pp:.2f} pp",
                       attempts=tuple(tried), sensitivity=gains)
 
 

@@ -9,10 +9,11 @@ What ``edgeloop export`` does for the models edgeloop trains, for a model the us
    a COCO annotation file, or -- without labels -- agreement with the FP32 model's own
    answers (top-1 / mAP against its detections / mean cosine of a tensor model's outputs);
 3. static INT8 is chosen by the INT8 speed plan (``export.speed.plan_int8``: the fastest
-   candidate the accuracy gate accepts, timed interleaved with FP32); when no plan is
-   within budget, the export's static gate (``export.gate.gate_static_int8``: recipes,
-   then per-layer float fallback) takes over.  Dynamic INT8 (MatMul/Gemm) and FP16 are
-   converted and gated (``export.quantize``);
+   candidate the accuracy gate accepts, timed interleaved with FP32; a detector whose head
+   joins its outputs in a Concat also gets ``qdq-float-head``); when no plan is within
+   budget, the export's static gate (``export.gate.gate_static_int8``: recipes, then the
+   head in float, then per-layer float fallback) takes over.  Dynamic INT8 (MatMul/Gemm)
+   and FP16 are converted and gated (``export.quantize``);
 4. every variant that passes goes into the bundle with its drop, latency (all variants
    timed interleaved in one run) and size; the others are reported and left out.  The
    FP32 model itself is always in, byte for byte.
@@ -51,7 +52,7 @@ from .byom import (
 )
 from .byom_inspect import inspect_model
 from .calibration import CalibrationConfig
-from .gate import AccuracyGateResult, check_scored, gate_static_int8
+from .gate import AccuracyGateResult, check_scored, gate_static_int8, head_nodes
 from .optimize_data import (
     ArrayCalibration,
     EvalSet,
@@ -72,7 +73,7 @@ from .quantize import (
     quantize_dynamic_int8,
 )
 from .report import VariantReport
-from .speed import apply_plan, interleaved_latency_ms, plan_int8
+from .speed import Int8Plan, apply_plan, candidate_plans, interleaved_latency_ms, plan_int8
 
 __all__ = ["optimize_model", "PRECISIONS", "fix_input_dims", "int8_layers"]
 
@@ -149,7 +150,7 @@ def _static_int8(pre: Path, work: Path, calib: ArrayCalibration, ev: EvalSet, re
 
     say("INT8 static: speed plan (every candidate gated, the accepted ones timed against FP32)")
     try:
-        plan = plan_int8(pre, calib.reader, accept=accept, workdir=work, progress=say)
+        plan = plan_int8(pre, calib.reader, candidates=_candidates(pre), accept=accept, workdir=work, progress=say)
         out = apply_plan(plan, pre, work / f"{vid}.onnx", calib.reader())
         gate = check_scored(vid, out, ev, reference, max_drop=max_drop)
         if gate.passed:
@@ -165,12 +166,32 @@ def _static_int8(pre: Path, work: Path, calib: ArrayCalibration, ev: EvalSet, re
         say(f"INT8 static: no speed plan within budget ({exc}); the gate's recipes and per-layer float fallback")
     log.info("INT8 speed plans, drop pp (None: no layer left in INT8): %s", scores)
     gate = gate_static_int8(pre, work / "int8-static", calib, ev, reference, max_drop=max_drop,  # type: ignore[arg-type]
-                            calibration=calibration)
+                            calibration=calibration, head=float_head(pre))
     if gate.passed and gate.path is not None:
         final = work / f"{vid}.onnx"
         shutil.copyfile(gate.path, final)
         gate = dataclasses.replace(gate, path=final)
     return _report(gate, "int8-static", time.perf_counter() - t0, {"plan": "gate-fallback", "plan_drops_pp": scores})
+
+
+def _candidates(pre: Path) -> list[Int8Plan]:
+    """The speed plan's candidates, plus ``qdq-float-head`` when the model's head joins several layers'
+    outputs in a Concat (a raw detector head: box regressions and scores in one tensor, which one INT8
+    scale would flatten): quantize all but that head (:func:`float_head`)."""
+    plans = candidate_plans(pre)
+    head = float_head(pre)
+    if head:
+        plans.append(dataclasses.replace(plans[0], name="qdq-float-head", nodes_to_exclude=head))
+    return plans
+
+
+def float_head(pre: Path) -> tuple[str, ...]:
+    """The model's head (``export.gate.head_nodes``) when it joins outputs in a Concat, else ()."""
+    import onnx
+
+    head = head_nodes(pre)
+    ops = {n.name: n.op_type for n in onnx.load(str(pre), load_external_data=False).graph.node}
+    return head if any(ops.get(n) == "Concat" for n in head) else ()
 
 
 def int8_layers(path: Path) -> int:
