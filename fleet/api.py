@@ -3,10 +3,14 @@
     GET /api/status            counts (devices online/offline/alarming, versions, samples, rollouts)
     GET /api/devices           ?online=&alarm=
     GET /api/devices/{id}      one device with its recent drift reports and job statuses
+    GET /api/devices/{id}/logs  ?lines=&level= the device's stored log lines (remote logs)
+    POST /api/devices/{id}/logs/request        ask the device for its new lines (202)
     GET /api/drift             ?device_id=&since=&limit=
     GET /api/models            ?name=&status=
     GET /api/rollouts          with per-status target counts
     GET /api/samples           ?device_id=&labelled=&limit=&offset= (paginated)
+    GET /api/concept-drift     ?model_version=&since= feedback accuracy per slice (device, group, class, hour)
+                               and the concept-drift alarms (fleet.concept_drift); default: the model in service
     GET /bundles/{name}/{version}.elb   the signed bundle; Range -> 206 (resumable downloads)
     GET /metrics               Prometheus text: ingestion, refusals per rule and device (fleet.metrics)
     GET /api/openapi.json      the OpenAPI schema
@@ -79,6 +83,31 @@ def create_app(config: FleetConfig, registry: Registry, *, ctx: Any = None) -> A
                                                                                  limit=history)],
                 "jobs": [plain(j) for j in jobs]}
 
+    @app.get("/api/devices/{device_id}/logs", dependencies=[Depends(auth)])
+    def device_logs(device_id: str, lines: int = Query(200, ge=1, le=1000),
+                    level: str = Query("DEBUG", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")) -> dict[str, Any]:
+        """The device's stored log lines (newest ``lines`` at ``level`` or above, oldest first)."""
+        from .remote_logs import device_logs as stored_logs
+
+        if registry.device(device_id) is None:
+            raise HTTPException(status_code=404, detail=f"no device {device_id}")
+        return stored_logs(registry, device_id, lines=lines, min_level=level)
+
+    @app.post("/api/devices/{device_id}/logs/request", dependencies=[Depends(auth)], status_code=202)
+    def request_device_logs(device_id: str) -> dict[str, Any]:
+        """Ask the device for its new lines; ingestion stores the answer (GET the route above after it)."""
+        from core.protocol import TopicScheme
+
+        from .remote_logs import request_logs
+
+        if registry.device(device_id) is None:
+            raise HTTPException(status_code=404, detail=f"no device {device_id}")
+        publisher = getattr(ctx, "publisher", None)  # FleetApp: ingestion's MQTT link
+        if publisher is None:
+            raise HTTPException(status_code=503, detail="this API has no MQTT connection to reach devices")
+        req = request_logs(publisher.publish, TopicScheme(config.prefix), registry, device_id)
+        return {"device_id": device_id, "request_id": req.request_id}
+
     @app.get("/api/drift", dependencies=[Depends(auth)])
     def drift(device_id: str | None = None, since: float | None = Query(None, allow_inf_nan=False),
               limit: int = Query(1000, ge=1, le=100_000)) -> list[dict[str, Any]]:
@@ -105,6 +134,13 @@ def create_app(config: FleetConfig, registry: Registry, *, ctx: Any = None) -> A
         items = registry.samples(device_ids=ids, labelled=labelled, limit=limit, offset=offset)
         return {"items": [plain(s) for s in items], "total": registry.count_samples(device_ids=ids, labelled=labelled),
                 "limit": limit, "offset": offset}
+
+    @app.get("/api/concept-drift", dependencies=[Depends(auth)])
+    def concept_drift(model_version: str | None = None,
+                      since: float | None = Query(None, allow_inf_nan=False)) -> dict[str, Any]:
+        from .concept_drift import fleet_concept_drift
+
+        return fleet_concept_drift(registry, config, model_version=model_version, since=since).to_dict()
 
     @app.get("/bundles/{name}/{version}.elb", dependencies=[Depends(bundle_auth)])
     def bundle(name: str, version: str) -> Any:

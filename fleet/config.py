@@ -38,6 +38,7 @@ from core.configfile import (
 )
 from core.configwrite import to_dict, to_toml
 from core.protocol import DEFAULT_PREFIX, MQTT_VERSION_ALIASES, MqttVersion, validate_topic_prefix
+from fleet.concept_drift import ConceptDriftConfig
 from fleet.dashboard.config import DashboardConfig
 from fleet.policy import CandidateGate, TriggerPolicy
 
@@ -212,6 +213,7 @@ class FleetConfig:
     trigger: TriggerPolicy = knob(factory=TriggerPolicy)
     acceptance: CandidateGate = knob(factory=CandidateGate, aliases=("gate",))
     rollout: RolloutConfig = knob(factory=RolloutConfig)
+    concept: ConceptDriftConfig = knob(factory=ConceptDriftConfig)  # concept drift from feedback labels
     dashboard: DashboardConfig = knob(factory=DashboardConfig)
     schema_version: int = knob(FLEET_CONFIG_SCHEMA_VERSION, check=supported_schema(FLEET_CONFIG_SCHEMA_VERSION))
 

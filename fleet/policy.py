@@ -8,6 +8,10 @@ retraining job and why.  Two independent reasons, either one is enough:
   their last ``alarm_reports`` drift reports all raised the alarm, or their alarm has
   been on without a break for at least ``alarm_persist_s`` seconds.  One noisy window
   is not a reason to spend a training run.
+* **concept drift** – with ``concept_drift`` on, any slice (fleet, device, group, class)
+  whose feedback-label error rate rose past its calibrated CUSUM threshold
+  (:mod:`fleet.concept_drift`; the inputs may look unchanged, so no input-drift alarm
+  would ever fire), given ``min_labels_for_drift`` labels to learn from.
 * **enough labels** – at least ``min_labelled_samples`` labelled drift samples arrived
   since the model in service was made (KubeEdge Sedna's incremental-learning trigger
   uses the same shape of rule: a sample count checked on a period).
@@ -24,6 +28,8 @@ from typing import Any
 
 from core.configfile import check, from_mapping, knob, supported_schema
 from core.configwrite import to_dict
+
+from .concept_drift import ConceptDriftConfig
 
 __all__ = [
     "TriggerPolicy",
@@ -61,6 +67,7 @@ class TriggerPolicy:
     alarm_reports: int = knob(3, ge=1)  # ... m consecutive alarmed reports make an alarm persistent ...
     alarm_persist_s: float = knob(600.0, ge=0)  # ... or an alarm held without a break this long (0: off)
     min_labels_for_drift: int = knob(50, ge=0)  # a drift trigger still needs labels to learn from
+    concept_drift: bool = True  # a concept-drift alarm on any slice (fleet.concept_drift) triggers retraining
     cooldown_s: float = knob(3600.0, ge=0)
 
     def __post_init__(self) -> None:
@@ -93,8 +100,8 @@ GatePolicy = CandidateGate  # the old name (deprecated): the retrain gate is the
 class RetrainPolicyConfig(TriggerPolicy):
     """The whole retraining policy: the trigger, fine-tuning and the candidate gate.
 
-    ``fleet.toml`` spells it as ``[trigger]`` (:class:`TriggerPolicy`) and ``[acceptance]``
-    (:class:`CandidateGate`), and ``[rollout].auto``; :func:`policy_from_fleet_config`
+    ``fleet.toml`` spells it as ``[trigger]`` (:class:`TriggerPolicy`), ``[acceptance]``
+    (:class:`CandidateGate`), ``[concept]`` (:class:`fleet.concept_drift.ConceptDriftConfig`) and ``[rollout].auto``; :func:`policy_from_fleet_config`
     puts them together.
     """
 
@@ -102,6 +109,7 @@ class RetrainPolicyConfig(TriggerPolicy):
     fine_tune_lr: float | None = knob(None, gt=0)  # None: the parent run's learning rate / 3
     auto_rollout: bool = True
     gate: CandidateGate = knob(factory=CandidateGate)
+    concept: ConceptDriftConfig = knob(factory=ConceptDriftConfig)  # fleet.toml's [concept]
     schema_version: int = knob(POLICY_SCHEMA_VERSION, check=supported_schema(POLICY_SCHEMA_VERSION))
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,15 +146,18 @@ class FleetSnapshot:
     # labelled samples from the alarmed devices captured since their alarm went on (None: use
     # labelled_since_model); what a drift trigger has to learn the new conditions from
     labelled_during_alarm: int | None = None
+    # slices in concept-drift alarm for the model in service (fleet.concept_drift.with_concept_drift)
+    concept_alarms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Decision:
     retrain: bool
     reason: str
-    trigger: str | None = None  # "drift" | "labels" | None
+    trigger: str | None = None  # "drift" | "concept" | "labels" | None
     alarmed_devices: tuple[str, ...] = ()
     labelled: int = 0
+    concept_alarms: tuple[str, ...] = ()
 
 
 def persistently_alarmed(points: Sequence[DriftPoint], now: float, cfg: RetrainPolicyConfig) -> bool:
@@ -175,7 +186,8 @@ def check_due(last_check_at: float | None, now: float, cfg: RetrainPolicyConfig)
 def decide(cfg: RetrainPolicyConfig, snap: FleetSnapshot) -> Decision:
     """Apply the policy to one snapshot."""
     alarmed = tuple(sorted(d for d, pts in snap.reports.items() if persistently_alarmed(pts, snap.now, cfg)))
-    base = {"alarmed_devices": alarmed, "labelled": snap.labelled_since_model}
+    concept = tuple(snap.concept_alarms) if cfg.concept_drift else ()
+    base = {"alarmed_devices": alarmed, "labelled": snap.labelled_since_model, "concept_alarms": concept}
     if not cfg.enabled:
         return Decision(False, "retraining is disabled", **base)
     if snap.job_running:
@@ -187,6 +199,9 @@ def decide(cfg: RetrainPolicyConfig, snap: FleetSnapshot) -> Decision:
     if len(alarmed) >= cfg.alarm_devices and drift_labels >= cfg.min_labels_for_drift:
         return Decision(True, f"drift alarm persists on {len(alarmed)} devices (>= {cfg.alarm_devices})",
                         trigger="drift", **base)
+    if concept and snap.labelled_since_model >= cfg.min_labels_for_drift:
+        shown = ", ".join(concept[:5]) + (f" and {len(concept) - 5} more" if len(concept) > 5 else "")
+        return Decision(True, f"concept drift (feedback error rate up) on {shown}", trigger="concept", **base)
     if snap.labelled_since_model >= cfg.min_labelled_samples:
         return Decision(True, f"{snap.labelled_since_model} labelled drift samples (>= {cfg.min_labelled_samples})",
                         trigger="labels", **base)
@@ -204,4 +219,5 @@ def policy_from_fleet_config(cfg: Any) -> RetrainPolicyConfig:
     reaches the policy with no change here.
     """
     trigger = {f.name: getattr(cfg.trigger, f.name) for f in fields(TriggerPolicy)}
-    return RetrainPolicyConfig(**trigger, auto_rollout=cfg.rollout.auto, gate=cfg.acceptance)
+    return RetrainPolicyConfig(**trigger, auto_rollout=cfg.rollout.auto, gate=cfg.acceptance,
+                               concept=getattr(cfg, "concept", None) or ConceptDriftConfig())
