@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 Hook = Callable[[list[Message]], None]
 
-_SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-req")
+_SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-req", "logs")
 # What extra ingest processes (``ingest.workers`` > 1) take: the high-volume kinds whose
 # messages stand alone.  Samples stay with the main process (a transfer's chunks must meet
 # in one reassembler), and so do jobs and bundle requests (the main process's hooks drive

@@ -32,6 +32,7 @@ from .repos import (
     DriftRepo,
     JobRepo,
     LabelRepo,
+    LogRepo,
     ModelRepo,
     RolloutRepo,
     SampleRepo,
@@ -94,6 +95,7 @@ class Registry:
         self.models = ModelRepo(sessions)
         self.rollouts = RolloutRepo(sessions)
         self.credentials = CredentialRepo(sessions)
+        self.logs = LogRepo(sessions)
 
     @classmethod
     def open(cls, url: str, *, busy_timeout_ms: int = 10_000, echo: bool = False) -> Registry:

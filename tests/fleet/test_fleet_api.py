@@ -61,6 +61,20 @@ def test_api_requires_the_token_and_reports_status(api: tuple[str, Registry, Pat
         assert "/api/samples" in c.get("/api/openapi.json", headers=h).json()["paths"]  # not public (issue 16)
 
 
+def test_device_logs_routes(api: tuple[str, Registry, Path]) -> None:
+    """Remote logs over the API: stored lines (none yet: the note says why), and a request that
+    needs the fleet's MQTT link (this API has none: 503, not a crash)."""
+    url, _reg, _ = api
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=url) as c:
+        assert c.get("/api/devices/cam-1/logs").status_code == 401
+        got = c.get("/api/devices/cam-1/logs", headers=h).json()
+        assert got["lines"] == [] and "agent too old or offline" in got["note"]
+        assert c.get("/api/devices/nope/logs", headers=h).status_code == 404
+        assert c.get("/api/devices/cam-1/logs", params={"level": "LOUD"}, headers=h).status_code == 422
+        assert c.post("/api/devices/cam-1/logs/request", headers=h).status_code == 503
+
+
 def test_bundles_support_range_requests(api: tuple[str, Registry, Path]) -> None:
     url, reg, bundle = api
     data = bundle.read_bytes()
