@@ -17,7 +17,7 @@ from tests.plugins.broker import MosquittoBroker, find_mosquitto
 
 pytest_plugins = ["tests.plugins.train", "tests.plugins.export", "tests.plugins.agent_kit", "tests.plugins.files",
                   "tests.plugins.canary_fleet", "tests.plugins.streams", "tests.plugins.models",
-                  "tests.plugins.workdirs", "tests.plugins.optimize_kit"]
+                  "tests.plugins.workdirs", "tests.plugins.optimize_kit", "tests.plugins.postgres"]
 
 _NO_BROKER = "no mosquitto binary: install the Debian package mosquitto (apt-get install -y mosquitto)"
 

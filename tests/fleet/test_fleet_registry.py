@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,44 +13,6 @@ from core.errors import FleetError, RolloutError, SignatureError
 from core.protocol import DeviceState, DriftReportMsg, Feedback, JobStatus, Telemetry
 from fleet.registry import IngestBatch, Registry, SampleRecord
 from tests.plugins.bundles import FILES, make_manifest
-
-PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=2"
-
-
-def _postgres_schema() -> Iterator[str]:
-    """A throw-away schema on the local PostgreSQL; skips with the reason when there is none."""
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg is not installed (pip install 'edgeloop[postgres]')")
-    try:
-        conn = psycopg.connect(PG_DSN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 (database test, user postgres): {exc}".splitlines()[0])
-    schema = f"edgeloop_test_{uuid.uuid4().hex[:10]}"
-    conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    finally:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        conn.close()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    if request.param == "sqlite":
-        reg = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
-        yield reg
-        reg.close()
-        return
-    gen = _postgres_schema()
-    url = next(gen)
-    reg = Registry.open(url)
-    try:
-        yield reg
-    finally:
-        reg.close()
-        gen.close()
 
 
 def test_sqlite_is_in_wal_mode(tmp_path: Path) -> None:

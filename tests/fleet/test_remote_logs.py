@@ -150,36 +150,6 @@ def test_a_logs_request_is_bounded() -> None:
 # --------------------------------------------------------------------------- the store
 
 
-def _postgres_url() -> Iterator[str]:
-    """A throw-away schema on the local PostgreSQL; skips with the reason when there is none."""
-    psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'edgeloop[postgres]')")
-    try:
-        conn = psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=postgres connect_timeout=2",
-                               autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {exc}".splitlines()[0])
-    schema = f"edgeloop_logs_{uuid.uuid4().hex[:10]}"
-    conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
-    finally:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        conn.close()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Registry]:
-    urls = iter([f"sqlite:///{tmp_path / 'fleet.db'}"]) if request.param == "sqlite" else _postgres_url()
-    reg = Registry.open(next(urls))
-    try:
-        yield reg
-    finally:
-        reg.close()
-        close = getattr(urls, "close", None)
-        if close is not None:
-            close()
-
-
 def test_the_store_keeps_the_latest_lines_per_device_once(registry: Registry) -> None:
     repo = LogRepo.of(registry, keep=50)
     assert repo.add(_lines("cam-1", "b1", range(1, 41))) == 40
