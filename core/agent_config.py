@@ -60,6 +60,11 @@ def _drift_window(window: int) -> None:
         raise ValueError(f"expected 0 (the bundle's) or an integer in [10, 1000000], got {window}")
 
 
+def _drift_budget(rate: float) -> None:
+    if rate != 0 and not 0.0 < rate < 0.5:
+        raise ValueError(f"expected 0 (the bundle's) or a fraction of windows in (0, 0.5), e.g. 0.01, got {rate}")
+
+
 @dataclass(frozen=True)
 class AgentSection:
     """Who this device is and where it keeps its state."""
@@ -131,8 +136,19 @@ class BrokerSection:
 
 @dataclass(frozen=True)
 class DriftSection:
+    """The drift monitor: window size and false-alarm budgets (docs/drift.md).
+
+    The budgets are fractions of undrifted windows; the thresholds for any budget come from
+    the bundle's calibrated null (``baseline.npz``), so changing one needs no re-export.
+    0 keeps what the export calibrated (1 % and 0.5 % by default).
+    """
+
     window: int = knob(0, check=_drift_window)  # inferences per drift window; 0: the bundle's calibrated default
     enabled: bool = True
+    # share of undrifted windows flagged "input changed" (reported, not an alarm); 0: the bundle's
+    input_budget: float = knob(0.0, check=_drift_budget)
+    # share of undrifted windows with the drift alarm on, after its hysteresis; 0: the bundle's
+    alarm_budget: float = knob(0.0, check=_drift_budget, aliases=("alarm_rate",))
 
     def __post_init__(self) -> None:
         check(self)
@@ -367,6 +383,8 @@ receipt_timeout_s = 60.0 # resend one with no receipt after this long (doubling 
 [drift]
 enabled = true
 window = 0            # inferences per drift window (one report each); 0: the bundle's calibrated size
+input_budget = 0.0    # share of undrifted windows flagged "input changed"; 0: the bundle's (1 %)
+alarm_budget = 0.0    # share of undrifted windows with the alarm on, after hysteresis; 0: the bundle's (0.5 %)
 
 [sampling]
 enabled = true

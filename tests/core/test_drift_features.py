@@ -214,3 +214,20 @@ def test_a_baseline_without_class_templates_still_runs(class_baseline) -> None:
     assert "image_rotation" not in old.tests
     reps = DriftMonitor(old, window=25).update(_classes(np.random.default_rng(12), 25 * 4))
     assert len(reps) == 4 and "image_rotation" not in {t.name for t in reps[0].tests}
+
+
+def test_drift_budgets_in_the_agent_config(class_baseline) -> None:
+    from core.agent_config import parse_config
+    from core.errors import ConfigError
+
+    dev = {"agent": {"allow_unsigned": True}}
+    cfg = parse_config({**dev, "drift": {"window": 25, "input_budget": 0.05, "alarm_rate": 0.02}})
+    assert (cfg.drift.input_budget, cfg.drift.alarm_budget) == (0.05, 0.02)  # alarm_rate: the monitor's name
+    assert parse_config(dev).drift.input_budget == 0.0  # 0: the bundle's calibrated budget
+    with pytest.raises(ConfigError, match="input_budget"):
+        parse_config({**dev, "drift": {"input_budget": 0.7}})
+    # what the agent does with them: the monitor's thresholds for that budget, from the same calibrated null
+    loose = DriftMonitor(class_baseline, window=25, input_budget=cfg.drift.input_budget,
+                         alarm_rate=cfg.drift.alarm_budget)
+    strict = DriftMonitor(class_baseline, window=25)
+    assert loose.input_threshold < strict.input_threshold and loose.risk_threshold < strict.risk_threshold
