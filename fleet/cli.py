@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.cliutil import add_json_flag, emit
+from core.errors import ConfigError
 from core.progress import is_quiet
 from fleet.cli_logs import register_logs
 from fleet.cli_rollout import register_rollout
@@ -79,6 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--broker-host", help="broker host as the device sees it (default [broker].host)")
     p.add_argument("--broker-port", type=int, help="broker port as the device sees it")
     p.add_argument("--owner", metavar="USER[:GROUP]", help="hand the kit's files to the agent's user (chown)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tag rollouts can target (--target group=cams-north); repeatable")
     add_json_flag(p)
     p.set_defaults(func=_cmd_provision)
 
@@ -208,12 +211,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_provision(args: argparse.Namespace) -> int:
     from fleet.provision import provision_device
+    from fleet.rollout_state import parse_target
 
+    tags: dict[str, str] = {}
+    for t in args.tag:
+        try:
+            tags.update(parse_target(t).pairs)
+        except ConfigError:
+            raise ConfigError(f"bad --tag {t!r}", hint="KEY=VALUE, e.g. --tag group=cams-north") from None
     cfg = _config(args)
     reg = _registry(cfg)
     try:
         res = provision_device(cfg, reg, args.device, out_dir=args.out, broker_host=args.broker_host,
-                               broker_port=args.broker_port, owner=args.owner)
+                               broker_port=args.broker_port, owner=args.owner, tags=tags or None)
     finally:
         reg.close()
     emit(args, res, f"provisioned {res.device_id}: kit in {res.kit_dir} (agent.toml, mqtt.password, fleet.pub)\n"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +183,13 @@ def _hand_over(kit: Path, owner: str, files: tuple[Path, ...]) -> None:
 
 def provision_device(config: FleetConfig, registry: Registry, device_id: str, *, out_dir: Path | None = None,
                      password: str | None = None, broker_host: str | None = None,
-                     broker_port: int | None = None, owner: str | None = None) -> ProvisionResult:
-    """Issue (or re-issue) ``device_id``'s credentials and write its kit; returns where everything went."""
+                     broker_port: int | None = None, owner: str | None = None,
+                     tags: Mapping[str, str] | None = None) -> ProvisionResult:
+    """Issue (or re-issue) ``device_id``'s credentials and write its kit; returns where everything went.
+
+    ``tags`` (e.g. ``{"group": "cams-north"}``) are merged into the device's tags, which rollouts
+    can target (``fleet rollout --target group=cams-north``).
+    """
     validate_device_id(device_id)
     if config.broker.username and device_id in fleet_usernames(config.broker.username):
         raise FleetError(f"device id {device_id!r} is one of the fleet's own broker users",
@@ -192,7 +198,7 @@ def provision_device(config: FleetConfig, registry: Registry, device_id: str, *,
     ensure_fleet_user(config, registry)
     secret = password or new_password()
     _set_credential(registry, device_id, "device", secret)
-    registry.upsert_device(device_id)
+    registry.upsert_device(device_id, tags=dict(tags) if tags else None)
     kit = Path(out_dir) if out_dir is not None else config.data_dir / "devices" / device_id
     kit.mkdir(parents=True, exist_ok=True)
     password_path = write_private(kit / "mqtt.password", secret + "\n")

@@ -131,6 +131,21 @@ def test_provision_kit_uses_relative_paths_and_works_anywhere(tmp_path: Path,
     assert cfg.trusted_key_path == str(moved / "fleet.pub")
 
 
+def test_provision_tags_the_device_for_rollout_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = _init(tmp_path / "fleet", capsys)
+    assert main(["fleet", "provision", "cam-1", "-c", str(path), "--tag", "group=cams-north", "--tag", "site=a",
+                 "--json"]) == 0
+    assert main(["fleet", "provision", "cam-2", "-c", str(path), "--tag", "group", "--json"]) == 2  # no value
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad --tag" in err[0] and "KEY=VALUE" in err[0]
+    reg = Registry.open(load_config(path).database_url)
+    try:
+        assert reg.device("cam-1").tags == {"group": "cams-north", "site": "a"}
+        assert reg.device("cam-2") is None  # a refused command creates nothing
+    finally:
+        reg.close()
+
+
 def test_rollouts_table_shows_full_ids(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from fleet.cli import _table
 
