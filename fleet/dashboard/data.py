@@ -301,7 +301,24 @@ def drift_overview(ctx: DashContext, *, since: float | None = None, buckets: int
         cell[2] += c.alarms
     series = {g: [{"ts": t0 + (b + 0.5) * width, "risk": c[0] / c[1], "alarm_share": c[2] / c[1], "n": int(c[1])}
                   for b, c in sorted(cells.items())] for g, cells in sorted(acc.items())}
-    return {"since": t0, "until": t1, "bucket_s": width, "groups": series, "alarms": alarms, **_page_info(found)}
+    return {"since": t0, "until": t1, "bucket_s": width, "groups": series, "alarms": alarms,
+            "concept": concept_drift(ctx), **_page_info(found)}
+
+
+def concept_drift(ctx: DashContext) -> dict[str, Any]:
+    """Concept drift from feedback labels (:func:`fleet.concept_drift.fleet_concept_drift`): accuracy and
+    CUSUM alarm per slice of the model in service.  Device slices only when alarmed (a fleet has many)."""
+    from ..concept_drift import ConceptDriftConfig, concept_drift_status, fleet_concept_drift
+
+    if ctx.config is not None:
+        status = fleet_concept_drift(ctx.registry, ctx.config)
+    else:
+        status = concept_drift_status(ctx.registry, ConceptDriftConfig())
+    out = status.to_dict()
+    devices = [s for s in out["slices"] if s["kind"] == "device"]
+    out["slices"] = [s for s in out["slices"] if s["kind"] != "device" or s["alarm"]]
+    out["devices_judged"] = len(devices)
+    return out
 
 
 # --------------------------------------------------------------------------- samples and labels

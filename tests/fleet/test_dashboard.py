@@ -240,6 +240,18 @@ def test_device_page_shows_the_agents_log_and_asks_for_more(fleet: dict[str, Any
     assert isinstance(req, LogsRequest) and (req.boot, req.since_seq) == ("boot1", 2)
 
 
+def test_drift_page_shows_concept_drift_from_labels(fleet: dict[str, Any]) -> None:
+    c = login(fleet["app"])
+    assert 'id="concept-none"' in c.get("/dashboard/drift").text
+    fleet["reg"].label_samples([(f"s-{j}", str((j + 1) % 10), "operator") for j in range(5)])  # every answer wrong
+    concept = c.get("/dashboard/api/drift").json()["concept"]
+    assert concept["labels"] == 5 and concept["devices_judged"] == 1
+    fleet_row = next(s for s in concept["slices"] if s["kind"] == "fleet")
+    assert fleet_row["n"] == 5 and fleet_row["accuracy"] == 0.0
+    page = c.get("/dashboard/drift").text
+    assert 'id="concept-slices"' in page and "fleet <b>fleet</b>" in page
+
+
 def test_completed_rollout_reads_completed(fleet: dict[str, Any]) -> None:
     from fleet.dashboard.data import rollout_summary
 

@@ -391,6 +391,9 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
         assert fleet.registry.sample(second_id).label == "7"
         assert int(text_of(chrome, "#unlabelled-count")) == before - 2
         shot(chrome, "07-labelling")
+        chrome.get(fleet.url + "/dashboard/drift")  # concept drift (fleet.concept_drift) counts labels of v2 only:
+        wait.until(lambda d: d.find_elements(By.ID, "concept-drift"))  # "the model in service" is the newest accepted
+        shot(chrome, "08-drift-concept")
 
         # 5. register models from the models page: a stranger's bundle is refused, a trusted one registered
         chrome.get(fleet.url + "/dashboard/models")
@@ -398,7 +401,7 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
         chrome.find_element(By.ID, "upload-submit").click()
         wait.until(lambda d: d.find_elements(By.ID, "flash-error"))
         assert "not trusted" in text_of(chrome, "#flash-error") and fleet.registry.model("tiny-mlp", "1.0.0") is None
-        shot(chrome, "08-models-upload-refused")
+        shot(chrome, "09-models-upload-refused")
         chrome.find_element(By.ID, "bundle-file").send_keys(str(fleet.trusted_bundle))
         chrome.find_element(By.ID, "upload-submit").click()
         wait.until(lambda d: "registered tiny-mlp 1.0.0" in text_of(d, "#flash"))
@@ -414,7 +417,7 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
         assert chrome.find_elements(By.CSS_SELECTOR, "#gate-2 tr")
         assert "Rejected" in chrome.find_element(By.ID, "model-3").text
         assert "{" not in chrome.find_element(By.ID, "model-2").text  # no raw dict
-        shot(chrome, "09-models")
+        shot(chrome, "10-models")
         chrome.find_element(By.ID, "rollout-2").click()
         wait.until(lambda d: "/dashboard/rollouts/ro-" in d.current_url)
         rid = chrome.current_url.split("/dashboard/rollouts/")[1].split("?")[0]
@@ -422,9 +425,9 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
         wait.until(lambda d: "completed, 3 of 3 waves" in text_of(d, "#rollout-progress"))
         assert "group=cams-north" in text_of(chrome, "#rollout-progress")
         assert {d.id for d in fleet.registry.devices() if d.model_version == "2"} == NORTH
-        shot(chrome, "10-rollout-completed")
+        shot(chrome, "11-rollout-completed")
         chrome.get(fleet.url + "/dashboard/rollouts")
-        shot(chrome, "11-rollouts")
+        shot(chrome, "12-rollouts")
 
         # 7. roll it back from its page
         chrome.get(fleet.url + f"/dashboard/rollouts/{rid}")
@@ -433,14 +436,14 @@ def test_operator_journey_in_chromium(broker: Any, tmp_path: Path, chrome: Any, 
         wait.until(lambda d: text_of(d, "#rollout-status") == "rolled_back")
         assert fleet.registry.rollout(rid).status == "rolled_back"
         wait.until(lambda _d: all(d.model_version == "1" for d in fleet.registry.devices()))
-        shot(chrome, "12-rollout-rolled-back")
+        shot(chrome, "13-rollout-rolled-back")
         chrome.get(fleet.url + "/dashboard/devices/cam-01")
         history = text_of(chrome, "#history")
         assert "rollback" in history and "install" in history
-        shot(chrome, "13-device-history")
+        shot(chrome, "14-device-history")
         chrome.get(fleet.url + "/dashboard/")
         wait.until(lambda d: d.find_elements(By.ID, "stat-online"))
-        shot(chrome, "14-overview-after")
+        shot(chrome, "15-overview-after")
     finally:
         stop.set()
         if reporter.is_alive():
