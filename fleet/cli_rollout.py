@@ -118,7 +118,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             state = driver.run_until_done(state.rollout_id, interval_s=0.5)
         data = _summary(state)
         emit(args, data, human=lambda: print(f"rollout {state.rollout_id}: {name} {version} {state.status} "
-                                             f"(wave {state.wave + 1}/{state.n_waves}) {state.counts()}"))
+                                             f"(wave {state.wave + 1}/{state.n_waves}, target {state.target}) "
+                                             f"{state.counts()}"))
         return 0 if state.status not in ("rolled_back", "aborted") else 1
     finally:
         client.disconnect()
