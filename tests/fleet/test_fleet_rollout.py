@@ -389,6 +389,16 @@ def test_target_selects_devices_by_tag_and_is_kept_in_the_state(tmp_path) -> Non
     assert sel.matches({}, {"group": "a"}) and not sel.matches({"group": "b"}, {"group": "a"})
 
 
+def test_cli_refuses_a_bad_target_before_touching_anything(tmp_path, capsys) -> None:
+    from edgeloop.cli import main
+
+    assert main(["fleet", "init", "--dir", str(tmp_path / "fleet")]) == 0
+    capsys.readouterr()
+    assert main(["fleet", "rollout", "m:2", "--target", "group", "-c", str(tmp_path / "fleet" / "fleet.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad rollout target 'group'" in err and "group=cams-north" in err and "\n" not in err
+
+
 def test_cli_parsers() -> None:
     import argparse
 
