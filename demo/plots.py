@@ -128,7 +128,7 @@ def _finish_overview(fig: Any, ax: Any, lane: Any, result: DemoResult, handles: 
     _rollout_markers(lane, result)
     _lane(lane, _story_items(result))
     extra = [Line2D([], [], ls="", marker="^", color="0.45", label="rollout wave started"),
-             Line2D([], [], ls="", marker="D", color="tab:green", label="canary verdict (red: fail)")]
+             Line2D([], [], ls="", marker="D", color="tab:green", label="canary verdict (grey: inconclusive, red: fail)")]
     fig.legend(handles=handles + _shade(ax, result) + extra, loc="outside right upper", fontsize=8, frameon=False)
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt

@@ -44,9 +44,17 @@ def test_demo_quick_closes_the_loop(tmp_path: Path) -> None:
     for k in ("online", "shift", "trigger", "candidate", "rollout_started", "rollout_done", "closed"):
         assert k in kinds, kinds
     assert kinds.index("shift") < kinds.index("trigger") < kinds.index("candidate") < kinds.index("rollout_done")
-    for f in ("report.md", "report.json", "accuracy.png", "drift.png"):
+    for f in ("report.md", "report.json", "accuracy.png", "drift.png", "timeline.png", "series.json"):
         assert (tmp_path / f).is_file()
-    assert json.loads((tmp_path / "report.json").read_text())["closed"] is True
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["closed"] is True
+    # per-wave events in the timeline, the canary's evidence and the key figures (issues 11 and 15)
+    assert "rollout.wave_started" in kinds and "rollout.verdict" in kinds
+    k = report["key_figures"]
+    assert k["trigger_delay_s"] > 0 and k["canary"]["decision"] == "pass" and k["canary"]["evidence"]
+    assert {"metric", "canary", "control", "statistic", "p_value", "decision"} <= set(k["canary"]["evidence"][0])
+    # the recovered cameras' alarm rate is measured (the <= 1 % target is reported, not asserted)
+    assert report["drift_alarms"]["recovered_shifted"]["windows"] > 0
 
 
 def _synthetic_result():
