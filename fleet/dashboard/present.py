@@ -121,6 +121,6 @@ def gate_rows(gate: Mapping[str, Any] | None) -> list[dict[str, Any]]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             rows.append(_row(key.replace("_", " "), None, value, budget="—", ok=None, change=None))
     if passed is not None:
-        rows.append({"metric": "gate", "current": None, "candidate": None, "change": None, "budget": "all rows",
-                     "verdict": "pass" if passed else "fail"})
+        rows.append({"metric": "overall", "current": None, "candidate": None, "change": None,
+                     "budget": "every row passes", "verdict": "pass" if passed else "fail"})
     return rows
