@@ -112,6 +112,23 @@ class Backend:
         return {k: dequantize(v, specs[k]) if (specs[k].quantized or v.dtype.kind == "f") else v
                 for k, v in raw.items()}
 
+    def run_trusted(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`run_outputs` without the input checks, for feeds built to the model's own spec.
+
+        The caller guarantees what ``_check_feeds`` would check: every input by name, a
+        contiguous array in the input's dtype and one batch the model takes (``core.tasks``
+        ``Task.prepare_serving`` builds such feeds).  Same outputs as :meth:`run_outputs`.
+        """
+        raw = self._run(feeds)
+        conv = self.__dict__.get("_out_convert")
+        if conv is None:  # per output: dequantize (quantized or float) or keep; decided once
+            conv = self._out_convert = {s.name: s for s in self.outputs}
+        out = {}
+        for k, v in raw.items():
+            spec = conv[k]
+            out[k] = dequantize(v, spec) if (spec.quantized or v.dtype.kind == "f") else v
+        return out
+
     def reset_state(self) -> None:
         """Reset a stateful model's variable tensors (LSTM state...) to their initial values."""
 
@@ -135,10 +152,9 @@ class Backend:
         return {s.name: self._check_one(feeds[s.name], s) for s in self.inputs}
 
     def _check_one(self, x: Any, spec: TensorSpec) -> np.ndarray:
-        expected = shape_text(spec.shape)
         if not isinstance(x, np.ndarray):
             raise InputError(f"model input {spec.name!r} must be a numpy array, got {type(x).__name__}",
-                             hint=f"pass a {spec.dtype} array of shape {expected}", path=str(self.path))
+                             hint=f"pass a {spec.dtype} array of shape {shape_text(spec.shape)}", path=str(self.path))
         if x.dtype != np.dtype(spec.dtype):
             raise InputError(f"model input {spec.name!r} must be {spec.dtype}, got {x.dtype}",
                              hint="preprocess with the bundle's preprocessing (core.preprocess) or cast the array",
@@ -147,6 +163,7 @@ class Backend:
         batch_ok = x.ndim == 0 or spec.shape[0] < 0 or x.shape[0] == spec.shape[0] or (
             x.shape[0] % spec.shape[0] == 0 and x.shape[0] > 0)
         if x.ndim != len(spec.shape) or not fixed_ok or not batch_ok or (x.ndim and x.shape[0] < 1):
+            expected = shape_text(spec.shape)
             got = "x".join(str(d) for d in x.shape) or "scalar"
             raise InputError(f"model input {spec.name!r} has shape {got}; the model takes {expected}",
                              hint="resize/convert the input with the bundle's preprocessing",

@@ -6,6 +6,12 @@ runs it per request and feeds the drift monitor, the sample selector and the cou
 One lock serialises the pipeline: the drift window and the sampler are stateful, a device
 serves batch 1, and the HTTP server's threads must not interleave half-updated windows.
 
+The serving path does per inference only what the answer needs (docs/agent.md,
+"Performance"): ``Task.prepare_serving`` preprocesses into a buffer allocated once and
+hands the runtime feeds it does not check again; the drift monitor copies the sample's
+thumbnail and features into its window buffers (``DriftMonitor.append``) and closes full
+windows on its own thread, reporting through ``on_report`` from there.
+
 What a prediction is depends on the bundle's task: a classifier's top class and
 probabilities, a detector's boxes (original-image pixels) with labels and scores, a
 tensor model's named outputs.  :class:`Prediction` carries all three shapes;
@@ -131,7 +137,10 @@ class LoadedModel:
                 log.warning("%s %s: drift detection off: %s", self.manifest.name, self.manifest.version, exc)
             else:
                 # The configured window or a clear error naming the calibrated ones, never silently another.
-                self.monitor = DriftMonitor(self.baseline, window=drift_window or None)
+                # Full windows are closed on the monitor's own thread; InferencePipeline takes the reports.
+                self.monitor = DriftMonitor(self.baseline, window=drift_window or None, background=True,
+                                            on_report=self._window_closed)
+        self.on_report: Callable[[DriftReport], None] | None = None  # set by the pipeline serving it
 
     @property
     def version(self) -> str:
@@ -141,7 +150,17 @@ class LoadedModel:
         """The task's answer for one input, without drift, sampling or counters (tests, tools)."""
         return self.task.predict(item)
 
+    def _window_closed(self, report: DriftReport) -> None:
+        if self.on_report is not None:
+            self.on_report(report)
+
+    def flush_drift(self, timeout: float | None = None) -> bool:
+        """Wait until the drift windows filled so far have been closed and reported."""
+        return True if self.monitor is None else self.monitor.flush(timeout)
+
     def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()  # the last full window is still reported
         self.backend.close()
 
 
@@ -162,6 +181,7 @@ class InferencePipeline:
         self._lock = threading.Lock()
         self.last_report: DriftReport | None = None
         self.shadow: Any = None  # edge_agent.shadow.ShadowRunner while a candidate is shadowed
+        self._attach(model)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -172,7 +192,21 @@ class InferencePipeline:
         with self._lock:
             old, self._model = self._model, model
             self.last_report = None
+            self._attach(model)
+        if old is not None and old is not model:
+            old.on_report = None  # the old model's last windows are no longer this pipeline's news
         return old
+
+    def _attach(self, model: LoadedModel | None) -> None:
+        """Route the model's drift reports (closed on the monitor's thread) to ``last_report`` and ``on_report``."""
+        if model is not None:
+            model.on_report = lambda rep, m=model: self._reported(rep, m)
+
+    def _reported(self, rep: DriftReport, model: LoadedModel) -> None:
+        if self._model is model:
+            self.last_report = rep
+        if self.on_report is not None:
+            self._safe(self.on_report, rep, model)
 
     def _check_size(self, image: Any, model: LoadedModel) -> None:
         spec = model.spec
@@ -192,29 +226,34 @@ class InferencePipeline:
             raise EdgeloopError("no model is installed", hint="install a bundle with `edgeloop agent install BUNDLE`")
         try:
             self._check_size(image, model)
-            t0 = time.perf_counter()
-            prepared = model.task.prepare(image)
-            with self._lock:
+            with self._lock:  # prepare_serving's buffer is the task's: one input at a time
                 model = self._model if self._model is not None else model
-                outputs = model.task.run(prepared)
-                result = model.task.decode(outputs, prepared)
+                t0 = time.perf_counter()
+                task = model.task
+                prepared = task.prepare_serving(image)
+                outputs = task.run(prepared)
+                result = task.decode(outputs, prepared)
                 latency_ms = (time.perf_counter() - t0) * 1000.0
                 reports: list[DriftReport] = []
                 score: float | None = None
-                if model.monitor is not None:
-                    reports, score = self._drift(model, model.task.drift_features(prepared, outputs, result))
-                alarm = model.monitor.alarm if model.monitor is not None else False
+                monitor = model.monitor
+                if monitor is not None:
+                    reports, score = self._drift(model, task.drift_arrays(prepared, outputs, result))
+                    alarm = monitor.alarm
+                else:
+                    alarm = False
                 if reports:
                     self.last_report = reports[-1]
         except InputError:
             self.stats.record_error()
             raise
-        pred = Prediction.from_result(result, latency_ms=round(latency_ms, 4), model_version=model.version,
-                                      variant=model.variant.id, drift_alarm=bool(alarm), sample_score=score)
+        pred = Prediction(result.label, result.index, result.confidence, result.probs, round(latency_ms, 4),
+                          model.version, model.variant.id, bool(alarm), score, result.kind, result.detections,
+                          result.outputs, result.score)
         self.stats.record(latency_ms, pred.confidence)
         if self.shadow is not None:  # the candidate sees the same input; its answer is never served
             self._safe(self.shadow.offer, image, pred)
-        for rep in reports:
+        for rep in reports:  # a synchronous monitor's; a background one reports through _reported
             if self.on_report is not None:
                 self._safe(self.on_report, rep, model)
         if self.on_sample is not None and prepared.image is not None and pred.index >= 0:
@@ -222,22 +261,20 @@ class InferencePipeline:
         return pred
 
     @staticmethod
-    def _drift(model: LoadedModel, feats: Any) -> tuple[list[DriftReport], float | None]:
-        """Feed the monitor; a baseline this model cannot feed turns drift off, never fails a prediction."""
+    def _drift(model: LoadedModel, arrays: tuple[Any, ...]) -> tuple[list[DriftReport], float | None]:
+        """Feed the monitor one sample; a baseline this model cannot feed turns drift off, never fails a prediction."""
         monitor = model.monitor
         assert monitor is not None
-        if "embedding" in getattr(monitor, "kinds", ()) and feats.embedding is None and feats.probs is not None:
-            from core.drift_features import DriftFeatures  # old baselines: softmax used as the embedding
-
-            feats = DriftFeatures(inputs=feats.inputs, probs=feats.probs, embedding=feats.probs, outputs=feats.outputs)
+        inputs, probs, emb, outs = arrays
+        if emb is None and probs is not None and "embedding" in monitor.kinds:
+            emb = probs  # old baselines: softmax used as the embedding
         try:
-            reports = monitor.update(feats)
+            reports = monitor.append(inputs, probs, emb, outs)
         except InputError as exc:
             log.error("drift detection off for %s %s: %s", model.manifest.name, model.version, exc)
             model.monitor = None
             return [], None
-        emb = feats.embedding if feats.embedding is not None else feats.probs
-        return reports, None if emb is None else float(monitor.score_samples(emb)[0])
+        return reports, monitor.sample_score(probs, emb)
 
     def predict_many(self, images: Sequence[Any]) -> list[Prediction]:
         return [self.predict(img) for img in images]

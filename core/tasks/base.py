@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..manifest import Manifest, Preprocessing, TensorSpec
-from ..preprocess import Geometry, prepare_images, to_model_dtype
+from ..preprocess import Geometry, Preprocessor, prepare_images, to_model_dtype
 from ..runtime import Backend, dequantize, quantize, shape_text
 
 __all__ = ["Task", "Prepared", "TaskResult", "Detection", "tensor_feed"]
@@ -54,6 +54,8 @@ class TaskResult:
     detections: tuple[Detection, ...] = ()
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     score: float | None = None
+    # classification: the (1, K) float32 probabilities ``probs`` was made from (drift reads them, not the tuple)
+    probs_array: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"task": self.kind, "label": self.label, "index": self.index,
@@ -77,6 +79,7 @@ class Prepared:
     x: np.ndarray  # float32 batch of 1 (preprocessed image, or the real-valued tensor)
     geometry: Geometry | None = None
     image: np.ndarray | None = None  # the raw image (for sampling), None for tensor input
+    trusted: bool = False  # feeds built to the model's own spec: the runtime need not check them again
 
 
 def _input_spec(manifest: Manifest, backend: Backend) -> TensorSpec:
@@ -131,6 +134,21 @@ def tensor_feed(arr: Any, spec: TensorSpec, what: str = "input") -> tuple[np.nda
     return a.astype(dt), a.astype(np.float32)
 
 
+def _checked_image(item: Any) -> np.ndarray:
+    """One image as an array of pixels (H, W) or (H, W, C), C in 1, 3, 4; ``InputError`` otherwise."""
+    if isinstance(item, (bytes, str)):
+        raise InputError(f"predict() takes an image array, got {type(item).__name__}",
+                         hint="load files with core.imageio.load_image()")
+    arr = np.asarray(item)
+    if arr.dtype == object or arr.dtype.kind not in "uif":
+        raise InputError(f"image has dtype {arr.dtype}; expected uint8 pixels (H, W) or (H, W, C)",
+                         hint="convert the image to uint8")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) or min(arr.shape[:2]) < 1:
+        raise InputError(f"image has shape {tuple(arr.shape)}; expected (H, W) or (H, W, C) with C in 1, 3, 4",
+                         hint="pass one image")
+    return arr
+
+
 class Task:
     """Base of the task classes (``core.tasks.TASKS``)."""
 
@@ -144,6 +162,16 @@ class Task:
         self.pre: Preprocessing | None = manifest.preprocessing
         self.input: TensorSpec = _input_spec(manifest, backend)
         self.streaming = bool(manifest.task.streaming)
+        self._serving: Preprocessor | None = None  # prepare_serving's buffer, made on first use
+        self._trusted = False
+
+    def _trusts(self, pre: Preprocessing) -> bool:
+        """Whether image feeds of ``pre`` match the model's only input (dtype by construction, shape here)."""
+        want = tuple(self.input.shape)
+        h, w = pre.size
+        got = {"NCHW": (1, pre.channels, h, w), "NHWC": (1, h, w, pre.channels), "NHW": (1, h, w)}[pre.layout]
+        return len(self.backend.inputs) == 1 and len(want) == len(got) and all(
+            d < 0 or d == g for d, g in zip(want, got, strict=True))
 
     # -- input ----------------------------------------------------------------------------
     @property
@@ -155,26 +183,37 @@ class Task:
         if self.pre is None:
             feed, real = tensor_feed(item, self.input)
             return Prepared({self.input.name: feed}, real)
-        if isinstance(item, (bytes, str)):
-            raise InputError(f"predict() takes an image array, got {type(item).__name__}",
-                             hint="load files with core.imageio.load_image()")
-        arr = np.asarray(item)
-        if arr.dtype == object or arr.dtype.kind not in "uif":
-            raise InputError(f"image has dtype {arr.dtype}; expected uint8 pixels (H, W) or (H, W, C)",
-                             hint="convert the image to uint8")
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)) or min(arr.shape[:2]) < 1:
-            raise InputError(f"image has shape {tuple(arr.shape)}; expected (H, W) or (H, W, C) with C in 1, 3, 4",
-                             hint="pass one image")
+        arr = _checked_image(item)
         x, geos = prepare_images([arr], self.pre)
         feed = to_model_dtype(x, self.input, self.pre)
         return Prepared({self.input.name: feed}, x, geos[0], arr)
+
+    def prepare_serving(self, item: Any) -> Prepared:
+        """:meth:`prepare` for the agent's serving path: same checks, same values, fewer copies.
+
+        An image goes through a :class:`~core.preprocess.Preprocessor` (one pass into a
+        buffer allocated once), and the feeds are marked ``trusted`` when the
+        preprocessing's shape is the model input's, so :meth:`run` skips the runtime's
+        re-checks.  The buffer is reused by the next call: callers serialise (the agent's
+        pipeline lock) and use ``Prepared.x`` before preparing the next input.
+        """
+        if self.pre is None:
+            return self.prepare(item)
+        arr = _checked_image(item)
+        pre = self._serving
+        if pre is None:
+            pre = self._serving = Preprocessor(self.pre)
+            self._trusted = self._trusts(self.pre)
+        x, geo = pre(arr)
+        feed = to_model_dtype(x, self.input, self.pre)
+        return Prepared({self.input.name: feed}, x, geo, arr, self._trusted)
 
     # -- running ----------------------------------------------------------------------------
     def run(self, prepared: Prepared) -> dict[str, np.ndarray]:
         """Reset a stateful model (unless streaming), run it; every output dequantized to float."""
         if self.backend.stateful and not self.streaming:
             self.backend.reset_state()
-        return self.backend.run_outputs(prepared.feeds)
+        return self.backend.run_trusted(prepared.feeds) if prepared.trusted else self.backend.run_outputs(prepared.feeds)
 
     def decode(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> TaskResult:
         raise NotImplementedError
@@ -187,6 +226,13 @@ class Task:
     def drift_features(self, prepared: Prepared, outputs: dict[str, np.ndarray], result: TaskResult) -> Any:
         """``DriftFeatures`` for one prediction (batch of 1)."""
         raise NotImplementedError
+
+    def drift_arrays(self, prepared: Prepared, outputs: dict[str, np.ndarray],
+                     result: TaskResult) -> tuple[np.ndarray | None, ...]:
+        """:meth:`drift_features` as the arrays ``(inputs, probs, embedding, outputs)`` (None where absent),
+        what ``DriftMonitor.append`` takes without building a ``DriftFeatures`` per inference."""
+        f = self.drift_features(prepared, outputs, result)
+        return f.inputs, f.probs, f.embedding, f.outputs
 
     def drift_input(self, prepared: Prepared) -> np.ndarray:
         """The input as the drift detector sees it: NCHW float images, (1, ...) tensors."""
