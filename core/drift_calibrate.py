@@ -32,7 +32,7 @@ from .errors import DataError
 __all__ = ["calibrate", "calibrate_heldout", "DEFAULT_WINDOWS", "calibration_summary"]
 
 DEFAULT_WINDOWS = (25, 50, 100)
-_OUTER = 40  # calibration-set resamples in the second bootstrap (for the false-alarm rate's spread)
+_OUTER = 20  # calibration-set resamples in the second bootstrap (for the false-alarm rate's spread)
 
 
 def _check(ref: DriftFeatures, cal: DriftFeatures) -> None:
@@ -195,7 +195,7 @@ def calibrate(ref: DriftFeatures, cal: DriftFeatures, *, windows: int | Sequence
     kernel = np.exp(-b.gamma * st.sq_distances(f.emb, f.emb)) if f.emb is not None else None
     rng = np.random.default_rng(seed)
     nulls, combined, groups, spread_draws = [], [], [], []
-    n_spread = max(_OUTER * 10, n_boot // 2)
+    n_spread = _OUTER * max(50, n_boot // 10)  # enough windows per resample to see its rate
     for w in ok:
         group_of = st.merge_small_classes(b.class_prior * w) if b.class_prior is not None else None
         groups.append(group_of)
@@ -246,16 +246,18 @@ def calibrate_heldout(held: DriftFeatures, *, seed: int = 0, **kw: Any) -> Basel
 
 
 def _spread(b: Baseline, comb: np.ndarray) -> np.ndarray:
-    """(nw, 2) standard deviation of the realised flag rates across calibration-set resamples."""
-    out = np.zeros((len(b.windows), 2))
+    """(nw, 2, 2): per window size and score, the mean and the standard deviation of the realised flag
+    rate across calibration-set resamples, at the calibrated thresholds (sd net of the binomial noise
+    of the windows per resample)."""
+    out = np.zeros((len(b.windows), 2, 2))
     p_flag = flag_rate_for_alarm_rate(b.alarm_rate, b.hysteresis)
     for i in range(len(b.windows)):
         per = comb[i].reshape(_OUTER, -1, 2)
         for g, rate in enumerate((b.input_budget, p_flag)):
             thr = np.quantile(b.combined[i, g], 1.0 - rate)
             r = (per[:, :, g] > thr).mean(axis=1)
-            between = r.var() - rate * (1.0 - rate) / per.shape[1]
-            out[i, g] = float(np.sqrt(max(between, 0.0)))
+            between = r.var() - r.mean() * (1.0 - r.mean()) / per.shape[1]
+            out[i, g] = (float(r.mean()), float(np.sqrt(max(between, 0.0))))
     return out
 
 
@@ -263,9 +265,9 @@ def calibration_summary(b: Baseline) -> dict[str, Any]:
     """What the calibration achieved, per window size: budgets, thresholds and their uncertainty.
 
     ``*_ci95`` is the interval of the realised false-alarm rate from the finite bootstrap
-    (binomial on ``n_boot``); ``*_sd_calibration`` the spread of the rate across resamples of
-    the calibration set (how much a different held-out set of the same size could move
-    it; only available right after ``calibrate``).
+    (binomial on ``n_boot``); ``*_mean_calibration`` / ``*_sd_calibration`` the mean and spread of
+    the realised rate across resamples of the calibration set (what a different held-out set of
+    the same size would give; only available right after ``calibrate``).
     """
     spread = getattr(b, "_spread", None)
     p_flag = flag_rate_for_alarm_rate(b.alarm_rate, b.hysteresis)
@@ -279,7 +281,8 @@ def calibration_summary(b: Baseline) -> dict[str, Any]:
             row[f"{name}_threshold"] = float(np.quantile(b.combined[i, g], 1.0 - rate))
             row[f"{name}_ci95"] = [max(0.0, rate - half), rate + half]
             if spread is not None:
-                row[f"{name}_sd_calibration"] = float(spread[i, g])
+                row[f"{name}_mean_calibration"] = float(spread[i, g, 0])
+                row[f"{name}_sd_calibration"] = float(spread[i, g, 1])
         rows[str(w)] = row
     return {"kinds": list(b.kinds), "tests": list(b.tests), "n_ref": b.n_ref, "n_cal": b.n_cal,
             "windows": list(b.windows), "default_window": b.default_window, "alarm_rate": b.alarm_rate,
