@@ -110,9 +110,15 @@ class FleetWorker:
                         break
                     start = p.ts
                 during += self.registry.samples.count(labelled=True, device_ids=[dev], since=start)
-        return FleetSnapshot(now=now, reports=reports, labelled_since_model=labelled,
+        snap = FleetSnapshot(now=now, reports=reports, labelled_since_model=labelled,
                              last_job_at=self._last_job_at(), job_running=self.job_running,
                              labelled_during_alarm=during)
+        if not (self.policy.concept_drift and self.policy.concept.enabled):
+            return snap
+        from .concept_drift import with_concept_drift  # feedback labels replayed per slice (O(labels))
+
+        return with_concept_drift(snap, self.registry, self.policy.concept, model_version=model.version,
+                                  since=model.created)
 
     def _last_job_at(self) -> float | None:
         """Start of the newest retraining job: in memory, else from the registry (survives restarts)."""
@@ -141,7 +147,8 @@ class FleetWorker:
         self.last_decision = decision
         if decision.retrain:
             self.on_event("trigger", {"reason": decision.reason, "trigger": decision.trigger,
-                                      "alarmed": list(decision.alarmed_devices), "labelled": decision.labelled})
+                                      "alarmed": list(decision.alarmed_devices), "labelled": decision.labelled,
+                                      "concept": list(decision.concept_alarms)})
             self.start_job(decision.trigger or "manual")
         return decision
 
