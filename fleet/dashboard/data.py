@@ -47,6 +47,7 @@ class DashContext:
     model_name: str | None = None
     page_size: int = 50
     config: FleetConfig | None = None  # the fleet's config: trusted keys and bundle store for model uploads
+    cache: dict[str, tuple[float, Any, Any]] = field(default_factory=dict, repr=False)  # name -> (ts, key, value)
 
     @classmethod
     def for_fleet(cls, cfg: FleetConfig, registry: Registry, *, driver: RolloutDriver | None = None,
@@ -305,9 +306,23 @@ def drift_overview(ctx: DashContext, *, since: float | None = None, buckets: int
             "concept": concept_drift(ctx), **_page_info(found)}
 
 
-def concept_drift(ctx: DashContext) -> dict[str, Any]:
+def concept_drift(ctx: DashContext, *, ttl_s: float = 10.0) -> dict[str, Any]:
     """Concept drift from feedback labels (:func:`fleet.concept_drift.fleet_concept_drift`): accuracy and
-    CUSUM alarm per slice of the model in service.  Device slices only when alarmed (a fleet has many)."""
+    CUSUM alarm per slice of the model in service.  Device slices only when alarmed (a fleet has many).
+
+    It replays every label of the model in service, so the live drift page reuses the last answer
+    for ``ttl_s`` seconds unless the number of labels changed (one ``COUNT`` per refresh).
+    """
+    labelled = ctx.registry.samples.count(labelled=True)
+    hit = ctx.cache.get("concept")
+    if hit is not None and hit[1] == labelled and time.monotonic() - hit[0] < ttl_s:
+        return dict(hit[2])
+    out = _concept_drift(ctx)
+    ctx.cache["concept"] = (time.monotonic(), labelled, out)
+    return dict(out)
+
+
+def _concept_drift(ctx: DashContext) -> dict[str, Any]:
     from ..concept_drift import ConceptDriftConfig, concept_drift_status, fleet_concept_drift
 
     if ctx.config is not None:

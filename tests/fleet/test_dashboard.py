@@ -252,6 +252,18 @@ def test_drift_page_shows_concept_drift_from_labels(fleet: dict[str, Any]) -> No
     assert 'id="concept-slices"' in page and "fleet <b>fleet</b>" in page
 
 
+def test_concept_drift_is_cached_until_a_label_arrives(fleet: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet.dashboard import data
+
+    ctx = data.DashContext(registry=fleet["reg"])
+    calls: list[int] = []
+    real = data._concept_drift
+    monkeypatch.setattr(data, "_concept_drift", lambda c: calls.append(1) or real(c))
+    assert data.concept_drift(ctx) == data.concept_drift(ctx) and len(calls) == 1  # the live page polls
+    fleet["reg"].label_samples([("s-0", "3", "operator")])
+    assert data.concept_drift(ctx)["labels"] == 1 and len(calls) == 2  # a new label: computed afresh
+
+
 def test_completed_rollout_reads_completed(fleet: dict[str, Any]) -> None:
     from fleet.dashboard.data import rollout_summary
 
