@@ -84,12 +84,13 @@ def _class_kernel(emb: np.ndarray, cls: np.ndarray, k: int, gamma: float) -> np.
 
 _MAX_TEMPLATES = 32  # class templates kept for image_tangent (the most frequent classes; the rest share one)
 _MIN_TEMPLATE = 5  # reference samples a class needs for its own template
+_NUISANCE = 10  # residual directions the motion tangents are made orthogonal to (at most 1 per 25 reference images)
 
 
-def _tangents(t: np.ndarray, pred: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """Class templates of the reference thumbnails and the spread of their tangent projections."""
-    from .drift_baseline import tangent_projections
-    from .drift_features import tangent_directions
+def _tangents(t: np.ndarray, pred: np.ndarray, k: int, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Class templates of the reference thumbnails, the residuals' main directions, and the spread of
+    the reference's motion estimates per template."""
+    from .drift_baseline import tangent_projections, unit_tangents
 
     counts = np.bincount(pred, minlength=k)
     own = [c for c in np.argsort(-counts, kind="stable")[:_MAX_TEMPLATES] if counts[c] >= _MIN_TEMPLATE]
@@ -97,15 +98,17 @@ def _tangents(t: np.ndarray, pred: np.ndarray, k: int) -> dict[str, np.ndarray]:
     slot[own] = np.arange(len(own))
     flat = t.reshape(len(t), -1).astype(np.float64)
     mean = np.stack([flat[pred == c].mean(axis=0) for c in own] + [flat.mean(axis=0)])
-    dirs = tangent_directions(mean.reshape(-1, *t.shape[1:]))
-    norm = np.maximum(np.einsum("tdp,tdp->td", dirs, dirs), 1e-12)
-    z = tangent_projections(t, slot[pred], mean, dirs / norm[:, :, None])
+    resid = flat - mean[slot[pred]]
+    n_nuisance = min(_NUISANCE, len(t) // 25)
+    nuisance = np.linalg.svd(resid, full_matrices=False)[2][:n_nuisance] if n_nuisance else np.zeros((0, flat.shape[1]))
+    z = tangent_projections(t, slot[pred], mean, unit_tangents(mean, input_shape, nuisance))
     n = np.bincount(slot[pred], minlength=len(mean)).astype(np.float64)
-    # per template: the reference's own residual spread, inflated by n/(n-1) (the template was fitted to them)
+    # per template: the reference's own spread, inflated by n/(n-1) (the template was fitted to them)
     var = np.stack([np.square(z[slot[pred] == j]).sum(axis=0) for j in range(len(mean))]) / np.maximum(n - 1, 1)[:, None]
     overall = np.square(z).mean(axis=0)
     sd = np.sqrt(np.where(n[:, None] >= _MIN_TEMPLATE, var, overall[None]))
-    return {"tangent_mean": mean.astype(np.float32), "tangent_sd": np.maximum(sd, 1e-9), "tangent_slot": slot}
+    return {"tangent_mean": mean.astype(np.float32), "tangent_sd": np.maximum(sd, 1e-9), "tangent_slot": slot,
+            "tangent_nuisance": nuisance.astype(np.float32)}
 
 
 def _reference(ref: DriftFeatures, k: int, class_prior: np.ndarray | None, grid: int, bins: int,
@@ -127,7 +130,7 @@ def _reference(ref: DriftFeatures, k: int, class_prior: np.ndarray | None, grid:
                   hist_range=np.stack([lo, hi], axis=1).astype(np.float64),
                   hist_fraction=counts / counts.sum(axis=1, keepdims=True))
         if t.ndim == 4:
-            kw.update(_tangents(t, ref_pred, k))
+            kw.update(_tangents(t, ref_pred, k, tuple(np.shape(ref.inputs)[1:])))
     pred = np.zeros(ref.n, np.int64)
     if ref.probs is not None:
         probs = np.asarray(ref.probs, dtype=np.float32).astype(np.float64)  # as the device computes them
@@ -194,17 +197,16 @@ def calibrate(ref: DriftFeatures, cal: DriftFeatures, *, windows: int | Sequence
         f = dataclasses.replace(f, knn=f.knn / scale[f.pred])
     kernel = np.exp(-b.gamma * st.sq_distances(f.emb, f.emb)) if f.emb is not None else None
     rng = np.random.default_rng(seed)
-    nulls, combined, groups, spread_draws = [], [], [], []
-    n_spread = _OUTER * max(50, n_boot // 10)  # enough windows per resample to see its rate
+    nulls, combined, groups = [], [], []
     for w in ok:
         group_of = st.merge_small_classes(b.class_prior * w) if b.class_prior is not None else None
         groups.append(group_of)
 
         def draw(n: int, group: int, w: int = w, group_of: np.ndarray | None = group_of) -> np.ndarray:
-            # n windows of w calibration samples drawn with replacement (i.i.d. from the calibration set, as
-            # a stream draws from the population); group > 0: each run of `group` consecutive windows first
-            # resamples the calibration set (only to measure how much another calibration set would move
-            # the realised rates -- thresholds never come from those windows, whose spread is inflated)
+            # n windows of w samples; each run of `group` consecutive windows first resamples the calibration
+            # set (two levels: the null then also carries the calibration set's own sampling error, so the
+            # realised rate is the budget on average over calibration sets, not just for this one -- a
+            # one-level null put the risk flag at 2.5-3x its rate on held-out digits); group 0: one level
             out, chunk = [], max(group, (20000 // w) // max(group, 1) * max(group, 1))
             for start in range(0, n, chunk):
                 nb = min(n - start, chunk)
@@ -217,15 +219,14 @@ def calibrate(ref: DriftFeatures, cal: DriftFeatures, *, windows: int | Sequence
                                          kernel=kernel))
             return np.concatenate(out)
 
-        null = np.sort(draw(n_boot, 0), axis=0)
+        null = np.sort(draw(n_boot, 1), axis=0)  # a fresh calibration resample per window
         nulls.append(null)
-        combined.append(combine(null, draw(n_boot, 0), tests))  # an independent bootstrap: the thresholds
-        per = -(-n_spread // _OUTER)
-        spread_draws.append(combine(null, draw(per * _OUTER, per), tests))  # grouped by calibration resample
-    comb_all = np.sort(np.stack(combined), axis=1).transpose(0, 2, 1)  # (nw, 2, n_boot)
-    b = dataclasses.replace(b, null=np.stack(nulls), combined=comb_all,
+        per = -(-n_boot // _OUTER)
+        combined.append(combine(null, draw(per * _OUTER, per), tests))  # independent, grouped by resample
+    grouped = np.stack(combined)  # (nw, n_boot, 2), in runs of one calibration resample
+    b = dataclasses.replace(b, null=np.stack(nulls), combined=np.sort(grouped, axis=1).transpose(0, 2, 1),
                             class_groups=None if b.class_prior is None else np.stack(groups))
-    object.__setattr__(b, "_spread", _spread(b, np.stack(spread_draws)))
+    object.__setattr__(b, "_spread", _spread(b, grouped))
     return b
 
 
