@@ -212,9 +212,12 @@ def _timeline_png(result: DemoResult, out: Path) -> Path | None:
             last = i == len(w["verdicts"]) - 1
             top.plot([t], [y], "D", ms=7 if last else 5, color=_VERDICT_COLORS.get(decision, "0.3"))
             if last:
-                top.text(t, y + 0.32, f" {decision}" + ("" if score is None else f" ({score:.0f})")
-                         + (f" after {i} soak extension{'s' if i > 1 else ''}" if i else ""), fontsize=8,
-                         va="bottom", ha="left")
+                label = (f"{decision}" + ("" if score is None else f" ({score:.0f})")
+                         + (f" after {i} soak extension{'s' if i > 1 else ''}" if i else "")
+                         + ("; went on with a warning" if w["warned"] else ""))
+                right = t > lo + 0.6 * (end - lo)  # near the right edge: the label ends at the marker
+                top.text(t, y + 0.32, label + " " if right else " " + label, fontsize=8, va="bottom",
+                         ha="right" if right else "left")
     top.set_yticks(range(len(waves)), [w["label"] for w in reversed(waves)])
     top.set_ylim(-0.85, len(waves) - 0.1)
     marks = [(e.t, e.kind.split(".", 1)[1]) for e in result.events
@@ -279,7 +282,10 @@ def _waves(result: DemoResult) -> list[dict[str, Any]]:
         waves.append({"label": _wave_label(n),
                       "deploy": None if deploy_end is None else (e.t, max(deploy_end - e.t, 0.2)),
                       "soak": None if soak is None or stop is None else (soak, max(stop - soak, 0.2)),
-                      "verdicts": verdicts.get(n, [])})
+                      "verdicts": verdicts.get(n, []),
+                      # an inconclusive/marginal wave the rollout went on with (on_inconclusive = proceed)
+                      "warned": any(x.kind == "rollout.warning" for x in later
+                                    if stop is None or x.t <= stop + 1e-6)})
     return waves
 
 

@@ -9,6 +9,7 @@ can be drawn again without running the demo.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -156,7 +157,8 @@ class DemoResult:
             "canary": None if canary is None else {
                 "decision": canary.get("decision"), "score": canary.get("score"), "mode": canary.get("mode"),
                 "evidence": [m for m in canary.get("metrics", []) if m.get("decision") not in ("skipped",)]},
-            "waves": [(v.get("wave"), v.get("decision")) for v in verdicts],
+            "waves": [{"wave": w, "decision": vs[-1].get("decision"), "score": vs[-1].get("score"),
+                       "mode": vs[-1].get("mode"), "verdicts": len(vs)} for w, vs in _by_wave(verdicts)],
             "accuracy_shifted": {p: self.accuracy.get(p, {}).get("shifted") for p in ("baseline", "drifted", "recovered")},
             "accuracy_clean_recovered": self.accuracy.get("recovered", {}).get("clean"),
             "recovered_alarm_rate": rec.get("rate"), "recovered_alarm_windows": [rec.get("alarmed"), rec.get("windows")],
@@ -214,6 +216,9 @@ def _key_lines(result: DemoResult) -> list[str]:
             f"| rollout (start → every camera updated) | {s(k['rollout_s'])} |",
             f"| shift → fleet updated | {s(k['shift_to_fleet_updated_s'])} |",
             f"| canary verdict | {verdict} |",
+            "| every wave's deciding verdict (verdicts) | "
+            + ", ".join(f"{'canary' if w['wave'] == '0' else w['wave'] if w['wave'] == 'shadow' else 'wave ' + w['wave']}"
+                        f" {w['decision']} ({w['verdicts']})" for w in k["waves"]) + " |",
             "| shifted cameras: baseline → drifted → recovered | "
             + " → ".join(_pct(k["accuracy_shifted"][p]) for p in ("baseline", "drifted", "recovered")) + " |",
             f"| clean cameras recovered | {_pct(k['accuracy_clean_recovered'])} |",
@@ -221,14 +226,27 @@ def _key_lines(result: DemoResult) -> list[str]:
             f"| wall time | {s(k['seconds'])} |", ""]
 
 
+def _by_wave(verdicts: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Verdicts grouped per stage (``shadow`` or the wave number), in order; the last of each decided."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for v in verdicts:
+        out.setdefault("shadow" if v.get("mode") == "shadow" else str(v.get("wave")), []).append(v)
+    return list(out.items())
+
+
 def _verdict_lines(verdicts: Sequence[dict[str, Any]]) -> list[str]:
     if not verdicts:
         return []
     lines = ["## Canary analysis", "",
              "Each wave's devices against a control group still on the old model over the same window "
-             "(docs/fleet.md).", ""]
-    for v in verdicts:
-        label = "shadow stage" if v.get("mode") == "shadow" else "canary" if v.get("wave") == 0 else f"wave {v.get('wave')}"
+             "(docs/fleet.md); per wave its deciding (last) verdict, after any soak extensions.", ""]
+    for wave, vs in _by_wave(verdicts):
+        v = vs[-1]
+        label = "shadow stage" if wave == "shadow" else "canary" if wave == "0" else f"wave {wave}"
+        earlier = Counter(x.get("decision") for x in vs[:-1])
+        if earlier:
+            lines += [f"{label}: {len(vs) - 1} earlier verdict{'s' if len(vs) > 2 else ''} extended the soak "
+                      f"({', '.join(f'{n} {d}' for d, n in earlier.items())}; {v.get('extended_s', 0):g} s in all).", ""]
         lines += [f"**{label}: {v.get('decision')}**, score {v.get('score')}, mode {v.get('mode')}: "
                   f"{', '.join(v.get('canary', []))} vs {', '.join(v.get('control', [])) or 'no control'}"
                   + (f" ({'; '.join(v['notes'])})" if v.get("notes") else ""), "",
