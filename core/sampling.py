@@ -7,7 +7,9 @@
 * ``"low_confidence"`` — max-softmax confidence below ``low_confidence``;
 
 both through a token bucket (``rate`` per second, ``burst``) so a drifted camera cannot
-flood the uplink; and keeps a uniform reservoir (Algorithm R) of ``reservoir_size``
+flood the uplink; and keeps a uniform reservoir (Algorithm L: Li's skip-ahead form of
+Algorithm R, the same uniform sample with a random draw per *kept* input instead of per
+input, so an ordinary inference costs one integer comparison) of ``reservoir_size``
 ordinary inputs, handed out by ``take_reservoir``: unbiased samples of what the device sees,
 so retraining is not fed only the hard cases.  Memory is bounded by the reservoir; captured
 samples are returned to the caller (the agent's outbox), never accumulated here.
@@ -126,6 +128,8 @@ class SampleSelector:
         self._rng = np.random.default_rng(seed)
         self._reservoir: list[DriftSample] = []
         self._seen = 0  # ordinary inputs offered since the reservoir was last taken
+        self._next = 0  # Algorithm L: the input count at which the next one is kept (once full)
+        self._w = 1.0
         self.dropped = 0  # captures refused by the rate limit
 
     def _make(self, image: np.ndarray, pred: int, conf: float, score: float, reason: str) -> DriftSample:
@@ -162,21 +166,33 @@ class SampleSelector:
         return out
 
     def _reservoir_add(self, image: np.ndarray, pred: int, conf: float, score: float) -> None:
-        # Algorithm R: after t items each has been kept with probability k / t.
+        # Algorithm L: after t items each has been kept with probability k / t (as Algorithm R),
+        # the gap to the next kept item drawn ahead; the image is copied only when kept.
         self._seen += 1
         k = self.reservoir_size
-        if k == 0:
+        if k == 0 or self._seen < self._next:
             return
         if len(self._reservoir) < k:
             self._reservoir.append(self._make(image, pred, conf, score, "reservoir"))
+            if len(self._reservoir) == k:
+                self._w = math.exp(math.log(self._uniform()) / k)
+                self._skip()
             return
-        j = int(self._rng.integers(0, self._seen))
-        if j < k:
-            self._reservoir[j] = self._make(image, pred, conf, score, "reservoir")
+        self._reservoir[int(self._rng.integers(0, k))] = self._make(image, pred, conf, score, "reservoir")
+        self._w *= math.exp(math.log(self._uniform()) / k)
+        self._skip()
+
+    def _uniform(self) -> float:
+        return float(self._rng.random()) or 1e-300  # (0, 1): log() needs it positive
+
+    def _skip(self) -> None:
+        """Draw the position of the next kept item (geometric gap with success probability ``w``)."""
+        w = min(self._w, 1.0 - 1e-16)
+        self._next = self._seen + int(math.floor(math.log(self._uniform()) / math.log1p(-w))) + 1
 
     def take_reservoir(self) -> list[DriftSample]:
         """Hand out the reservoir (a uniform sample of ordinary inputs since the last take) and restart it."""
-        out, self._reservoir, self._seen = self._reservoir, [], 0
+        out, self._reservoir, self._seen, self._next, self._w = self._reservoir, [], 0, 0, 1.0
         return out
 
     @property

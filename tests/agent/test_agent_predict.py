@@ -136,3 +136,32 @@ def test_an_older_drift_baseline_is_served_without_drift_and_windows_are_never_s
     other = next(w for w in (10, 20, 30, 40) if w not in calibrated)
     with pytest.raises(InputError, match="calibrated"):
         LoadedModel(slot, agent.model.variant.id, drift_window=other)
+
+
+def test_serving_path_gives_the_plain_path_and_windows_close_on_their_thread(agent: Agent) -> None:
+    """prepare_serving / run_trusted / DriftMonitor.append give what prepare / run_outputs / update give:
+    the same answers, and window for window the same drift reports (closed on the monitor's own thread)."""
+    from core.drift import DriftMonitor
+    from core.drift_baseline import probs_embedding
+
+    model = agent.model
+    assert model is not None and model.monitor is not None
+    sync = DriftMonitor(model.baseline, window=model.monitor.window)
+    got: list = []
+    agent.pipeline.on_report = lambda rep, m: got.append(rep)
+    want = []
+    imgs = digits().test_x[: 2 * model.monitor.window + 3]
+    for img in imgs:
+        p = agent.predict(img)
+        plain = model.task.prepare(img)
+        outs = model.task.run(plain)
+        res = model.task.decode(outs, plain)
+        assert (p.index, p.probs) == (res.index, res.probs)
+        feats = model.task.drift_features(plain, outs, res)
+        want += sync.update(feats)
+        emb = feats.embedding if "embedding" in sync.kinds else probs_embedding(feats.probs)
+        assert p.sample_score == pytest.approx(float(sync.score_samples(emb)[0]), rel=1e-9)
+    assert model.flush_drift(timeout=60)
+    assert [r.to_dict() for r in got] == [r.to_dict() for r in want] and len(want) == 2
+    assert agent.pipeline.last_report is not None and agent.pipeline.last_report.to_dict() == want[-1].to_dict()
+    assert model.monitor.buffered == 3

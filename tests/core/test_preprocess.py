@@ -266,3 +266,38 @@ def test_pixel_budget_refuses_before_decoding(tmp_path: Path) -> None:
     with pytest.raises(ImageTooLargeError):
         decode_image_bytes(b"P5\n5000 5000\n255\n", max_pixels=1_000_000)
     assert decode_image_bytes(data).shape == (3000, 3000)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NHW"])
+@pytest.mark.parametrize("fit", ["stretch", "center-crop", "letterbox"])
+def test_preprocessor_is_prepare_images_bit_for_bit(layout: str, fit: str) -> None:
+    """The agent's one-pass path (model-size uint8 images) and its fallback give prepare_images' exact values."""
+    from core.preprocess import Preprocessor, prepare_images
+
+    rng = _rng()
+    for channels in ((1,) if layout == "NHW" else (1, 3)):
+        for order in ("RGB", "BGR"):
+            for mean, std, scale in (((0.5,), (0.5,), 1 / 255), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255),
+                                     ((0.0,), (1.0,), 1.0), ((127.5,), (127.5,), 1.0)):
+                spec = Preprocessing(size=(8, 6), channels=channels, mean=(mean * 3)[:channels],
+                                     std=(std * 3)[:channels], scale=scale, layout=layout, channel_order=order, fit=fit)
+                pre = Preprocessor(spec)
+                for shape in ((8, 6), (8, 6, 1), (8, 6, 3), (8, 6, 4), (10, 7, 3)):
+                    for dtype in (np.uint8, np.float32):
+                        img = rng.integers(0, 256, shape).astype(dtype)
+                        want, geos = prepare_images([img], spec)
+                        got, geo = pre(img)
+                        assert got.dtype == want.dtype and np.array_equal(got, want), (spec, shape, dtype)
+                        assert geo == geos[0]
+
+
+def test_preprocessor_reuses_its_buffer() -> None:
+    from core.preprocess import Preprocessor
+
+    spec = Preprocessing(size=(4, 4), channels=1)
+    pre = Preprocessor(spec)
+    a, _ = pre(np.zeros((4, 4), np.uint8))
+    b, _ = pre(np.full((4, 4), 255, np.uint8))
+    assert a is b and float(a.max()) == 1.0  # the same buffer: callers use it before the next call
+    c, _ = pre(np.zeros((8, 8), np.uint8))  # a resize: a fresh array, the buffer untouched
+    assert c is not a and float(a.max()) == 1.0

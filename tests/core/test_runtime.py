@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.errors import InputError, RuntimeBackendError
-from core.runtime import BACKENDS, LiteRTBackend, OnnxBackend, open_model
+from core.runtime import BACKENDS, LiteRTBackend, OnnxBackend, open_model, quantize
 
 
 def _tiny_onnx(path: Path, *, batch: int | str = "N") -> Path:
@@ -40,6 +40,16 @@ def test_onnx_backend_runs_and_names_outputs(tmp_path: Path) -> None:
     out = backend.run(x)
     assert out.logits.shape == (2, 3) and out.embedding is not None
     np.testing.assert_allclose(out.embedding, x.reshape(2, 16))
+
+
+def test_run_trusted_gives_run_outputs_exactly(tmp_path: Path) -> None:
+    """The serving path's unchecked run: the same named float32 outputs as the checked one."""
+    backend = open_model(_tiny_onnx(tmp_path / "t.onnx"), threads=1)
+    x = np.random.default_rng(2).normal(size=(1, 1, 4, 4)).astype(np.float32)
+    want, got = backend.run_outputs({"input": x}), backend.run_trusted({"input": x})
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k])
 
 
 def test_fixed_batch_onnx_model_loops_over_the_batch(tmp_path: Path) -> None:
@@ -110,3 +120,6 @@ def test_litert_int8_quantizes_inputs_and_loops_fixed_batch(exported_bundle, dig
     np.testing.assert_allclose(out.logits[3:4], backend.run(x[3:4]).logits)
     with pytest.raises(InputError):
         backend.run(x[:1, :, :-1])
+    feed = {backend.inputs[0].name: quantize(x[:1], backend.inputs[0])}
+    want, got = backend.run_outputs(feed), backend.run_trusted(feed)  # dequantized alike
+    assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
