@@ -315,10 +315,9 @@ class DriftMonitor:
         b = self.baseline
         k = min(b.knn_k, len(self._ref64))
         d2 = self._ref_m2 @ e
-        d2 += b.emb_ref_sq  # (ref_sq - 2 ref.e) + e.e, score_samples' order
-        d2 += float(e @ e)
-        d2.partition(k - 1)
-        return math.sqrt(max(float(d2[k - 1]), 0.0)) / b.sample_scale
+        d2 += b.emb_ref_sq  # (ref_sq - 2 ref.e) + e.e, score_samples' order; + e.e after the selection:
+        d2.partition(k - 1)  # adding one number (rounded) keeps the order, so the k-th is the same
+        return math.sqrt(max(float(d2[k - 1]) + float(e @ e), 0.0)) / b.sample_scale
 
     def _window_full(self) -> list[DriftReport]:
         """The window is full: close it here (its report) or hand it to the worker (no report yet)."""

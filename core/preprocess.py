@@ -337,6 +337,7 @@ class Preprocessor:
             if np.array_equal((v * scale) * inv_std, v * both):
                 self._scale, self._mul = both.reshape(per_channel), None
         self._plans: dict[tuple[int, int], tuple[Geometry, bool]] = {}
+        self._per_plane = spec.layout == "NCHW" and c > 1 and h * w >= 4096
 
     def _plan(self, h: int, w: int) -> tuple[Geometry, bool]:
         """The geometry of an ``h x w`` image and whether it needs no resize, crop or padding."""
@@ -374,15 +375,23 @@ class Preprocessor:
             x, geos = prepare_images([image], self.spec)
             return x, geos[0]
         out = self._buf[0]
+        if self._per_plane:  # NCHW: a plane at a time, so its three passes stay in the cache
+            for c in range(out.shape[0]):
+                self._normalise(view[c if len(view) > 1 else 0], out[c], c)
+        else:
+            self._normalise(view, out, slice(None))
+        return self._buf, geo
+
+    def _normalise(self, view: np.ndarray, out: np.ndarray, c: int | slice) -> None:
+        """``out = view * scale * inv_std - mean * inv_std`` (prepare_images' float32 operations, in place)."""
         if self._scale is None:
             np.copyto(out, view)
         else:
-            np.multiply(view, self._scale, out=out)
+            np.multiply(view, self._scale if np.ndim(self._scale) == 0 else self._scale[c], out=out)
         if self._mul is not None:
-            np.multiply(out, self._mul, out=out)
+            np.multiply(out, self._mul[c], out=out)
         if self._sub is not None:
-            np.subtract(out, self._sub, out=out)
-        return self._buf, geo
+            np.subtract(out, self._sub[c], out=out)
 
 
 def is_raw_range(spec: Preprocessing) -> bool:

@@ -301,3 +301,15 @@ def test_preprocessor_reuses_its_buffer() -> None:
     assert a is b and float(a.max()) == 1.0  # the same buffer: callers use it before the next call
     c, _ = pre(np.zeros((8, 8), np.uint8))  # a resize: a fresh array, the buffer untouched
     assert c is not a and float(a.max()) == 1.0
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_preprocessor_plane_by_plane_is_prepare_images_bit_for_bit(order: str) -> None:
+    from core.preprocess import Preprocessor, prepare_images
+
+    spec = Preprocessing(size=(80, 64), channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                         channel_order=order)
+    pre = Preprocessor(spec)
+    for shape in ((80, 64), (80, 64, 3), (80, 64, 4)):
+        img = _rng().integers(0, 256, shape).astype(np.uint8)
+        assert np.array_equal(pre(img)[0], prepare_images([img], spec)[0])
