@@ -404,8 +404,13 @@ def _window_stats(b: Any, f: _Samples, idx: np.ndarray, tests: Sequence[str], gr
         counts = np.zeros((nb, k))
         np.add.at(counts, (np.repeat(np.arange(nb), w), pred.ravel()), 1.0)
         own = np.take_along_axis(f.kr[idx], pred[:, :, None], axis=2)[:, :, 0].mean(axis=1)
+        class_pairs = None
+        if pair_mask is not None:  # calibration: duplicate pairs left out, so count the pairs per class that stay
+            onehot = np.zeros((nb, w, k))
+            onehot[np.arange(nb)[:, None], np.arange(w)[None, :], pred] = 1.0
+            class_pairs = np.einsum("bik,bij,bjk->bk", onehot, mask.astype(np.float64), onehot, optimize=True)
         out[:, col["embedding_mmd"]] = st.within_class_mmd2((k_ww * mask).sum(axis=(1, 2)), mask.sum(axis=(1, 2)),
-                                                            own, counts, np.diag(b.class_kernel))
+                                                            own, counts, np.diag(b.class_kernel), class_pairs)
         out[:, col["embedding_knn"]] = (f.knn if f.knn_pit is None else f.knn_pit)[idx].mean(axis=1)
     if "confidence_ks" in col:
         out[:, col["confidence_ks"]] = st.ks_uniform(f.pit[idx])

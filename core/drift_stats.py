@@ -218,7 +218,7 @@ def class_mmd2(within_u: np.ndarray, kr_mean: np.ndarray, counts: np.ndarray, m:
 
 
 def within_class_mmd2(same_sum: np.ndarray, same_pairs: np.ndarray, own_kr: np.ndarray, counts: np.ndarray,
-                      m_diag: np.ndarray) -> np.ndarray:
+                      m_diag: np.ndarray, class_pairs: np.ndarray | None = None) -> np.ndarray:
     """Squared MMD of B windows against the reference *within* each predicted class -> (B,).
 
     ``same_sum`` (B,): kernel summed over distinct same-class window pairs, ``same_pairs``
@@ -228,13 +228,17 @@ def within_class_mmd2(same_sum: np.ndarray, same_pairs: np.ndarray, own_kr: np.n
     mean nor the spread of the statistic depends on the class mix (``class_mmd2`` keeps the
     between-class pairs and its spread grows when a window holds few classes); the
     reference terms are weighted so that the expectation is zero when every class looks
-    like its reference.
+    like its reference.  ``class_pairs`` (B, K): the same-class pairs per class that entered
+    ``same_sum`` when some were left out (the calibration drops pairs of one image drawn
+    twice); without it, ``counts * (counts - 1)`` -- weighting the reference term by those
+    would bias the statistic down whenever a window holds duplicates, and with it the null.
     """
     counts = np.asarray(counts, dtype=np.float64)
     w = counts.sum(axis=1)
     pairs = np.maximum(same_pairs, 1.0)
     within = np.where(same_pairs > 0, same_sum / pairs, 0.0)
-    ref_pairs = np.where(same_pairs[:, None] > 0, counts * (counts - 1.0) / pairs[:, None], 0.0) @ m_diag
+    per_class = counts * (counts - 1.0) if class_pairs is None else np.asarray(class_pairs, dtype=np.float64)
+    ref_pairs = np.where(same_pairs[:, None] > 0, per_class / pairs[:, None], 0.0) @ m_diag
     return within - 2.0 * own_kr + 2.0 * (counts / w[:, None]) @ m_diag - ref_pairs
 
 
