@@ -426,6 +426,8 @@ class _WindowWorker:
     def hand_over(self, full: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Queue ``full`` for closing; returns the buffers to fill next (waits while the last one is closing)."""
         with self._cv:
+            if self._stop:  # closed: later windows are not reported (and never wait for a thread that is gone)
+                return full
             while self._job is not None:
                 self._cv.wait()
             spare = self._spare if self._spare is not None else {k: np.zeros_like(v) for k, v in full.items()}

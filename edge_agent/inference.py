@@ -193,8 +193,6 @@ class InferencePipeline:
             old, self._model = self._model, model
             self.last_report = None
             self._attach(model)
-        if old is not None and old is not model:
-            old.on_report = None  # the old model's last windows are no longer this pipeline's news
         return old
 
     def _attach(self, model: LoadedModel | None) -> None:
@@ -273,6 +271,7 @@ class InferencePipeline:
         except InputError as exc:
             log.error("drift detection off for %s %s: %s", model.manifest.name, model.version, exc)
             model.monitor = None
+            monitor.close()
             return [], None
         return reports, monitor.sample_score(probs, emb)
 

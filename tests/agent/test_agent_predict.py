@@ -165,3 +165,24 @@ def test_serving_path_gives_the_plain_path_and_windows_close_on_their_thread(age
     assert [r.to_dict() for r in got] == [r.to_dict() for r in want] and len(want) == 2
     assert agent.pipeline.last_report is not None and agent.pipeline.last_report.to_dict() == want[-1].to_dict()
     assert model.monitor.buffered == 3
+
+
+def test_a_closed_background_monitor_drops_windows_and_never_blocks(agent: Agent) -> None:
+    from core.drift import DriftMonitor
+
+    model = agent.model
+    assert model is not None and model.monitor is not None
+    got: list = []
+    mon = DriftMonitor(model.baseline, window=model.monitor.window, background=True, on_report=got.append)
+    task = model.task
+    img = digits().test_x[0]
+    p = task.prepare(img)
+    outs = task.run(p)
+    arrays = task.drift_arrays(p, outs, task.decode(outs, p))
+    for _ in range(mon.window):
+        mon.append(*arrays)
+    mon.close()  # the full window is still closed and reported
+    assert len(got) == 1 and mon.flush(timeout=1)
+    for _ in range(3 * mon.window):  # after close: windows are dropped, nothing waits for the gone thread
+        mon.append(*arrays)
+    assert len(got) == 1
