@@ -12,8 +12,8 @@ What ``edgeloop export`` does for the models edgeloop trains, for a model the us
    candidate the accuracy gate accepts, timed interleaved with FP32; a detector whose head
    joins its outputs in a Concat also gets ``qdq-float-head``); when no plan is within
    budget, the export's static gate (``export.gate.gate_static_int8``: recipes, then the
-   head in float, then per-layer float fallback) takes over.  Dynamic INT8 (MatMul/Gemm)
-   and FP16 are converted and gated (``export.quantize``);
+   head in float, then the shortest float prefix, then per-layer float fallback) takes
+   over.  Dynamic INT8 (MatMul/Gemm) and FP16 are converted and gated (``export.quantize``);
 4. every variant that passes goes into the bundle with its drop, latency (all variants
    timed interleaved in one run) and size; the others are reported and left out.  The
    FP32 model itself is always in, byte for byte.
@@ -166,7 +166,7 @@ def _static_int8(pre: Path, work: Path, calib: ArrayCalibration, ev: EvalSet, re
         say(f"INT8 static: no speed plan within budget ({exc}); the gate's recipes and per-layer float fallback")
     log.info("INT8 speed plans, drop pp (None: no layer left in INT8): %s", scores)
     gate = gate_static_int8(pre, work / "int8-static", calib, ev, reference, max_drop=max_drop,  # type: ignore[arg-type]
-                            calibration=calibration, head=float_head(pre))
+                            calibration=calibration, head=float_head(pre), float_prefix=True)
     if gate.passed and gate.path is not None:
         final = work / f"{vid}.onnx"
         shutil.copyfile(gate.path, final)

@@ -58,3 +58,44 @@ def test_optimize_adds_a_float_head_plan_only_for_a_joining_head(tmp_path: Path)
     assert det["qdq-float-head"].nodes_to_exclude == ("sig", "cat", "reshape", "transpose")
     assert det["qdq-float-head"].op_types == () and not det["qdq-all"].nodes_to_exclude
     assert "qdq-float-head" not in {p.name for p in _candidates(stripes_classifier(tmp_path / "cls.onnx"))}
+
+
+def _scripted_gate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, passes, n_layers: int = 10):  # type: ignore[no-untyped-def]
+    """The gate with quantization replaced by a script: ``passes(exclude)`` says which attempts are within budget."""
+    import export.gate as gate
+
+    calls: list[tuple[str, ...]] = []
+
+    def fake_try(pre_path, out, calib, settings, exclude, calibration, cache, data, reference, max_drop):  # type: ignore[no-untyped-def]
+        calls.append(exclude)
+        acc = reference if passes(exclude) else reference - 0.3
+        return gate.Attempt(settings.name, exclude, acc, gate.percentage_points(reference, acc), passes(exclude))
+
+    units = {f"L{i}": (f"L{i}", f"act{i}") for i in range(n_layers)}
+    monkeypatch.setattr(gate, "_try", fake_try)
+    monkeypatch.setattr(gate, "exclusion_units", lambda pre: units)
+    monkeypatch.setattr(gate, "quantize_static_int8", lambda *a, **k: None)  # the per-layer probes
+    monkeypatch.setattr(gate, "accuracy", lambda path, x, y: 0.5)
+    data = (np.zeros((4, 1, 8, 8), np.float32), np.zeros(4, np.int64))
+    result = gate.gate_static_int8(tmp_path / "pre.onnx", tmp_path / "work", data[0], data, 0.95, max_drop=1.0,
+                                   head=("sig", "cat"), float_prefix=True)
+    return result, calls
+
+
+def test_gate_finds_the_shortest_float_prefix_by_binary_search(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    # within budget once the first 4 layers are float (noise that builds up from the input)
+    r, calls = _scripted_gate(monkeypatch, tmp_path, lambda ex: {"L0", "L1", "L2", "L3"} <= set(ex))
+    assert r.passed and r.options["float_prefix_layers"] == 4 and "the first 4 layers" in r.reason
+    assert set(r.float_nodes) == {"L0", "act0", "L1", "act1", "L2", "act2", "L3", "act3"}
+    assert calls[3] == ("sig", "cat")  # after the 3 recipes: the head in float
+    prefix = calls[4:]
+    assert len(prefix) <= 5 and len(prefix[0]) == 2 * 9  # the longest prefix first (9 of 10 layers), then halving
+    assert not any(set(c) >= {f"L{i}" for i in range(10)} for c in calls)  # never every layer in float
+
+
+def test_gate_without_a_passing_prefix_goes_on_to_the_per_layer_search(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    r, calls = _scripted_gate(monkeypatch, tmp_path, lambda ex: False)
+    assert not r.passed and "float prefixes" in r.reason and "the head in float" in r.reason
+    assert len(calls) == 3 + 1 + 1 + 8  # recipes, head, the longest prefix (fails: no search), 8 float layers
