@@ -299,6 +299,9 @@ def unit_tangents(mean: np.ndarray, input_shape: Sequence[int], nuisance: np.nda
 def tangent_projections(thumbs: np.ndarray, slots: np.ndarray, mean: np.ndarray, dirs: np.ndarray) -> np.ndarray:
     """(n, 3) projections of each thumbnail's residual from its template ``mean[slots]`` on ``dirs[slots]``."""
     r = np.asarray(thumbs, dtype=np.float64).reshape(len(thumbs), -1) - mean[slots]
+    if len(mean) * 4 < len(r):  # few templates: one matrix product against all of them beats gathering
+        every = (r @ dirs.reshape(-1, dirs.shape[-1]).T).reshape(len(r), len(mean), -1)
+        return every[np.arange(len(r)), slots]
     return np.einsum("np,ndp->nd", r, dirs[slots])
 
 
