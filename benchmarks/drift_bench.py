@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2, default=str))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"\nwrote {args.out}")
     return 0
 
