@@ -229,12 +229,16 @@ class InferencePipeline:
                 t0 = time.perf_counter()
                 task = model.task
                 prepared = task.prepare_serving(image)
+                monitor = model.monitor
+                if monitor is not None:  # the input's drift thumbnail while the input is in the cache
+                    t1 = time.perf_counter()
+                    monitor.stage_inputs(task.drift_input(prepared))
+                    t0 += time.perf_counter() - t1  # not the model path's time
                 outputs = task.run(prepared)
                 result = task.decode(outputs, prepared)
                 latency_ms = (time.perf_counter() - t0) * 1000.0
                 reports: list[DriftReport] = []
                 score: float | None = None
-                monitor = model.monitor
                 if monitor is not None:
                     reports, score = self._drift(model, task.drift_arrays(prepared, outputs, result))
                     alarm = monitor.alarm
