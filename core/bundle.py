@@ -236,7 +236,7 @@ def _check_members(zf: zipfile.ZipFile, manifest: Manifest, path: Path) -> None:
         if listed.get(v.file) != v.sha256:
             raise _fail(f"manifest.json: variant {v.id}: {v.file} is not listed in manifest.members with the same sha256",
                         "invalid-manifest", member=MANIFEST_MEMBER, path=path)
-    for name in (manifest.baseline, manifest.health):
+    for name in (manifest.baseline, manifest.health, *manifest.drift_domains.values()):
         if name is not None and name not in listed:
             raise _fail(f"manifest.json names {name} but does not list it in members", "invalid-manifest",
                         member=MANIFEST_MEMBER, path=path)

@@ -85,7 +85,7 @@ def write_bundle(path: str | os.PathLike[str], manifest: Manifest, files: Mappin
     for name in (v.file for v in manifest.variants):
         if name not in members:
             raise _fail(f"variant file {name} is not among the bundle files", "missing-member", member=name, path=path)
-    for name in (manifest.baseline, manifest.health):
+    for name in (manifest.baseline, manifest.health, *manifest.drift_domains.values()):
         if name is not None and name not in members:
             raise _fail(f"manifest names {name} but it is not among the bundle files", "missing-member",
                         member=name, path=path, hint="add the file, or set that manifest field to None")

@@ -98,6 +98,10 @@ class Preprocessing:
         _require(self.scale > 0, f"preprocessing.scale {self.scale}")
 
 
+def _member_path_ok(name: str) -> bool:
+    return bool(name) and not name.startswith("/") and ".." not in name.split("/")
+
+
 def _quant_ok(scale: float | None, zero_point: int | None, dtype: str, what: str) -> None:
     if scale is None:
         return
@@ -231,8 +235,7 @@ class Variant:
         object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
         _require(self.format in VARIANT_FORMATS, f"variant {self.id}: format {self.format!r}")
         _require(self.precision in VARIANT_PRECISIONS, f"variant {self.id}: precision {self.precision!r}")
-        _require(bool(self.file) and not self.file.startswith("/") and ".." not in self.file.split("/"),
-                 f"variant {self.id}: file {self.file!r}")
+        _require(_member_path_ok(self.file), f"variant {self.id}: file {self.file!r}")
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,9 @@ class Manifest:
     lineage: Lineage = field(default_factory=Lineage)
     schema_version: int = MANIFEST_SCHEMA_VERSION
     task: TaskSpec = field(default_factory=TaskSpec)
+    # further drift baselines, one per domain the model serves (name -> member, e.g. "baselines/adapted.npz");
+    # ``baseline`` is the default domain.  Left out of to_dict when empty: bundles without it stay as they were.
+    drift_domains: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -281,6 +287,13 @@ class Manifest:
         _require(len(self.variants) >= 1, "at least one variant is required")
         ids = [v.id for v in self.variants]
         _require(len(set(ids)) == len(ids), f"duplicate variant ids {ids}")
+        object.__setattr__(self, "drift_domains", {str(k): str(v) for k, v in dict(self.drift_domains).items()})
+        for dom, member in self.drift_domains.items():
+            _require(bool(dom) and dom != "default", f"drift_domains: domain name {dom!r} (not empty, not 'default')")
+            _require(_member_path_ok(member) and member != self.baseline,
+                     f"drift_domains[{dom!r}]: member {member!r}")
+        _require(len(set(self.drift_domains.values())) == len(self.drift_domains),
+                 "drift_domains: two domains name the same member")
 
     def variant(self, variant_id: str) -> Variant:
         for v in self.variants:
@@ -290,7 +303,10 @@ class Manifest:
                           hint=f"choose one of {', '.join(v.id for v in self.variants)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.drift_domains:  # optional: absent, so a manifest without domains is what it was before
+            del d["drift_domains"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from core.drift import Baseline, DriftMonitor, DriftReport
+from core.drift_domains import DomainDriftMonitor, drift_monitor, load_domain_baselines
 from core.errors import BundleError, EdgeloopError, InputError
 from core.manifest import Manifest, Variant
 from core.runtime import Backend
@@ -129,7 +130,7 @@ class LoadedModel:
         self.labels = self.manifest.labels
         self.spec = self.manifest.preprocessing
         self.baseline: Baseline | None = None
-        self.monitor: DriftMonitor | None = None
+        self.monitor: DriftMonitor | DomainDriftMonitor | None = None
         if drift and self.manifest.baseline and (self.slot_dir / self.manifest.baseline).is_file():
             try:
                 self.baseline = Baseline.load(self.slot_dir / self.manifest.baseline)
@@ -138,8 +139,10 @@ class LoadedModel:
             else:
                 # The configured window or a clear error naming the calibrated ones, never silently another.
                 # Full windows are closed on the monitor's own thread; InferencePipeline takes the reports.
-                self.monitor = DriftMonitor(self.baseline, window=drift_window or None, background=True,
-                                            on_report=self._window_closed)
+                # Several drift domains (manifest.drift_domains): one verdict, alarm when no domain matches.
+                self.monitor = drift_monitor(load_domain_baselines(self.slot_dir, self.manifest, self.baseline),
+                                             window=drift_window or None, background=True,
+                                             on_report=self._window_closed)
         self.on_report: Callable[[DriftReport], None] | None = None  # set by the pipeline serving it
 
     @property
