@@ -174,7 +174,8 @@ class DomainDriftMonitor:
             got[name] = rep
             if len(got) < len(self.names):
                 return
-            del self._pending[rep.window_index]
+            for i in [i for i in self._pending if i <= rep.window_index]:  # and any a failed domain never closed
+                del self._pending[i]
             joined = combine_reports(self.names, [got[n] for n in self.names], self._state)
             if self.on_report is not None:
                 self.on_report(joined)

@@ -12,17 +12,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core.drift_domains import DEFAULT_DOMAIN
 from core.errors import ConfigError, EdgeloopError, ExportError
 from core.manifest import InputSpec, Lineage, Manifest, OutputSpec, Variant
+from core.preprocess import preprocess
 from core.signing import PrivateKey
 
 from . import DEFAULT_MAX_DROP_PP
@@ -43,6 +46,8 @@ ONNX_PRECISIONS = ("fp32", "int8-static", "int8-dynamic", "fp16")
 DEFAULT_ONNX_PRECISIONS = ("fp32", "int8-static")
 REFERENCE_INPUTS = 8
 Progress = Callable[[str], None]
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_MIN_WINDOW = 2  # the smallest window a baseline can have (calibrate_heldout: W reference + 2 W calibration)
 
 
 def _bundle_path(out: str | os.PathLike[str] | None, run_dir: Path, name: str, version: str) -> Path:
@@ -81,7 +86,9 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
                sign_key: str | os.PathLike[str] | PrivateKey | None = None, version: str | None = None,
                parent_version: str | None = None, name: str | None = None,
                workdir: str | os.PathLike[str] | None = None, progress: Progress | None = None,
-               drift_windows: Sequence[int] | None = None, drift_images: np.ndarray | None = None) -> ExportReport:
+               drift_windows: Sequence[int] | None = None, drift_images: np.ndarray | None = None,
+               drift_domains: Mapping[str, np.ndarray] | None = None,
+               clean_images: np.ndarray | None = None) -> ExportReport:
     """Export a training run to a bundle of gated variants and return the report.
 
     ``formats``: ``onnx`` and/or ``tflite`` (TFLite needs ``edgeloop[tflite-export]``).
@@ -90,8 +97,15 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
     have.  ``workdir``: keep intermediate files there (default: a temporary directory).
     ``drift_windows``: window sizes the drift baseline is calibrated for (default 25, 50,
     100; sizes the held-out data is too small for are skipped and reported).
-    ``drift_images``: extra held-out raw images (never trained on) of a domain the model
-    must serve, e.g. a retraining's held-out drift samples, added to the baseline's data.
+    ``clean_images``: the raw held-out images ``baseline.npz`` (the default drift domain)
+    is calibrated on (default: the run's validation + test splits).
+    ``drift_domains``: name -> raw held-out images (never trained on) of a further domain
+    the model must serve, e.g. a retraining's held-out drift samples: each gets its own
+    baseline, ``baselines/<name>.npz``, listed in ``manifest.drift_domains``; the agent
+    then alarms only on windows that match no domain (``core.drift_domains``).  A domain
+    too small for any window is left out, with the reason in ``metrics.json``.
+    ``drift_images`` (older callers; not with ``drift_domains``): extra images pooled into
+    the one baseline -- which fits neither domain's pure windows (issue 11 §2).
     """
     from train.api import load_run
     from train.evaluate import evaluate_logits
@@ -105,6 +119,13 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
                           hint=f"formats: {', '.join(FORMATS)}; ONNX precisions: {', '.join(ONNX_PRECISIONS)}")
     if not 0.0 <= max_drop <= 100.0:
         raise ConfigError(f"max_drop must be in [0, 100] percentage points, got {max_drop}", key="max_drop")
+    if drift_domains and drift_images is not None:
+        raise ConfigError("pass drift_domains or drift_images, not both",
+                          hint="drift_domains: one baseline per domain (drift_images pools them into one)")
+    bad_names = [d for d in (drift_domains or {}) if not _DOMAIN_NAME.fullmatch(d) or d == DEFAULT_DOMAIN]
+    if bad_names:
+        raise ConfigError(f"drift domain names {bad_names}: use letters, digits, '-', '_' (not {DEFAULT_DOMAIN!r})",
+                          key="drift_domains")
     signing_key = load_signing_key(sign_key)
     if "tflite" in formats:
         from .tflite_export import require_litert_torch
@@ -166,9 +187,19 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
             final.append(r)
         ref_bytes = reference_npz(x_ref, fp32_out.logits[:REFERENCE_INPUTS], variant_logits,
                                   {r.id: r.precision.startswith("int8") for r in final})
-        say("drift baseline from the held-out splits (validation + test)")
-        base_bytes, drift_summary = _drift_baseline(onnx32.path, run, (x_va, x_te), drift_images, drift_windows,
-                                                    np.bincount(y_tr, minlength=len(run.labels)).astype(np.float64))
+        say("drift baseline from the held-out splits (validation + test)" if clean_images is None else
+            f"drift baseline from {len(clean_images)} held-out clean images"
+            + (f"; one per drift domain ({', '.join(drift_domains)})" if drift_domains else ""))
+        prior = np.bincount(y_tr, minlength=len(run.labels)).astype(np.float64)
+        held = (x_va, x_te) if clean_images is None else (preprocess(np.asarray(clean_images), run.preprocessing),)
+        base_bytes, drift_summary = _drift_baseline(onnx32.path, run, held, drift_images, drift_windows, prior)
+        domain_bytes, domain_summary = _domain_baselines(onnx32.path, run, drift_domains or {}, drift_windows, prior,
+                                                         drift_summary if base_bytes is not None else None)
+        domain_files = {}
+        for dom, data in domain_bytes.items():
+            (work / "baselines").mkdir(exist_ok=True)
+            domain_files[f"baselines/{dom}.npz"] = work / "baselines" / f"{dom}.npz"
+            domain_files[f"baselines/{dom}.npz"].write_bytes(data)
 
         variants = tuple(Variant(id=r.id, format=r.format, precision=r.precision, file=f"models/{r.id}.{r.format}",
                                  test_accuracy=r.accuracy, accuracy_drop=r.drop_pp, latency_ms=r.latency_ms,
@@ -181,6 +212,7 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
                                embedding_dim=onnx32.embedding_dim),
             preprocessing=pre, variants=variants, reference_accuracy=reference, accuracy_budget=max_drop,
             baseline="baseline.npz" if base_bytes is not None else None,
+            drift_domains={dom: f"baselines/{dom}.npz" for dom in domain_bytes},
             metrics={"test_accuracy": reference, "torch_test_accuracy": torch_acc, "test_samples": int(len(y_te)),
                      "onnx_max_abs_diff": onnx32.max_abs_diff},
             lineage=Lineage(run_id=run.run_id, data_hash=run.data_hash, params=dict(run.params),
@@ -194,8 +226,11 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
         metrics = {"report": report.to_dict(),
                    "evaluation": evaluate_logits(fp32_out.logits, y_te, run.labels).to_dict(),
                    "training": run.metrics, "drift_baseline": drift_summary}
+        if drift_domains:
+            metrics["drift_domains"] = domain_summary
         say(f"writing {report.bundle}")
-        pack_bundle(report.bundle, manifest, {f"models/{r.id}.{r.format}": r.file for r in final if r.kept and r.file},
+        members = {f"models/{r.id}.{r.format}": r.file for r in final if r.kept and r.file} | domain_files
+        pack_bundle(report.bundle, manifest, members,
                     reference=ref_bytes, baseline=base_bytes, metrics=metrics, signing_key=signing_key)
         return dataclasses.replace(report, seconds=round(time.perf_counter() - t_start, 2))
     finally:
@@ -203,25 +238,65 @@ def export_run(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] |
             tmp.cleanup()
 
 
+def _drift_features(fp32: Path, x: np.ndarray) -> Any:
+    """What the device feeds the drift monitor for preprocessed inputs ``x``: the FP32 model's outputs."""
+    from core.drift_features import DriftFeatures
+
+    from .pack import softmax
+
+    out = run_model(fp32, x)
+    return DriftFeatures(inputs=x, probs=softmax(out.logits), embedding=out.embedding)
+
+
 def _drift_baseline(fp32: Path, run: Any, held: Sequence[np.ndarray], extra: np.ndarray | None,
                     windows: Sequence[int] | None, class_counts: np.ndarray) -> tuple[bytes | None, dict[str, Any]]:
     """The drift baseline from held-out inputs run through the FP32 model (what the device feeds)."""
-    from core.drift_features import DriftFeatures
-    from core.preprocess import preprocess
-
     from .calibration import drift_baseline
-    from .pack import softmax
 
     parts = list(held)
     if extra is not None and len(extra):
         parts.append(preprocess(np.asarray(extra), run.preprocessing))
     x = np.concatenate([np.asarray(p, np.float32) for p in parts])
-    out = run_model(fp32, x)
-    feats = DriftFeatures(inputs=x, probs=softmax(out.logits), embedding=out.embedding)
-    data, summary = drift_baseline(feats, windows=windows, class_prior=class_counts)
+    data, summary = drift_baseline(_drift_features(fp32, x), windows=windows, class_prior=class_counts)
     summary["held_out_images"] = int(len(x))
     summary["extra_domain_images"] = int(0 if extra is None else len(extra))
     return data, summary
+
+
+def _domain_baselines(fp32: Path, run: Any, domains: Mapping[str, np.ndarray], windows: Sequence[int] | None,
+                      class_counts: np.ndarray, default: dict[str, Any] | None) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """One baseline per drift domain, each calibrated on that domain's raw held-out images alone.
+
+    ``default``: the default baseline's summary (None without one: then no domain either,
+    the agent needs the default beside them).  A domain too small for any window is left
+    out, its summary says why; one without the default's window is kept, with a note (the
+    agent leaves it out at that window).
+    """
+    from .calibration import drift_baseline
+
+    out: dict[str, bytes] = {}
+    summaries: dict[str, Any] = {}
+    for name, raw in domains.items():
+        n = int(len(raw))
+        data: bytes | None = None
+        if default is None:
+            summary: dict[str, Any] = {"error": "no default drift baseline to go with it"}
+        elif n < 3 * _MIN_WINDOW:
+            summary = {"error": f"{n} images: too few for any drift window"}
+        else:
+            x = np.asarray(preprocess(np.asarray(raw), run.preprocessing), np.float32)
+            data, summary = drift_baseline(_drift_features(fp32, x), windows=windows, class_prior=class_counts)
+        summary = {**summary, "held_out_images": n, "member": f"baselines/{name}.npz" if data else None}
+        if data is None:
+            log.warning("drift domain %s left out of the bundle: %s", name, summary.get("error"))
+        else:
+            out[name] = data
+            if default is not None and default["default_window"] not in summary["windows"]:
+                summary["note"] = (f"not calibrated for the default window {default['default_window']}: "
+                                   "agents at that window leave this domain out (hold out more images)")
+                log.warning("drift domain %s: %s", name, summary["note"])
+        summaries[name] = summary
+    return out, summaries
 
 
 def _onnx_variants(fp32: Path, work: Path, precisions: Sequence[str], calib: np.ndarray,
