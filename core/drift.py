@@ -322,7 +322,9 @@ class DriftMonitor:
             e = None if probs is None else probs_embedding(probs)
         if e is None:
             return None
-        e = np.asarray(e, np.float64).reshape(-1)
+        e = e.reshape(-1)
+        if e.dtype != np.float64:
+            e = e.astype(np.float64)
         if self._ref64 is None or e.shape[0] != self._ref64.shape[1]:
             return 0.0
         b = self.baseline
