@@ -242,4 +242,6 @@ class Task:
                 x = x.transpose(0, 3, 1, 2)
             elif self.pre.layout == "NHW":
                 x = x[:, None]
+        if x.dtype == np.float32 and x.flags.c_contiguous:
+            return x
         return np.ascontiguousarray(x, dtype=np.float32)

@@ -89,7 +89,7 @@ class Classification(Task):
         if len(self.labels) and probs.shape[0] != len(self.labels):
             raise BundleError(f"{self.manifest.name}: the model gives {probs.shape[0]} class scores but the bundle has "
                               f"{len(self.labels)} labels", hint="rebuild the bundle with one label per class")
-        idx = int(np.argmax(probs))
+        idx = int(probs.argmax())
         label = self.labels[idx] if idx < len(self.labels) else str(idx)
         return TaskResult(self.kind, label=label, index=idx, confidence=float(probs[idx]),
                           probs=tuple(probs.tolist()), probs_array=rows[:1])  # tolist: 4.7x faster than float() per class (1000: 636 -> 135 us loaded)
@@ -103,6 +103,8 @@ class Classification(Task):
                      result: TaskResult) -> tuple[np.ndarray | None, ...]:
         emb = None
         if self.embedding is not None:
-            emb = np.asarray(outputs[self.embedding], np.float32).reshape(1, -1)
+            emb = outputs[self.embedding]
+            if emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != 1:
+                emb = np.asarray(emb, np.float32).reshape(1, -1)
         probs = result.probs_array if result.probs_array is not None else np.asarray([result.probs], np.float32)
         return self.drift_input(prepared), probs, emb, None
