@@ -153,6 +153,11 @@ class DriftSection:
     def __post_init__(self) -> None:
         check(self)
 
+    @property
+    def budgets(self) -> tuple[float, float]:
+        """``(input_budget, alarm_budget)``, as the serving model's drift monitor takes them."""
+        return self.input_budget, self.alarm_budget
+
 
 @dataclass(frozen=True)
 class SamplingSection:

@@ -111,7 +111,9 @@ class LoadedModel:
     """An installed slot opened for serving: manifest, one variant in its runtime, its task, drift baseline."""
 
     def __init__(self, slot_dir: Path, variant_id: str, *, threads: int = 1, drift_window: int = 0,
-                 drift: bool = True, accelerator: str = "cpu") -> None:
+                 drift: bool = True, accelerator: str = "cpu", drift_budgets: tuple[float, float] = (0.0, 0.0)) -> None:
+        """``drift_window`` and ``drift_budgets`` (input, alarm) are agent.toml's ``[drift]``
+        ``window``, ``input_budget`` and ``alarm_budget``; 0 keeps what the bundle calibrated."""
         self.slot_dir = Path(slot_dir)
         try:
             self.manifest = Manifest.from_dict(json.loads((self.slot_dir / "manifest.json").read_text()))
@@ -140,8 +142,10 @@ class LoadedModel:
                 # The configured window or a clear error naming the calibrated ones, never silently another.
                 # Full windows are closed on the monitor's own thread; InferencePipeline takes the reports.
                 # Several drift domains (manifest.drift_domains): one verdict, alarm when no domain matches.
+                input_budget, alarm_budget = drift_budgets
                 self.monitor = drift_monitor(load_domain_baselines(self.slot_dir, self.manifest, self.baseline),
-                                             window=drift_window or None, background=True,
+                                             window=drift_window or None, input_budget=input_budget or None,
+                                             alarm_rate=alarm_budget or None, background=True,
                                              on_report=self._window_closed)
         self.on_report: Callable[[DriftReport], None] | None = None  # set by the pipeline serving it
 

@@ -343,7 +343,7 @@ class Installer:
         report("health_check", True, f"variant {choice.variant} ({choice.reason})", None)
         try:
             model = LoadedModel(target, choice.variant, threads=m.threads, drift=True, accelerator=choice.accelerator,
-                                drift_window=self.config.drift.window)
+                                drift_window=self.config.drift.window, drift_budgets=self.config.drift.budgets)
         except EdgeloopError as exc:
             raise HealthCheckError(f"health check failed: cannot load {choice.variant}: {exc}",
                                    version=manifest.version) from exc

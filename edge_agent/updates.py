@@ -138,7 +138,8 @@ class Updates:
         m = self.config.model
         accelerator = (info.get("choice") or {}).get("accelerator", "cpu")  # edge_agent.accel, chosen at install
         model = LoadedModel(self.slots.slot_path(name), variant, threads=m.threads, accelerator=accelerator,
-                            drift=self.config.drift.enabled, drift_window=self.config.drift.window)
+                            drift=self.config.drift.enabled, drift_window=self.config.drift.window,
+                            drift_budgets=self.config.drift.budgets)
         self._serve(model)
         log.info("serving %s %s (%s) from slot %s", manifest.name, manifest.version, variant, name)
         return model

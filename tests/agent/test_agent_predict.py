@@ -136,6 +136,14 @@ def test_an_older_drift_baseline_is_served_without_drift_and_windows_are_never_s
     other = next(w for w in (10, 20, 30, 40) if w not in calibrated)
     with pytest.raises(InputError, match="calibrated"):
         LoadedModel(slot, agent.model.variant.id, drift_window=other)
+    # agent.toml's [drift] budgets reach the monitor (0: the bundle's), a rate outside (0, 0.5) is refused
+    m = LoadedModel(slot, agent.model.variant.id, drift_budgets=(0.05, 0.02))
+    try:
+        assert m.monitor is not None and (m.monitor.input_budget, m.monitor.alarm_rate) == (0.05, 0.02)
+    finally:
+        m.close()
+    with pytest.raises(InputError, match="out of range"):
+        LoadedModel(slot, agent.model.variant.id, drift_budgets=(0.7, 0.0))
 
 
 def test_serving_path_gives_the_plain_path_and_windows_close_on_their_thread(agent: Agent) -> None:
