@@ -122,6 +122,19 @@ def build_mobilenet(work: Path) -> Path:
     return out
 
 
+def _tensors(spec: Any, n: int = 64, seed: int = 0) -> list[np.ndarray]:
+    """``n`` real-valued samples of a tensor model's input (no batch axis; dynamic dims 1), inside
+    the range a quantized input can hold."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(d if d > 0 else 1 for d in spec.shape[1:])
+    dt = np.dtype(spec.dtype)
+    if dt.kind in "iu" and spec.scale:
+        info = np.iinfo(dt)
+        lo, hi = sorted(((info.min - (spec.zero_point or 0)) * spec.scale, (info.max - (spec.zero_point or 0)) * spec.scale))
+        return [rng.uniform(lo, hi, shape).astype(np.float32) for _ in range(n)]
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
+
+
 def _images(size: tuple[int, int], channels: int, n: int = 256) -> list[np.ndarray]:
     """Real digits, upsampled (nearest) to ``size`` as a camera at that size would give them."""
     from sklearn.datasets import load_digits
@@ -252,9 +265,15 @@ def measure_variant(bundle: Path, variant: str, *, runs: int = 2000, warmup: int
         try:
             model = agent.model
             spec = model.spec
-            imgs = _images(tuple(spec.size), spec.channels, n=64)
             run, prepare = _bare(model.slot_dir / model.variant.file, model.variant.format, threads)
-            xs = [prepare(preprocess([im], spec)) for im in imgs]
+            if spec is None:  # a tensor model (no preprocessing): arrays fed as the task feeds them
+                from core.tasks.base import tensor_feed
+
+                imgs = _tensors(model.task.input, n=64)
+                xs = [tensor_feed(a, model.task.input)[0] for a in imgs]
+            else:
+                imgs = _images(tuple(spec.size), spec.channels, n=64)
+                xs = [prepare(preprocess([im], spec)) for im in imgs]
             for i in range(warmup):
                 agent.predict(imgs[i % len(imgs)])
                 run(xs[i % len(xs)])
@@ -271,14 +290,16 @@ def measure_variant(bundle: Path, variant: str, *, runs: int = 2000, warmup: int
             ac, bc = summarize(a_cpu), summarize(b_cpu)
             pa, pb = _process_cpu(agent, run, imgs, xs, min(runs, 1000))
             ba, bb = _best_blocks(agent, run, imgs, xs, runs)
-            parts = _stages(model, imgs, runs=min(runs, 1000))
+            # the serving path's stages are an image model's; a tensor model has only the runtime to name
+            parts = _stages(model, imgs, runs=min(runs, 1000)) if spec is not None else {"runtime": bc.p50_ms * 1000.0}
             # what the stages leave unexplained: the lock, checks, result objects, counters, sampler, hooks
             parts["bookkeeping"] = round((ac.p50_ms - bc.p50_ms) * 1000.0 - sum(
                 v for k, v in parts.items() if k not in ("runtime", "window_close")) - (parts["runtime"] - bc.p50_ms * 1000.0), 2)
             added_us = (a.mean_ms - b.mean_ms) * 1000.0
             cpu_added = (ac.mean_ms - bc.mean_ms) * 1000.0
             return {"bundle": bundle.name, "model": f"{model.manifest.name} {model.version}", "variant": variant,
-                    "input": [spec.channels, *spec.size], "threads": threads, "runs": runs,
+                    "input": [spec.channels, *spec.size] if spec is not None else list(model.manifest.input.shape[1:]),
+                    "threads": threads, "runs": runs,
                     "agent_ms": a.__dict__, "bare_ms": b.__dict__,
                     "ratio_mean": a.mean_ms / b.mean_ms, "ratio_p50": a.p50_ms / b.p50_ms,
                     "added_us_mean": added_us, "added_us_p50": (a.p50_ms - b.p50_ms) * 1000.0,

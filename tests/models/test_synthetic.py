@@ -153,3 +153,19 @@ def test_tensor_model_outputs_every_named_output(tmp_path: Path) -> None:
     np.testing.assert_allclose(r.outputs["double"], np.arange(8)[None] * 2.0)
     assert float(r.outputs["total"]) == 28.0
     m.close()
+
+
+def test_agent_overhead_measures_a_tensor_model(tmp_path: Path) -> None:
+    """``bench --agent-overhead`` on a bundle without preprocessing feeds arrays of the model's own input
+    (it once failed on ``spec.size`` for every tensor bundle)."""
+    from benchmarks.agent_overhead import measure_variant
+
+    nodes = [helper.make_node("Mul", ["x", "two"], ["double"])]
+    model = _save(tmp_path / "t.onnx", nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                  [helper.make_tensor_value_info("double", TensorProto.FLOAT, ["N", 8])],
+                  [numpy_helper.from_array(np.float32(2), "two")])
+    rc, _ = cli(["bundle", "create", "--model", model, "--name", "t", "--version", "1", "--out", tmp_path / "b.elb"])
+    assert rc == 0
+    row = measure_variant(tmp_path / "b.elb", "onnx-fp32", runs=40, warmup=5)
+    assert row["input"] == [8] and row["agent_ms"]["mean_ms"] > 0 and row["bare_ms"]["mean_ms"] > 0
+    assert set(row["stages_us"]) == {"runtime", "bookkeeping"}
