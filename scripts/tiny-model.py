@@ -5,6 +5,8 @@ OUT_DIR/model.onnx   an 8x8 grey digit classifier (a 64-32-10 MLP, trained here 
                      on scikit-learn's digits in about a second; input N x 1 x 8 x 8, 0..1)
 OUT_DIR/labels.txt   the ten class names
 OUT_DIR/images/      twenty 8x8 PNG digits to predict (named <index>-<true digit>.png)
+OUT_DIR/calib/       100 held-out digits to calibrate INT8 with (`edgeloop optimize --calib`)
+OUT_DIR/eval/D/      300 held-out digits, one sub-folder per class (`edgeloop optimize --eval`)
 
 Needs numpy, scikit-learn, onnx and Pillow (the [train] extra).  Replace it with your own
 model: docs/models.md shows how to bundle any .onnx / .tflite file.
@@ -69,7 +71,14 @@ def main(out: Path) -> None:
     (out / "images").mkdir(exist_ok=True)
     for i in range(1000, 1020):
         Image.fromarray(images[i], mode="L").save(out / "images" / f"{i}-{d.target[i]}.png")
-    print(f"wrote {out / 'model.onnx'}, {out / 'labels.txt'} and 20 images in {out / 'images'}")
+    (out / "calib").mkdir(exist_ok=True)
+    for i in range(1020, 1120):
+        Image.fromarray(images[i], mode="L").save(out / "calib" / f"{i}.png")
+    for i in range(1120, 1420):
+        (out / "eval" / str(d.target[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i], mode="L").save(out / "eval" / str(d.target[i]) / f"{i}.png")
+    print(f"wrote {out / 'model.onnx'}, {out / 'labels.txt'}, 20 images in {out / 'images'}, "
+          f"100 in {out / 'calib'} and 300 in {out / 'eval'}")
 
 
 if __name__ == "__main__":

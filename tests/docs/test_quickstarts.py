@@ -88,8 +88,9 @@ def test_device_quickstart(open_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_benchmark_quickstart(open_dir: Path) -> None:
-    out = run_page(DOCS / "quickstart-benchmark.md", open_dir, {"EDGELOOP_SRC": str(REPO)}, timeout=600)
+    out = run_page(DOCS / "quickstart-benchmark.md", open_dir, {"EDGELOOP_SRC": str(REPO)}, timeout=900)
     assert "onnx" in out
+    assert (open_dir / "digits-1.1.0.elb").is_file() and (open_dir / "digits-1.1.0.elb.report.md").is_file()
 
 
 def _agent_user() -> str:
