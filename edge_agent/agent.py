@@ -139,6 +139,19 @@ class _Summary:
                  snap.errors, "; DRIFT ALARM" if drift_alarm else "")
 
 
+def device_state(device_id: str, slots: SlotStore, model: LoadedModel | None, *, online: bool) -> DeviceState:
+    """What the device serves (and from which slot, with the variant timings and the previous version)."""
+    ptr = slots.pointer()
+    choice = slot_choice(slots, ptr.slot) if ptr else None
+    prev = read_slot_manifest(slots, ptr.previous) if ptr and ptr.previous else None
+    return DeviceState(
+        device_id=device_id, online=online, model_name=model.manifest.name if model else None,
+        model_version=model.version if model else None, variant=model.variant.id if model else None,
+        variants=tuple(v.id for v in model.manifest.variants) if model else (),
+        variant_latency_ms=dict(choice.latency_ms) if choice else {}, hardware=_hardware(),
+        agent_version=AGENT_VERSION, previous_version=prev.version if prev else None)
+
+
 class Agent:
     """One device's agent.  Thread-safe: HTTP threads predict while an update installs."""
 
@@ -286,16 +299,7 @@ class Agent:
                 self.send(msg)
 
     def device_state(self, *, online: bool = True) -> DeviceState:
-        model = self.pipeline.model
-        ptr = self.slots.pointer()
-        choice = slot_choice(self.slots, ptr.slot) if ptr else None
-        prev = read_slot_manifest(self.slots, ptr.previous) if ptr and ptr.previous else None
-        return DeviceState(
-            device_id=self.device_id, online=online, model_name=model.manifest.name if model else None,
-            model_version=model.version if model else None, variant=model.variant.id if model else None,
-            variants=tuple(v.id for v in model.manifest.variants) if model else (),
-            variant_latency_ms=dict(choice.latency_ms) if choice else {}, hardware=_hardware(),
-            agent_version=AGENT_VERSION, previous_version=prev.version if prev else None)
+        return device_state(self.device_id, self.slots, self.pipeline.model, online=online)
 
     def publish_state(self) -> None:
         """Queue the retained state; the link also makes it its birth message and Last Will."""
