@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.cliutil import add_json_flag, emit
 from core.errors import BenchmarkError
+from core.progress import progress
 
 __all__ = ["register"]
 
@@ -71,8 +72,9 @@ def _bench(args: argparse.Namespace) -> int:
 
         _warn_threads(args.threads[:1])
 
-        result = run_zoo([m for m in args.zoo.split(",") if m], args.out, threads=args.threads[0], runs=args.runs,
-                         say=lambda m: print(f"  {m}", file=sys.stderr))
+        with progress("bench zoo") as bar:  # stderr, also with --json; -q silences it
+            result = run_zoo([m for m in args.zoo.split(",") if m], args.out, threads=args.threads[0],
+                             runs=args.runs, say=bar.step)
         emit(args, result, lambda: print(summary_table(result["ab"])))
         return 0
     if args.target is None:
@@ -128,8 +130,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             entries.extend(entries_from_bundle(bundle, Path(tmp), trusted_key=key, only=config.variants))
         if not entries:
             raise BenchmarkError(f"nothing to benchmark in {target}", hint="export the run first: edgeloop export RUN")
-        quiet = args.json or not sys.stderr.isatty()
-        cells = run_matrix(entries, config, progress=None if quiet else lambda m: print(f"  measuring {m}", file=sys.stderr))
+        with progress("bench cells", total=len(entries) * len(config.threads)) as bar:  # stderr, also with --json
+            cells = run_matrix(entries, config, progress=bar.step)
         result = {"system": system_info(), "config": {k: getattr(config, k) for k in ("threads", "batches", "runs", "warmup", "time_budget_s")},
                   "target": str(target), "cells": [c.to_dict() for c in cells], "cores_usable": cores,
                   "warnings": [warning] if warning else []}

@@ -8,12 +8,12 @@ handler.  Also registers ``edgeloop keys`` / ``edgeloop bundle`` from
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from core.cliutil import add_json_flag, emit
 from core.errors import ConfigError
+from core.progress import progress
 
 from . import DEFAULT_MAX_DROP_PP
 
@@ -53,6 +53,13 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def export_steps(formats: tuple[str, ...], onnx_precisions: tuple[str, ...]) -> int:
+    """The steps ``export_run`` announces: ONNX FP32, one per further variant, then latency, drift
+    baseline and the bundle (the bar's count; a step more than foreseen only extends it)."""
+    variants = len([p for p in onnx_precisions if p != "fp32"]) if "onnx" in formats else 0
+    return 1 + variants + (2 if "tflite" in formats else 0) + 3
+
+
 def _export(args: argparse.Namespace) -> int:
     from .calibration import CalibrationConfig
     from .pipeline import export_run
@@ -61,16 +68,12 @@ def _export(args: argparse.Namespace) -> int:
     if not formats:
         raise ConfigError("no export format left", hint="use --formats onnx or drop --no-tflite")
     calibration = CalibrationConfig(method=args.calibration, samples=args.calib_samples)
-    quiet = args.json or not sys.stderr.isatty()
-
-    def progress(msg: str) -> None:
-        if not quiet:
-            print(f"  {msg}", file=sys.stderr, flush=True)
-
-    report = export_run(args.run, out=args.out, max_drop=args.max_drop, formats=formats,
-                        onnx_precisions=_split(args.onnx_precisions), calibration=calibration, sign_key=args.sign,
-                        version=args.bundle_version, parent_version=args.parent_version, name=args.name,
-                        workdir=args.workdir, progress=progress,
-                        drift_windows=tuple(int(w) for w in _split(args.drift_windows)))
+    precisions = _split(args.onnx_precisions)
+    with progress("export", total=export_steps(formats, precisions)) as bar:  # stderr, also with --json
+        report = export_run(args.run, out=args.out, max_drop=args.max_drop, formats=formats,
+                            onnx_precisions=precisions, calibration=calibration, sign_key=args.sign,
+                            version=args.bundle_version, parent_version=args.parent_version, name=args.name,
+                            workdir=args.workdir, progress=bar.step,
+                            drift_windows=tuple(int(w) for w in _split(args.drift_windows)))
     emit(args, report.to_dict(), report.table())  # the table names the bundle written
     return 0

@@ -40,6 +40,8 @@ import numpy as np
 from core.cliutil import emit
 from core.errors import ConfigError, EdgeloopError, ExportError, QuantizationError
 from core.manifest import Lineage, Manifest, Variant
+from core.progress import in_progress
+from core.progress import progress as progress_bar
 
 from .byom import (
     build_manifest_parts,
@@ -143,14 +145,19 @@ def _static_int8(pre: Path, work: Path, calib: ArrayCalibration, ev: EvalSet, re
     def accept(path: Path) -> bool:
         if not int8_layers(path):  # as the gate: never an "INT8" variant with every layer in float
             scores[path.stem] = None
+            attempts.advance(status=f"{path.stem}: no layer left in INT8")
             return False
         gate = check_scored(vid, path, ev, reference, max_drop=max_drop)
         scores[path.stem] = gate.drop_pp
+        drop = "not scored" if gate.drop_pp is None else f"drop {gate.drop_pp:.2f} pp"
+        attempts.advance(status=f"{path.stem}: {drop}, {'accepted' if gate.passed else 'rejected'}")
         return gate.passed
 
     say("INT8 static: speed plan (every candidate gated, the accepted ones timed against FP32)")
     try:
-        plan = plan_int8(pre, calib.reader, candidates=_candidates(pre), accept=accept, workdir=work, progress=say)
+        candidates = _candidates(pre)
+        with progress_bar("INT8 gate attempts", total=len(candidates), every_s=0.0, enabled=in_progress()) as attempts:
+            plan = plan_int8(pre, calib.reader, candidates=candidates, accept=accept, workdir=work, progress=say)
         out = apply_plan(plan, pre, work / f"{vid}.onnx", calib.reader())
         gate = check_scored(vid, out, ev, reference, max_drop=max_drop)
         if gate.passed:
@@ -405,15 +412,8 @@ def write_report(report: OptimizeReport) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Handler of ``edgeloop optimize``."""
-    import sys
-
-    quiet = args.json or not sys.stderr.isatty()
-
-    def progress(msg: str) -> None:
-        if not quiet:
-            print(f"  {msg}", file=sys.stderr, flush=True)
-
-    report = optimize_model(args, progress)
+    with progress_bar("optimize") as bar:  # stderr, also with --json; -q silences it
+        report = optimize_model(args, bar.step)
     js, md = report_paths(report.bundle)
     emit(args, report.to_dict(), report.table() + f"\nreport: {js}, {md}")
     return 0
