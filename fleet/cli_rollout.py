@@ -11,13 +11,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import time
+from datetime import datetime
 from typing import Any
 
 from core.cliutil import add_json_flag, emit
 from core.errors import ConfigError
 from fleet.cliargs import add_config, fleet_config
 
-__all__ = ["register_rollout", "parse_share", "parse_duration"]
+__all__ = ["register_rollout", "parse_share", "parse_duration", "parse_start_time"]
+
+_AT_FORMAT = "ISO 8601 with a timezone, e.g. 2026-12-03T02:00:00+00:00, or from now: +2h, +30m"
 
 
 def parse_share(text: str) -> float:
@@ -41,6 +45,25 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
 
 
+def parse_start_time(text: str, now: float) -> float:
+    """``--at``: ``2026-12-03T02:00:00+00:00`` / ``...Z`` / ``+2h`` / ``+30m`` -> epoch seconds, after ``now``."""
+    t = text.strip()
+    relative = re.fullmatch(r"\+\s*(\d+(?:\.\d+)?\s*(?:s|m|h)?)", t)
+    if relative:
+        at = now + parse_duration(relative.group(1))
+    else:
+        try:
+            when = datetime.fromisoformat(t)
+        except ValueError:
+            raise ConfigError(f"--at {text!r} is not a start time", hint=_AT_FORMAT) from None
+        if when.tzinfo is None:
+            raise ConfigError(f"--at {text!r} has no timezone", hint=_AT_FORMAT)
+        at = when.timestamp()
+    if at <= now:
+        raise ConfigError(f"--at {text!r} is not in the future", hint=_AT_FORMAT)
+    return at
+
+
 def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``rollout``, ``pause``, ``resume``, ``abort`` and ``rollback`` to ``edgeloop fleet``."""
     p = fleet_subparsers.add_parser("rollout", help="roll a signed bundle out in stages (canary, then waves)")
@@ -56,6 +79,9 @@ def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # t
     p.add_argument("--devices", default=None, help="comma-separated device ids (default: every online device)")
     p.add_argument("--target", default=None, metavar="SELECTOR",
                    help="devices by tag: group=cams-north (several: group=a,site=b; default: all)")
+    p.add_argument("--at", default=None, metavar="TIME",
+                   help="schedule the start: ISO 8601 with a timezone (2026-12-03T02:00:00+00:00) or +2h / +30m; "
+                   "stored as scheduled at once, `edgeloop fleet abort ID` cancels it")
     p.add_argument("--delivery", choices=("auto", "http", "mqtt"), default=None)
     p.add_argument("--wait", action="store_true", help="drive the rollout from this process until it ends")
     add_json_flag(p)
@@ -83,9 +109,12 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _summary(state: Any) -> dict[str, Any]:
+    from fleet.rollout_state import iso_utc
+
     return {"rollout_id": state.rollout_id, "name": state.name, "version": state.version, "status": state.status,
             "phase": state.phase, "wave": state.wave, "waves": state.n_waves, "reason": state.reason,
-            "target": state.target, "devices": state.counts()}
+            "target": state.target, "devices": state.counts(),
+            "start_at": None if state.start_at is None else iso_utc(state.start_at)}
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
@@ -96,6 +125,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     from fleet.rollout_state import parse_target
 
     target = parse_target(args.target)  # a bad selector fails before anything is registered or sent
+    start_at = parse_start_time(args.at, time.time()) if args.at else None  # so does a bad --at
     cfg, driver, client = _open(args)
     try:
         if ":" in args.bundle and not Path(args.bundle).exists():
@@ -113,11 +143,12 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             max_failures=parse_share(args.max_failures) if args.max_failures else base.max_failures,
             shadow_s=parse_duration(args.shadow) if args.shadow else 0.0, shadow_every=cfg.rollout.shadow_every)
         devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
-        state = driver.start(name, version, plan, devices=devices, target=target)
+        state = driver.start(name, version, plan, devices=devices, target=target, start_at=start_at)
         if args.wait:
             state = driver.run_until_done(state.rollout_id, interval_s=0.5)
         data = _summary(state)
-        emit(args, data, human=lambda: print(f"rollout {state.rollout_id}: {name} {version} {state.status} "
+        when = f" for {data['start_at']}" if state.status == "scheduled" else ""
+        emit(args, data, human=lambda: print(f"rollout {state.rollout_id}: {name} {version} {state.status}{when} "
                                              f"(wave {state.wave + 1}/{state.n_waves}, target {state.target}) "
                                              f"{state.counts()}"))
         return 0 if state.status not in ("rolled_back", "aborted") else 1

@@ -24,7 +24,11 @@ before any device served it.  Devices that never answer the shadow command (agen
 without shadowing reject it) go on to the canary as usual; without any shadowing device
 the stage is skipped and the events say so.
 
-Statuses: ``pending`` → ``running`` (phase ``deploying`` / ``soaking``) ⇄ ``paused``;
+A rollout created with ``start_at`` in the future is ``scheduled``: it sends nothing
+until :func:`advance` sees ``now >= start_at``, then goes on as a ``pending`` one;
+:func:`abort` cancels it before it started.
+
+Statuses: (``scheduled`` →) ``pending`` → ``running`` (phase ``deploying`` / ``soaking``) ⇄ ``paused``;
 ends in ``completed``, ``aborted`` or, through ``rolling_back``, ``rolled_back``.
 Lost commands are re-sent by :mod:`fleet.rollout_resend`; the plan and state types live
 in :mod:`fleet.rollout_state`.  Both are re-exported here: ``fleet.rollout`` stays the
@@ -55,6 +59,7 @@ from .rollout_state import (
     RolloutPlan,
     RolloutState,
     TargetSelector,
+    iso_utc,
     parse_target,
     wave_sizes,
 )
@@ -78,6 +83,7 @@ __all__ = [
     "TargetSelector",
     "parse_target",
     "wave_sizes",
+    "iso_utc",
     "advance",
     "unanswered",
     "due_resends",
@@ -95,9 +101,10 @@ __all__ = [
 
 
 def new_rollout(rollout_id: str, name: str, version: str, devices: Sequence[tuple[str, str | None]],
-                plan: RolloutPlan, *, now: float, target: str = "all") -> RolloutState:
+                plan: RolloutPlan, *, now: float, target: str = "all", start_at: float | None = None) -> RolloutState:
     """A pending rollout of ``version`` over ``devices`` (``(device_id, current_version)``, in wave order);
-    ``target`` says how they were chosen (``all``, or a tag selector such as ``group=cams-north``)."""
+    ``target`` says how they were chosen (``all``, or a tag selector such as ``group=cams-north``).
+    ``start_at`` after ``now``: a ``scheduled`` rollout that starts at that time (epoch seconds)."""
     if not devices:
         where = "" if target == "all" else f" in target {target}"
         raise RolloutError(f"no device{where} to roll {name} {version} out to",
@@ -108,9 +115,13 @@ def new_rollout(rollout_id: str, name: str, version: str, devices: Sequence[tupl
         for dev, current in devices[i:i + size]:
             progress.append(DeviceProgress(dev, wave, previous_version=current))
         i += size
-    return RolloutState(rollout_id, name, version, plan, tuple(progress), created_at=now, n_waves=len(sizes),
-                        target=target, events=(RolloutEvent(now, "created", f"{len(devices)} devices "
-                                                            f"({target}) in waves {sizes}"),))
+    state = RolloutState(rollout_id, name, version, plan, tuple(progress), created_at=now, n_waves=len(sizes),
+                         target=target, events=(RolloutEvent(now, "created", f"{len(devices)} devices "
+                                                             f"({target}) in waves {sizes}"),))
+    if start_at is None or start_at <= now:
+        return state
+    when = f"scheduled for {iso_utc(start_at)}"
+    return _with(state, now, "scheduled", when, status="scheduled", start_at=start_at, reason=when)
 
 
 
@@ -224,6 +235,11 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
     state = _record_jobs(state, jobs or {}, now)
     if state.terminal or state.status == "paused":
         return state, []
+    if state.status == "scheduled":
+        if state.start_at is not None and now < state.start_at:
+            return state, []  # nothing is sent before the start time
+        state = _with(state, now, "schedule_due", f"start time {iso_utc(state.start_at or now)} reached",
+                      status="pending", reason="")
     if state.status == "pending":
         return _start_shadow(state, now) if state.plan.shadow_s > 0 else _start_wave(state, 0, now)
     if state.status == "rolling_back":
@@ -348,15 +364,19 @@ def resume(state: RolloutState, now: float) -> RolloutState:
     started = state.phase_started_at
     if started is not None and state.paused_at is not None:
         started += now - state.paused_at
-    status = "pending" if state.phase == "" else "running"
+    status = "running" if state.phase else "scheduled" if state.start_at is not None and now < state.start_at \
+        else "pending"
     accepted = state.wave if state.held else state.accepted_wave  # resuming a hold accepts the wave
     return _with(state, now, "resumed", status=status, paused_at=None, phase_started_at=started, held=False,
                  accepted_wave=accepted, reason="" if state.held else state.reason)
 
 
 def abort(state: RolloutState, now: float, reason: str = "aborted by operator") -> RolloutState:
-    """Stop for good; updated devices keep the new version (use :func:`rollback` to revert)."""
+    """Stop for good; updated devices keep the new version (use :func:`rollback` to revert).
+    A ``scheduled`` rollout is cancelled: it never starts."""
     _require_live(state, "abort")
+    if state.status == "scheduled" and state.start_at is not None:
+        reason = f"{reason}: cancelled before its start time {iso_utc(state.start_at)}"
     return _with(state, now, "aborted", reason, status="aborted", phase="", reason=reason)
 
 

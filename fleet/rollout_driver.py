@@ -47,15 +47,16 @@ __all__ = ["Publisher", "RolloutDriver", "plan_from_config", "analysis_from_conf
 log = logging.getLogger(__name__)
 
 # The machine's statuses as the registry's ``rollouts.status`` column spells them.
-REGISTRY_STATUS = {"pending": "pending", "running": "running", "paused": "paused", "completed": "completed",
-                   "aborted": "aborted", "rolling_back": "halted", "rolled_back": "rolled_back"}
+REGISTRY_STATUS = {"scheduled": "scheduled", "pending": "pending", "running": "running", "paused": "paused",
+                   "completed": "completed", "aborted": "aborted", "rolling_back": "halted",
+                   "rolled_back": "rolled_back"}
 _TARGET_STATUS = {"pending": "pending", "sent": "sent", "updated": "updated", "failed": "failed",
                   "shadowing": "updating",  # installed beside the serving model (detail: shadowing)
                   "timed_out": "failed", "unhealthy": "failed", "rolling_back": "rolling_back",
                   "rolled_back": "rolled_back", "rollback_failed": "failed"}
 
 
-_ACTIVE = ("pending", "running", "paused", "halted")  # registry statuses of unfinished rollouts
+_ACTIVE = ("scheduled", "pending", "running", "paused", "halted")  # registry statuses of unfinished rollouts
 
 
 def resend_from_config(cfg: Any) -> rm.ResendPolicy:
@@ -122,8 +123,12 @@ class RolloutDriver:
 
     # ------------------------------------------------------------------ starting
     def start(self, name: str, version: str, plan: rm.RolloutPlan, *, devices: Sequence[str] | None = None,
-              rollout_id: str | None = None, target: str | rm.TargetSelector | None = None) -> rm.RolloutState:
+              rollout_id: str | None = None, target: str | rm.TargetSelector | None = None,
+              start_at: float | None = None) -> rm.RolloutState:
         """Create a rollout of a registered, signed model version over ``devices``.
+
+        ``start_at`` (epoch seconds) after now: the rollout is stored ``scheduled`` at once (it
+        blocks another rollout of the model) and :meth:`tick` starts it at that time.
 
         Default targets: every online device running another version, sorted by id, so
         the canary is deterministic; ``target`` (``group=cams-north``, see
@@ -156,13 +161,15 @@ class RolloutDriver:
         now = self.clock()
         rid = rollout_id or f"ro-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{uuid.uuid4().hex[:6]}"
         state = rm.new_rollout(rid, name, version, [(d.id, d.model_version) for d in recs], plan, now=now,
-                               target=str(selector) if devices is None else _named(devices))
+                               target=str(selector) if devices is None else _named(devices), start_at=start_at)
         self.registry.create_rollout(rid, name, version, {d.device_id: d.wave for d in state.devices},
-                                     state=state.to_dict(), status="pending")
+                                     state=state.to_dict(), status=REGISTRY_STATUS[state.status],
+                                     reason=state.reason or None)
         for d in state.devices:
             self.registry.update_targets(rid, [d.device_id], status="pending",
                                          previous_version=d.previous_version)
-        log.info("rollout %s of %s %s created: %d devices (%s)", rid, name, version, len(state.devices), state.target)
+        log.info("rollout %s of %s %s created: %d devices (%s)%s", rid, name, version, len(state.devices),
+                 state.target, f", {state.reason}" if state.status == "scheduled" else "")
         return self.tick_one(rid)
 
     # ------------------------------------------------------------------ reading
@@ -248,7 +255,8 @@ class RolloutDriver:
     # ------------------------------------------------------------------ persistence
     def _save(self, new: rm.RolloutState, old: rm.RolloutState) -> None:
         self.registry.replace_rollout_state(new.rollout_id, status=REGISTRY_STATUS[new.status],
-                                            reason=new.reason or None, state=new.to_dict())
+                                            # a reason the state dropped ("scheduled for ...", a hold) is cleared
+                                            reason=new.reason or ("" if old.reason else None), state=new.to_dict())
         # One transaction per (status, detail) group, not per device: a wave of 1,000 devices
         # changing state in one tick was 1,000 commits (~10 s on PostgreSQL, measured).
         before = {d.device_id: (d.status, d.detail, d.job_id) for d in old.devices}

@@ -13,6 +13,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from core.errors import ConfigError, RolloutError
@@ -21,7 +22,7 @@ from .canary import CanaryPolicy
 
 __all__ = ["ROLLOUT_SCHEMA_VERSION", "TERMINAL", "FAILED", "MAY_RUN_NEW", "RolloutPlan", "wave_sizes",
            "DeviceProgress", "RolloutEvent", "JobOutcome", "Deploy", "Rollback", "Action", "RolloutState",
-           "with_event", "set_devices", "TargetSelector", "parse_target"]
+           "with_event", "set_devices", "TargetSelector", "parse_target", "iso_utc"]
 
 ROLLOUT_SCHEMA_VERSION = 1
 TERMINAL = frozenset({"completed", "aborted", "rolled_back"})
@@ -208,6 +209,7 @@ class RolloutState:
     held: bool = False  # paused by on_inconclusive = "hold" (a resume accepts the wave)
     accepted_wave: int = -1  # a held wave an operator resumed: an inconclusive verdict passes
     target: str = "all"  # the devices chosen: "all" or a tag selector (TargetSelector), shown by the dashboard
+    start_at: float | None = None  # a scheduled rollout (status "scheduled") sends nothing before this time
 
     @property
     def terminal(self) -> bool:
@@ -267,6 +269,11 @@ class RolloutState:
             return cls(**d)
         except (KeyError, TypeError) as exc:
             raise RolloutError(f"corrupt rollout state: {exc}", hint="abort the rollout and start a new one") from exc
+
+
+def iso_utc(ts: float) -> str:
+    """``ts`` (epoch seconds) as ISO 8601 in UTC, e.g. ``2026-12-03T02:00:00+00:00``."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 
 def with_event(state: RolloutState, now: float, kind: str, detail: str = "", **changes: Any) -> RolloutState:

@@ -22,6 +22,7 @@ from ..config import FleetConfig, RolloutConfig
 from ..policy import RetrainPolicyConfig
 from ..registry import ACTIVE_ROLLOUT_STATUSES, Registry
 from ..repos import Page
+from ..rollout_state import iso_utc
 from .present import gate_rows, human_bytes
 
 if TYPE_CHECKING:
@@ -182,10 +183,14 @@ def rollout_summary(rec: Any) -> dict[str, Any]:
         out.append(w)
     plan = state.get("plan", {})
     n_waves = int(state.get("n_waves", len(out)) or 0)
-    return {"progress": _rollout_progress(rec.status, int(state.get("wave", 0) or 0), n_waves, out),
+    start_at = state.get("start_at")
+    progress = f"scheduled for {iso_utc(start_at)}" if rec.status == "scheduled" and start_at is not None \
+        else _rollout_progress(rec.status, int(state.get("wave", 0) or 0), n_waves, out)
+    return {"progress": progress, "start_at": None if start_at is None else iso_utc(start_at),
             "target": state.get("target") or "all devices", "id": rec.id, "model_name": rec.model_name, "version": rec.version, "status": rec.status,
             "machine_status": state.get("status"), "phase": state.get("phase", ""), "wave": state.get("wave", 0),
-            "n_waves": state.get("n_waves", len(out)), "reason": rec.reason, "created": rec.created,
+            "n_waves": state.get("n_waves", len(out)),
+            "reason": None if rec.status == "scheduled" else rec.reason,  # the progress says "scheduled for" "created": rec.created,
             "updated": rec.updated, "waves": out, "plan": plan,
             "events": list(state.get("events", []))[-50:],
             "active": rec.status in ACTIVE_ROLLOUT_STATUSES or rec.status == "halted"}

@@ -19,8 +19,8 @@ __all__ = [
 ]
 
 MODEL_STATUSES = ("candidate", "accepted", "rejected")
-ROLLOUT_STATUSES = ("pending", "running", "paused", "halted", "rolled_back", "completed", "aborted")
-ACTIVE_ROLLOUT_STATUSES = ("pending", "running", "paused")
+ROLLOUT_STATUSES = ("scheduled", "pending", "running", "paused", "halted", "rolled_back", "completed", "aborted")
+ACTIVE_ROLLOUT_STATUSES = ("scheduled", "pending", "running", "paused")
 TARGET_STATUSES = ("pending", "sent", "updating", "updated", "failed", "rolling_back", "rolled_back", "skipped")
 
 

@@ -26,14 +26,16 @@ class RolloutRepo(Repository):
     """``registry.rollouts``.  Calling it is :meth:`find`."""
 
     def create(self, rollout_id: str, model_name: str, version: str, targets: Mapping[str, int], *,
-               state: Mapping[str, Any] | None = None, status: str = "pending") -> RolloutRecord:
-        """Create a rollout with its per-device targets (``device id -> wave index``)."""
+               state: Mapping[str, Any] | None = None, status: str = "pending",
+               reason: str | None = None) -> RolloutRecord:
+        """Create a rollout with its per-device targets (``device id -> wave index``); ``reason``
+        says why it is in ``status`` (``scheduled for ...``)."""
         _check_status(status)
         t = time.time()
         with self._sessions.begin() as s:
             if s.get(RolloutRow, rollout_id) is not None:
                 raise RolloutError(f"rollout {rollout_id} already exists", rollout=rollout_id)
-            row = RolloutRow(id=rollout_id, model_name=model_name, version=version, status=status, reason=None,
+            row = RolloutRow(id=rollout_id, model_name=model_name, version=version, status=status, reason=reason,
                              created=t, updated=t, state=dict(state or {}))
             s.add(row)
             s.flush()

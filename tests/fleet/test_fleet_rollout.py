@@ -620,3 +620,108 @@ def test_driver_tick_costs_the_same_for_a_small_and_a_large_silent_wave(tmp_path
         counts.append(len(statements))
         reg.close()
     assert counts[0] == counts[1], counts  # batched queries: no statement per device
+
+
+# --------------------------------------------------------------------------- scheduled rollouts
+
+
+def test_scheduled_rollout_sends_nothing_before_its_time_then_starts() -> None:
+    s = new_rollout("r-at", "digits", "2.0.0", DEVICES, PLAN, now=0.0, start_at=3600.0)
+    assert s.status == "scheduled" and s.start_at == 3600.0
+    assert s.reason == "scheduled for 1970-01-01T01:00:00+00:00" and s.events[-1].kind == "scheduled"
+    for now in (0.0, 1800.0, 3599.9):
+        s, acts = advance(s, now)
+        assert acts == [] and s.status == "scheduled"
+    assert RolloutState.from_dict(json.loads(json.dumps(s.to_dict()))) == s  # persisted like the rest
+    s, acts = advance(s, 3600.0)
+    assert s.status == "running" and s.reason == "" and acts == [Deploy("d00", "r-at-w0-d00")]
+    assert [e.kind for e in s.events[-2:]] == ["schedule_due", "wave_started"]
+    # a start time that is not in the future: an ordinary pending rollout
+    assert new_rollout("r-now", "digits", "2.0.0", DEVICES, PLAN, now=10.0, start_at=10.0).status == "pending"
+
+
+def test_scheduled_rollout_abort_cancels_and_pause_keeps_the_schedule() -> None:
+    s = new_rollout("r-at", "digits", "2.0.0", DEVICES, PLAN, now=0.0, start_at=100.0)
+    p = resume(pause(s, 10.0), 20.0)
+    assert p.status == "scheduled"  # resumed before its time: still waits for it
+    assert resume(pause(s, 10.0), 150.0).status == "pending"  # resumed after it: starts at the next tick
+    a = abort(s, 50.0)
+    assert a.status == "aborted" and a.terminal and "cancelled before its start time" in a.reason
+    assert advance(a, 200.0) == (a, [])
+
+
+def test_driver_scheduled_rollout_is_stored_blocks_the_model_and_starts_after_a_restart(tmp_path) -> None:
+    from fleet.rollout_driver import RolloutDriver
+
+    reg = _fleet(tmp_path, n=2)
+    pub, clock = Recorder(), Clock()
+    plan = RolloutPlan(canary=0.5, waves=(1.0,), soak_s=5.0)
+    drv = RolloutDriver(reg, pub, clock=clock)
+    s = drv.start("m", "2", plan, rollout_id="r-at", start_at=clock.t + 7200)
+    assert s.status == "scheduled" and pub.sent == []
+    rec = reg.rollout("r-at")
+    assert rec.status == "scheduled" and rec.reason.startswith("scheduled for ")
+    with pytest.raises(RolloutError, match="still scheduled"):  # one rollout of a model at a time
+        drv.start("m", "2", plan)
+    clock.t += 3600
+    assert drv.tick()[0].status == "scheduled" and pub.sent == []
+    del drv  # the fleet restarts; the schedule lives in the database
+    clock.t += 3600
+    drv2 = RolloutDriver(reg.__class__.open(f"sqlite:///{tmp_path / 'fleet.db'}"), pub, clock=clock)
+    s = drv2.tick()[0]
+    assert s.status == "running" and [c.job_id for c in pub.take()] == ["r-at-w0-cam0"]
+    assert reg.rollout("r-at").status == "running" and not reg.rollout("r-at").reason
+    drv2.abort("r-at")
+    # abort cancels a scheduled one: nothing is ever sent
+    drv2.start("m", "2", plan, rollout_id="r-later", start_at=clock.t + 60)
+    assert drv2.abort("r-later").status == "aborted" and reg.rollout("r-later").status == "aborted"
+    clock.t += 120
+    assert drv2.tick() == [] and pub.sent == []
+
+
+def test_cli_refuses_a_bad_start_time_before_touching_anything(tmp_path, capsys) -> None:
+    from edgeloop.cli import main
+    from fleet.registry import Registry
+
+    assert main(["fleet", "init", "--dir", str(tmp_path / "fleet")]) == 0
+    capsys.readouterr()
+    cfg = str(tmp_path / "fleet" / "fleet.toml")
+    for bad in ("tomorrow", "2020-01-01T00:00:00+00:00", "2026-12-03T02:00:00", "+2x"):
+        assert main(["fleet", "rollout", "m:2", "--at", bad, "-c", cfg]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--at" in err and "2026-12-03T02:00:00+00:00" in err and "+2h" in err and "\n" not in err, err
+    from fleet.config import load_config
+
+    reg = Registry.open(load_config(cfg).database_url)
+    assert reg.rollouts() == []
+
+
+def test_parse_start_time() -> None:
+    from fleet.cli_rollout import parse_start_time
+
+    now = 1_796_000_000.0
+    assert parse_start_time("+2h", now) == now + 7200 and parse_start_time("+30m", now) == now + 1800
+    assert parse_start_time("2026-12-03T02:00:00+00:00", now) == 1_796_263_200.0
+    assert parse_start_time("2026-12-03T03:00:00+01:00", now) == parse_start_time("2026-12-03T02:00:00Z", now)
+    for bad in ("", "soon", "+", "+0s", "2026-12-03", "2000-01-01T00:00:00+00:00"):
+        with pytest.raises(ConfigError, match="--at"):
+            parse_start_time(bad, now)
+
+
+def test_dashboard_shows_a_scheduled_rollout_and_offers_to_cancel_it(tmp_path) -> None:
+    from fleet.dashboard.data import rollout_summary
+    from fleet.dashboard.views import Views
+    from fleet.registry import Registry
+
+    reg = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+    s = new_rollout("r-at", "m", "2", [("cam0", "1"), ("cam1", "1")], PLAN, now=0.0, start_at=3600.0)
+    reg.create_rollout("r-at", "m", "2", {"cam0": 0, "cam1": 1}, state=s.to_dict(), status="scheduled",
+                       reason=s.reason)
+    d = {**rollout_summary(reg.rollout("r-at")), "devices": [], "can_act": True}
+    assert d["progress"] == "scheduled for 1970-01-01T01:00:00+00:00" and d["active"] and not d["reason"]
+    views = Views(prefix="/dashboard", refresh_s=5.0)
+    page = views.render("rollout.html", d=d, session={"role": "operator"}, csrf="x")
+    assert "scheduled for 1970-01-01T01:00:00+00:00" in page and ">Cancel</button>" in page
+    assert 'id="btn-rollback"' not in page  # nothing to roll back before it started
+    listing = views.render("rollouts.html", d={"items": [d]}, session={"role": "operator"}, csrf="x")
+    assert "scheduled for 1970-01-01T01:00:00+00:00" in listing and 'data-start-at="1970-01-01T01:00:00+00:00"' in listing
