@@ -162,7 +162,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
     out = cfg.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     tl = _Timeline(say)
-    phase = Progress("demo", total=len(PHASES), bar=False).step  # lines: the training bar draws inside it
+    announce = Progress("demo", total=len(PHASES), bar=False).step  # lines: the training bar draws inside it
     stop = threading.Event()
     observations: list[Observation] = []
     obs_lock = threading.Lock()
@@ -186,14 +186,14 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
         pub = load_public_key(keys.public)
 
         runs_dir = fcfg.data_dir / "runs"
-        phase(f"train: tiny-cnn on digits, {s['epochs']} epochs")
+        announce(f"train: tiny-cnn on digits, {s['epochs']} epochs")
         run_dir = train_run(TrainConfig(dataset="digits", model="tiny-cnn", image_size=s["image_size"],
                                         epochs=s["epochs"], out_dir=str(runs_dir), seed=cfg.seed,
                                         threads=cfg.threads), progress=True)  # as `edgeloop train`: stderr
         run = load_run(run_dir)
         tl("trained", f"trained tiny-cnn on digits: test accuracy {run.metrics['test']['accuracy']:.3f} ({run.run_id})")
         fcfg.bundles_dir.mkdir(parents=True, exist_ok=True)
-        phase(f"export: signed bundle 1.0.0 ({', '.join(s['onnx_precisions'])})")
+        announce(f"export: signed bundle 1.0.0 ({', '.join(s['onnx_precisions'])})")
         report = export_run(run_dir, out=fcfg.bundles_dir, formats=("onnx",), onnx_precisions=s["onnx_precisions"],
                             sign_key=keys.private, version="1.0.0", name=MODEL_NAME, max_drop=1.0,
                             progress=Progress("export", None, bar=False).step)
@@ -233,7 +233,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
                 flags.done.set()
 
         # The whole fleet, as `edgeloop fleet serve` runs it, with the demo's policy and plan.
-        phase(f"fleet: broker, ingestion, worker, dashboard, then {cfg.devices} cameras running the agent")
+        announce(f"fleet: broker, ingestion, worker, dashboard, then {cfg.devices} cameras running the agent")
         app = FleetApp.from_config(fcfg, retrain=settings_from_config(fcfg, policy, threads=cfg.threads), plan=plan,
                                    tick_s=0.5, on_event=on_event)
         cleanup.append(app.stop)
@@ -279,17 +279,17 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             return lambda: all(c.shown.get(phase, 0) >= n for c in cameras)
 
         # ---------------------------------------------------------------- the story
-        phase(f"baseline: every camera shows its {len(pool[0])} clean images on 1.0.0")
+        announce(f"baseline: every camera shows its {len(pool[0])} clean images on 1.0.0")
         _wait(passes("baseline", len(pool[0])), cfg.timeout_s, "the baseline pass", stop)
-        phase(f"shift: {len(shifted)} cameras see darker, blurred, rotated images")
+        announce(f"shift: {len(shifted)} cameras see darker, blurred, rotated images")
         for c in cameras:
             c.set_phase("drifted", cfg.shift if c.device_id in shifted else NO_SHIFT)
         tl("shift", f"camera shift on {len(shifted)} devices: darker, blurred, rotated")
         deadline = time.monotonic() + cfg.timeout_s
-        phase("trigger: waiting for drift alarms and labels to trigger retraining")
+        announce("trigger: waiting for drift alarms and labels to trigger retraining")
         _wait(lambda: flags.trigger.is_set() or flags.done.is_set(), max(1.0, deadline - time.monotonic()),
               "the retraining trigger", stop)
-        phase("retrain: fine-tune on the labelled samples, gate the candidate")
+        announce("retrain: fine-tune on the labelled samples, gate the candidate")
         _wait(lambda: flags.rollout.is_set() or flags.done.is_set(), max(1.0, deadline - time.monotonic()),
               "the retraining job", stop)
         rollout_state = None
@@ -297,7 +297,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             for c in cameras:
                 c.set_phase("rollout")
             rid = flags.data["rollout_id"]
-            phase(f"rollout: {rid}, canary then waves {list(plan.waves)}")
+            announce(f"rollout: {rid}, canary then waves {list(plan.waves)}")
             watch = _RolloutWatch(tl, lambda: driver.load(rid))
             _wait(lambda: watch().terminal, max(1.0, deadline - time.monotonic()), "the rollout", stop)
             rollout_state = watch()
@@ -305,7 +305,7 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             if rollout_state.status == "completed":
                 for c in cameras:
                     c.set_phase("recovered")
-                phase("recovered: every camera shows its images again on the new version")
+                announce("recovered: every camera shows its images again on the new version")
                 _wait(passes("recovered", len(pool[0])), max(1.0, deadline - time.monotonic()),
                       "the recovered pass", stop)
         for c in cameras:

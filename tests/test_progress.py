@@ -130,3 +130,31 @@ def test_bench_json_and_cells_on_stderr(quiet: bool, tmp_path: Path, capsys: pyt
         assert "bench cells" not in err
     else:
         assert "bench cells [1/1]: " in err and "bench cells: 1/1 done" in err
+
+
+def test_the_demo_announces_its_phases_and_trains_with_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Up to the training only (the whole demo is tests/demo's): a stand-in broker, a stand-in train_run."""
+    from types import SimpleNamespace
+
+    import demo.broker
+    import train.api
+    from core.errors import FleetError
+    from demo.run import PHASES, DemoConfig, run_demo
+
+    broker = SimpleNamespace(kind="stand-in", host="127.0.0.1", port=1, protocol="5", stop=lambda: None)
+    monkeypatch.setattr(demo.broker, "start_broker", lambda *_a, **_k: broker)
+    seen: dict[str, Any] = {}
+
+    def train_run(_config: Any, **kwargs: Any) -> Path:
+        seen.update(kwargs)
+        raise FleetError("stop after the first phase")
+
+    monkeypatch.setattr(train.api, "train_run", train_run)
+    timeline: list[str] = []
+    with pytest.raises(FleetError, match="stop after the first phase"):
+        run_demo(DemoConfig(out=tmp_path, quick=True), say=timeline.append)
+    cap = capsys.readouterr()
+    assert seen == {"progress": True} and cap.out == ""
+    assert f"demo [1/{len(PHASES)}]: train: tiny-cnn on digits, 6 epochs" in cap.err
+    assert timeline and "broker: stand-in" in timeline[0]  # the timeline stays the caller's (stdout without --json)
