@@ -142,7 +142,8 @@ class Progress:
         print(f"{self.description}{count}: {status}", file=self._stream, flush=True)
 
     def _line(self, now: float) -> str:
-        count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
+        count = (f"{self.done}/{self.total}" if self.total is not None
+                 else f"{self.done} steps" if self._started else str(self.done))
         status = f" {self._status}" if self._status else ""
         return f"{self.description}: {count}{status} ({now - self._t0:.0f} s)"
 
@@ -152,8 +153,9 @@ class Progress:
         if ok and self._started > self.done:  # the last step ran to its end
             self.done += 1
             self._status = "done"
-            counted = self.total is not None and self._rich is None
-            if self._enabled and counted:
+            if self._rich is not None:
+                self._rich.update(self._task, completed=self.done, status="done")
+            elif self._enabled and self.total is not None:
                 print(self._line(time.monotonic()), file=self._stream, flush=True)
         if self._rich is None:
             return
