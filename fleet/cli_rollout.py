@@ -82,6 +82,9 @@ def register_rollout(fleet_subparsers: argparse._SubParsersAction) -> None:  # t
     p.add_argument("--at", default=None, metavar="TIME",
                    help="schedule the start: ISO 8601 with a timezone (2026-12-03T02:00:00+00:00) or +2h / +30m; "
                    "stored as scheduled at once, `edgeloop fleet abort ID` cancels it")
+    p.add_argument("--window", default=None, metavar="HH:MM-HH:MM",
+                   help="maintenance window (UTC) in which the rollout and each wave may start, e.g. 01:00-05:00; "
+                   "a wave due outside it waits")
     p.add_argument("--delivery", choices=("auto", "http", "mqtt"), default=None)
     p.add_argument("--wait", action="store_true", help="drive the rollout from this process until it ends")
     add_json_flag(p)
@@ -122,10 +125,12 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
 
     from core.signing import load_public_key
     from fleet.rollout_driver import plan_from_config
-    from fleet.rollout_state import parse_target
+    from fleet.rollout_state import parse_target, parse_window
 
     target = parse_target(args.target)  # a bad selector fails before anything is registered or sent
     start_at = parse_start_time(args.at, time.time()) if args.at else None  # so does a bad --at
+    if args.window:
+        parse_window(args.window)  # and a bad --window
     cfg, driver, client = _open(args)
     try:
         if ":" in args.bundle and not Path(args.bundle).exists():
@@ -141,7 +146,8 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
             waves=tuple(parse_share(w) for w in args.waves.split(",")) if args.waves else base.waves,
             soak_s=parse_duration(args.soak) if args.soak else base.soak_s,
             max_failures=parse_share(args.max_failures) if args.max_failures else base.max_failures,
-            shadow_s=parse_duration(args.shadow) if args.shadow else 0.0, shadow_every=cfg.rollout.shadow_every)
+            shadow_s=parse_duration(args.shadow) if args.shadow else 0.0, shadow_every=cfg.rollout.shadow_every,
+            window=args.window or "")
         devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
         state = driver.start(name, version, plan, devices=devices, target=target, start_at=start_at)
         if args.wait:

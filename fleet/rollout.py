@@ -26,7 +26,9 @@ the stage is skipped and the events say so.
 
 A rollout created with ``start_at`` in the future is ``scheduled``: it sends nothing
 until :func:`advance` sees ``now >= start_at``, then goes on as a ``pending`` one;
-:func:`abort` cancels it before it started.
+:func:`abort` cancels it before it started.  With ``plan.window`` (``"01:00-05:00"``, UTC)
+the rollout and each later wave start only inside that maintenance window: a wave due
+outside it waits (phase ``window``); job outcomes, soaks and rollbacks do not wait.
 
 Statuses: (``scheduled`` →) ``pending`` → ``running`` (phase ``deploying`` / ``soaking``) ⇄ ``paused``;
 ends in ``completed``, ``aborted`` or, through ``rolling_back``, ``rolled_back``.
@@ -59,6 +61,7 @@ from .rollout_state import (
     RolloutPlan,
     RolloutState,
     TargetSelector,
+    in_window,
     iso_utc,
     parse_target,
     wave_sizes,
@@ -241,6 +244,8 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
         state = _with(state, now, "schedule_due", f"start time {iso_utc(state.start_at or now)} reached",
                       status="pending", reason="")
     if state.status == "pending":
+        if not in_window(state.plan.window, now):
+            return _wait_window(state, now, "the rollout"), []
         return _start_shadow(state, now) if state.plan.shadow_s > 0 else _start_wave(state, 0, now)
     if state.status == "rolling_back":
         waiting = [d for d in state.devices if d.status == "rolling_back"]
@@ -263,6 +268,8 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
         state, actions, go_on = _judged(state, now, verdict)
         return _start_wave(_with(state, now, "shadow_passed", verdict.summary()[:300], accepted_wave=-1), 0, now) if go_on \
             else (state, actions)
+    if state.phase == "window":  # the previous wave was healthy; the next one waits for the window
+        return _start_wave(state, state.wave + 1, now) if in_window(state.plan.window, now) else (state, [])
     wave = state.in_wave(state.wave)
     if state.phase == "deploying":
         waiting = [d for d in wave if d.status == "sent"]
@@ -303,10 +310,20 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
         healthy += f"; canary analysis {verdict.decision}"
     state = _with(state, now, "wave_healthy", healthy)
     if state.wave + 1 < state.n_waves:
+        if not in_window(state.plan.window, now):
+            return _wait_window(state, now, f"wave {state.wave + 1}", phase="window", phase_started_at=now), []
         return _start_wave(state, state.wave + 1, now)
     c = state.counts()
     return _with(state, now, "completed", f"{c.get('updated', 0)} devices on {state.version}",
                  status="completed", phase=""), []
+
+
+def _wait_window(state: RolloutState, now: float, what: str, **changes: object) -> RolloutState:
+    """One ``window_wait`` event (not one per tick) while ``what`` waits for the maintenance window."""
+    if state.events and state.events[-1].kind == "window_wait":
+        return state
+    return _with(state, now, "window_wait", f"{what} waits for the maintenance window {state.plan.window} UTC",
+                 **changes)
 
 
 def _judged(state: RolloutState, now: float, verdict: Verdict) -> tuple[RolloutState, list[Action], bool]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +23,8 @@ from .canary import CanaryPolicy
 
 __all__ = ["ROLLOUT_SCHEMA_VERSION", "TERMINAL", "FAILED", "MAY_RUN_NEW", "RolloutPlan", "wave_sizes",
            "DeviceProgress", "RolloutEvent", "JobOutcome", "Deploy", "Rollback", "Action", "RolloutState",
-           "with_event", "set_devices", "TargetSelector", "parse_target", "iso_utc"]
+           "with_event", "set_devices", "TargetSelector", "parse_target", "iso_utc",
+           "parse_window", "in_window"]
 
 ROLLOUT_SCHEMA_VERSION = 1
 TERMINAL = frozenset({"completed", "aborted", "rolled_back"})
@@ -43,9 +45,12 @@ class RolloutPlan:
     analysis: CanaryPolicy = field(default_factory=CanaryPolicy)
     shadow_s: float = 0.0  # > 0: the canary devices first shadow the candidate this long (not serving it)
     shadow_every: int = 0  # the shadow runs on every n-th input (0: the agent's default)
+    window: str = ""  # "HH:MM-HH:MM" (UTC): waves start only inside this maintenance window ("": any time)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "waves", tuple(float(w) for w in self.waves))
+        if self.window:
+            parse_window(self.window)
         if isinstance(self.analysis, Mapping):
             object.__setattr__(self, "analysis", CanaryPolicy(**self.analysis))
         if not 0.0 < self.canary <= 1.0:
@@ -100,6 +105,30 @@ def parse_target(text: str | None) -> TargetSelector:
             raise ConfigError(f"bad rollout target {text!r}", hint="all, or tag selectors like group=cams-north")
         pairs.append((key, value))
     return TargetSelector(tuple(pairs))
+
+
+_WINDOW_HINT = "--window HH:MM-HH:MM in UTC, e.g. 01:00-05:00 (22:00-04:00 spans midnight)"
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """A maintenance window ``"01:00-05:00"`` (UTC) -> its (start, end) minutes of the day;
+    an end before the start spans midnight."""
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    if m is None or int(m[1]) > 23 or int(m[3]) > 23 or int(m[2]) > 59 or int(m[4]) > 59:
+        raise ConfigError(f"maintenance window {text!r} is not HH:MM-HH:MM", hint=_WINDOW_HINT)
+    start, end = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    if start == end:
+        raise ConfigError(f"maintenance window {text!r} is empty", hint=_WINDOW_HINT)
+    return start, end
+
+
+def in_window(window: str, now: float) -> bool:
+    """True when ``now`` (epoch seconds) lies in the UTC maintenance ``window`` (always, without one)."""
+    if not window:
+        return True
+    start, end = parse_window(window)
+    minute = (now % 86400.0) / 60.0
+    return start <= minute < end if start < end else minute >= start or minute < end
 
 
 def wave_sizes(n: int, plan: RolloutPlan) -> list[int]:

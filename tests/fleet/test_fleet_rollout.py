@@ -714,7 +714,8 @@ def test_dashboard_shows_a_scheduled_rollout_and_offers_to_cancel_it(tmp_path) -
     from fleet.registry import Registry
 
     reg = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
-    s = new_rollout("r-at", "m", "2", [("cam0", "1"), ("cam1", "1")], PLAN, now=0.0, start_at=3600.0)
+    plan = RolloutPlan(canary=0.5, waves=(1.0,), window="01:00-05:00")
+    s = new_rollout("r-at", "m", "2", [("cam0", "1"), ("cam1", "1")], plan, now=0.0, start_at=3600.0)
     reg.create_rollout("r-at", "m", "2", {"cam0": 0, "cam1": 1}, state=s.to_dict(), status="scheduled",
                        reason=s.reason)
     d = {**rollout_summary(reg.rollout("r-at")), "devices": [], "can_act": True}
@@ -723,5 +724,44 @@ def test_dashboard_shows_a_scheduled_rollout_and_offers_to_cancel_it(tmp_path) -
     page = views.render("rollout.html", d=d, session={"role": "operator"}, csrf="x")
     assert "scheduled for 1970-01-01T01:00:00+00:00" in page and ">Cancel</button>" in page
     assert 'id="btn-rollback"' not in page  # nothing to roll back before it started
+    assert '<span id="rollout-window">01:00-05:00 UTC</span>' in page
     listing = views.render("rollouts.html", d={"items": [d]}, session={"role": "operator"}, csrf="x")
     assert "scheduled for 1970-01-01T01:00:00+00:00" in listing and 'data-start-at="1970-01-01T01:00:00+00:00"' in listing
+
+
+def test_maintenance_window_holds_waves_due_outside_it() -> None:
+    from fleet.rollout_state import in_window, parse_window
+
+    day = 1_796_256_000.0  # 2026-12-03T00:00:00+00:00
+    h = 3600.0
+    assert parse_window("01:00-05:00") == (60, 300) and parse_window("22:00-04:00") == (1320, 240)
+    assert in_window("", day) and in_window("01:00-05:00", day + 1 * h) and not in_window("01:00-05:00", day + 5 * h)
+    assert in_window("22:00-04:00", day + 23 * h) and in_window("22:00-04:00", day + 3 * h)
+    assert not in_window("22:00-04:00", day + 12 * h)
+    for bad in ("1-5", "25:00-05:00", "01:00-01:00", "01:60-02:00"):
+        with pytest.raises(ConfigError, match="--window"):
+            RolloutPlan(window=bad)
+    plan = RolloutPlan(canary=0.1, waves=(1.0,), soak_s=60.0, window="01:00-02:00")
+    s = new_rollout("r-w", "digits", "2.0.0", DEVICES, plan, now=day)
+    s, acts = advance(s, day + 0.5 * h)  # before the window: the rollout waits, one event
+    s, acts2 = advance(s, day + 0.6 * h)
+    assert acts == acts2 == [] and s.status == "pending" and [e.kind for e in s.events].count("window_wait") == 1
+    s, acts = advance(s, day + 1 * h)
+    assert s.status == "running" and acts == [Deploy("d00", "r-w-w0-d00")]
+    s, _ = advance(s, day + 1 * h, done(acts))
+    s, acts = advance(s, day + 2 * h, health={"d00": ()})  # healthy after the window closed: wave 1 waits
+    assert acts == [] and s.phase == "window" and s.events[-1].kind == "window_wait" and not s.wants_health(day + 3 * h)
+    assert RolloutState.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert advance(s, day + 20 * h) == (s, [])
+    s, acts = advance(s, day + 25 * h)  # the next day's window
+    assert s.wave == 1 and s.phase == "deploying" and len(acts) == 9
+
+
+def test_cli_refuses_a_bad_window_before_touching_anything(tmp_path, capsys) -> None:
+    from edgeloop.cli import main
+
+    assert main(["fleet", "init", "--dir", str(tmp_path / "fleet")]) == 0
+    capsys.readouterr()
+    assert main(["fleet", "rollout", "m:2", "--window", "1-5", "-c", str(tmp_path / "fleet" / "fleet.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "maintenance window '1-5'" in err and "--window" in err and "\n" not in err
