@@ -64,11 +64,15 @@ def test_hostile_log_lines_are_refused_and_counted(hardened_fleet: HostileFleet,
         attacker.publish(own, lines("attacker", f"f{i}", range(10 * i + 1, 10 * i + 11)).encode())
     assert wait_until(lambda: client.counters.rules()["logs_rate"] == BURST + 20 - left)
     assert client.counters.devices()["attacker"] == {"logs_size": 1, "logs_rate": BURST + 20 - left}
-    assert client.repo.count(["attacker"]) == 10 * left
+    # What this client let through is stored whole; `fleet serve`'s ingestion (subscribed to the logs
+    # topic too, with its own per-device budget refilling in time) may store a few more of the same flood.
+    stored = client.repo.count(["attacker"])
+    assert stored >= 10 * left and stored % 10 == 0
+    assert {r.msg for r in client.repo.find("attacker", lines=1000)} == {"ok"}  # nothing forged or malformed
     # The victim answers its request in full, untouched by any of it.
     answering(fleet, victim, "victim")
     answer = client.ask("victim", timeout_s=15)
-    assert answer.answered and answer.new_lines == 3
+    assert answer.answered  # stored by this client or, first, by the fleet's ingestion: once either way
     assert [r.msg for r in client.repo.find("victim")] == ["ok"] * 3
     assert "victim" not in client.counters.devices()
 
