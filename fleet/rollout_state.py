@@ -107,7 +107,7 @@ def parse_target(text: str | None) -> TargetSelector:
     return TargetSelector(tuple(pairs))
 
 
-_WINDOW_HINT = "--window HH:MM-HH:MM in UTC, e.g. 01:00-05:00 (22:00-04:00 spans midnight)"
+_WINDOW_HINT = "HH:MM-HH:MM in UTC, e.g. --window 01:00-05:00; 22:00-04:00 spans midnight"
 
 
 def parse_window(text: str) -> tuple[int, int]:
