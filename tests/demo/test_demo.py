@@ -32,7 +32,7 @@ def test_demo_quick_closes_the_loop(tmp_path: Path) -> None:
     from demo.run import DemoConfig, run_demo
 
     lines: list[str] = []
-    result = run_demo(DemoConfig(out=tmp_path, quick=True, timeout_s=900), say=lines.append)
+    result = run_demo(DemoConfig(out=tmp_path, quick=True), say=lines.append)
     assert result.closed, (result.reason, lines)
     # accuracy fell under the shift and came back within a point of its pre-drift level
     acc = result.accuracy
