@@ -74,8 +74,8 @@ def cli(argv: list[str], capsys: pytest.CaptureFixture[str] | None = None) -> tu
     return rc, cap.out if rc == 0 else cap.out + cap.err
 
 
-def agent_toml(path: Path, state: Path, trusted: Path, *, http_port: int | None = None) -> Path:
-    """An agent config file for the CLI: no broker, the test key trusted."""
+def agent_toml(path: Path, state: Path, trusted: Path, *, http_port: int | None = None, variant: str = "auto") -> Path:
+    """An agent config file for the CLI: no broker, the test key trusted; ``variant``: pin one (no timing)."""
     http = f"enabled = true\nport = {http_port}" if http_port is not None else "enabled = false\nport = 0"
     path.write_text(f"""[agent]
 device_id = "dev-models"
@@ -89,6 +89,7 @@ enabled = false
 {http}
 
 [model]
+variant = "{variant}"
 benchmark_runs = 3
 
 [update]
