@@ -31,8 +31,10 @@ BLAS is held to one thread during the
 run (``threadpoolctl``, when installed), as the systemd unit's ``OMP_NUM_THREADS=1`` does
 on a device.
 
-``--pipeline``: a 320x240 video (written with OpenCV) through :class:`~edge_agent.pipeline.
-StreamPipeline` on the agent vs the bare runtime's items/s, same model and threads.
+``--pipeline`` (``--pipeline-only``: nothing else): a 320x240 video (written with OpenCV)
+through :class:`~edge_agent.pipeline.StreamPipeline` on the agent vs the hand-written
+``VideoCapture.read`` -> resize -> runtime loop (and, for reference, the runtime alone on
+pre-decoded tensors), same model and threads: :mod:`benchmarks.pipeline_bench`.
 
 The models: the digits tiny-cnn (trained here in a minute, exported to ONNX FP32/INT8 and
 TFLite FP32/INT8) and a 224x224 MobileNetV2 (torchvision, ``weights=None``: random
@@ -54,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from .pipeline_bench import measure_pipeline, pipeline_markdown
 from .stats import summarize
 
 __all__ = ["measure_variant", "measure_pipeline", "build_digits", "build_mobilenet", "main", "GOAL_RATIO", "GOAL_ADDED_US"]
@@ -362,53 +365,11 @@ def _stages(model: Any, imgs: list[np.ndarray], *, runs: int) -> dict[str, float
     return got
 
 
-# ----------------------------------------------------------------------------- pipeline throughput
-
-def measure_pipeline(bundle: Path, variant: str, work: Path, *, frames: int = 600, threads: int = 1) -> dict[str, Any]:
-    """Items/s of the pipeline on a 320x240 video vs the bare runtime on the same model and threads."""
-    import cv2
-
-    from core.agent_config import SourceSection
-    from core.preprocess import preprocess
-    from edge_agent.pipeline import StreamPipeline
-    from edge_agent.sources import make_source
-
-    video = work / f"bench-{frames}.avi"
-    if not video.is_file():
-        w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (320, 240))
-        for im in _images((240, 320), 3, n=frames):
-            w.write(im)
-        w.release()
-    with tempfile.TemporaryDirectory(prefix="edgeloop-pipeline-") as tmp:
-        agent = _agent(bundle, Path(tmp) / "state", variant, threads)
-        try:
-            model = agent.model
-            run, prepare = _bare(model.slot_dir / model.variant.file, model.variant.format, threads)
-            xs = [prepare(preprocess([im], model.spec)) for im in _images(tuple(model.spec.size), model.spec.channels, 32)]
-            for x in xs:
-                run(x)
-            t = time.perf_counter()
-            for i in range(frames):
-                run(xs[i % len(xs)])
-            bare = frames / (time.perf_counter() - t)
-            spec = SourceSection(uri=str(video))
-            pipe = StreamPipeline(agent.predict, [(make_source(spec.uri), spec)])
-            t = time.perf_counter()
-            pipe.start()
-            pipe.wait()
-            took = time.perf_counter() - t
-            pipe.stop()
-            st = pipe.stats()
-            return {"bundle": bundle.name, "variant": variant, "frames": frames, "video": "320x240 MJPG",
-                    "threads": threads, "bare_items_per_s": bare, "pipeline_items_per_s": st.inferences / took,
-                    "ratio": (st.inferences / took) / bare, "dropped": st.dropped_frames}
-        finally:
-            agent.close()
-
-
 # ----------------------------------------------------------------------------- report
 
 def markdown(results: list[dict[str, Any]], pipeline: list[dict[str, Any]]) -> str:
+    if not results:
+        return "\n".join(pipeline_markdown(pipeline)).lstrip("\n") + "\n"
     lines = ["Wall clock, interleaved call by call:", "",
              "| model | variant | input | agent mean ms | bare mean ms | ratio mean | ratio p50 | added µs (mean) "
              "| added µs (p50) | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -443,11 +404,7 @@ def markdown(results: list[dict[str, Any]], pipeline: list[dict[str, Any]]) -> s
     if results:
         lines += ["", "Load average (1, 5, 15 min) at the end of each measurement: "
                   + "; ".join(f"{r['variant']} {r['load_avg']}" for r in results)]
-    if pipeline:
-        lines += ["", "| pipeline | variant | frames | bare items/s | pipeline items/s | ratio |", "|---|---|---|---|---|---|"]
-        for p in pipeline:
-            lines.append(f"| {p['bundle']} ({p['video']}) | {p['variant']} | {p['frames']} | {p['bare_items_per_s']:.1f} "
-                         f"| {p['pipeline_items_per_s']:.1f} | {p['ratio']:.3f} |")
+    lines += pipeline_markdown(pipeline)
     return "\n".join(lines) + "\n"
 
 
@@ -468,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default="", help="only these variant ids (comma-separated)")
     p.add_argument("--pipeline", action="store_true", help="also the pipeline's throughput on a video file")
+    p.add_argument("--pipeline-only", action="store_true", help="only the pipeline's throughput (implies --pipeline)")
+    p.add_argument("--pipeline-variants", default="onnx-fp32,tflite-fp32",
+                   help="variants the pipeline runs (comma-separated; each bundle's first ONNX one when none match)")
+    p.add_argument("--frames", type=int, default=600, help="frames of the pipeline's video")
+    p.add_argument("--rounds", type=int, default=3, help="alternating bare / pipeline rounds (median reported)")
     p.add_argument("--work", type=Path, default=Path("bench-results/agent-overhead/work"),
                    help="where built models are kept and reused")
     p.add_argument("--out", type=Path, default=Path("bench-results/agent-overhead"))
@@ -477,15 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     bundles = args.bundles or [build_digits(args.work), build_mobilenet(args.work)]
     only = {v for v in args.variants.split(",") if v}
     results, pipeline = [], []
+    piped = [v for v in args.pipeline_variants.split(",") if v]
     for b in bundles:
-        for v in _variants(b):
+        for v in [] if args.pipeline_only else _variants(b):
             if only and v not in only:
                 continue
             print(f"  measuring {b.name} {v}", file=sys.stderr, flush=True)
             results.append(measure_variant(b, v, runs=args.runs, warmup=args.warmup, threads=args.threads))
-        if args.pipeline:
-            first = next(v for v in _variants(b) if v.startswith("onnx"))
-            pipeline.append(measure_pipeline(b, first, args.work, threads=args.threads))
+        if args.pipeline or args.pipeline_only:
+            have = _variants(b)
+            for v in [v for v in piped if v in have] or [next(v for v in have if v.startswith("onnx"))]:
+                print(f"  pipeline {b.name} {v}", file=sys.stderr, flush=True)
+                pipeline.append(measure_pipeline(b, v, args.work, frames=args.frames, threads=args.threads,
+                                                 rounds=args.rounds))
     doc = {"schema_version": RESULT_SCHEMA_VERSION, "kind": "agent_overhead",
            "system": system_info(["python", "-m", "benchmarks.agent_overhead", *(argv if argv is not None else sys.argv[1:])]),
            "goal": {"ratio": GOAL_RATIO, "added_us": GOAL_ADDED_US}, "results": results, "pipeline": pipeline}

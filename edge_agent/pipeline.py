@@ -1,13 +1,21 @@
 """The continuous pipeline: capture threads -> bounded queues -> inference -> sinks.
 
-    sources (one capture thread each)         inference thread                 sinks
-    read -> rate gate -> ROI -> queue[2]  -->  oldest head frame -> predict  -->  MQTT / HTTP+SSE / JSONL
+    sources (one capture thread each)                  inference thread                 sinks
+    read -> rate gate -> ROI -> shape -> queue[2]  -->  oldest head frame -> predict  -->  MQTT / HTTP+SSE / JSONL
 
 A live source never waits for the model: when its queue is full the OLDEST frame is
 dropped (and counted), so what the model sees is always recent and the capture ->
 result latency stays bounded by the queue length whatever the source's frame rate.
 Finite sources (files, folders, tensor streams) block instead, so every item is
 predicted.  A live stream that drops is reopened with exponential back-off.
+
+The capture thread also *shapes* each frame to the model's input size in 8-bit
+(:mod:`edge_agent.sources.shape`: decode and resize in C, GIL released), so on a device with
+two cores decoding and resizing overlap inference, and the inference thread only
+normalises a model-sized image into the runtime's buffer.  The queues are plain deques,
+touched without a lock on the common path (one ``append`` / ``popleft`` each, atomic); a
+thread takes the condition only to sleep when it has nothing to do, and the other wakes
+it only when it sleeps.  Counters have one writer each.
 
 :func:`start_stream` is the front door (``edgeloop agent run --source URI`` and the
 ``[[sources]]`` tables): it opens the sources (a URI that cannot be opened is a one-line
@@ -34,17 +42,19 @@ from core.errors import EdgeloopError, SourceError
 
 from .sinks import JsonlSink, MqttResultsSink, ResultHub, Sink, StreamResult
 from .sources import Frame, FrameGate, Source, SourceLost, crop, make_source
+from .sources.shape import Shaper, frame_shaper
 from .telemetry import LatencyRing
 
 if TYPE_CHECKING:
     from .agent import Agent
 
-__all__ = ["RateMeter", "SourceStats", "StreamStats", "StreamPipeline", "start_stream", "stream_metric_rows",
-           "return_freed_frames"]
+__all__ = ["RateMeter", "SourceStats", "StreamStats", "StreamPipeline", "ModelShaper", "start_stream",
+           "stream_metric_rows", "return_freed_frames"]
 
 log = logging.getLogger(__name__)
 
 Predict = Callable[[np.ndarray], Any]
+ShaperFor = Callable[[], "Shaper | None"]
 
 
 class RateMeter:
@@ -94,6 +104,30 @@ class StreamStats:
     max_behind: int  # the most frames a predicted frame had behind it in its source (a latency in frames)
 
 
+class ModelShaper:
+    """The frame shaper for the model ``agent`` serves now (:func:`~edge_agent.sources.shape.frame_shaper`).
+
+    Called by the capture threads for every frame: one identity check while the model
+    stays; a new shaper after an update.  None (frames go whole) while no model is
+    installed, for models the shaper leaves alone, and while a candidate is shadowed
+    (it sees the served model's input and may want another size).
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._model: Any = None
+        self._shaper: Shaper | None = None
+
+    def __call__(self) -> Shaper | None:
+        model = self.agent.model
+        if model is not self._model:
+            self._model = model
+            self._shaper = None if model is None else frame_shaper(model.spec, model.task.kind)
+        if self._shaper is not None and self.agent.pipeline.shadow is not None:
+            return None
+        return self._shaper
+
+
 class _Feed:
     """One source's capture state and queue."""
 
@@ -109,18 +143,24 @@ class _Feed:
         self.dropped = 0
         self.reconnects = 0
         self.finished = False
+        self.blocked = False  # a finite source waits for room in its queue (the inference thread wakes it)
         self.meter = RateMeter()
         self.thread: threading.Thread | None = None
 
 
 class StreamPipeline:
-    """Runs ``predict`` over frames of ``sources`` and hands each result to every sink."""
+    """Runs ``predict`` over frames of ``sources`` and hands each result to every sink.
+
+    ``shaper``: what gives the capture threads the current model's frame shaper
+    (:class:`ModelShaper`; None: frames go to ``predict`` as the source gave them, ROI applied).
+    """
 
     def __init__(self, predict: Predict, sources: Sequence[tuple[Source, SourceSection]], sinks: Sequence[Sink] = (),
-                 *, latency_window: int = 1024) -> None:
+                 *, latency_window: int = 1024, shaper: ShaperFor | None = None) -> None:
         if not sources:
             raise ValueError("a pipeline needs at least one source")
         self.predict = predict
+        self.shaper = shaper
         self.feeds = [_Feed(src, spec) for src, spec in sources]
         self.sinks = list(sinks)
         self.e2e = LatencyRing(latency_window)
@@ -133,6 +173,7 @@ class StreamPipeline:
         self._worker: threading.Thread | None = None
         self._wall0 = time.time() - time.monotonic()
         self._last_error_log = 0.0
+        self._idle = False  # the inference thread sleeps for want of a frame (a capture thread wakes it)
         self.done = threading.Event()  # set when every source has finished and its frames are predicted
 
     # ------------------------------------------------------------------ lifecycle
@@ -180,6 +221,8 @@ class StreamPipeline:
     def _capture(self, feed: _Feed) -> None:
         src, spec = feed.source, feed.spec
         backoff = spec.reconnect_min_s
+        roi = tuple(spec.roi)
+        shaper_for = self.shaper
         while not self._stop.is_set():
             try:
                 data = src.read(self._stop)
@@ -200,10 +243,13 @@ class StreamPipeline:
             if not feed.gate.keep(t):
                 continue
             try:
-                data = crop(data, tuple(spec.roi))  # type: ignore[arg-type]
+                data = crop(data, roi)  # type: ignore[arg-type]
             except SourceError as exc:
                 log.error("source %s: %s", feed.name, exc)
                 break
+            shape = shaper_for() if shaper_for is not None else None
+            if shape is not None:
+                data = shape(data)
             self._put(feed, Frame(data, t, feed.captured, feed.name, src.ref))
         with self._cond:
             feed.finished = True
@@ -226,37 +272,69 @@ class StreamPipeline:
         return False
 
     def _put(self, feed: _Feed, frame: Frame) -> None:
-        with self._cond:
+        q, cap = feed.queue, feed.spec.queue
+        if len(q) >= cap:
             if feed.drop:
-                while len(feed.queue) >= feed.spec.queue:
-                    feed.queue.popleft()
+                while len(q) >= cap:  # the inference thread may pop the same frame meanwhile: count what we took
+                    try:
+                        q.popleft()
+                    except IndexError:
+                        break
                     feed.dropped += 1
             else:
-                self._cond.wait_for(lambda: len(feed.queue) < feed.spec.queue or self._stop.is_set())
+                with self._cond:
+                    feed.blocked = True  # set before the re-check, so a pop after it wakes us
+                    self._cond.wait_for(lambda: len(q) < cap or self._stop.is_set())
+                    feed.blocked = False
                 if self._stop.is_set():
                     return
-            feed.queue.append(frame)
-            feed.queued += 1
-            self._cond.notify_all()
+        q.append(frame)
+        feed.queued += 1
+        if self._idle:  # read after the append: an inference thread about to sleep re-checks under the lock
+            with self._cond:
+                self._cond.notify_all()
 
     # ------------------------------------------------------------------ inference
+    def _oldest_head(self) -> _Feed | None:
+        """The feed whose first queued frame was captured first (fair in time); None when all are empty."""
+        if len(self.feeds) == 1:
+            feed = self.feeds[0]
+            return feed if feed.queue else None
+        best, t_best = None, 0.0
+        for f in self.feeds:
+            try:
+                t = f.queue[0].t_capture
+            except IndexError:  # empty, or its capture thread dropped the head just now
+                continue
+            if best is None or t < t_best:
+                best, t_best = f, t
+        return best
+
     def _next_frame(self) -> tuple[_Feed, Frame, int] | None:
-        """The oldest queued frame across sources (fair in time); None when stopping or all done."""
-        with self._cond:
-            while True:
-                if self._stop.is_set():
-                    return None
-                heads = [f for f in self.feeds if f.queue]
-                if heads:
-                    feed = min(heads, key=lambda f: f.queue[0].t_capture)
+        """The oldest queued frame across sources; None when stopping or all done."""
+        while not self._stop.is_set():
+            feed = self._oldest_head()
+            if feed is not None:
+                try:
                     frame = feed.queue.popleft()
-                    self._cond.notify_all()  # a blocked finite source may put again
-                    # frames the source read after this one before its turn: the latency in frames,
-                    # at most the queue length (+1 being read) when oldest frames are dropped
-                    return feed, frame, feed.captured - frame.seq
-                if all(f.finished for f in self.feeds):
-                    return None
-                self._cond.wait(0.5)
+                except IndexError:  # dropped by its capture thread between the look and the pop
+                    continue
+                if feed.blocked:  # a finite source waits for this room
+                    with self._cond:
+                        self._cond.notify_all()
+                # frames the source read after this one before its turn: the latency in frames,
+                # at most the queue length (+1 being read) when oldest frames are dropped
+                return feed, frame, feed.captured - frame.seq
+            with self._cond:
+                self._idle = True  # set before the re-check, so a put after it wakes us
+                try:
+                    if self._oldest_head() is None and not self._stop.is_set():
+                        if all(f.finished for f in self.feeds):
+                            return None
+                        self._cond.wait(0.5)
+                finally:
+                    self._idle = False
+        return None
 
     def _infer_loop(self) -> None:
         try:
@@ -281,13 +359,15 @@ class StreamPipeline:
             return
         t1 = time.monotonic()
         self.inferences += 1
-        self.max_behind = max(self.max_behind, behind)
+        if behind > self.max_behind:
+            self.max_behind = behind
         self._infer_meter.tick(t1)
         e2e_ms = (t1 - frame.t_capture) * 1000.0
         self.e2e.add(e2e_ms)
-        result = StreamResult(source=feed.name, seq=frame.seq, ts=self._wall0 + frame.t_capture, latency_ms=e2e_ms,
-                              inference_ms=(t1 - t0) * 1000.0, prediction=_as_dict(pred), ref=frame.ref,
-                              extra={"behind": behind})
+        if not self.sinks:  # nobody to tell: no result object, no dict of the prediction
+            return
+        result = StreamResult(feed.name, frame.seq, self._wall0 + frame.t_capture, e2e_ms, (t1 - t0) * 1000.0,
+                              pred, frame.ref, {"behind": behind})
         for sink in self.sinks:
             try:
                 sink.emit(result)
@@ -311,18 +391,6 @@ class StreamPipeline:
         return {"capture_fps": st.capture_fps, "inference_fps": st.inference_fps,
                 "e2e_latency_p50_ms": st.e2e_latency_p50_ms, "e2e_latency_p99_ms": st.e2e_latency_p99_ms,
                 "dropped_frames": st.dropped_frames}
-
-
-def _as_dict(pred: Any) -> dict[str, Any]:
-    """A prediction as a plain dict: ``Prediction.to_dict()``, or a task result that is a dict already."""
-    if isinstance(pred, dict):
-        return pred
-    to_dict = getattr(pred, "to_dict", None)
-    if to_dict is None:
-        raise TypeError(f"predict() returned {type(pred).__name__}, which has no to_dict()")
-    d = to_dict()
-    d.pop("probs", None)  # per-class vectors make every line and message long; ask the HTTP API for them
-    return d
 
 
 def stream_metric_rows(stream: StreamPipeline | None, device_id: str) -> list[tuple[str, str, str, float | None,
@@ -409,7 +477,7 @@ def start_stream(agent: Agent, uris: Sequence[str] = (), *, extra_sinks: Sequenc
     return_freed_frames()
     sources = [(make_source(s.uri, loop=s.loop, realtime=s.realtime), s) for s in specs]
     pipeline = StreamPipeline(agent.predict, sources, [*_sinks(agent), *extra_sinks],
-                              latency_window=agent.config.telemetry.latency_window)
+                              latency_window=agent.config.telemetry.latency_window, shaper=ModelShaper(agent))
     try:
         pipeline.start()
     except BaseException:

@@ -9,6 +9,7 @@ never makes the agent buffer them), and the JSONL sink appends one short line.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,16 +29,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StreamResult:
-    """One frame's prediction, with where and when the frame came from."""
+    """One frame's prediction, with where and when the frame came from.
+
+    ``pred`` is what ``predict`` returned (a :class:`~edge_agent.inference.Prediction`, or a
+    task layer's dict); :attr:`prediction`, its plain dict, is made on first use only, so a
+    result a rate-limited sink skips costs no conversion.
+    """
 
     source: str
     seq: int
     ts: float  # capture time, Unix seconds
     latency_ms: float  # capture -> result (queue wait included)
     inference_ms: float  # the model path alone
-    prediction: dict[str, Any]  # Prediction.to_dict() (or the task layer's result dict)
+    pred: Any  # Prediction (to_dict()) or a dict
     ref: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def prediction(self) -> dict[str, Any]:
+        """The prediction as a plain dict, without per-class vectors (ask the HTTP API for those)."""
+        return _as_dict(self.pred)
 
     def to_dict(self) -> dict[str, Any]:
         # the prediction's own latency_ms (the model path) is inference_ms here; latency_ms is capture -> result
@@ -49,6 +60,18 @@ class StreamResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False, default=_jsonable)
+
+
+def _as_dict(pred: Any) -> dict[str, Any]:
+    """A prediction as a plain dict: ``Prediction.to_dict()``, or a task result that is a dict already."""
+    if isinstance(pred, dict):
+        return pred
+    to_dict = getattr(pred, "to_dict", None)
+    if to_dict is None:
+        raise TypeError(f"predict() returned {type(pred).__name__}, which has no to_dict()")
+    d = to_dict()
+    d.pop("probs", None)  # per-class vectors make every line and message long; ask the HTTP API for them
+    return d
 
 
 def _jsonable(v: Any) -> Any:
@@ -174,33 +197,54 @@ class ResultHub(Sink):
     """The latest result for ``GET /results/latest`` and its Server-Sent-Events stream.
 
     Holds one result; readers wait for a newer sequence number.  A slow SSE client gets
-    the newest result when it next reads (it skips, the agent never queues for it).
+    the newest result when it next reads (it skips, the agent never queues for it).  The
+    result is turned into JSON when someone reads it (once), not for every frame: with no
+    client connected the hub costs a swap per frame.
     """
 
     name = "http"
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._latest: str | None = None
+        self._latest: tuple[int, StreamResult] | None = None  # (its number, the result): swapped whole
+        self._text: tuple[int, str] | None = None  # (n, JSON) of the last result read
         self._n = 0
+        self._waiting = 0
         self._closed = False
 
     def emit(self, result: StreamResult) -> None:
-        text = result.to_json()
-        with self._cond:
-            self._latest = text
-            self._n += 1
-            self._cond.notify_all()
+        n = self._n + 1  # one writer: the inference thread
+        self._latest = (n, result)  # one reference swap: a reader gets a result with its own number
+        self._n = n
+        if self._waiting:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _read(self) -> tuple[int, str | None]:
+        latest = self._latest
+        if latest is None:
+            return self._n, None
+        n, res = latest
+        cached = self._text
+        if cached is not None and cached[0] == n:
+            return cached
+        text = res.to_json()
+        self._text = (n, text)
+        return n, text
 
     def latest(self) -> tuple[int, str | None]:
         with self._cond:
-            return self._n, self._latest
+            return self._read()
 
     def wait_newer(self, seen: int, timeout: float) -> tuple[int, str | None]:
         """The latest result once it is newer than ``seen`` (or what there is after ``timeout``)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._n > seen or self._closed, timeout)
-            return self._n, self._latest
+            self._waiting += 1
+            try:
+                self._cond.wait_for(lambda: self._n > seen or self._closed, timeout)
+            finally:
+                self._waiting -= 1
+            return self._read()
 
     def events(self, *, keepalive_s: float = 15.0, stop: Callable[[], bool] = lambda: False) -> Iterator[bytes]:
         """SSE frames: ``id: N`` + ``data: {json}`` per new result, a comment line as keep-alive."""

@@ -14,7 +14,7 @@ import pytest
 from core.agent_config import SourceSection
 from core.errors import SourceError
 from edge_agent.agent import Agent
-from edge_agent.pipeline import RateMeter, StreamPipeline, start_stream
+from edge_agent.pipeline import ModelShaper, RateMeter, StreamPipeline, start_stream
 from edge_agent.sinks import CallbackSink, MqttResultsSink, ResultHub, StreamResult
 from edge_agent.sources import make_source
 from edge_agent.telemetry import ProcessSampler
@@ -90,6 +90,54 @@ def test_frame_rate_and_roi_reach_the_model(agent: Agent, video_file: Path) -> N
     assert set(seen) == {(10, 16, 3)}
 
 
+def test_frames_reach_the_model_at_its_size_with_the_same_answers(agent: Agent, tmp_path: Path) -> None:
+    """The capture thread resizes to the model's input; predictions match those of the whole frames."""
+    video = write_video(tmp_path / "big.avi", 12, size=(120, 160))
+    seen: list[tuple[int, ...]] = []
+    answers: list[tuple[str, float]] = []
+
+    def predict(image: np.ndarray) -> object:
+        seen.append(image.shape)
+        pred = agent.predict(image)
+        answers.append((pred.label, pred.confidence))
+        return pred
+
+    spec = SourceSection(uri=str(video))
+    stream = StreamPipeline(predict, [(make_source(spec.uri), spec)], shaper=ModelShaper(agent)).start()
+    assert stream.wait(WAIT)
+    stream.stop()
+    model = agent.model
+    assert model is not None and model.spec is not None
+    assert len(seen) == 12 and set(seen) == {tuple(model.spec.size)}  # the tiny MLP is gray: (H, W)
+    src = make_source(str(video))
+    src.open()
+    whole = [agent.predict(src.read(threading.Event())) for _ in range(12)]
+    src.close()
+    assert [a[0] for a in answers] == [p.label for p in whole]
+    assert max(abs(a[1] - p.confidence) for a, p in zip(answers, whole, strict=True)) < 0.05
+
+
+def test_model_shaper_follows_the_served_model(agent: Agent, tiny_bundles: dict[str, Path]) -> None:
+    shaper = ModelShaper(agent)
+    first = shaper()
+    assert first is not None and shaper() is first  # one identity check per frame while the model stays
+    agent.install(tiny_bundles["v2"])
+    assert shaper() is not None and shaper() is not first
+
+
+def test_two_sources_every_frame_of_each_predicted_once(agent: Agent, tmp_path: Path) -> None:
+    got = Collector()
+    a, b = write_video(tmp_path / "a.avi", 20), write_video(tmp_path / "b.avi", 30)
+    specs = [SourceSection(uri=str(a), name="a"), SourceSection(uri=str(b), name="b")]
+    stream = StreamPipeline(agent.predict, [(make_source(s.uri), s) for s in specs], [got.sink],
+                            shaper=ModelShaper(agent)).start()
+    assert stream.wait(WAIT)
+    stream.stop()
+    for name, n in (("a", 20), ("b", 30)):
+        assert [r.seq for r in got.results if r.source == name] == list(range(1, n + 1))
+    assert stream.stats().dropped_frames == 0
+
+
 def test_live_source_faster_than_the_model_drops_oldest(slow_bundle: Path, tmp_path: Path) -> None:
     """Frames are dropped and counted; latency (in frames) and memory do not grow with the run."""
     agent = Agent(agent_config(tmp_path / "state")).start(connect=False)
@@ -125,7 +173,7 @@ def test_stream_that_dies_and_comes_back_is_reconnected(agent: Agent, mjpeg_serv
     spec = SourceSection(uri=mjpeg_server.url, reconnect_min_s=0.05, reconnect_max_s=0.2)
     stream = StreamPipeline(agent.predict, [(make_source(spec.uri), spec)], [got.sink]).start()
     try:
-        assert got.wait(5)
+        assert got.wait(5, timeout=WAIT)  # the first frames (a loaded machine may take a while to open the stream)
         mjpeg_server.stop()
         # the capture thread reads what was buffered, loses the stream, retries with back-off
         mjpeg_server.start()  # same port

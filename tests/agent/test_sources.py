@@ -193,3 +193,54 @@ def test_sources_config_tables() -> None:
                      ({"uri": "camera:0", "drop": "newest"}, "drop"), ({"uri": "camera:0", "every": 0}, "every")):
         with pytest.raises(ConfigError, match=rf"\[sources\]\[0\]\.{key}"):
             parse_config({"agent": {"allow_unsigned": True}, "sources": [bad]})
+
+
+def _smooth_frame(h: int = 240, w: int = 320) -> np.ndarray:
+    """A BGR frame with edges, gradients and noise (what a camera gives, not a flat test card)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([128 + 100 * np.sin(xx / 13.0), 128 + 100 * np.cos(yy / 7.0), (xx + yy) % 256], -1)
+    return np.clip(img + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "area", "bilinear-cv", "nearest"])
+@pytest.mark.parametrize("channels, size, fit", [(1, (32, 32), "stretch"), (3, (224, 224), "stretch"),
+                                                 (3, (200, 400), "stretch"), (3, (96, 96), "center-crop")])
+def test_shaped_frame_is_what_core_preprocess_computes(mode: str, channels: int, size: tuple[int, int],
+                                                       fit: str) -> None:
+    """The capture-side 8-bit resize agrees with the float one within a grey level or so (one 8-bit rounding per
+    step: two where luminance or a mixed shrink/enlarge area resize take two), for every mode."""
+    from core.manifest import Preprocessing
+    from core.preprocess import preprocess
+    from edge_agent.sources.shape import frame_shaper
+
+    spec = Preprocessing(size=size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels, scale=1.0,
+                         resize=mode, fit=fit)
+    shape = frame_shaper(spec)
+    assert shape is not None
+    bgr = _smooth_frame()
+    for frame in (bgr[:, :, ::-1], np.ascontiguousarray(bgr[:, :, ::-1]), bgr[10:200, 20:300, ::-1]):
+        small = shape(frame)  # an RGB view of a BGR buffer (OpenCV), a plain RGB frame, an ROI
+        assert small.shape[:2] == size and small.dtype == np.uint8
+        assert (small.ndim == 2) == (channels == 1)
+        got, want = preprocess([small], spec), preprocess([frame], spec)
+        assert np.abs(got - want).max() <= 1.5, mode
+        assert np.abs(got - want).mean() < 0.5
+
+
+def test_frames_stay_whole_where_the_model_needs_them_so() -> None:
+    from core.manifest import Preprocessing
+    from edge_agent.sources.shape import frame_shaper
+
+    spec = Preprocessing(size=(32, 32), channels=3, mean=(0.0,) * 3, std=(1.0,) * 3)
+    assert frame_shaper(None) is None  # a tensor model
+    assert frame_shaper(spec, "detection") is None  # boxes are mapped back to the frame
+    assert frame_shaper(Preprocessing(size=(32, 32), fit="letterbox")) is None
+    assert frame_shaper(Preprocessing(size=(32, 32), fit="center-crop", crop_fraction=0.875)) is None  # not idempotent
+    shape = frame_shaper(spec)
+    assert shape is not None
+    odd = np.zeros((40, 40, 2), np.uint8)
+    floats = np.zeros((40, 40, 3), np.float32)
+    assert shape(odd) is odd and shape(floats) is floats  # the agent's own checks answer for these
+    assert shape(np.zeros((40, 40, 4), np.uint8)).shape == (32, 32, 3)  # alpha dropped
+    assert shape(np.zeros((40, 40), np.uint8)).shape == (32, 32)  # gray stays gray (the agent replicates it)

@@ -1,0 +1,211 @@
+"""The stream pipeline's throughput on a video file against the loop a user would write by hand.
+
+``python -m benchmarks.agent_overhead BUNDLE --pipeline-only`` (or ``--pipeline`` with the
+overhead table) runs, for one variant of each bundle, alternately (``rounds`` times, so a
+neighbour's load hits both alike):
+
+* **bare (video)**, the honest baseline: ``cv2.VideoCapture(file).read()`` -> the
+  preprocessing the model needs (the resize its manifest names, done by the library call
+  that computes it on 8-bit pixels, then ``(x * scale - mean) / std`` and the layout in
+  numpy) -> ``InferenceSession.run`` / LiteRT ``invoke``, same model and thread count, one
+  thread;
+* **pipeline**: :class:`~edge_agent.pipeline.StreamPipeline` on a started agent, wired as
+  ``edgeloop agent run --source FILE`` wires it (capture thread with the model's frame
+  shaper -> queue -> ``Agent.predict``), no sinks (the bare loop has none either);
+
+and once, for reference, **bare (tensors)**: the runtime alone on tensors decoded and
+preprocessed beforehand (what the pipeline cannot reach on a video: it has to decode).
+The per-stage figures are each stage alone over the whole video (median µs per frame).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["measure_pipeline", "pipeline_markdown", "write_video"]
+
+
+def write_video(work: Path, frames: int, images: Callable[..., list[np.ndarray]]) -> Path:
+    """A 320x240 MJPG video of ``frames`` digits (written once, reused)."""
+    import cv2
+
+    video = work / f"bench-{frames}.avi"
+    if not video.is_file():
+        w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (320, 240))
+        for im in images((240, 320), 3, n=frames):
+            w.write(im)
+        w.release()
+    return video
+
+
+def _normaliser(spec: Any, prepare: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """A model-sized 8-bit RGB / gray image -> the runtime's input, written out in numpy as a user would."""
+    scale = np.float32(spec.scale)
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
+
+    def norm(img: np.ndarray) -> np.ndarray:
+        x = img.astype(np.float32)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        if spec.channels == 3 and x.shape[2] == 1:
+            x = np.repeat(x, 3, axis=2)
+        if spec.channel_order == "BGR":
+            x = x[:, :, ::-1]
+        x = (x * scale - mean) / std
+        if spec.layout == "NCHW":
+            x = x.transpose(2, 0, 1)
+        elif spec.layout == "NHW":
+            x = x[:, :, 0]
+        return prepare(np.ascontiguousarray(x[None], dtype=np.float32))
+
+    return norm
+
+
+def _bare_video(video: Path, shape: Callable[[np.ndarray], np.ndarray], norm: Callable[[np.ndarray], np.ndarray],
+                run: Callable[[np.ndarray], Any]) -> tuple[float, int]:
+    """Items/s of read -> BGR->RGB -> resize -> normalise -> run, in one thread."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
+    n = 0
+    t = time.perf_counter()
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        run(norm(shape(frame[:, :, ::-1])))
+        n += 1
+    took = time.perf_counter() - t
+    cap.release()
+    return n / took, n
+
+
+def _pipeline(agent: Any, video: Path) -> tuple[float, Any]:
+    from core.agent_config import SourceSection
+    from edge_agent.pipeline import ModelShaper, StreamPipeline
+    from edge_agent.sources import make_source
+
+    spec = SourceSection(uri=str(video))
+    pipe = StreamPipeline(agent.predict, [(make_source(spec.uri), spec)], shaper=ModelShaper(agent))
+    t = time.perf_counter()
+    pipe.start()
+    pipe.wait()
+    took = time.perf_counter() - t
+    pipe.stop()
+    st = pipe.stats()
+    return st.inferences / took, st
+
+
+def _stages(video: Path, agent: Any, shape: Callable[[np.ndarray], np.ndarray],
+            norm: Callable[[np.ndarray], np.ndarray], run: Callable[[np.ndarray], Any]) -> dict[str, float]:
+    """Median µs per frame of each stage alone, over the whole video."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
+    frames, t_read = [], []
+    while True:
+        s = time.perf_counter_ns()
+        ok, frame = cap.read()
+        if not ok:
+            break
+        t_read.append(time.perf_counter_ns() - s)
+        frames.append(frame)
+    cap.release()
+    rgb = [f[:, :, ::-1] for f in frames]
+
+    def each(fn: Callable[[Any], Any], items: list[Any]) -> tuple[float, list[Any]]:
+        ts, out = [], []
+        for it in items:
+            s = time.perf_counter_ns()
+            out.append(fn(it))
+            ts.append(time.perf_counter_ns() - s)
+        return statistics.median(ts) / 1e3, out
+
+    shape_us, small = each(shape, rgb)
+    norm_us, xs = each(norm, small)
+    run_us, _ = each(run, xs)
+    predict_us, _ = each(agent.predict, small)
+    whole_us, _ = each(agent.predict, rgb[:100])  # the agent resizing the whole frame itself (before shaping)
+    return {"decode": statistics.median(t_read) / 1e3, "shape (resize to input, 8-bit)": shape_us,
+            "normalise (bare)": norm_us, "runtime (bare)": run_us, "agent.predict (shaped frame)": predict_us,
+            "agent.predict (whole frame)": whole_us}
+
+
+def measure_pipeline(bundle: Path, variant: str, work: Path, *, frames: int = 600, threads: int = 1,
+                     rounds: int = 3) -> dict[str, Any]:
+    """Items/s of the pipeline on a 320x240 video vs the hand-written video loop and the tensor-only runtime."""
+    import os
+
+    from core.preprocess import preprocess
+    from edge_agent.sources.shape import frame_shaper
+
+    from .agent_overhead import _agent, _bare, _blas_one_thread, _images
+
+    video = write_video(work, frames, _images)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-pipeline-") as tmp, _blas_one_thread():
+        agent = _agent(bundle, Path(tmp) / "state", variant, threads)
+        try:
+            model = agent.model
+            spec = model.spec
+            run, prepare = _bare(model.slot_dir / model.variant.file, model.variant.format, threads)
+            shape = frame_shaper(spec, model.task.kind)
+            if shape is None:
+                raise ValueError(f"{bundle.name}: no 8-bit frame shaper for this model's preprocessing")
+            norm = _normaliser(spec, prepare)
+            xs = [prepare(preprocess([im], spec)) for im in _images(tuple(spec.size), spec.channels, 32)]
+            for x in xs:
+                run(x)
+            t = time.perf_counter()
+            for i in range(frames):
+                run(xs[i % len(xs)])
+            tensor = frames / (time.perf_counter() - t)
+            _bare_video(video, shape, norm, run)  # warm the decoder and caches
+            bare, piped, stats = [], [], None
+            for r in range(rounds):  # alternate, first one then the other
+                for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    if which == 0:
+                        bare.append(_bare_video(video, shape, norm, run)[0])
+                    else:
+                        ips, stats = _pipeline(agent, video)
+                        piped.append(ips)
+            stages = _stages(video, agent, shape, norm, run)
+            b, p = statistics.median(bare), statistics.median(piped)
+            return {"bundle": bundle.name, "variant": variant, "frames": frames, "video": "320x240 MJPG",
+                    "input": [spec.channels, *spec.size], "resize": spec.resize, "threads": threads, "rounds": rounds,
+                    "bare_video_items_per_s": b, "bare_video_runs": bare, "pipeline_items_per_s": p,
+                    "pipeline_runs": piped, "ratio": p / b, "bare_tensor_items_per_s": tensor,
+                    "ratio_vs_tensor": p / tensor, "predicted": stats.inferences if stats else 0,
+                    "dropped": stats.dropped_frames if stats else 0, "stages_us": stages,
+                    "load_avg": [round(v, 2) for v in os.getloadavg()]}
+        finally:
+            agent.close()
+
+
+def pipeline_markdown(pipeline: list[dict[str, Any]]) -> list[str]:
+    """The pipeline table and its per-stage breakdown."""
+    if not pipeline:
+        return []
+    lines = ["", "Pipeline on a video file (median of alternating rounds; bare (video) = the hand-written "
+             "read -> resize -> normalise -> runtime loop, one thread; bare (tensors) = the runtime alone on "
+             "pre-decoded, pre-processed tensors, for reference):", "",
+             "| pipeline | variant | input | frames | bare (video) items/s | pipeline items/s | ratio | "
+             "bare (tensors) items/s | ratio vs tensors | dropped | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pipeline:
+        lines.append(f"| {p['bundle']} ({p['video']}) | {p['variant']} | {'x'.join(map(str, p['input']))} {p['resize']} "
+                     f"| {p['frames']} | {p['bare_video_items_per_s']:.1f} | {p['pipeline_items_per_s']:.1f} "
+                     f"| {p['ratio']:.3f}x | {p['bare_tensor_items_per_s']:.1f} | {p['ratio_vs_tensor']:.3f}x "
+                     f"| {p['dropped']} | {p['load_avg'][0]} |")
+    names = list(pipeline[0]["stages_us"])
+    lines += ["", "Stages, each alone over the video (median µs per frame):", "",
+              "| pipeline | variant | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for p in pipeline:
+        lines.append(f"| {p['bundle']} | {p['variant']} | " + " | ".join(f"{p['stages_us'][k]:.1f}" for k in names) + " |")
+    return lines
