@@ -207,7 +207,10 @@ def run_demo(cfg: DemoConfig, *, say: Callable[[str], None] = print) -> DemoResu
             min_labelled_samples=1_000_000,
             cooldown_s=3600.0, fine_tune_epochs=s["fine_tune_epochs"], fine_tune_lr=s["fine_tune_lr"],
             gate=GatePolicy(holdout_fraction=0.3, min_improvement=0.05, max_original_drop=0.01, min_holdout=20))
+        # the shadow stage first, as fleet serve does for retrained models: the canary runs 1.1.0 on every 2nd
+        # input beside 1.0.0 for one soak, then serves it
         plan = RolloutPlan(canary=1 / cfg.devices, waves=(0.5, 1.0), soak_s=s["soak_s"], max_failures=0.05,
+                           shadow_s=s["soak_s"], shadow_every=2,
                            job_timeout_s=300.0)  # a 1 MB transfer over MQTT on a loaded 2-core machine took 80 s
         flags = _Flags()
 

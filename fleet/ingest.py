@@ -66,6 +66,14 @@ _SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-re
 # in one reassembler), and so do jobs and bundle requests (the main process's hooks drive
 # rollouts from them) and retained states (never delivered to shared subscriptions).
 BULK_KINDS = ("telemetry", "drift", "feedback")
+# What the rollout engine waits on jumps the queue: a wave must not wait behind thousands of
+# queued sample uploads (the quick demo under load: 21,000 samples queued while the canary's
+# job reports and bundle requests sat behind them for minutes).  Order within each lane is kept.
+URGENT_KINDS = frozenset({"jobs", "bundle-req", "state"})
+
+
+def _urgent(topic: str) -> bool:
+    return topic.rpartition("/")[2] in URGENT_KINDS
 
 
 @dataclass
@@ -122,6 +130,7 @@ class IngestService:
         self._username = username
         self._client_id = client_id or config.broker.client_id
         self._pending: list[Raw] = []
+        self._urgent: list[Raw] = []  # URGENT_KINDS: taken first, never held by back-pressure
         self._cond = threading.Condition()
         self._hooks: list[Hook] = []
         self._stop = threading.Event()
@@ -179,7 +188,8 @@ class IngestService:
             self._client.close()
             self._client = None
         if writer is not None and writer.is_alive():
-            log.error("ingest writer still busy after 30 s; %d messages not written", len(self._pending))
+            log.error("ingest writer still busy after 30 s; %d messages not written",
+                      len(self._pending) + len(self._urgent))
             return
         # Arrived while the writer finished: stored, not receipted (those devices send again).
         self._drain()
@@ -215,13 +225,15 @@ class IngestService:
         message is committed or found malformed.
         """
         t = received if received is not None else time.time()
+        urgent = _urgent(topic)
+        lane = self._urgent if urgent else self._pending
         with self._cond:
-            while len(self._pending) >= self.config.ingest.queue_max and not self._stop.is_set():
+            while len(lane) >= self.config.ingest.queue_max and not self._stop.is_set():
                 self._cond.wait(0.05)  # back-pressure: let the broker hold the backlog
-            self._pending.append((topic, payload, t, oid))
+            lane.append((topic, payload, t, oid))
             self.stats.received += 1
             self._idle.clear()
-            if len(self._pending) >= self.config.ingest.batch_max:
+            if urgent or len(self._pending) >= self.config.ingest.batch_max:
                 self._cond.notify_all()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
@@ -229,7 +241,7 @@ class IngestService:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._cond:
-                if not self._pending and self.stats.processed >= self.stats.received:
+                if not self._pending and not self._urgent and self.stats.processed >= self.stats.received:
                     return True
                 self._cond.notify_all()
             self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -241,15 +253,14 @@ class IngestService:
         batch_max = self.config.ingest.batch_max
         while not self._stop.is_set():
             with self._cond:
-                if len(self._pending) < batch_max and not self._stop.is_set():
+                if len(self._pending) < batch_max and not self._urgent and not self._stop.is_set():
                     # wait out the flush interval to gather a bigger batch (or for work at all)
                     self._cond.wait(flush_s)
-                raw, self._pending = self._pending[:batch_max], self._pending[batch_max:]
-                self._cond.notify_all()
+                raw = self._take(batch_max)
             if raw:
                 self._process(raw)
             self.receipts.flush()
-            if not raw and not self._pending:
+            if not raw and not self._pending and not self._urgent:
                 self._idle.set()
         # Stopping: write what is queued and say so while the connection is still up.
         self._drain()
@@ -261,11 +272,19 @@ class IngestService:
         batch_max = self.config.ingest.batch_max
         while True:
             with self._cond:
-                raw, self._pending = self._pending[:batch_max], self._pending[batch_max:]
-                self._cond.notify_all()
+                raw = self._take(batch_max)
             if not raw:
                 return
             self._process(raw)
+
+    def _take(self, n: int) -> list[Raw]:
+        """Up to ``n`` queued messages, the urgent lane first (call with ``_cond`` held)."""
+        raw, self._urgent = self._urgent[:n], self._urgent[n:]
+        if len(raw) < n:
+            more, self._pending = self._pending[:n - len(raw)], self._pending[n - len(raw):]
+            raw += more
+        self._cond.notify_all()
+        return raw
 
     def _process(self, raw: list[Raw]) -> None:
         batch = IngestBatch()

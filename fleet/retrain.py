@@ -6,7 +6,8 @@
    and stable (a sample's side depends only on its id), into a training part and a
    held-out part.
 3. :func:`train.api.train_run` fine-tunes the parent run on its original data plus the
-   training part; :func:`export.pipeline.export_run` exports it with the parent bundle's
+   training part, in a process of its own (:mod:`fleet.retrain_process`: the fleet's GIL
+   stays free); :func:`export.pipeline.export_run` exports it with the parent bundle's
    accuracy budget, signs it with the fleet key and writes the candidate bundle.
    The candidate gets one drift baseline per domain it serves: the default one on the
    parent run's clean validation + test images, and ``adapted`` on the held-out drift
@@ -266,7 +267,9 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
     """Run one retraining job for model ``name``; see the module docstring for the steps."""
     from core.bundle import open_bundle
     from core.signing import load_public_key
-    from train.api import TrainConfig, load_run, train_run
+    from train.api import TrainConfig, load_run
+
+    from .retrain_process import train_isolated
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -299,7 +302,7 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
                                   "threads": settings.threads}
     if settings.batch_size:
         cfg_kwargs["batch_size"] = settings.batch_size
-    run_dir = train_run(TrainConfig(**cfg_kwargs), extra_images=x_all[tr], extra_labels=y_all[tr])
+    run_dir = train_isolated(TrainConfig(**cfg_kwargs), extra_images=x_all[tr], extra_labels=y_all[tr])
     timings["train"] = time.monotonic() - t
 
     t = time.monotonic()

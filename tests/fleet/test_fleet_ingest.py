@@ -223,6 +223,28 @@ def test_batches_are_written_in_one_go_without_mqtt(tmp_path: Path) -> None:
     reg.close()
 
 
+def test_job_reports_and_bundle_requests_jump_a_queue_of_bulk_uploads(tmp_path: Path) -> None:
+    """The rollout engine's inputs are not processed after a backlog of bulk messages (order kept per lane)."""
+    cfg = default_config(tmp_path / "f")
+    reg = Registry.open(cfg.database_url)
+    svc = IngestService(cfg, reg)
+    batches: list[list[Message]] = []
+    svc.add_hook(batches.append)
+    topics = TopicScheme(cfg.prefix)
+    backlog = 3 * cfg.ingest.batch_max
+    for i in range(backlog):  # queued before the writer runs: a backlog
+        svc.submit(topics.device("d1", "drift"), DriftReportMsg("d1", i, 10, 10).encode())
+    for j in ("j1", "j2"):
+        svc.submit(topics.device("d2", "jobs"), JobStatus("d2", j, "2", "downloading").encode())
+    svc.start(connect=False)
+    assert svc.wait_idle(60)
+    svc.stop()
+    first = [m for m in batches[0] if isinstance(m, JobStatus)]
+    assert [m.job_id for m in first] == ["j1", "j2"]  # in the first batch, in order
+    assert len(reg.drift_reports()) == backlog and len(reg.job_statuses()) == 2
+    reg.close()
+
+
 # --------------------------------------------------------------------------- receipts
 
 
