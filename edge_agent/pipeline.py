@@ -225,7 +225,7 @@ class StreamPipeline:
         shaper_for = self.shaper
         while not self._stop.is_set():
             try:
-                data = src.read(self._stop)
+                got = src.grab(self._stop)  # not decoded yet: the gate may skip it
             except SourceLost as exc:
                 if not self._reconnect(feed, str(exc), backoff):
                     break
@@ -234,7 +234,7 @@ class StreamPipeline:
             except EdgeloopError as exc:
                 log.error("source %s: %s", feed.name, exc)
                 break
-            if data is None:
+            if not got:
                 break
             backoff = spec.reconnect_min_s
             t = time.monotonic()
@@ -243,7 +243,14 @@ class StreamPipeline:
             if not feed.gate.keep(t):
                 continue
             try:
-                data = crop(data, roi)  # type: ignore[arg-type]
+                data = crop(src.retrieve(), roi)  # type: ignore[arg-type]
+            except SourceLost as exc:
+                if not src.live:  # a damaged frame in a file: skip it (reopening would start the file again)
+                    log.warning("source %s frame %d: %s", feed.name, feed.captured, exc)
+                    continue
+                if not self._reconnect(feed, str(exc), backoff):
+                    break
+                continue
             except SourceError as exc:
                 log.error("source %s: %s", feed.name, exc)
                 break

@@ -49,6 +49,7 @@ class Source:
 
     live: bool = True
     uri: str = ""
+    _grabbed: np.ndarray | None = None
 
     def open(self) -> None:
         """Open the device / stream / file; raise :class:`SourceError` with one line when it cannot."""
@@ -56,6 +57,21 @@ class Source:
     def read(self, stop: threading.Event) -> np.ndarray | None:
         """The next item; ``None`` at the end of a finite source; :class:`SourceLost` when a stream dropped."""
         raise NotImplementedError
+
+    def grab(self, stop: threading.Event) -> bool:
+        """Take the next item without decoding it where the source can (a video frame's packet): False at the
+        end of a finite source, :class:`SourceLost` as :meth:`read`.  The capture loop grabs, asks the frame
+        gate, and only then :meth:`retrieve` s, so frames the rate control skips are never decoded.  This
+        default reads (sources whose items cost nothing more to decode)."""
+        self._grabbed = self.read(stop)
+        return self._grabbed is not None
+
+    def retrieve(self) -> np.ndarray:
+        """The item the last :meth:`grab` took, decoded."""
+        data, self._grabbed = self._grabbed, None
+        if data is None:
+            raise SourceLost(f"{self.uri}: nothing grabbed")
+        return data
 
     def close(self) -> None:
         """Release the device (idempotent)."""

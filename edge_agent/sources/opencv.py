@@ -5,7 +5,7 @@
 * ``rtsp://...``, ``http(s)://...`` (MJPEG over HTTP): network streams through FFmpeg, with
   open and read time-outs so a dead camera never hangs the capture thread;
 * ``*.mp4``, ``*.avi``, ``*.mkv``, ``*.mov``, ``*.webm``: video files, read as fast as the model
-  takes them (``loop = true`` starts again at the end), or at their own frame rate
+  takes them (frames the rate control skips are grabbed, never decoded) (``loop = true`` starts again at the end), or at their own frame rate
   (``realtime = true``: a camera stand-in, live, dropping frames when the model is slower).
 
 Frames come out RGB (OpenCV decodes BGR; the channel flip is a view, not a copy).
@@ -81,21 +81,33 @@ class OpenCVSource(Source):
             self._due = time.monotonic()
 
     def read(self, stop: threading.Event) -> np.ndarray | None:
+        return self.retrieve() if self.grab(stop) else None
+
+    def grab(self, stop: threading.Event) -> bool:
+        """The next frame's packet, not decoded yet (``VideoCapture.grab``); False at the end of a file."""
         if self._cap is None:
             raise SourceLost(f"{self.uri} is not open")
-        ok, frame = self._cap.read()
-        if not ok or frame is None:
+        if not self._cap.grab():
             if self.kind == "file":
                 if self.loop and self._frames:
                     self._cap.set(1, 0)  # CAP_PROP_POS_FRAMES: back to the first frame
                     self._frames = 0
-                    return self.read(stop)
-                return None
+                    return self.grab(stop)
+                return False
             raise SourceLost(f"{self.uri} stopped delivering frames")
         self._frames += 1
         if self.realtime:  # pace like a camera: one frame per period, never a burst to catch up
             self._due = max(self._due + self._period, time.monotonic() - self._period)
             stop.wait(max(0.0, self._due - time.monotonic()))
+        return True
+
+    def retrieve(self) -> np.ndarray:
+        """The grabbed frame, decoded (``VideoCapture.retrieve``), as RGB."""
+        if self._cap is None:
+            raise SourceLost(f"{self.uri} is not open")
+        ok, frame = self._cap.retrieve()
+        if not ok or frame is None:
+            raise SourceLost(f"{self.uri}: a frame could not be decoded")
         if frame.ndim == 3 and frame.shape[2] == 3:
             return frame[:, :, ::-1]  # BGR -> RGB as a view; preprocess makes the one float copy
         return frame

@@ -244,3 +244,24 @@ def test_frames_stay_whole_where_the_model_needs_them_so() -> None:
     assert shape(odd) is odd and shape(floats) is floats  # the agent's own checks answer for these
     assert shape(np.zeros((40, 40, 4), np.uint8)).shape == (32, 32, 3)  # alpha dropped
     assert shape(np.zeros((40, 40), np.uint8)).shape == (32, 32)  # gray stays gray (the agent replicates it)
+
+
+def test_frames_the_gate_skips_are_grabbed_not_decoded(tmp_path: Path) -> None:
+    """grab() advances without decoding; retrieve() decodes the grabbed frame: the same frames as read()."""
+    video = write_video(tmp_path / "g.avi", 6)
+    a, b = make_source(str(video)), make_source(str(video))
+    a.open()
+    b.open()
+    stop = threading.Event()
+    try:
+        whole = [a.read(stop) for _ in range(6)]
+        picked = []
+        for i in range(6):
+            assert b.grab(stop)
+            if i % 2 == 0:
+                picked.append(b.retrieve())
+        assert not b.grab(stop) and a.read(stop) is None  # the end, both ways
+        assert all(np.array_equal(p, w) for p, w in zip(picked, whole[::2], strict=True))
+    finally:
+        a.close()
+        b.close()
