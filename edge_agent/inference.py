@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from core.drift import Baseline, DriftMonitor, DriftReport
-from core.drift_domains import DomainDriftMonitor, drift_monitor, load_domain_baselines
+from core.drift_domains import DomainDriftMonitor, drift_monitor, load_domain_baselines, serving_baseline
 from core.errors import BundleError, EdgeloopError, InputError
 from core.manifest import Manifest, Variant
 from core.runtime import Backend
@@ -135,7 +135,7 @@ class LoadedModel:
         self.monitor: DriftMonitor | DomainDriftMonitor | None = None
         if drift and self.manifest.baseline and (self.slot_dir / self.manifest.baseline).is_file():
             try:
-                self.baseline = Baseline.load(self.slot_dir / self.manifest.baseline)
+                self.baseline = serving_baseline(Baseline.load(self.slot_dir / self.manifest.baseline))
             except BundleError as exc:  # e.g. an older bundle's baseline schema: serve it, without drift
                 log.warning("%s %s: drift detection off: %s", self.manifest.name, self.manifest.version, exc)
             else:
