@@ -177,25 +177,31 @@ def measure_pipeline(bundle: Path, variant: str, work: Path, *, frames: int = 60
                 run(xs[i % len(xs)])
             tensor = frames / (time.perf_counter() - t)
             _bare_video(video, shape, norm, run)  # warm the decoder and caches
-            bare, piped, bare_cpu, piped_cpu, stats = [], [], [], [], None
+            bare, piped, bare_cpu, piped_cpu, loop, loop_cpu, stats = [], [], [], [], [], [], None
             for r in range(rounds):  # alternate, first one then the other
-                for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+                for which in ((0, 1, 2) if r % 2 == 0 else (2, 1, 0)):
                     if which == 0:
                         ips, cpu = _bare_video(video, shape, norm, run)
                         bare.append(ips)
                         bare_cpu.append(cpu)
-                    else:
+                    elif which == 1:
                         ips, cpu, stats = _pipeline(agent, video)
                         piped.append(ips)
                         piped_cpu.append(cpu)
+                    else:  # the agent in the same one-thread loop: what the agent costs, without the pipeline
+                        ips, cpu = _bare_video(video, shape, lambda im: im, agent.predict)
+                        loop.append(ips)
+                        loop_cpu.append(cpu)
             stages = _stages(video, agent, shape, norm, run)
             b, p = statistics.median(bare), statistics.median(piped)
             return {"bundle": bundle.name, "variant": variant, "frames": frames, "video": "320x240 MJPG",
                     "input": [spec.channels, *spec.size], "resize": spec.resize, "threads": threads, "rounds": rounds,
                     "bare_video_items_per_s": b, "bare_video_runs": bare, "pipeline_items_per_s": p,
                     "pipeline_runs": piped, "ratio": p / b, "best_ratio": max(piped) / max(bare),
+                    "agent_loop_items_per_s": statistics.median(loop),
                     "cpu_us_per_item": {"bare_video": statistics.median(bare_cpu),
-                                        "pipeline": statistics.median(piped_cpu)},
+                                        "pipeline": statistics.median(piped_cpu),
+                                        "agent_loop": statistics.median(loop_cpu)},
                     "bare_tensor_items_per_s": tensor,
                     "ratio_vs_tensor": p / tensor, "predicted": stats.inferences if stats else 0,
                     "dropped": stats.dropped_frames if stats else 0, "stages_us": stages,
@@ -210,15 +216,18 @@ def pipeline_markdown(pipeline: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "Pipeline on a video file (median of alternating rounds; bare (video) = the hand-written "
              "read -> resize -> normalise -> runtime loop, one thread; bare (tensors) = the runtime alone on "
-             "pre-decoded, pre-processed tensors, for reference):", "",
+             "pre-decoded, pre-processed tensors, for reference; agent loop = read -> resize -> Agent.predict in the same "
+             "one-thread loop, i.e. the agent's cost without the pipeline's; CPU = process CPU, all threads):", "",
              "| pipeline | variant | input | frames | bare (video) items/s | pipeline items/s | ratio | best/best "
-             "| CPU µs/item bare (video) | CPU µs/item pipeline | bare (tensors) items/s | ratio vs tensors | dropped "
-             "| load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU µs/item bare (video) | CPU µs/item pipeline | agent loop items/s | CPU µs/item agent loop "
+             "| bare (tensors) items/s | ratio vs tensors | dropped | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pipeline:
         cpu = p["cpu_us_per_item"]
         lines.append(f"| {p['bundle']} ({p['video']}) | {p['variant']} | {'x'.join(map(str, p['input']))} {p['resize']} "
                      f"| {p['frames']} | {p['bare_video_items_per_s']:.1f} | {p['pipeline_items_per_s']:.1f} "
                      f"| {p['ratio']:.3f}x | {p['best_ratio']:.3f}x | {cpu['bare_video']:.0f} | {cpu['pipeline']:.0f} "
+                     f"| {p['agent_loop_items_per_s']:.1f} | {cpu['agent_loop']:.0f} "
                      f"| {p['bare_tensor_items_per_s']:.1f} | {p['ratio_vs_tensor']:.3f}x | {p['dropped']} "
                      f"| {p['load_avg'][0]} |")
     names = list(pipeline[0]["stages_us"])
