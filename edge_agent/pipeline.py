@@ -148,6 +148,21 @@ class _Feed:
         self.thread: threading.Thread | None = None
 
 
+def _oldest_head(feeds: list[_Feed]) -> _Feed | None:
+    """The feed whose first queued frame was captured first (fair in time); None when all are empty."""
+    if len(feeds) == 1:
+        return feeds[0] if feeds[0].queue else None
+    best, t_best = None, 0.0
+    for f in feeds:
+        try:
+            t = f.queue[0].t_capture
+        except IndexError:  # empty, or its capture thread dropped the head just now
+            continue
+        if best is None or t < t_best:
+            best, t_best = f, t
+    return best
+
+
 class StreamPipeline:
     """Runs ``predict`` over frames of ``sources`` and hands each result to every sink.
 
@@ -302,25 +317,10 @@ class StreamPipeline:
                 self._cond.notify_all()
 
     # ------------------------------------------------------------------ inference
-    def _oldest_head(self) -> _Feed | None:
-        """The feed whose first queued frame was captured first (fair in time); None when all are empty."""
-        if len(self.feeds) == 1:
-            feed = self.feeds[0]
-            return feed if feed.queue else None
-        best, t_best = None, 0.0
-        for f in self.feeds:
-            try:
-                t = f.queue[0].t_capture
-            except IndexError:  # empty, or its capture thread dropped the head just now
-                continue
-            if best is None or t < t_best:
-                best, t_best = f, t
-        return best
-
     def _next_frame(self) -> tuple[_Feed, Frame, int] | None:
         """The oldest queued frame across sources; None when stopping or all done."""
         while not self._stop.is_set():
-            feed = self._oldest_head()
+            feed = _oldest_head(self.feeds)
             if feed is not None:
                 try:
                     frame = feed.queue.popleft()
@@ -335,7 +335,7 @@ class StreamPipeline:
             with self._cond:
                 self._idle = True  # set before the re-check, so a put after it wakes us
                 try:
-                    if self._oldest_head() is None and not self._stop.is_set():
+                    if _oldest_head(self.feeds) is None and not self._stop.is_set():
                         if all(f.finished for f in self.feeds):
                             return None
                         self._cond.wait(0.5)
