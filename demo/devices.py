@@ -169,6 +169,7 @@ class Labeller:
         self.interval_s = interval_s
         self.sent = 0
         self.seen: set[str] = set()
+        self._since = 0.0  # the newest fleet receive time seen
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -181,7 +182,10 @@ class Labeller:
         from core.sampling import decode_sample
 
         n = 0
-        for rec in self.registry.samples.find(labelled=False):
+        # only what arrived since the last look (less a margin; ``seen`` drops repeats): reading every unlabelled
+        # sample each step grew with the run and held the demo's GIL (20,000 samples in a loaded run)
+        for rec in self.registry.samples.find(labelled=False, since=self._since - 5.0):
+            self._since = max(self._since, rec.received)
             if rec.id in self.seen:
                 continue
             self.seen.add(rec.id)

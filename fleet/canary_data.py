@@ -120,17 +120,20 @@ def analyse_shadow(registry: Any, state: rm.RolloutState, now: float) -> Verdict
            if (t.data or {}).get("shadow_version") == state.version]
     cand_hist: dict[str, int] = {}
     serv_hist: dict[str, int] = {}
-    inputs = agree = errors = 0
+    inputs = agree = errors = compared = 0
     cand_conf: list[float] = []
     serv_conf: list[float] = []
+    drifted = _drifted(registry, devs, since, now)
     for t in tel:
         data = t.data or {}
+        if t.device_id not in drifted:  # agreement: only where the serving model is on its own ground
+            agree += int(data.get("shadow_agree", 0))
+            compared += int(data.get("shadow_inputs", 0))
         for src, dst in ((data.get("shadow_latency_hist") or {}, cand_hist),
                          (data.get("shadow_serving_hist") or {}, serv_hist)):
             for k, v in src.items():
                 dst[k] = dst.get(k, 0) + int(v)
         inputs += int(data.get("shadow_inputs", 0))
-        agree += int(data.get("shadow_agree", 0))
         errors += int(data.get("shadow_errors", 0))
         if data.get("shadow_confidence") is not None and data.get("shadow_serving_confidence") is not None:
             cand_conf.append(float(data["shadow_confidence"]))
@@ -145,4 +148,21 @@ def analyse_shadow(registry: Any, state: rm.RolloutState, now: float) -> Verdict
     skipped = sum(int((t.data or {}).get("shadow_skipped", 0)) for t in tel)
     notes = [f"device cost: {inputs} of {served} inputs shadowed ({skipped} skipped while busy), "
              f"{cost:.0f} ms of candidate compute"]
-    return judge_shadow(candidate, serving, agree, state.plan.analysis, notes=notes)
+    return judge_shadow(candidate, serving, agree, state.plan.analysis, notes=notes, compared=compared,
+                        drifted=sorted(drifted))
+
+
+# how far back a shadowing device's drift reports tell whether its inputs drifted from the serving model's baseline
+DRIFT_LOOKBACK_S = 120.0
+
+
+def _drifted(registry: Any, devs: Sequence[rm.DeviceProgress], since: float, now: float) -> set[str]:
+    """Shadowing devices whose inputs drifted from the serving model's baseline: at least half of their drift
+    windows on the model they serve, over the shadow stage and the ``DRIFT_LOOKBACK_S`` before it, in alarm
+    or flagged "input changed"."""
+    serving = {d.device_id: d.previous_version for d in devs}
+    flagged: dict[str, list[bool]] = {}
+    for r in registry.drift_reports(device_ids=list(serving), since=since - DRIFT_LOOKBACK_S, until=now + 1e-6):
+        if serving.get(r.device_id) in (None, r.model_version):
+            flagged.setdefault(r.device_id, []).append(bool(r.alarm or r.input_shift))
+    return {d for d, f in flagged.items() if f and 2 * sum(f) >= len(f)}

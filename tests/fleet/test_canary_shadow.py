@@ -64,6 +64,29 @@ def test_a_good_candidate_passes_the_shadow_stage_then_the_canary(canary_fleet) 
         "cam-a0": "2", "cam-a1": "2", "cam-a2": "1", "cam-b0": "2", "cam-b1": "2", "cam-b2": "1"}
 
 
+@pytest.mark.broker
+def test_disagreeing_where_the_serving_model_drifted_is_not_held_against_a_retrained_candidate(canary_fleet) -> None:
+    """The retraining loop's case: on devices whose inputs drifted, the candidate answers otherwise than the model
+    it replaces -- that is the point -- so agreement does not vote there; the other metrics and the canary do."""
+    fleet = canary_fleet({"a": 3, "b": 3}, {"1": Profile(drift_alarm=True), "2": Profile(agreement=0.3)})
+    wait_for(lambda: fleet.telemetry_count() >= 30, what="telemetry before the rollout", timeout=300)
+    s = fleet.driver.start("m", "2", plan(), rollout_id="r-shadow-drifted")
+    s = fleet.run(s.rollout_id, lambda s: False)
+    shadow = [v for v in s.verdicts if v["mode"] == "shadow"]
+    assert shadow and shadow[-1]["decision"] == "pass", (s.reason, shadow[-1:])
+    agreement = next(m for m in shadow[-1]["metrics"] if m["metric"] == "agreement")
+    assert agreement["decision"] == "skipped" and "drifted" in agreement["note"], agreement
+    assert "shadow_passed" in [e.kind for e in s.events] and s.status == "completed", s.reason
+
+
+def test_agreement_counts_only_devices_on_the_serving_models_own_ground() -> None:
+    cand = GroupData(devices=("d0", "d1"), attempts=400, latency_hist={"40": 400})
+    serv = GroupData(devices=("d0", "d1"), attempts=400, latency_hist={"40": 400})
+    mixed = judge_shadow(cand, serv, 60, CanaryPolicy(), compared=200, drifted=["d1"])  # d0: 60/200 agree
+    m = next(m for m in mixed.metrics if m.metric == "agreement")
+    assert mixed.decision == "fail" and m.decision == "fail" and m.n_canary == 200 and "d1 not counted" in m.note
+
+
 def test_shadow_machine_skips_the_stage_when_no_device_can_shadow() -> None:
     """Agents without shadowing reject the command (strict decoding): the canary goes on as usual."""
     p = RolloutPlan(canary=0.5, waves=(1.0,), soak_s=10.0, job_timeout_s=30.0, shadow_s=20.0)

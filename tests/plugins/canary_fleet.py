@@ -69,6 +69,7 @@ class Profile:
     labels_every: int = 1  # one labelled sample every n reports (0: none)
     labels: int = 2  # labelled samples per labelled report
     agreement: float = 0.97  # as a shadowed candidate: share of inputs answered as the serving model does
+    drift_alarm: bool = False  # serving this version, the device's inputs have drifted from its baseline
 
 
 class SimDevice:
@@ -155,7 +156,7 @@ class SimDevice:
             latency_p99_ms=float(np.percentile(lat, 99)) if ok else None, mean_confidence=conf,
             latency_hist=hist, errors_interval=errors, **self._shadow_fields(shadow, lat, conf, load)).encode())
         self._pub("drift", DriftReportMsg(self.device_id, seq, window=50, n=50, ts=ts, model_version=version,
-                                          alarm=False, mean_confidence=conf).encode())
+                                          alarm=p.drift_alarm, mean_confidence=conf).encode())
         if ok and p.labels_every and n % p.labels_every == 0:
             for _ in range(p.labels):
                 self._labelled_sample(version, p, ts)
