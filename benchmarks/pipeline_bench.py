@@ -94,14 +94,46 @@ def _bare_video(video: Path, shape: Callable[[np.ndarray], np.ndarray], norm: Ca
     return n / took, cpu * 1e6 / n
 
 
-def _pipeline(agent: Any, video: Path) -> tuple[float, float, Any]:
-    """(items/s, process CPU µs per item, stats) of the pipeline as ``agent run --source FILE`` builds it."""
+class _ThreadClock:
+    """A thread's CPU time from its first to its last tick (``time.thread_time``, read on that thread)."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last = 0.0
+        self.n = 0
+
+    def tick(self) -> None:
+        t = time.thread_time()
+        if self.first is None:
+            self.first = t
+        self.last = t
+        self.n += 1
+
+    def us_per_item(self) -> float:
+        return (self.last - (self.first or 0.0)) * 1e6 / max(self.n - 1, 1)
+
+
+def _pipeline(agent: Any, video: Path) -> tuple[float, float, Any, dict[str, float]]:
+    """(items/s, process CPU µs per item, stats, each thread's CPU µs per item) of the pipeline as
+    ``agent run --source FILE`` builds it.  The per-thread figures are load-proof: the slowest thread is
+    the pipeline's pace on a device with a core per thread."""
     from core.agent_config import SourceSection
     from edge_agent.pipeline import ModelShaper, StreamPipeline
     from edge_agent.sources import make_source
 
     spec = SourceSection(uri=str(video))
-    pipe = StreamPipeline(agent.predict, [(make_source(spec.uri), spec)], shaper=ModelShaper(agent))
+    shaper, capture, infer = ModelShaper(agent), _ThreadClock(), _ThreadClock()
+
+    def shaper_for() -> Any:  # called once per frame on the capture thread
+        capture.tick()
+        return shaper()
+
+    def predict(x: np.ndarray) -> Any:
+        pred = agent.predict(x)
+        infer.tick()
+        return pred
+
+    pipe = StreamPipeline(predict, [(make_source(spec.uri), spec)], shaper=shaper_for)
     c = time.process_time()
     t = time.perf_counter()
     pipe.start()
@@ -110,7 +142,10 @@ def _pipeline(agent: Any, video: Path) -> tuple[float, float, Any]:
     cpu = time.process_time() - c
     pipe.stop()
     st = pipe.stats()
-    return st.inferences / took, cpu * 1e6 / max(st.inferences, 1), st
+    per_item = cpu * 1e6 / max(st.inferences, 1)
+    threads = {"capture": capture.us_per_item(), "inference": infer.us_per_item()}
+    threads["other"] = max(0.0, per_item - threads["capture"] - threads["inference"])  # drift window, GC
+    return st.inferences / took, per_item, st, threads
 
 
 def _stages(video: Path, agent: Any, shape: Callable[[np.ndarray], np.ndarray],
@@ -178,6 +213,7 @@ def measure_pipeline(bundle: Path, variant: str, work: Path, *, frames: int = 60
             tensor = frames / (time.perf_counter() - t)
             _bare_video(video, shape, norm, run)  # warm the decoder and caches
             bare, piped, bare_cpu, piped_cpu, loop, loop_cpu, stats = [], [], [], [], [], [], None
+            threads: list[dict[str, float]] = []
             for r in range(rounds):  # alternate, first one then the other
                 for which in ((0, 1, 2) if r % 2 == 0 else (2, 1, 0)):
                     if which == 0:
@@ -185,7 +221,8 @@ def measure_pipeline(bundle: Path, variant: str, work: Path, *, frames: int = 60
                         bare.append(ips)
                         bare_cpu.append(cpu)
                     elif which == 1:
-                        ips, cpu, stats = _pipeline(agent, video)
+                        ips, cpu, stats, per_thread = _pipeline(agent, video)
+                        threads.append(per_thread)
                         piped.append(ips)
                         piped_cpu.append(cpu)
                     else:  # the agent in the same one-thread loop: what the agent costs, without the pipeline
@@ -199,6 +236,9 @@ def measure_pipeline(bundle: Path, variant: str, work: Path, *, frames: int = 60
                     "bare_video_items_per_s": b, "bare_video_runs": bare, "pipeline_items_per_s": p,
                     "pipeline_runs": piped, "ratio": p / b, "best_ratio": max(piped) / max(bare),
                     "agent_loop_items_per_s": statistics.median(loop),
+                    "thread_cpu_us_per_item": (th := {k: statistics.median(t[k] for t in threads) for k in threads[0]}),
+                    # a core per thread: the slowest thread sets the pace; bare is one thread doing it all
+                    "idle_cores_ratio": statistics.median(bare_cpu) / max(th.values()),
                     "cpu_us_per_item": {"bare_video": statistics.median(bare_cpu),
                                         "pipeline": statistics.median(piped_cpu),
                                         "agent_loop": statistics.median(loop_cpu)},
@@ -230,6 +270,15 @@ def pipeline_markdown(pipeline: list[dict[str, Any]]) -> list[str]:
                      f"| {p['agent_loop_items_per_s']:.1f} | {cpu['agent_loop']:.0f} "
                      f"| {p['bare_tensor_items_per_s']:.1f} | {p['ratio_vs_tensor']:.3f}x | {p['dropped']} "
                      f"| {p['load_avg'][0]} |")
+    lines += ["", "The pipeline's threads (CPU µs per item, median; little moved by the neighbours' load), and the "
+              "ratio projected for a device with a free core per thread (bare CPU per item / the slowest thread's; an "
+              "upper bound: time a thread waits for the GIL is not CPU time):", "",
+              "| pipeline | variant | capture thread | inference thread | other (drift window, GC) | bare (video) one "
+              "thread | projected ratio, a core per thread |", "|---|---|---|---|---|---|---|"]
+    for p in pipeline:
+        th = p["thread_cpu_us_per_item"]
+        lines.append(f"| {p['bundle']} | {p['variant']} | {th['capture']:.0f} | {th['inference']:.0f} | {th['other']:.0f} "
+                     f"| {p['cpu_us_per_item']['bare_video']:.0f} | {p['idle_cores_ratio']:.2f}x |")
     names = list(pipeline[0]["stages_us"])
     lines += ["", "Stages, each alone over the video (median µs per frame):", "",
               "| pipeline | variant | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
