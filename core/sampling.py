@@ -165,6 +165,20 @@ class SampleSelector:
             self._reservoir_add(images[i], predictions[i], confidences[i], scores[i])
         return out
 
+    def offer_one(self, image: np.ndarray, prediction: int, confidence: float, drift_score: float = 0.0) -> list[DriftSample]:
+        """:meth:`offer` for one inference given as scalars (the agent's per-inference call: no arrays to build)."""
+        if drift_score > self.drift_threshold:
+            reason: str | None = "drift"
+        elif confidence < self.low_confidence:
+            reason = "low_confidence"
+        else:
+            self._reservoir_add(image, prediction, confidence, drift_score)
+            return []
+        if self._bucket.try_take():
+            return [self._make(image, prediction, confidence, drift_score, reason)]
+        self.dropped += 1
+        return []
+
     def _reservoir_add(self, image: np.ndarray, pred: int, conf: float, score: float) -> None:
         # Algorithm L: after t items each has been kept with probability k / t (as Algorithm R),
         # the gap to the next kept item drawn ahead; the image is copied only when kept.

@@ -230,7 +230,8 @@ class InferencePipeline:
         if model is None:
             raise EdgeloopError("no model is installed", hint="install a bundle with `edgeloop agent install BUNDLE`")
         try:
-            self._check_size(image, model)
+            if self.strict_size:
+                self._check_size(image, model)
             with self._lock:  # prepare_serving's buffer is the task's: one input at a time
                 model = self._model if self._model is not None else model
                 t0 = time.perf_counter()

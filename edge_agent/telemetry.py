@@ -22,17 +22,22 @@ __all__ = ["LatencyRing", "ProcessSampler", "InferenceStats", "StatsSnapshot", "
 class LatencyRing:
     """The last ``capacity`` latencies (ms) in a fixed numpy buffer."""
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, *, lock: threading.Lock | None = None) -> None:
+        """``lock``: one the owner already holds when it calls :meth:`put` (default: the ring's own)."""
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self._buf = np.zeros(capacity, dtype=np.float64)
         self._n = 0  # total ever added
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.Lock()
 
     def add(self, ms: float) -> None:
         with self._lock:
-            self._buf[self._n % self._buf.size] = ms
-            self._n += 1
+            self.put(ms)
+
+    def put(self, ms: float) -> None:
+        """:meth:`add` for a caller holding the ring's lock."""
+        self._buf[self._n % self._buf.size] = ms
+        self._n += 1
 
     def __len__(self) -> int:
         return min(self._n, self._buf.size)
@@ -111,21 +116,21 @@ class InferenceStats:
     """Thread-safe inference counters for telemetry and ``/metrics``."""
 
     def __init__(self, latency_window: int = 1024) -> None:
-        self.latency = LatencyRing(latency_window)
         self._lock = threading.Lock()
+        self.latency = LatencyRing(latency_window, lock=self._lock)  # one lock per record, not two
         self.inferences = 0
         self.errors = 0
         self._interval_start = 0
         self._conf_sum = 0.0
         self._conf_n = 0
-        self._hist: dict[str, int] = {}  # this interval's latencies, bucket -> count
+        self._hist: dict[int, int] = {}  # this interval's latencies, bucket -> count (str keys in snapshots)
         self._errors_start = 0
         self.started = time.time()
 
     def record(self, latency_ms: float, confidence: float) -> None:
-        self.latency.add(latency_ms)
-        bucket = str(latency_bucket(latency_ms))
+        bucket = latency_bucket(latency_ms)
         with self._lock:
+            self.latency.put(latency_ms)
             self._hist[bucket] = self._hist.get(bucket, 0) + 1
             self.inferences += 1
             self._conf_sum += confidence
@@ -142,7 +147,7 @@ class InferenceStats:
             interval = self.inferences - self._interval_start
             mean_conf = self._conf_sum / self._conf_n if self._conf_n else None
             snap = StatsSnapshot(self.inferences, interval, self.errors, p50, p99, mean_conf,
-                                 dict(self._hist), self.errors - self._errors_start)
+                                 {str(k): v for k, v in self._hist.items()}, self.errors - self._errors_start)
             if reset_interval:
                 self._interval_start = self.inferences
                 self._errors_start = self.errors

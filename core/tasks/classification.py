@@ -30,6 +30,13 @@ ACTIVATIONS = ("softmax", "none", "sigmoid")
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32, stable for large logits."""
+    if logits.ndim == 2 and len(logits) == 1 and logits.dtype == np.float32 and logits.flags.c_contiguous:
+        # one row (the agent's batch of 1): whole-array reductions, the same values in the same order as
+        # the row-wise ones below, without their keepdims bookkeeping (3 us of ~10 per call)
+        e = logits - logits.max()
+        np.exp(e, out=e)
+        e /= e.sum()
+        return e
     e = logits - logits.max(axis=-1, keepdims=True)
     if e.dtype.kind != "f":
         e = e.astype(np.float64)  # what np.exp gives integers
@@ -91,8 +98,9 @@ class Classification(Task):
                               f"{len(self.labels)} labels", hint="rebuild the bundle with one label per class")
         idx = int(probs.argmax())
         label = self.labels[idx] if idx < len(self.labels) else str(idx)
-        return TaskResult(self.kind, label=label, index=idx, confidence=float(probs[idx]),
-                          probs=tuple(probs.tolist()), probs_array=rows[:1])  # tolist: 4.7x faster than float() per class (1000: 636 -> 135 us loaded)
+        values = probs.tolist()  # 4.7x faster than float() per class (1000: 636 -> 135 us loaded); the same floats
+        return TaskResult(self.kind, label=label, index=idx, confidence=values[idx], probs=tuple(values),
+                          probs_array=rows if len(rows) == 1 else rows[:1])
 
     def drift_features(self, prepared: Prepared, outputs: dict[str, np.ndarray], result: TaskResult) -> Any:
         from ..drift_features import DriftFeatures
