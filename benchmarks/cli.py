@@ -41,8 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print B/A ratios cell by cell")
     p.add_argument("--zoo", nargs="?", const="mobilenet_v3_small,mobilenet_v2,resnet18", default=None, metavar="MODELS",
                    help="torchvision models at 224x224 (random weights): FP32 vs naive INT8 vs the INT8 speed plan")
-    p.add_argument("--agent-overhead", nargs="+", type=Path, default=None, metavar="BUNDLE",
-                   help="the agent's full path vs a bare InferenceSession.run on the same input")
+    p.add_argument("--agent-overhead", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+                   help="the agent's full path vs the bare runtime, every variant (no bundles: builds digits and "
+                        "MobileNetV2); the rest of the line goes to python -m benchmarks.agent_overhead "
+                        "(e.g. --pipeline, --runs N, --work DIR)")
     p.add_argument("--fleet", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
                    help="fleet scale/fault benchmark; the rest of the line goes to python -m benchmarks.fleet_bench")
     add_json_flag(p)
@@ -62,10 +64,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .fleet_bench import main as fleet_main
 
         return int(fleet_main(list(args.fleet) + (["--json"] if args.json else [])) or 0)
-    if args.agent_overhead:
+    if args.agent_overhead is not None:
         from .agent_overhead import main as overhead_main
 
-        argv = [*map(str, args.agent_overhead), "--out", str(args.out)] + (["--json"] if args.json else [])
+        argv = ["--out", str(args.out), *args.agent_overhead] + (["--json"] if args.json else [])
         return int(overhead_main(argv) or 0)
     if args.zoo is not None:
         from .zoo import run_zoo, summary_table

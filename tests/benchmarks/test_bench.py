@@ -135,3 +135,18 @@ def test_latency_accuracy_plot_draws_the_pareto_front_as_a_staircase(tmp_path: P
     result["cells"].append(fast)
     names = {p.name for p in plot(result, tmp_path)}
     assert names == {"latency_vs_accuracy.png", "sizes.png"}
+
+
+@pytest.mark.parametrize("line, want", [
+    (["a.elb", "b.elb"], ["a.elb", "b.elb"]),
+    ([], []),  # no bundle: the benchmark builds digits and MobileNetV2
+    (["a.elb", "--pipeline", "--runs", "50"], ["a.elb", "--pipeline", "--runs", "50"]),
+])
+def test_bench_agent_overhead_passes_the_rest_of_the_line_on(monkeypatch, tmp_path: Path, line: list[str],
+                                                            want: list[str]) -> None:  # type: ignore[no-untyped-def]
+    import benchmarks.agent_overhead
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(benchmarks.agent_overhead, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["bench", "--out", str(tmp_path), "--agent-overhead", *line]) == 0
+    assert seen == [["--out", str(tmp_path), *want]]
