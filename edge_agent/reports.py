@@ -86,10 +86,10 @@ class DriftReporter:
         img = np.asarray(image)
         if img.dtype != np.uint8:
             img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-        captured = sel.offer([img], np.array([pred.index]), np.array([pred.confidence]),
-                             np.array([scores.get("sample_score", 0.0)]))
-        if time.monotonic() - self._last_reservoir >= self.config.sampling.reservoir_interval_s:
-            self._last_reservoir = time.monotonic()
+        captured = sel.offer_one(img, pred.index, pred.confidence, scores.get("sample_score", 0.0))
+        now = time.monotonic()
+        if now - self._last_reservoir >= self.config.sampling.reservoir_interval_s:
+            self._last_reservoir = now
             captured += sel.take_reservoir()
         for sample in captured:
             self.send_sample(sample)
