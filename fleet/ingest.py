@@ -278,11 +278,12 @@ class IngestService:
             self._process(raw)
 
     def _take(self, n: int) -> list[Raw]:
-        """Up to ``n`` queued messages, the urgent lane first (call with ``_cond`` held)."""
-        raw, self._urgent = self._urgent[:n], self._urgent[n:]
-        if len(raw) < n:
-            more, self._pending = self._pending[:n - len(raw)], self._pending[n - len(raw):]
-            raw += more
+        """Up to ``n`` queued messages (call with ``_cond`` held): urgent ones alone in their own batch, so their
+        hooks run without waiting for a batch of bulk messages to be decoded and written."""
+        if self._urgent:
+            raw, self._urgent = self._urgent[:n], self._urgent[n:]
+        else:
+            raw, self._pending = self._pending[:n], self._pending[n:]
         self._cond.notify_all()
         return raw
 

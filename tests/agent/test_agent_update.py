@@ -3,6 +3,7 @@ corrupt MQTT transfers requested again."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -404,3 +405,21 @@ def test_a_corrupt_mqtt_transfer_is_requested_again(session_broker: MosquittoBro
                 _still_serves(a, "1.1.0")
     finally:
         fleet.conn.close()
+
+
+def test_the_canary_deploy_after_a_shadow_reuses_the_shadowed_bundle(agent: Agent, file_server: FileServer,
+                                                                      tiny_bundles: dict[str, Path]) -> None:
+    """The shadow stage's bundle is the canary's: the second deploy needs no transfer, and is verified all the same."""
+    shadow = dataclasses.replace(deploy_command(file_server, tiny_bundles["v2"], "job-s", "1.1.0"), shadow=True,
+                                 shadow_every=2)
+    agent.worker.submit(shadow)
+    assert agent.worker.wait_idle(60) and _steps(agent, "job-s")[-1] == "completed"
+    fetched = len(file_server.ranges)
+    _still_serves(agent, "1.0.0")  # shadowing, not serving
+    agent.worker.submit(deploy_command(file_server, tiny_bundles["v2"], "job-d", "1.1.0"))
+    assert agent.worker.wait_idle(60)
+    steps = _steps(agent, "job-d")
+    assert steps[-3:] == ["health_check", "switched", "completed"] and "verifying" in steps
+    assert len(file_server.ranges) == fetched  # nothing downloaded again
+    _still_serves(agent, "1.1.0")
+    assert not list((agent.config.state_dir / "downloads").iterdir())  # the kept copy was used up
