@@ -150,8 +150,7 @@ def test_ppocr_gets_a_gated_int8_variant_that_still_reads_the_reference(ppocr_op
     m = read_manifest_unverified(ppocr_optimized)
     int8 = m.variant("onnx-int8-static")
     assert int8.accuracy_drop is not None and int8.accuracy_drop <= 1.0 and m.reference_accuracy >= 0.9
-    cfg = agent_toml(tmp_path / "agent.toml", tmp_path / "state", keys().public)
-    cfg.write_text(cfg.read_text().replace("benchmark_runs = 3", 'benchmark_runs = 3\nvariant = "onnx-int8-static"'))
+    cfg = agent_toml(tmp_path / "agent.toml", tmp_path / "state", keys().public, variant="onnx-int8-static")
     rc, out = cli(["agent", "install", "-c", cfg, ppocr_optimized], capsys)
     assert rc == 0, out
     rc, out = cli(["agent", "predict", "-c", cfg, SHARED["ppocr"].dir / "text_cls.jpg", "--json"], capsys)
