@@ -151,18 +151,7 @@ class SampleSelector:
         scores = np.zeros(n) if drift_scores is None else np.asarray(drift_scores, dtype=np.float64)
         out: list[DriftSample] = []
         for i in range(n):
-            reason = None
-            if scores[i] > self.drift_threshold:
-                reason = "drift"
-            elif confidences[i] < self.low_confidence:
-                reason = "low_confidence"
-            if reason is not None:
-                if self._bucket.try_take():
-                    out.append(self._make(images[i], predictions[i], confidences[i], scores[i], reason))
-                else:
-                    self.dropped += 1
-                continue
-            self._reservoir_add(images[i], predictions[i], confidences[i], scores[i])
+            out += self.offer_one(images[i], predictions[i], confidences[i], scores[i])
         return out
 
     def offer_one(self, image: np.ndarray, prediction: int, confidence: float, drift_score: float = 0.0) -> list[DriftSample]:

@@ -18,7 +18,7 @@ def test_offer_one_is_offer_of_one() -> None:
     rng = np.random.default_rng(0)
     a, b = _selector(), _selector()
     got_a, got_b = [], []
-    for i in range(400):
+    for _ in range(400):
         img = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
         pred, conf, score = int(rng.integers(0, 10)), float(rng.uniform()), float(rng.exponential())
         got_a += a.offer([img], np.array([pred]), np.array([conf]), np.array([score]))
