@@ -166,6 +166,7 @@ class DriftMonitor:
         self.input_threshold = float(np.quantile(comb[0], 1.0 - self.input_budget))
         self.risk_threshold = float(np.quantile(comb[self._alarm_group], 1.0 - p_flag))
         self._test_thr = np.quantile(self._null, 1.0 - self.input_budget, axis=0)
+        self._tails = st.null_tails(self._null)  # the p-values' tail extrapolation, per test: fixed
         n = self.window
         shapes: dict[str, tuple[int, ...]] = {}
         if b.grid_ref is not None:
@@ -356,8 +357,9 @@ class DriftMonitor:
         b, w = self.baseline, self.window
         f = _samples(b, buf.get("inputs"), buf.get("probs"), buf.get("embedding"), buf.get("outputs"), w)
         stats = _window_stats(b, f, np.arange(w)[None, :], self._tests, self._groups)
-        comb = combine(self._null, stats, self._tests)[0]
-        pvals = st.empirical_pvalues(stats, self._null)[0]
+        p = st.empirical_pvalues(stats, self._null, self._tails)
+        comb = combine(self._null, stats, self._tests, p=p)[0]
+        pvals = p[0]
         s = stats[0]
         tests = tuple(TestResult(name, float(s[i]), float(self._test_thr[i]), bool(s[i] > self._test_thr[i]),
                                  float(pvals[i])) for i, name in enumerate(self._tests))
@@ -368,7 +370,7 @@ class DriftMonitor:
         self._windows_done += 1
         chi = self._tests.index("class_chi2") if "class_chi2" in self._tests else None
         probs = buf.get("probs")
-        counts = () if probs is None else tuple(int(c) for c in np.bincount(f.pred, minlength=probs.shape[1]))
+        counts = () if probs is None else tuple(np.bincount(f.pred, minlength=probs.shape[1]).tolist())
         return DriftReport(
             window_index=self._windows_done - 1, n=w, tests=tests, risk=risk, risk_threshold=self.risk_threshold,
             risk_flag=risk_flag, input_score=float(comb[0]), input_threshold=self.input_threshold,

@@ -429,9 +429,12 @@ def _window_stats(b: Any, f: _Samples, idx: np.ndarray, tests: Sequence[str], gr
     return out
 
 
-def combine(null: np.ndarray, stats: np.ndarray, tests: Sequence[str]) -> np.ndarray:
-    """(B, T) window statistics -> (B, 2) Cauchy-combined input and risk scores (``-log10 p``; 0 when absent)."""
-    p = st.empirical_pvalues(stats, null)
+def combine(null: np.ndarray, stats: np.ndarray, tests: Sequence[str], *, p: np.ndarray | None = None) -> np.ndarray:
+    """(B, T) window statistics -> (B, 2) Cauchy-combined input and risk scores (``-log10 p``; 0 when absent).
+
+    ``p``: the statistics' ``empirical_pvalues`` against ``null``, when the caller has them already."""
+    if p is None:
+        p = st.empirical_pvalues(stats, null)
     out = np.zeros((len(stats), 2))
     for g, group in enumerate((INPUT_TESTS, RISK_TESTS)):
         cols = [i for i, t in enumerate(tests) if t in group]

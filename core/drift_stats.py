@@ -44,6 +44,7 @@ __all__ = [
     "flag_rate_for_alarm_rate",
     "ks_uniform",
     "empirical_pvalues",
+    "null_tails",
     "cauchy_combine",
     "class_mmd2",
     "within_class_mmd2",
@@ -158,27 +159,42 @@ def ks_uniform(u: np.ndarray) -> np.ndarray:
     return np.maximum((i / w - s).max(axis=-1), (s - (i - 1.0) / w).max(axis=-1))
 
 
-def empirical_pvalues(scores: np.ndarray, null_sorted: np.ndarray) -> np.ndarray:
+def null_tails(null_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of sorted nulls (n, T): where :func:`empirical_pvalues` extrapolates the tail
+    (``u``, the top ``m``-th draw) and the exponential's scale (``beta``) -> ((T,), (T,)).
+
+    They depend on the null only: a drift monitor computes them once, not per window."""
+    n, t = null_sorted.shape
+    m = max(10, n // 20)
+    u = np.empty(t)
+    beta = np.empty(t)
+    for j in range(t):
+        col = null_sorted[:, j]
+        u[j] = col[n - m]
+        beta[j] = max(float(np.mean(col[n - m:] - u[j])), 1e-12)
+    return u, beta
+
+
+def empirical_pvalues(scores: np.ndarray, null_sorted: np.ndarray,
+                      tails: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Right-tail p-values of ``scores`` (..., T) against per-column sorted nulls (n, T).
 
     ``p = (1 + #{null >= s}) / (n + 1)`` inside the null's range; in its top ``m`` (5 %, at
     least 10) the tail is extrapolated as exponential (peaks over threshold with the
     excesses' mean as scale), so a score far beyond every null draw gets a p-value far
     below 1 / (n + 1) instead of saturating there -- otherwise one decisive test could not
-    carry a combination.
+    carry a combination.  ``tails``: :func:`null_tails` of ``null_sorted``, when computed already.
     """
     n, t = null_sorted.shape
     s = np.asarray(scores, dtype=np.float64)
-    out = np.empty(s.shape)
     m = max(10, n // 20)
-    for j in range(t):
-        col = null_sorted[:, j]
-        emp = (1.0 + n - np.searchsorted(col, s[..., j], side="left")) / (n + 1.0)
-        u = col[n - m]
-        beta = max(float(np.mean(col[n - m:] - u)), 1e-12)
-        tail = (m / (n + 1.0)) * np.exp(-np.maximum(s[..., j] - u, 0.0) / beta)  # only used above u
-        out[..., j] = np.where(s[..., j] > u, np.minimum(emp, tail), emp)
-    return out
+    u, beta = null_tails(null_sorted) if tails is None else tails
+    below = np.empty(s.shape)
+    for j in range(t):  # one search per column; the rest elementwise over all columns at once
+        below[..., j] = np.searchsorted(null_sorted[:, j], s[..., j], side="left")
+    emp = (1.0 + n - below) / (n + 1.0)
+    tail = (m / (n + 1.0)) * np.exp(-np.maximum(s - u, 0.0) / beta)  # only used above u
+    return np.where(s > u, np.minimum(emp, tail), emp)
 
 
 def cauchy_combine(p: np.ndarray) -> np.ndarray:
@@ -371,8 +387,21 @@ def pool_grid(x: np.ndarray, grid: int) -> np.ndarray:
     """
     n, c, h, w = x.shape
     rows, cols, area = _grid_cells(h, w, grid)
-    s = np.add.reduceat(np.asarray(x, dtype=np.float64), rows, axis=2)
-    s = np.add.reduceat(s, cols, axis=3)
+    x = np.asarray(x, dtype=np.float64)
+    gh, gw = len(rows), len(cols)
+    if h % gh or w % gw:
+        s = np.add.reduceat(x, rows, axis=2)
+        s = np.add.reduceat(s, cols, axis=3)
+    else:  # equal cells (a 32x32 thumbnail, grid 8): reduceat's sums in its order, as a few strided adds
+        fh, fw = h // gh, w // gw
+        r = x.reshape(n, c, gh, fh, w)
+        acc = r[:, :, :, 0].copy()
+        for i in range(1, fh):
+            acc += r[:, :, :, i]
+        q = acc.reshape(n, c, gh, gw, fw)
+        s = q[..., 0].copy()
+        for j in range(1, fw):
+            s += q[..., j]
     s /= area
     return s.reshape(n, c * len(rows) * len(cols))
 
