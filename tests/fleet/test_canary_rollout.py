@@ -18,9 +18,11 @@ from tests.plugins.canary_fleet import Profile, wait_for
 
 pytestmark = pytest.mark.broker
 
-GOOD = Profile()
+GOOD = Profile(labels=6)
 # Quick data for a test, a generous budget for a loaded machine: the extensions wait for data, not time.
-POLICY = CanaryPolicy(min_feedback=20, max_extension_s=60.0, extension_step_s=0.5)
+# 150 labels per group give the two-proportion test a power of 99.9 % against a 20-point drop (95 % vs
+# 75 %); with 20 the less accurate canary passed in about half the runs that reached a verdict early.
+POLICY = CanaryPolicy(min_feedback=150, max_extension_s=60.0, extension_step_s=0.5)
 
 
 def plan(policy: CanaryPolicy = POLICY) -> RolloutPlan:
@@ -65,11 +67,13 @@ def test_good_model_on_a_loaded_machine_is_promoted(canary_fleet) -> None:
     before = observe(fleet.reg, ids, versions={"1"}, since=0, until=start, label_version="1")
     naive = judge(after, before, POLICY, mode="before_after")
     assert next(m for m in naive.metrics if m.metric == "latency").decision == "fail"  # blamed on the model
-    assert naive.decision == "marginal"  # ... which is why latency is not critical without a control group
+    # ... which is why latency is not critical without a control group: marginal (or waiting for the
+    # canary's labels to catch up with its past's), never a rollback
+    assert naive.decision in ("marginal", "inconclusive"), naive.summary()
 
 
 @pytest.mark.parametrize("bad, metric", [
-    (Profile(accuracy=0.75), "accuracy"),  # 20 points less accurate on the labels
+    (Profile(accuracy=0.75, labels=6), "accuracy"),  # 20 points less accurate on the labels
     (Profile(latency_ms=6.0), "latency"),  # 3x slower
     (Profile(error_rate=1.0), "errors"),  # crashes on every input
 ], ids=["less-accurate", "slower", "crashing"])
