@@ -162,6 +162,7 @@ class DemoResult:
             "accuracy_shifted": {p: self.accuracy.get(p, {}).get("shifted") for p in ("baseline", "drifted", "recovered")},
             "accuracy_clean_recovered": self.accuracy.get("recovered", {}).get("clean"),
             "recovered_alarm_rate": rec.get("rate"), "recovered_alarm_windows": [rec.get("alarmed"), rec.get("windows")],
+            "adapted_domain": self.retrain.get("adapted_domain"),
         }
 
 
@@ -180,6 +181,13 @@ def binned(ts: Sequence[float], values: Sequence[float], width: float) -> tuple[
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def _adapted_line(a: dict[str, Any]) -> str:
+    if not a:
+        return "-"
+    return (f"{a.get('n')} held-out samples ({a.get('source')}; {a.get('n_drifted')} of {a.get('n_holdout')} "
+            "were captured while their camera was drifted)")
 
 
 def _rate(r: dict[str, Any] | None) -> str:
@@ -311,8 +319,8 @@ def write_report(result: DemoResult, out: Path) -> Path:
         lines += ["## Retraining", "",
                   f"- trigger: {r.get('trigger')} — {r.get('trigger_reason', '')}",
                   f"- candidate {r.get('version')} from {r.get('parent_version')}: **{r.get('status')}** — {r.get('reason')}",
-                  f"- labelled drift samples: {r.get('n_labelled')} (train {r.get('n_train')}, held out {r.get('n_holdout')}; "
-                  "the held-out ones also went into the candidate's drift baseline)",
+                  f"- labelled drift samples: {r.get('n_labelled')} (train {r.get('n_train')}, held out {r.get('n_holdout')})",
+                  f"- the candidate's `adapted` drift baseline: {_adapted_line(r.get('adapted_domain') or {})}",
                   f"- held-out drift accuracy: {_pct(r.get('holdout_current'))} → {_pct(r.get('holdout_candidate'))}; "
                   f"original test split: {_pct(r.get('test_current'))} → {_pct(r.get('test_candidate'))}",
                   f"- job time: {r.get('seconds', 0):.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in r.get('timings', {}).items())})",

@@ -351,7 +351,8 @@ def _finish(cfg: DemoConfig, out: Path, tl: _Timeline, broker: str, registry: Re
     if outcome is not None:
         retrain = {k: getattr(outcome, k) for k in ("status", "reason", "version", "parent_version", "n_labelled",
                                                      "n_train", "n_holdout", "holdout_current", "holdout_candidate",
-                                                     "test_current", "test_candidate", "seconds", "timings")}
+                                                     "test_current", "test_candidate", "seconds", "timings",
+                                                     "adapted_domain")}
         retrain["trigger"] = flags.data.get("trigger", {}).get("trigger")
         retrain["trigger_reason"] = flags.data.get("trigger", {}).get("reason")
     rollout: dict[str, Any] = {}

@@ -11,7 +11,8 @@
    accuracy budget, signs it with the fleet key and writes the candidate bundle.
    The candidate gets one drift baseline per domain it serves: the default one on the
    parent run's clean validation + test images, and ``adapted`` on the held-out drift
-   samples; the agent alarms only on windows that match neither (``core.drift_domains``).
+   samples captured while their device was drifted (:mod:`fleet.retrain_domains`); the
+   agent alarms only on windows that match neither (``core.drift_domains``).
    One baseline pooled from both fits no camera's pure window (issue 11 §2: 76-100 % of
    the recovered cameras' windows and 44-89 % of the clean ones alarmed).
 4. Both bundles run in ONNX Runtime / LiteRT (the variant the devices serve) on the
@@ -87,6 +88,7 @@ class RetrainOutcome:
     test_candidate: float | None = None
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    adapted_domain: dict[str, Any] = field(default_factory=dict)  # what the "adapted" drift baseline was built on
 
     @property
     def accepted(self) -> bool:
@@ -269,6 +271,7 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
     from core.signing import load_public_key
     from train.api import TrainConfig, load_run
 
+    from .retrain_domains import adapted_domain
     from .retrain_process import train_isolated
 
     t0 = time.monotonic()
@@ -307,10 +310,13 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
 
     t = time.monotonic()
     version = next_version(current.version, [m.version for m in registry.models(name=name)])
-    # one drift baseline per domain (issue 11 §2): the parent's clean held-out splits, and the held-out drift samples
+    # one drift baseline per domain (issue 11 §2): the parent's clean held-out splits, and the held-out samples
+    # captured while their device was drifted (fleet.retrain_domains)
     clean = np.concatenate([parent.images("val")[0], test_images])
+    by_id = {r.id: r for r in recs}
+    adapted = adapted_domain(registry, [by_id[ids[i]] for i in ho])
     bundle = _export(run_dir, settings, manifest, version, current.version,
-                     drift_domains={"adapted": x_all[ho]}, clean_images=clean)
+                     drift_domains={"adapted": x_all[ho][adapted.indices]}, clean_images=clean)
     timings["export"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -326,7 +332,8 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
     gate_metrics = {"gate": {"holdout_current": hold_cur, "holdout_candidate": hold_new, "test_current": test_cur,
                              "test_candidate": test_new, "n_holdout": len(ho), "n_train": len(tr),
                              "variant": variant, "min_improvement": gate.min_improvement,
-                             "max_original_drop": gate.max_original_drop, "passed": not failures}}
+                             "max_original_drop": gate.max_original_drop, "passed": not failures},
+                    "adapted_domain": adapted.to_dict()}
     new_run = load_run(run_dir)
     registry.register_model(
         bundle, trusted_key=pub, status=status, reason=reason if failures else None,
@@ -340,4 +347,4 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
     return RetrainOutcome(status, reason, version=version, bundle=bundle, run_dir=run_dir, n_labelled=len(ids),
                           n_train=len(tr), n_holdout=len(ho), holdout_current=hold_cur, holdout_candidate=hold_new,
                           test_current=test_cur, test_candidate=test_new, seconds=time.monotonic() - t0,
-                          timings=timings, **base)
+                          timings=timings, adapted_domain=adapted.to_dict(), **base)
