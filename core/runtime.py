@@ -358,6 +358,7 @@ class LiteRTBackend(Backend):
                                       path=str(path)) from exc
         self._in_details = self._interp.get_input_details()
         self._out_details = self._ordered_outputs()
+        self._out_index = [(str(d["name"]), d["index"]) for d in self._out_details]
         self.inputs = tuple(_tfl_spec(d) for d in self._in_details)
         self.outputs = tuple(_tfl_spec(d) for d in self._out_details)
         self._in = self._in_details[0]
@@ -418,13 +419,31 @@ class LiteRTBackend(Backend):
                     resized = True
             if resized:
                 self._interp.allocate_tensors()
-            for d in self._in_details:
-                self._interp.set_tensor(d["index"], arrays[d["name"]])
-            self._interp.invoke()
-            # copy: the interpreter reuses its buffers
-            return {str(d["name"]): np.array(self._interp.get_tensor(d["index"])) for d in self._out_details}
+            return self._invoke(arrays)
         except (RuntimeError, ValueError) as exc:
-            raise RuntimeBackendError(f"{self.name} failed on {self.path.name}: {exc}", path=str(self.path)) from exc
+            raise self._failed(exc) from exc
+
+    def _invoke(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        interp = self._interp
+        for d in self._in_details:
+            interp.set_tensor(d["index"], arrays[d["name"]])
+        interp.invoke()
+        # get_tensor returns a copy (the interpreter reuses its buffers): no second one
+        return {name: interp.get_tensor(i) for name, i in self._out_index}
+
+    def _run_known(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`_run` without its resize checks while every feed has the allocated shape."""
+        shapes = self._shapes
+        for d in self._in_details:
+            if arrays[d["name"]].shape != shapes[d["name"]]:
+                return self._run(arrays)
+        try:
+            return self._invoke(arrays)
+        except (RuntimeError, ValueError) as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: Exception) -> RuntimeBackendError:
+        return RuntimeBackendError(f"{self.name} failed on {self.path.name}: {exc}", path=str(self.path))
 
     def close(self) -> None:
         self._interp = None

@@ -164,6 +164,7 @@ class Task:
         self.streaming = bool(manifest.task.streaming)
         self._serving: Preprocessor | None = None  # prepare_serving's buffer, made on first use
         self._trusted = False
+        self._float_input = np.dtype(self.input.dtype) == np.float32
 
     def _trusts(self, pre: Preprocessing) -> bool:
         """Whether image feeds of ``pre`` match the model's only input (dtype by construction, shape here)."""
@@ -205,7 +206,7 @@ class Task:
             pre = self._serving = Preprocessor(self.pre)
             self._trusted = self._trusts(self.pre)
         x, geo = pre(arr)
-        feed = to_model_dtype(x, self.input, self.pre)
+        feed = x if self._float_input else to_model_dtype(x, self.input, self.pre)  # float32 goes in as it is
         return Prepared({self.input.name: feed}, x, geo, arr, self._trusted)
 
     # -- running ----------------------------------------------------------------------------
