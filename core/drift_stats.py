@@ -94,9 +94,14 @@ class EcdfIndex:
         if v.shape[-1] != self.f:
             raise ValueError(f"column mismatch: {v.shape[-1]} vs {self.f}")
         v = v + self._offs
-        left = np.searchsorted(self._flat, v, side="left") - self._base
-        right = np.searchsorted(self._flat, v, side="right") - self._base
-        return left * (self.m + 1) + right
+        flat = self._flat
+        left = np.searchsorted(flat, v, side="left")
+        # #ref <= v is #ref < v unless v is a reference value: only those are searched again
+        right = left.copy()
+        tie = flat.take(np.minimum(left, len(flat) - 1)) == v
+        if tie.any():
+            right[tie] = np.searchsorted(flat, v[tie], side="right")
+        return (left - self._base) * (self.m + 1) + (right - self._base)
 
 
 def ks_from_codes(codes: np.ndarray, m: int) -> np.ndarray:
