@@ -315,9 +315,15 @@ class Preprocessor:
 
     The returned array is this object's buffer on the one-pass path, overwritten by the
     next call: use it (or copy it) before calling again; one thread at a time.
+
+    ``model_input``: the input of a model that takes integers (a quantized TFLite model);
+    :meth:`feed` then gives that input for a one-pass image straight from a table of the 256
+    pixel values per channel, made by the very operations of the float path and
+    :func:`to_model_dtype` (which work value by value), so the feed is identical to
+    ``to_model_dtype(self(image)[0], model_input, spec)`` without its float64 passes.
     """
 
-    def __init__(self, spec: Preprocessing) -> None:
+    def __init__(self, spec: Preprocessing, *, model_input: TensorSpec | None = None) -> None:
         self.spec = spec
         (h, w), c = spec.size, spec.channels
         shape = {"NCHW": (1, c, h, w), "NHWC": (1, h, w, c), "NHW": (1, h, w)}[spec.layout]
@@ -338,6 +344,37 @@ class Preprocessor:
                 self._scale, self._mul = both.reshape(per_channel), None
         self._plans: dict[tuple[int, int], tuple[Geometry, bool]] = {}
         self._per_plane = spec.layout == "NCHW" and c > 1 and h * w >= 4096
+        self._table: np.ndarray | None = None
+        self._feed: np.ndarray | None = None
+        if model_input is not None and np.dtype(model_input.dtype).kind in "iu":
+            values = np.arange(256, dtype=np.uint8)
+            real = np.empty((c, 256), np.float32)
+            for i in range(c):  # (1, 256): broadcasts against the per-channel constants of any layout
+                self._normalise(values[None], real[i][None], i)
+            self._table = to_model_dtype(real, model_input, spec)  # (C, 256): value by value
+            self._feed = np.empty(shape, self._table.dtype)
+
+    def feed(self, image: np.ndarray) -> np.ndarray | None:
+        """The integer model input for ``image`` from the table (the model's dtype, this object's buffer,
+        overwritten by the next call), or None without a table or off the one-pass path."""
+        table = self._table
+        if table is None or image.dtype != np.uint8:
+            return None
+        if not self._plan(image.shape[0], image.shape[1])[1]:
+            return None
+        view = self._view(image)
+        if view is None:
+            return None
+        out = self._feed[0]  # type: ignore[index]
+        if self.spec.layout == "NCHW":
+            for i in range(out.shape[0]):
+                np.take(table[i], view[i if len(view) > 1 else 0], out=out[i], mode="clip")
+        elif self.spec.layout == "NHWC":
+            for i in range(out.shape[-1]):
+                np.take(table[i], view[..., i if view.shape[-1] > 1 else 0], out=out[..., i], mode="clip")
+        else:
+            np.take(table[0], view, out=out, mode="clip")
+        return self._feed
 
     def _plan(self, h: int, w: int) -> tuple[Geometry, bool]:
         """The geometry of an ``h x w`` image and whether it needs no resize, crop or padding."""

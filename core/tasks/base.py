@@ -203,10 +203,15 @@ class Task:
         arr = _checked_image(item)
         pre = self._serving
         if pre is None:
-            pre = self._serving = Preprocessor(self.pre)
+            pre = self._serving = Preprocessor(self.pre, model_input=None if self._float_input else self.input)
             self._trusted = self._trusts(self.pre)
         x, geo = pre(arr)
-        feed = x if self._float_input else to_model_dtype(x, self.input, self.pre)  # float32 goes in as it is
+        if self._float_input:  # float32 goes in as it is
+            feed = x
+        else:  # an integer input from the preprocessor's table, or cast / quantized from x
+            feed = pre.feed(arr)
+            if feed is None:
+                feed = to_model_dtype(x, self.input, self.pre)
         return Prepared({self.input.name: feed}, x, geo, arr, self._trusted)
 
     # -- running ----------------------------------------------------------------------------

@@ -313,3 +313,35 @@ def test_preprocessor_plane_by_plane_is_prepare_images_bit_for_bit(order: str) -
     for shape in ((80, 64), (80, 64, 3), (80, 64, 4)):
         img = _rng().integers(0, 256, shape).astype(np.uint8)
         assert np.array_equal(pre(img)[0], prepare_images([img], spec)[0])
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NHW"])
+def test_preprocessor_feed_is_to_model_dtype_bit_for_bit(layout: str) -> None:
+    """An integer model's feed from the preprocessor's table is to_model_dtype of its float values exactly;
+    None where the table does not apply (a resize, float pixels, a float model)."""
+    from core.manifest import TensorSpec
+    from core.preprocess import Preprocessor, to_model_dtype
+
+    rng = _rng()
+    inputs = (TensorSpec("x", (1, 1), "int8", 0.0078125, -1), TensorSpec("x", (1, 1), "uint8", 0.0123, 7),
+              TensorSpec("x", (1, 1), "uint8"), TensorSpec("x", (1, 1), "int16", 0.001, 0))
+    for channels in ((1,) if layout == "NHW" else (1, 3)):
+        for order in ("RGB", "BGR"):
+            for mean, std, scale in (((0.5,), (0.5,), 1 / 255), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255),
+                                     ((0.0,), (1.0,), 1.0), ((127.5,), (127.5,), 1.0)):
+                spec = Preprocessing(size=(8, 6), channels=channels, mean=(mean * 3)[:channels],
+                                     std=(std * 3)[:channels], scale=scale, layout=layout, channel_order=order)
+                for model_input in inputs:
+                    pre = Preprocessor(spec, model_input=model_input)
+                    for shape in ((8, 6), (8, 6, 1), (8, 6, 3), (8, 6, 4)):
+                        img = rng.integers(0, 256, shape).astype(np.uint8)
+                        want = to_model_dtype(pre(img)[0], model_input, spec)
+                        got = pre.feed(img)
+                        if channels == 1 and len(shape) == 3 and shape[2] > 1:
+                            assert got is None  # luminance: not the one-pass path
+                            continue
+                        assert got is not None and got.dtype == want.dtype and np.array_equal(got, want), \
+                            (spec, model_input, shape)
+                    assert pre.feed(rng.integers(0, 256, (10, 7, channels)).astype(np.uint8)) is None  # a resize
+                    assert pre.feed(rng.integers(0, 256, (8, 6)).astype(np.float32)) is None
+    assert Preprocessor(Preprocessing(size=(8, 6), channels=1)).feed(np.zeros((8, 6), np.uint8)) is None
