@@ -23,11 +23,8 @@ than its tolerance (a 3 % slower median on 10,000 inferences is significant and
 harmless).  A metric with fewer samples than its minimum in either group does not vote:
 a *required* one (``required``, default latency and errors) is ``insufficient`` and
 keeps the verdict ``inconclusive``; so is an optional one whose data so far point the
-wrong way (beyond its tolerance: a less accurate model with 12 labels waits for more),
-and one that the other group already has enough of (labels flow in this fleet, and a
-canary whose first labels are late on a busy machine waits for them rather than passing
-without them); any other optional one (too few in both groups) is ``skipped`` and the
-verdict names it.  The score
+wrong way (beyond its tolerance: a less accurate model with 12 labels waits for more);
+any other optional one is ``skipped`` and the verdict names it.  The score
 is the share of voting metrics that passed; a failed *critical* metric fails the wave
 whatever the score.
 
@@ -200,8 +197,7 @@ def _availability(metric: str, n1: int, n2: int, minimum: int, policy: CanaryPol
     """``insufficient`` / ``skipped`` when the metric may not vote (see the module docstring), else None."""
     if n1 >= minimum and n2 >= minimum:
         return None
-    arriving = max(n1, n2) >= minimum  # one group has enough: this fleet has such data, the other catches up
-    return "insufficient" if metric in policy.required or arriving or (worse_so_far and n1 and n2) else "skipped"
+    return "insufficient" if metric in policy.required or (worse_so_far and n1 and n2) else "skipped"
 
 
 def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:

@@ -10,9 +10,10 @@
    stays free); :func:`export.pipeline.export_run` exports it with the parent bundle's
    accuracy budget, signs it with the fleet key and writes the candidate bundle.
    The candidate gets one drift baseline per domain it serves: the default one on the
-   parent run's clean validation + test images, and ``adapted`` on the held-out drift
-   samples captured while their device was drifted (:mod:`fleet.retrain_domains`); the
-   agent alarms only on windows that match neither (``core.drift_domains``).
+   parent run's clean validation + test images, and ``adapted`` on the newest samples
+   captured while their device was drifted that it was not trained on, labelled or not
+   (:mod:`fleet.retrain_domains`); the agent alarms only on windows that match neither
+   (``core.drift_domains``).
    One baseline pooled from both fits no camera's pure window (issue 11 §2: 76-100 % of
    the recovered cameras' windows and 44-89 % of the clean ones alarmed).
 4. Both bundles run in ONNX Runtime / LiteRT (the variant the devices serve) on the
@@ -190,10 +191,18 @@ def _served_variant(registry: Registry, version: str) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def _decode(store_root: Path, recs: Sequence[SampleRecord], labels: Sequence[str]
-            ) -> tuple[list[str], list[np.ndarray], list[int]]:
+def _read_image(store: Any, rec: SampleRecord) -> np.ndarray | None:
     from core.sampling import decode_sample
 
+    try:
+        return decode_sample(store.read(rec)).image
+    except EdgeloopError as exc:
+        log.warning("sample %s cannot be decoded (%s); skipped", rec.id, exc)
+        return None
+
+
+def _decode(store_root: Path, recs: Sequence[SampleRecord], labels: Sequence[str]
+            ) -> tuple[list[str], list[np.ndarray], list[int]]:
     from .samples import SampleStore
 
     store = SampleStore(store_root)
@@ -205,15 +214,21 @@ def _decode(store_root: Path, recs: Sequence[SampleRecord], labels: Sequence[str
         if y is None:
             log.warning("sample %s: label %r is not a class of the model; skipped", rec.id, lab)
             continue
-        try:
-            img = decode_sample(store.read(rec)).image
-        except EdgeloopError as exc:
-            log.warning("sample %s cannot be decoded (%s); skipped", rec.id, exc)
+        img = _read_image(store, rec)
+        if img is None:
             continue
         ids.append(rec.id)
         images.append(img)
         ys.append(y)
     return ids, images, ys
+
+
+def _images(store_root: Path, recs: Sequence[SampleRecord]) -> list[np.ndarray]:
+    """The decodable images of ``recs`` (labels not needed: a drift baseline uses none)."""
+    from .samples import SampleStore
+
+    store = SampleStore(store_root)
+    return [img for img in (_read_image(store, r) for r in recs) if img is not None]
 
 
 def _conform(images: Sequence[np.ndarray], like: np.ndarray) -> np.ndarray:
@@ -310,13 +325,14 @@ def run_retrain(registry: Registry, settings: RetrainSettings, name: str, *, tri
 
     t = time.monotonic()
     version = next_version(current.version, [m.version for m in registry.models(name=name)])
-    # one drift baseline per domain (issue 11 §2): the parent's clean held-out splits, and the held-out samples
-    # captured while their device was drifted (fleet.retrain_domains)
+    # one drift baseline per domain (issue 11 §2): the parent's clean held-out splits, and the samples captured
+    # while their device was drifted that the candidate was not trained on (fleet.retrain_domains)
     clean = np.concatenate([parent.images("val")[0], test_images])
     by_id = {r.id: r for r in recs}
-    adapted = adapted_domain(registry, [by_id[ids[i]] for i in ho])
+    adapted = adapted_domain(registry, [by_id[i] for i in ids], {ids[i] for i in tr}, [by_id[ids[i]] for i in ho])
+    adapted_images = _conform(_images(settings.samples_dir, adapted.records), test_images)
     bundle = _export(run_dir, settings, manifest, version, current.version,
-                     drift_domains={"adapted": x_all[ho][adapted.indices]}, clean_images=clean)
+                     drift_domains={"adapted": adapted_images}, clean_images=clean)
     timings["export"] = time.monotonic() - t
 
     t = time.monotonic()

@@ -50,6 +50,14 @@ class SampleRepo(Repository):
 
     __call__ = find
 
+    def newest(self, *, device_ids: Sequence[str], reasons: Sequence[str], limit: int) -> list[SampleRecord]:
+        """The newest ``limit`` samples of ``device_ids`` captured for one of ``reasons``, newest first."""
+        q = (_filter(select(SampleRow), device_ids, None, None, None, None)
+             .where(SampleRow.reason.in_(list(reasons)))
+             .order_by(SampleRow.received.desc(), SampleRow.id.desc()).limit(limit))
+        with self._sessions() as s:
+            return [to_record(SampleRecord, r) for r in s.scalars(q)]
+
     def count(self, *, device_ids: Sequence[str] | None = None, labelled: bool | None = None,
               since: float | None = None, model_version: str | None = None, label_source: str | None = None) -> int:
         q = _filter(select(func.count()).select_from(SampleRow), device_ids, labelled, since, model_version,

@@ -85,10 +85,6 @@ def test_minimum_samples_and_optional_metrics() -> None:
     # ... unless the few labels so far say the canary is worse: then it waits for more
     worse = judge(group(rng, labels=8, accuracy=0.5), group(rng, labels=8), POL)
     assert worse.decision == "inconclusive" and "accuracy" in worse.notes[-1]
-    # ... or the other group already has enough: labels flow here, the canary's are late (a busy machine)
-    late = judge(group(rng, labels=3), group(rng, labels=80), POL)
-    acc = next(m for m in late.metrics if m.metric == "accuracy")
-    assert late.decision == "inconclusive" and acc.decision == "insufficient" and "accuracy" in late.notes[-1]
     # ... or the fleet requires labels
     strict = CanaryPolicy(required=("latency", "errors", "accuracy"))
     wait = judge(group(rng, labels=8), group(rng, labels=8), strict)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from fleet.retrain_domains import adapted_domain, drifted_at_capture, supported_windows
 
 
@@ -23,14 +21,23 @@ class Sample:
     device_id: str
     ts: float
     model_version: str | None = "1"
+    reason: str = "drift"
+    id: str = ""
 
 
-class Reports:
-    def __init__(self, reports: list[Report]) -> None:
-        self.reports = reports
+class Fleet:
+    """The two registry queries adapted_domain makes, over lists."""
+
+    def __init__(self, reports: list[Report], samples: list[Sample]) -> None:
+        self.reports, self.samples = reports, self
+        self.stored = samples
 
     def drift_reports(self, *, device_ids: list[str], since: float, until: float) -> list[Report]:
         return [r for r in self.reports if r.device_id in device_ids and since <= r.ts <= until]
+
+    def newest(self, *, device_ids: list[str], reasons: tuple[str, ...], limit: int) -> list[Sample]:
+        found = [s for s in self.stored if s.device_id in device_ids and s.reason in reasons]
+        return sorted(found, key=lambda s: -s.ts)[:limit]
 
 
 def test_a_sample_belongs_to_the_drift_window_that_contains_it() -> None:
@@ -49,16 +56,25 @@ def test_windows_the_held_out_part_can_calibrate() -> None:
     assert supported_windows(180) == (25, 50) and supported_windows(300) == (25, 50, 100)
 
 
-def test_adapted_domain_prefers_drifted_captures_and_falls_back_when_too_few() -> None:
-    # 240 held-out: 160 from a camera in alarm, 80 low-confidence captures from a clean one
-    reports = [Report("shifted", float(t), "1", True) for t in range(0, 420, 5)]
-    reports += [Report("clean", float(t), "1", False) for t in range(0, 420, 5)]
-    recs = [Sample("shifted", 2.0 * i) for i in range(160)] + [Sample("clean", 3.0 * i) for i in range(80)]
-    got = adapted_domain(Reports(reports), recs)
-    assert got.source == "drifted at capture" and got.n_drifted == 160 and got.n_holdout == 240
-    assert np.array_equal(got.indices, np.arange(160))
-    # 100 drifted of 180: they cannot calibrate the 50-input window that all 180 can, so all are used
-    few = adapted_domain(Reports(reports), recs[60:])
-    assert few.source == "all held-out" and few.n_drifted == 100 and np.array_equal(few.indices, np.arange(180))
-    assert few.to_dict() == {"source": "all held-out", "n": 180, "n_drifted": 100, "n_holdout": 180}
-    assert adapted_domain(Reports([]), []).n_holdout == 0
+def test_adapted_domain_is_the_newest_drifted_captures_not_trained_on() -> None:
+    reports = [Report("shifted", float(t), "1", t >= 100) for t in range(0, 3000, 5)]  # drifted from t=100 on
+    reports += [Report("clean", float(t), "1", False) for t in range(0, 3000, 5)]
+    stored = [Sample("shifted", float(t), id=f"s{t}") for t in range(0, 2000)]  # one capture a second
+    stored += [Sample("shifted", t + 0.5, reason="reservoir", id=f"r{t}") for t in range(0, 2000)]  # look clean
+    stored += [Sample("clean", float(t), reason="low_confidence", id=f"c{t}") for t in range(0, 2000)]
+    labelled = [s for s in stored if s.id in {"s150", "s160", "c170", "s50"}]  # 2 drifted, 1 before, 1 clean
+    trained = {"s1999", "s1998"}
+    holdout = labelled[:2]
+    got = adapted_domain(Fleet(reports, stored), labelled, trained, holdout)
+    assert got.source == "drifted captures" and got.n_drifted == 600 and got.n_holdout == 2
+    assert [r.id for r in got.records[:2]] == ["s1997", "s1996"] and {r.device_id for r in got.records} == {"shifted"}
+    assert got.to_dict() == {"source": "drifted captures", "n": 600, "n_drifted": 600, "n_holdout": 2}
+    # 104 drifted captures (t = 96..199: 96-99 are in the first window in alarm) cannot calibrate the
+    # 50-input window that 180 held-out samples can: those are used
+    few = [s for s in stored if s.id.startswith("c") or (s.id.startswith("s") and float(s.ts) < 200)]
+    held = [Sample("clean", float(t), reason="low_confidence", id=f"h{t}") for t in range(180)]
+    fallback = adapted_domain(Fleet(reports, few), labelled, set(), held)
+    assert fallback.source == "all held-out" and fallback.n_drifted == 104 and fallback.records == tuple(held)
+    # nothing drifted among the labels: nothing to search
+    none = adapted_domain(Fleet(reports, stored), [s for s in labelled if s.id == "c170"], set(), held)
+    assert none.source == "all held-out" and none.n_drifted == 0
