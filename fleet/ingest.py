@@ -66,14 +66,22 @@ _SHARED_KINDS = ("telemetry", "drift", "samples", "jobs", "feedback", "bundle-re
 # in one reassembler), and so do jobs and bundle requests (the main process's hooks drive
 # rollouts from them) and retained states (never delivered to shared subscriptions).
 BULK_KINDS = ("telemetry", "drift", "feedback")
+# The writer's queue has three lanes, taken in this order; order within each lane is kept.
 # What the rollout engine waits on jumps the queue: a wave must not wait behind thousands of
 # queued sample uploads (the quick demo under load: 21,000 samples queued while the canary's
-# job reports and bundle requests sat behind them for minutes).  Order within each lane is kept.
+# job reports and bundle requests sat behind them for minutes).  Urgent messages get batches
+# of their own, so their hooks run at once.  Then the reports the canary analysis reads
+# (telemetry, drift windows): behind the samples, a shadowing canary's first telemetry
+# reached the fleet 35 s late and its stage waited for it.  Samples, their labels (a label
+# must not overtake its sample) and logs last.
 URGENT_KINDS = frozenset({"jobs", "bundle-req", "state"})
+REPORT_KINDS = frozenset({"telemetry", "drift"})
+LANES = 3  # urgent, reports, the rest
 
 
-def _urgent(topic: str) -> bool:
-    return topic.rpartition("/")[2] in URGENT_KINDS
+def _lane(topic: str) -> int:
+    kind = topic.rpartition("/")[2]
+    return 0 if kind in URGENT_KINDS else 1 if kind in REPORT_KINDS else 2
 
 
 @dataclass
@@ -129,8 +137,7 @@ class IngestService:
                                        self.receipts)
         self._username = username
         self._client_id = client_id or config.broker.client_id
-        self._pending: list[Raw] = []
-        self._urgent: list[Raw] = []  # URGENT_KINDS: taken first, never held by back-pressure
+        self._lanes: tuple[list[Raw], ...] = tuple([] for _ in range(LANES))  # see LANES
         self._cond = threading.Condition()
         self._hooks: list[Hook] = []
         self._stop = threading.Event()
@@ -189,7 +196,7 @@ class IngestService:
             self._client = None
         if writer is not None and writer.is_alive():
             log.error("ingest writer still busy after 30 s; %d messages not written",
-                      len(self._pending) + len(self._urgent))
+                      self._queued())
             return
         # Arrived while the writer finished: stored, not receipted (those devices send again).
         self._drain()
@@ -225,23 +232,26 @@ class IngestService:
         message is committed or found malformed.
         """
         t = received if received is not None else time.time()
-        urgent = _urgent(topic)
-        lane = self._urgent if urgent else self._pending
+        which = _lane(topic)
+        lane = self._lanes[which]
         with self._cond:
             while len(lane) >= self.config.ingest.queue_max and not self._stop.is_set():
-                self._cond.wait(0.05)  # back-pressure: let the broker hold the backlog
+                self._cond.wait(0.05)  # back-pressure (per lane): let the broker hold the backlog
             lane.append((topic, payload, t, oid))
             self.stats.received += 1
             self._idle.clear()
-            if urgent or len(self._pending) >= self.config.ingest.batch_max:
+            if which == 0 or self._queued() >= self.config.ingest.batch_max:
                 self._cond.notify_all()
+
+    def _queued(self) -> int:
+        return sum(len(lane) for lane in self._lanes)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Block until everything submitted so far is written (tests, shutdown)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._cond:
-                if not self._pending and not self._urgent and self.stats.processed >= self.stats.received:
+                if not self._queued() and self.stats.processed >= self.stats.received:
                     return True
                 self._cond.notify_all()
             self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -253,14 +263,14 @@ class IngestService:
         batch_max = self.config.ingest.batch_max
         while not self._stop.is_set():
             with self._cond:
-                if len(self._pending) < batch_max and not self._urgent and not self._stop.is_set():
+                if self._queued() < batch_max and not self._lanes[0] and not self._stop.is_set():
                     # wait out the flush interval to gather a bigger batch (or for work at all)
                     self._cond.wait(flush_s)
                 raw = self._take(batch_max)
             if raw:
                 self._process(raw)
             self.receipts.flush()
-            if not raw and not self._pending and not self._urgent:
+            if not raw and not self._queued():
                 self._idle.set()
         # Stopping: write what is queued and say so while the connection is still up.
         self._drain()
@@ -278,12 +288,18 @@ class IngestService:
             self._process(raw)
 
     def _take(self, n: int) -> list[Raw]:
-        """Up to ``n`` queued messages (call with ``_cond`` held): urgent ones alone in their own batch, so their
-        hooks run without waiting for a batch of bulk messages to be decoded and written."""
-        if self._urgent:
-            raw, self._urgent = self._urgent[:n], self._urgent[n:]
+        """Up to ``n`` queued messages in lane order (call with ``_cond`` held): urgent ones alone in their own
+        batch, so their hooks run without waiting for a batch of bulk messages to be decoded and written."""
+        urgent = self._lanes[0]
+        if urgent:
+            raw = urgent[:n]
+            del urgent[:n]
         else:
-            raw, self._pending = self._pending[:n], self._pending[n:]
+            raw = []
+            for lane in self._lanes[1:]:
+                part = lane[:n - len(raw)]
+                del lane[:len(part)]
+                raw += part
         self._cond.notify_all()
         return raw
 

@@ -226,7 +226,8 @@ def test_batches_are_written_in_one_go_without_mqtt(tmp_path: Path) -> None:
 
 
 def test_job_reports_and_bundle_requests_jump_a_queue_of_bulk_uploads(tmp_path: Path) -> None:
-    """The rollout engine's inputs are not processed after a backlog of bulk messages (order kept per lane)."""
+    """The rollout engine's inputs are not processed after a backlog of bulk messages (order kept per lane):
+    job reports first, then the reports the canary analysis reads, then the bulk (labels here)."""
     cfg = default_config(tmp_path / "f")
     reg = Registry.open(cfg.database_url)
     svc = IngestService(cfg, reg)
@@ -234,7 +235,9 @@ def test_job_reports_and_bundle_requests_jump_a_queue_of_bulk_uploads(tmp_path: 
     svc.add_hook(batches.append)
     topics = TopicScheme(cfg.prefix)
     backlog = 3 * cfg.ingest.batch_max
-    for i in range(backlog):  # queued before the writer runs: a backlog
+    for i in range(backlog):  # queued before the writer runs: a backlog of bulk, then of reports
+        svc.submit(topics.device("d1", "feedback"), Feedback(f"s{i}", "3", source="device").encode())
+    for i in range(backlog):
         svc.submit(topics.device("d1", "drift"), DriftReportMsg("d1", i, 10, 10).encode())
     for j in ("j1", "j2"):
         svc.submit(topics.device("d2", "jobs"), JobStatus("d2", j, "2", "downloading").encode())
@@ -243,6 +246,9 @@ def test_job_reports_and_bundle_requests_jump_a_queue_of_bulk_uploads(tmp_path: 
     svc.stop()
     first = [m for m in batches[0] if isinstance(m, JobStatus)]
     assert [m.job_id for m in first] == ["j1", "j2"]  # in the first batch, in order
+    order = [type(m).__name__ for b in batches for m in b]
+    assert order.index("Feedback") > len(order) - 1 - order[::-1].index("DriftReportMsg")  # reports before labels
+    assert [m.seq for b in batches for m in b if isinstance(m, DriftReportMsg)] == list(range(backlog))
     assert len(reg.drift_reports()) == backlog and len(reg.job_statuses()) == 2
     reg.close()
 
