@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleet.retrain_domains import adapted_domain, drifted_at_capture, supported_windows
+from fleet.retrain_domains import ADAPTED_MAX, adapted_domain, drifted_at_capture, supported_windows
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,9 @@ def test_adapted_domain_is_the_newest_drifted_captures_not_trained_on() -> None:
     trained = {"s1999", "s1998"}
     holdout = labelled[:2]
     got = adapted_domain(Fleet(reports, stored), labelled, trained, holdout)
-    assert got.source == "drifted captures" and got.n_drifted == 600 and got.n_holdout == 2
+    assert got.source == "drifted captures" and got.n_drifted == ADAPTED_MAX and got.n_holdout == 2
     assert [r.id for r in got.records[:2]] == ["s1997", "s1996"] and {r.device_id for r in got.records} == {"shifted"}
-    assert got.to_dict() == {"source": "drifted captures", "n": 600, "n_drifted": 600, "n_holdout": 2}
+    assert got.to_dict() == {"source": "drifted captures", "n": ADAPTED_MAX, "n_drifted": ADAPTED_MAX, "n_holdout": 2}
     # 104 drifted captures (t = 96..199: 96-99 are in the first window in alarm) cannot calibrate the
     # 50-input window that 180 held-out samples can: those are used
     few = [s for s in stored if s.id.startswith("c") or (s.id.startswith("s") and float(s.ts) < 200)]
