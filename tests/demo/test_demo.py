@@ -37,7 +37,8 @@ def test_demo_quick_closes_the_loop(tmp_path: Path) -> None:
     # accuracy fell under the shift and came back within a point of its pre-drift level
     acc = result.accuracy
     assert acc["drifted"]["shifted"] < acc["baseline"]["shifted"] - 0.1
-    assert result.recovery_gap_pp is not None and result.recovery_gap_pp <= 1.0
+    # back to within 1 point of the pre-drift accuracy, beyond the noise of a few hundred predictions per pass
+    assert result.recovery_gap_ci_pp is not None and result.recovered_short is False, result.recovery_gap_ci_pp
     assert result.retrain["status"] == "accepted" and result.rollout["status"] == "completed"
     assert set(result.versions.values()) == {result.retrain["version"]}
     kinds = [e.kind for e in result.events]
@@ -112,6 +113,8 @@ def test_report_of_a_run_has_the_figures_the_issues_ask_for(tmp_path: Path) -> N
         assert (tmp_path / f).stat().st_size > 0, f
     # recovered above the pre-drift level: a gap of 0, said in words, never a negative "gap"
     assert result.recovery_gap_pp == 0.0 and result.recovered_minus_baseline_pp == pytest.approx(0.3)
+    lo, hi = result.recovery_gap_ci_pp
+    assert lo < -0.3 < hi and result.recovered_short is False
     assert "0.30 points above their pre-drift accuracy" in md and "-0.30" not in md
     # the recovered cameras' alarm rate: alarmed / observed windows of the shifted group on the new version
     alarms = result.drift_alarms
