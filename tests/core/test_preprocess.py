@@ -198,7 +198,7 @@ def test_bilinear_and_area_match_pillow_within_one_level(size: tuple[int, int]) 
 
     img = _photo()
     ref = np.asarray(Image.fromarray(img).resize(size[::-1], Image.BILINEAR), np.float32)
-    assert np.abs(_ours(img, size, "bilinear") - ref).max() <= 1.0
+    assert np.abs(_ours(img, size, "bilinear") - ref).max() <= 1.0 + 1e-4  # PIL rounds to integers; ours is float32
     # NEAREST: PIL computes sample positions in fixed point, so some samples take the neighbouring pixel
     ref = np.asarray(Image.fromarray(img).resize(size[::-1], Image.NEAREST), np.float32)
     assert np.mean(np.abs(_ours(img, size, "nearest") - ref) > 0) < 0.12
