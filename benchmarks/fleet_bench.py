@@ -303,6 +303,7 @@ class _SysBytes:
 # --------------------------------------------------------------------------- phases
 def _swarm_stats(swarms: list[SwarmHandle]) -> dict[str, Any]:
     out: dict[str, Any] = {"counters": {}, "acked_drift": {}, "versions": {}, "installed_sha": {}, "bricked": [],
+                           "corrupt_seen": [],
                            "connected": 0, "unacked": 0, "busy_jobs": 0, "awaiting_receipt": 0, "held": 0,
                            "reporting": 0}
     for s in swarms:
@@ -312,6 +313,7 @@ def _swarm_stats(swarms: list[SwarmHandle]) -> dict[str, Any]:
         for k in ("acked_drift", "versions", "installed_sha"):
             out[k].update(st[k])
         out["bricked"] += st["bricked"]
+        out["corrupt_seen"] += st["corrupt_seen"]
         for k in ("connected", "unacked", "busy_jobs", "awaiting_receipt", "held", "reporting"):
             out[k] += st[k]
     return out
@@ -505,6 +507,11 @@ def rollout_phase(fleet: BenchFleet, swarms: list[SwarmHandle], bundle: Path, ve
             "mqtt_wire_bytes": sysbytes.total() - bytes0,
             "corrupted_transfers": len(fleet.publisher.corrupted),
             "corrupt_detected": st["counters"]["corrupt_detected"] - st0["counters"]["corrupt_detected"],
+            # per device: QoS 1 may deliver a corrupted chunk again (after a broker restart), and the
+            # device then detects the same corruption twice; what must hold is that every corrupted
+            # device detected it and no other device saw corruption
+            "corrupt_undetected": sorted(fleet.publisher.corrupted - set(st["corrupt_seen"])),
+            "corrupt_false": sorted(set(st["corrupt_seen"]) - set(st0["corrupt_seen"]) - fleet.publisher.corrupted),
             "ticks": len(fleet.tick_s), "tick_s_median": _median(fleet.tick_s), "tick_s_max": max(fleet.tick_s, default=0.0),
             "tick_s_total": round(sum(fleet.tick_s), 2),
             "cpu": cpu.result() if cpu is not None else None,

@@ -232,6 +232,7 @@ class _Device:
     done_jobs: dict[str, str] = field(default_factory=dict)
     installed_sha: str | None = None
     bricked: bool = False
+    corrupt_seen: int = 0  # corrupt transfers this device detected (a redelivered bad chunk counts again)
 
 
 class _Swarm:
@@ -464,6 +465,7 @@ class _Swarm:
             done = job.reasm.add(frame)
         except ProtocolError as exc:
             self.counters["corrupt_detected"] += 1
+            dev.corrupt_seen += 1
             if job.retries_left > 0:
                 job.retries_left -= 1
                 self._request_chunks(dev, 0)
@@ -636,6 +638,7 @@ class _Swarm:
                     "versions": {d.id: d.version for d in devs},
                     "installed_sha": {d.id: d.installed_sha for d in devs},
                     "bricked": [d.id for d in devs if d.bricked],
+                    "corrupt_seen": [d.id for d in devs if d.corrupt_seen],
                     "busy_jobs": sum(d.job is not None for d in devs),
                     "unacked": sum(len(d.inflight) for d in devs),
                     "reporting": int(self.report_rate > 0 or self.burst_left > 0),

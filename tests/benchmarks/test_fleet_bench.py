@@ -68,7 +68,11 @@ def test_faults_are_injected_detected_and_recovered(tmp_path: Path) -> None:
     ro = r["rollouts"][0]
     kinds = " ".join(e["event"] for e in ro["faults"])
     assert "broker restarted" in kinds and "2 devices offline" in kinds and "back online" in kinds
-    assert ro["corrupted_transfers"] >= 1 and ro["corrupt_detected"] == ro["corrupted_transfers"]
+    # Every corrupted transfer is detected by its device, and no other device sees corruption.  The
+    # frame count may be higher: QoS 1 can deliver a corrupted chunk again (broker restart), and the
+    # device detects it again (a fresh-clone suite under load: 6 detections of 5 corruptions).
+    assert ro["corrupted_transfers"] >= 1 and ro["corrupt_detected"] >= ro["corrupted_transfers"]
+    assert ro["corrupt_undetected"] == [] and ro["corrupt_false"] == [], ro
     assert ro["bricked"] == 0 and ro["status"] == "completed", ro["failures"]
     assert ro["convergence_pct"] == 100.0
     assert ro["http_payload_bytes"] == 0 and ro["mqtt_bundle_frame_bytes"] > 0
