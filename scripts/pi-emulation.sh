@@ -30,6 +30,12 @@ fi
 [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || fail "binfmt_misc has no qemu-aarch64 entry (update-binfmts --enable qemu-aarch64)"
+# Debian 12's qemu 7.2 segfaults loading onnxruntime's extension in a Trixie root (glibc 2.41,
+# Python 3.13); qemu 10 (bookworm-backports) runs it.  Bookworm roots work with either.
+QEMU_MAJOR="$(qemu-aarch64-static --version 2>/dev/null | head -1 | grep -oE '[0-9]+' | head -1 || true)"
+if [ "$SUITE" != bookworm ] && [ -n "$QEMU_MAJOR" ] && [ "$QEMU_MAJOR" -lt 8 ]; then
+  fail "qemu $QEMU_MAJOR cannot run onnxruntime in a $SUITE root; install qemu-user-static >= 8 (on Debian 12: apt-get install -t bookworm-backports qemu-user-static), then update-binfmts --disable qemu-aarch64 && update-binfmts --enable qemu-aarch64"
+fi
 
 # 2. the arm64 root, from the mirror apt already uses here
 MIRROR="$(grep -hoE '^(URIs:|deb) +https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/*.sources \
