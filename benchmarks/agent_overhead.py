@@ -329,7 +329,8 @@ def _stages(model: Any, imgs: list[np.ndarray], *, runs: int) -> dict[str, float
     from core.drift import DriftMonitor
 
     task = model.task
-    monitor = DriftMonitor(model.baseline, window=model.monitor.window) if model.monitor is not None else None
+    monitor = DriftMonitor(model.baseline, window=model.monitor.window, scores_to_probs=model.task.scores_to_probs) \
+        if model.monitor is not None else None
     names = ("preprocess", "runtime", "decode", "drift_append", "sample_score", "window_close")
     t: dict[str, list[float]] = {k: [] for k in names}
     clock = time.thread_time_ns
@@ -351,8 +352,8 @@ def _stages(model: Any, imgs: list[np.ndarray], *, runs: int) -> dict[str, float
         t["decode"].append(clock() - s)
         if monitor is not None:
             inputs, probs, emb, outs = task.drift_arrays(p, out, res)
-            if emb is None and "embedding" in monitor.kinds:
-                emb = probs
+            if emb is None and "embedding" in monitor.kinds:  # old baselines, as InferencePipeline._drift
+                emb = probs if task.scores_to_probs is None else task.scores_to_probs(probs)
             s = clock()
             closed = monitor.append(inputs, probs, emb, outs)
             (t["window_close"] if closed else t["drift_append"]).append(clock() - s + staged)

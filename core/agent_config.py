@@ -169,6 +169,7 @@ class SamplingSection:
     reservoir_interval_s: float = knob(3600.0, gt=0)  # how often the reservoir is uploaded
     max_per_minute: float = knob(6.0, ge=0)  # rate limit on drift / low-confidence captures
     burst: int = knob(10, ge=1, le=10_000)  # captures allowed at once before the rate limit applies
+    score_rate: float = knob(30.0, ge=0)  # inputs per second given a drift score for capture (0: every input)
     chunk_size: int = knob(DEFAULT_CHUNK_SIZE, ge=1024, le=256 * 1024 * 1024)  # MQTT payload ceiling for sample uploads
 
     def __post_init__(self) -> None:
@@ -398,6 +399,7 @@ reservoir_size = 16   # plus a uniform sample of this many ordinary inputs (unbi
 reservoir_interval_s = 3600.0  # ... uploaded this often
 max_per_minute = 6.0  # at most this many drift / low-confidence captures per minute
 burst = 10
+score_rate = 30.0     # inputs per second given a per-input drift score (0: every input); windows score all
 chunk_size = 131072   # MQTT payload ceiling (128 KiB: common managed brokers)
 
 [outbox]

@@ -31,8 +31,11 @@ bootstrap, so the "input changed" flag is on in exactly ``input_budget`` (defaul
 undrifted windows and the alarm, after its hysteresis, in ``alarm_rate`` (default 0.5 %).
 
 Cost: ``update`` only copies each sample's thumbnail, probabilities, embedding and output
-summary into preallocated window buffers; every statistic is computed once per window,
-vectorised.  Memory is the window buffers plus the fixed reference: nothing grows.
+summary into preallocated window buffers, and ``append`` (the agent's per-inference call)
+copies only the thumbnail and keeps references to the model's output rows, which the
+window gathers when it closes; every statistic -- and, with ``scores_to_probs``, the
+classifier's softmax -- is computed once per window, vectorised.  Memory is the window
+buffers, one window's output rows and the fixed reference: nothing grows.
 """
 
 from __future__ import annotations
@@ -144,12 +147,19 @@ class DriftMonitor:
     next one fills meanwhile), its report to ``on_report`` from there; windows close one at
     a time in order, so reports and alarm are the synchronous monitor's, only later.
     :meth:`flush` waits for them, :meth:`close` also ends the thread.
+
+    ``scores_to_probs`` (a classifier's activation, ``Classification.probabilities``): the
+    ``probs`` given to :meth:`update`, :meth:`append` and :meth:`sample_score` are the
+    model's raw class scores (logits), turned into probabilities once per window (and for a
+    scored sample) -- the same values a per-inference softmax gives, row for row.
     """
 
     def __init__(self, baseline: Baseline, *, window: int | None = None, hysteresis: Hysteresis | None = None,
                  input_budget: float | None = None, alarm_rate: float | None = None, background: bool = False,
-                 on_report: Callable[[DriftReport], None] | None = None) -> None:
+                 on_report: Callable[[DriftReport], None] | None = None,
+                 scores_to_probs: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         b = self.baseline = baseline
+        self.scores_to_probs = scores_to_probs
         self.window = b.default_window if not window else int(window)
         wi = b.window_index(self.window)
         self.hysteresis = hysteresis or b.hysteresis
@@ -179,6 +189,7 @@ class DriftMonitor:
             shapes["outputs"] = (b.out_ref.shape[1],)
         self._buf = {k: np.zeros((n, *s), np.float32) for k, s in shapes.items()}
         self._want = {k: (b.input_shape if k == "inputs" else s) for k, s in shapes.items()}
+        self._refs = self._new_refs()
         self._use_slots()
         self._thumb_identity = "inputs" in shapes and len(b.input_shape) == 3 and shapes["inputs"] == b.input_shape
         self._thumb_blocks = None if "inputs" not in shapes or len(b.input_shape) != 3 else tuple(
@@ -195,10 +206,16 @@ class DriftMonitor:
         self.last_sample_scores: np.ndarray | None = None  # not computed per inference; see score_samples()
         self._state = HysteresisState(self.hysteresis)
 
+    def _new_refs(self) -> dict[str, list[np.ndarray | None]]:
+        """A window's rows of the model's outputs, as ``append`` hands them over (None: in the buffer already)."""
+        return {k: [None] * self.window for k in self._buf if k != "inputs"}
+
     def _use_slots(self) -> None:
         order = ("inputs", "probs", "embedding", "outputs")
-        self._slots = [(order.index(k), k, self._buf[k], tuple(self._want[k])) for k in self._buf]
-        self._rows = [(order.index(k), self._buf[k], tuple(self._want[k])) for k in self._buf]
+        self._slots = [(order.index(k), k, tuple(self._want[k])) for k in self._buf]
+        # append's: the input's buffer (its thumbnail is copied), the outputs' row lists (kept by reference)
+        self._rows = [(order.index(k), self._buf[k] if k == "inputs" else self._refs[k], (1, *self._want[k]))
+                      for k in self._buf]
 
     @property
     def alarm(self) -> bool:
@@ -245,30 +262,28 @@ class DriftMonitor:
         else:
             vals = (features, probs, emb, outputs)
         arrays = []
-        for slot, kind, buf, shape in self._slots:
+        for slot, kind, shape in self._slots:
             a = vals[slot]
             if a is None or a.shape[1:] != shape:
                 raise InputError(
                     f"drift monitor got {kind} {None if a is None else np.shape(a)}; expected (N, "
                     f"{', '.join(map(str, shape))}); this baseline needs {list(self._want)}",
                     hint="feed the same model outputs the baseline was calibrated with (core.drift_features)")
-            arrays.append((buf, thumbnail(a) if slot == 0 and not self._thumb_identity else a))
+            arrays.append((kind, thumbnail(a) if slot == 0 and not self._thumb_identity else a))
         total = len(arrays[0][1])
-        if total == 1 and self._fill + 1 < self.window:  # the device's usual call: one copy per field
-            i = self._fill
-            for buf, a in arrays:
-                buf[i] = a[0]
-            self._fill = i + 1
-            return []
         if any(len(a) != total for _, a in arrays):
             raise InputError(f"drift features have different batch sizes {[len(a) for _, a in arrays]}",
                              hint="pass aligned arrays")
         reports, start = [], 0
-        while start < total:
+        while start < total:  # the buffers are looked up per window: a background monitor swaps them
             take = min(self.window - self._fill, total - start)
-            for buf, a in arrays:
-                buf[self._fill:self._fill + take] = a[start:start + take]
-            self._fill += take
+            end = self._fill + take
+            for kind, a in arrays:
+                self._buf[kind][self._fill:end] = a[start:start + take]  # copied: the caller may reuse ``a``
+                refs = self._refs.get(kind)
+                if refs is not None:
+                    refs[self._fill:end] = [None] * take
+            self._fill = end
             start += take
             if self._fill == self.window:
                 reports.extend(self._window_full())
@@ -278,24 +293,26 @@ class DriftMonitor:
                outputs: np.ndarray | None = None) -> list[DriftReport]:
         """:meth:`update` for one sample (each array with a batch axis of 1), the per-inference call.
 
-        Copies the sample's thumbnail and features into the window's next row -- nothing
-        else happens per inference -- and closes the window when it is full (returning its
-        report, or handing it to the worker with ``background``).  Raises ``InputError``
-        as :meth:`update` does for a missing or misshapen field.
+        Copies the sample's input thumbnail into the window's next row and keeps a reference
+        to each of ``probs``, ``embedding`` and ``outputs`` -- nothing else happens per
+        inference; the window gathers the rows when it closes.  So pass arrays nobody writes
+        afterwards (the agent's are the runtime's fresh outputs).  Closes the window when it
+        is full (returning its report, or handing it to the worker with ``background``).
+        Raises ``InputError`` as :meth:`update` does for a missing or misshapen field.
         """
         vals = (inputs, probs, embedding, outputs)
         i = self._fill
         staged, self._staged = self._staged == i, -1
-        for slot, buf, shape in self._rows:
+        for slot, dest, shape in self._rows:
             a = vals[slot]
             if staged and not slot:
                 continue
-            if a is None or a.shape != (1, *shape):
+            if a is None or a.shape != shape:
                 return self.update(inputs, probs, embedding, outputs)  # the checks, the errors
             if slot:
-                buf[i] = a[0]
+                dest[i] = a
             else:
-                self._thumb_into(a, buf[i])
+                self._thumb_into(a, dest[i])
         self._fill = i + 1
         return self._window_full() if self._fill == self.window else []
 
@@ -326,6 +343,8 @@ class DriftMonitor:
         elif probs is None:
             return None
         else:
+            if self.scores_to_probs is not None:
+                probs = self.scores_to_probs(probs)
             e = probs_embedding(probs).reshape(-1)
         ref_m2 = self._ref_m2
         if ref_m2 is None or e.shape[0] != ref_m2.shape[1]:
@@ -340,9 +359,11 @@ class DriftMonitor:
     def _window_full(self) -> list[DriftReport]:
         """The window is full: close it here (its report) or hand it to the worker (no report yet)."""
         self._fill = 0
+        refs, self._refs = self._refs, self._new_refs()
         if self._worker is None:
-            return [self._close_window(self._buf)]
-        self._buf = self._worker.hand_over(self._buf)
+            self._use_slots()
+            return [self._close_window(self._buf, refs)]
+        self._buf = self._worker.hand_over(self._buf, refs)
         self._use_slots()
         return []
 
@@ -355,9 +376,27 @@ class DriftMonitor:
         if self._worker is not None:
             self._worker.stop()
 
-    def _close_window(self, buf: dict[str, np.ndarray]) -> DriftReport:
+    @staticmethod
+    def _gather(buf: dict[str, np.ndarray], refs: dict[str, list[np.ndarray | None]]) -> None:
+        """Copy the output rows ``append`` kept by reference into the window's buffers."""
+        for k, rows in refs.items():
+            dest = buf[k]
+            if all(r is not None for r in rows):
+                np.concatenate(rows, axis=0, out=dest, casting="unsafe")  # type: ignore[arg-type]
+            else:
+                for i, r in enumerate(rows):
+                    if r is not None:
+                        dest[i] = r[0]
+
+    def _close_window(self, buf: dict[str, np.ndarray], refs: dict[str, list[np.ndarray | None]] | None = None
+                      ) -> DriftReport:
         b, w = self.baseline, self.window
-        f = _samples(b, buf.get("inputs"), buf.get("probs"), buf.get("embedding"), buf.get("outputs"), w)
+        if refs:
+            self._gather(buf, refs)
+        probs = buf.get("probs")
+        if probs is not None and self.scores_to_probs is not None:
+            probs = self.scores_to_probs(probs)  # the window's class scores, as probabilities, row for row
+        f = _samples(b, buf.get("inputs"), probs, buf.get("embedding"), buf.get("outputs"), w)
         stats = _window_stats(b, f, np.arange(w)[None, :], self._tests, self._groups)
         p = st.empirical_pvalues(stats, self._null, self._tails)
         comb = combine(self._null, stats, self._tests, p=p)[0]
@@ -371,7 +410,6 @@ class DriftMonitor:
         self._state.step(risk_flag)
         self._windows_done += 1
         chi = self._tests.index("class_chi2") if "class_chi2" in self._tests else None
-        probs = buf.get("probs")
         counts = () if probs is None else tuple(np.bincount(f.pred, minlength=probs.shape[1]).tolist())
         return DriftReport(
             window_index=self._windows_done - 1, n=w, tests=tests, risk=risk, risk_threshold=self.risk_threshold,
@@ -437,19 +475,22 @@ class _WindowWorker:
         self.monitor = monitor
         self._cv = threading.Condition()
         self._job: dict[str, np.ndarray] | None = None
+        self._job_refs: dict[str, list[np.ndarray | None]] | None = None
         self._spare: dict[str, np.ndarray] | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
 
-    def hand_over(self, full: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Queue ``full`` for closing; returns the buffers to fill next (waits while the last one is closing)."""
+    def hand_over(self, full: dict[str, np.ndarray],
+                  refs: dict[str, list[np.ndarray | None]] | None = None) -> dict[str, np.ndarray]:
+        """Queue ``full`` (and the output rows ``refs`` it gathers) for closing; returns the buffers to
+        fill next (waits while the last one is closing)."""
         with self._cv:
             if self._stop:  # closed: later windows are not reported (and never wait for a thread that is gone)
                 return full
             while self._job is not None:
                 self._cv.wait()
             spare = self._spare if self._spare is not None else {k: np.zeros_like(v) for k, v in full.items()}
-            self._job, self._spare = full, None
+            self._job, self._job_refs, self._spare = full, refs, None
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="drift-window", daemon=True)
                 self._thread.start()
@@ -463,16 +504,16 @@ class _WindowWorker:
                     self._cv.wait()
                 if self._job is None:
                     return
-                buf = self._job
+                buf, refs = self._job, self._job_refs
             try:
                 with _short_gil_turns():
-                    rep = self.monitor._close_window(buf)
+                    rep = self.monitor._close_window(buf, refs)
                 if self.monitor.on_report is not None:
                     self.monitor.on_report(rep)
             except Exception:  # noqa: BLE001 - a failing window must not end the thread or the serving
                 log.exception("drift window could not be closed")
             with self._cv:
-                self._job, self._spare = None, buf
+                self._job, self._job_refs, self._spare = None, None, buf
                 self._cv.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:

@@ -87,7 +87,8 @@ class DomainDriftMonitor:
     def __init__(self, baselines: Mapping[str, Baseline], *, window: int | None = None,
                  hysteresis: Hysteresis | None = None, input_budget: float | None = None,
                  alarm_rate: float | None = None, background: bool = False,
-                 on_report: Callable[[DriftReport], None] | None = None) -> None:
+                 on_report: Callable[[DriftReport], None] | None = None,
+                 scores_to_probs: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if not baselines:
             raise InputError("a domain drift monitor needs at least one baseline", hint="pass {name: Baseline}")
         self.names = tuple(baselines)
@@ -108,7 +109,7 @@ class DomainDriftMonitor:
         self._pending: dict[int, dict[str, DriftReport]] = {}
         self._state = HysteresisState(self.hysteresis)
         kw: dict[str, Any] = dict(window=self.window, hysteresis=self.hysteresis, input_budget=input_budget,
-                                  alarm_rate=alarm_rate, background=background)
+                                  alarm_rate=alarm_rate, background=background, scores_to_probs=scores_to_probs)
         self.monitors = {n: DriftMonitor(b, **kw, on_report=(lambda rep, n=n: self._collect(n, rep))
                                          if background else None) for n, b in baselines.items()}
         self.baseline = first

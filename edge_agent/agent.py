@@ -92,6 +92,11 @@ def _hardware() -> dict[str, Any]:
             "cpus": os.cpu_count() or 1, "accelerators": [f"{a.format}:{a.id}" for a in available(loaded_only=True)]}
 
 
+def _score_interval(rate: float) -> float:
+    """``[sampling] score_rate`` (inputs per second, 0: all) as the pipeline's seconds between scored inputs."""
+    return 1.0 / rate if rate > 0 else 0.0
+
+
 def _trusted_key(config: AgentConfig) -> Any:
     path = config.trusted_key_path
     if path is None:
@@ -163,7 +168,8 @@ class Agent:
         self.stats = InferenceStats(config.telemetry.latency_window)
         self.drift = DriftReporter(config, self.device_id, self.topics, self.send, self._put_sample)
         self.pipeline = InferencePipeline(None, stats=self.stats, strict_size=config.model.strict_size,
-                                          on_report=self.drift.on_report, on_sample=self.drift.on_sample)
+                                          on_report=self.drift.on_report, on_sample=self.drift.on_sample,
+                                          score_interval_s=_score_interval(config.sampling.score_rate))
         self.installer = Installer(config, self.slots, trusted_key=_trusted_key(config))
         self.job_log = JobLog(self.device_id, self.send)
         self.updates = Updates(config, self.slots, self.installer, self.job_log, serve=self._serve,

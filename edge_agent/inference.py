@@ -61,12 +61,12 @@ class Prediction:
     label: str
     index: int
     confidence: float
-    probs: tuple[float, ...]
+    probs: Sequence[float]  # a classifier's: core.tasks.probs.Probs, floats made when read
     latency_ms: float
     model_version: str
     variant: str
     drift_alarm: bool
-    sample_score: float | None = None  # per-input drift score (~1 typical), None without a baseline
+    sample_score: float | None = None  # per-input drift score (~1 typical); None without a baseline or unscored
     task: str = "classification"
     detections: tuple[Detection, ...] = ()
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
@@ -79,12 +79,15 @@ class Prediction:
                    model_version=model_version, variant=variant, drift_alarm=drift_alarm, sample_score=sample_score,
                    task=r.kind, detections=r.detections, outputs=r.outputs, score=r.score)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, probs: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict; ``probs=False`` leaves the per-class list out (result streams: size)."""
         d: dict[str, Any] = {"task": self.task, "label": self.label, "index": self.index,
-                             "confidence": self.confidence, "probs": list(self.probs),
+                             "confidence": self.confidence,
                              "latency_ms": self.latency_ms, "model_version": self.model_version,
                              "variant": self.variant, "drift_alarm": self.drift_alarm,
                              "sample_score": self.sample_score}
+        if probs:
+            d["probs"] = list(self.probs)
         if self.task == "detection":
             d["detections"] = [det.to_dict() for det in self.detections]
         if self.task == "tensor":
@@ -146,7 +149,8 @@ class LoadedModel:
                 self.monitor = drift_monitor(load_domain_baselines(self.slot_dir, self.manifest, self.baseline),
                                              window=drift_window or None, input_budget=input_budget or None,
                                              alarm_rate=alarm_budget or None, background=True,
-                                             on_report=self._window_closed)
+                                             on_report=self._window_closed,
+                                             scores_to_probs=self.task.scores_to_probs)
         self.on_report: Callable[[DriftReport], None] | None = None  # set by the pipeline serving it
 
     @property
@@ -179,8 +183,14 @@ class InferencePipeline:
     """Runs predictions on the current :class:`LoadedModel`; swappable while serving."""
 
     def __init__(self, model: LoadedModel | None, *, stats: InferenceStats, strict_size: bool = False,
-                 on_report: ReportHook | None = None, on_sample: SampleHook | None = None) -> None:
+                 on_report: ReportHook | None = None, on_sample: SampleHook | None = None,
+                 score_interval_s: float = 0.0) -> None:
+        """``score_interval_s``: give an input its drift score (``Prediction.sample_score``, what the
+        sampler's drift captures read) at most once per this many seconds; 0 scores every input.
+        agent.toml's ``[sampling] score_rate`` sets it; the drift windows score every input anyway."""
         self._model = model
+        self.score_interval_s = float(score_interval_s)
+        self._next_score = 0.0
         self.stats = stats
         self.strict_size = strict_size
         self.on_report = on_report
@@ -248,7 +258,7 @@ class InferencePipeline:
                 reports: list[DriftReport] = []
                 score: float | None = None
                 if monitor is not None:
-                    reports, score = self._drift(model, task.drift_arrays(prepared, outputs, result))
+                    reports, score = self._drift(model, task.drift_arrays(prepared, outputs, result), self._score_due())
                     alarm = monitor.alarm
                 else:
                     alarm = False
@@ -270,14 +280,25 @@ class InferencePipeline:
             self._safe(self.on_sample, prepared.image, pred, {"sample_score": score if score is not None else 0.0})
         return pred
 
+    def _score_due(self) -> bool:
+        """Whether this input gets its drift score: every input, or one per ``score_interval_s``."""
+        if self.score_interval_s <= 0.0:
+            return True
+        now = time.monotonic()
+        if now < self._next_score:
+            return False
+        self._next_score = now + self.score_interval_s
+        return True
+
     @staticmethod
-    def _drift(model: LoadedModel, arrays: tuple[Any, ...]) -> tuple[list[DriftReport], float | None]:
-        """Feed the monitor one sample; a baseline this model cannot feed turns drift off, never fails a prediction."""
+    def _drift(model: LoadedModel, arrays: tuple[Any, ...], score: bool = True) -> tuple[list[DriftReport], float | None]:
+        """Feed the monitor one sample (and score it when ``score``); a baseline this model cannot feed
+        turns drift off, never fails a prediction."""
         monitor = model.monitor
         assert monitor is not None
-        inputs, probs, emb, outs = arrays
-        if emb is None and probs is not None and "embedding" in monitor.kinds:
-            emb = probs  # old baselines: softmax used as the embedding
+        inputs, probs, emb, outs = arrays  # probs: a classifier's raw scores (the monitor converts them)
+        if emb is None and probs is not None and "embedding" in monitor.kinds:  # old baselines: softmax as embedding
+            emb = model.task.scores_to_probs(probs) if model.task.scores_to_probs is not None else probs
         try:
             reports = monitor.append(inputs, probs, emb, outs)
         except InputError as exc:
@@ -285,7 +306,7 @@ class InferencePipeline:
             model.monitor = None
             monitor.close()
             return [], None
-        return reports, monitor.sample_score(probs, emb)
+        return reports, monitor.sample_score(probs, emb) if score else None
 
     def predict_many(self, images: Sequence[Any]) -> list[Prediction]:
         return [self.predict(img) for img in images]

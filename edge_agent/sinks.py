@@ -22,6 +22,8 @@ from typing import Any
 
 from core.protocol import InferenceResult
 
+from .inference import Prediction
+
 __all__ = ["StreamResult", "Sink", "JsonlSink", "MqttResultsSink", "ResultHub", "CallbackSink"]
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,9 @@ def _as_dict(pred: Any) -> dict[str, Any]:
     to_dict = getattr(pred, "to_dict", None)
     if to_dict is None:
         raise TypeError(f"predict() returned {type(pred).__name__}, which has no to_dict()")
-    d = to_dict()
-    d.pop("probs", None)  # per-class vectors make every line and message long; ask the HTTP API for them
+    # per-class vectors make every line and message long (and cost their floats): ask the HTTP API for them
+    d = to_dict(probs=False) if isinstance(pred, Prediction) else to_dict()
+    d.pop("probs", None)
     return d
 
 

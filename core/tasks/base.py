@@ -10,6 +10,7 @@ drift detector gets (``core.drift_features.DriftFeatures``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,12 +51,12 @@ class TaskResult:
     label: str = ""
     index: int = -1
     confidence: float = 0.0
-    probs: tuple[float, ...] = ()
+    probs: Sequence[float] = ()  # classification: a core.tasks.probs.Probs (floats made on first read)
     detections: tuple[Detection, ...] = ()
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     score: float | None = None
-    # classification: the (1, K) float32 probabilities ``probs`` was made from (drift reads them, not the tuple)
-    probs_array: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # classification: the (1, K) float32 class scores ``probs`` was made from (the drift monitor keeps them)
+    scores: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"task": self.kind, "label": self.label, "index": self.index,
@@ -153,6 +154,9 @@ class Task:
     """Base of the task classes (``core.tasks.TASKS``)."""
 
     kind = "task"
+    #: a classifier's activation (``Classification.scores_to_probs``): ``drift_arrays`` then gives the raw
+    #: class scores in the probabilities' place and the drift monitor converts a window's rows at once
+    scores_to_probs: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __init__(self, manifest: Manifest, backend: Backend) -> None:
         self.manifest = manifest
@@ -236,7 +240,8 @@ class Task:
     def drift_arrays(self, prepared: Prepared, outputs: dict[str, np.ndarray],
                      result: TaskResult) -> tuple[np.ndarray | None, ...]:
         """:meth:`drift_features` as the arrays ``(inputs, probs, embedding, outputs)`` (None where absent),
-        what ``DriftMonitor.append`` takes without building a ``DriftFeatures`` per inference."""
+        what ``DriftMonitor.append`` takes without building a ``DriftFeatures`` per inference (with
+        :attr:`scores_to_probs` set, the raw class scores stand where the probabilities are)."""
         f = self.drift_features(prepared, outputs, result)
         return f.inputs, f.probs, f.embedding, f.outputs
 

@@ -29,7 +29,8 @@ def test_predict_matches_labels_and_reports_everything(agent: Agent) -> None:
     p = preds[0]
     assert p.label == str(p.index) and p.model_version == "1.0.0" and p.variant == "onnx-fp32"
     assert 0.0 < p.confidence <= 1.0 and abs(sum(p.probs) - 1.0) < 1e-4
-    assert p.latency_ms > 0 and p.drift_alarm is False and p.sample_score is not None
+    assert p.latency_ms > 0 and p.drift_alarm is False
+    assert any(q.sample_score is not None for q in preds)  # scored at most [sampling] score_rate times a second
     assert agent.stats.snapshot().inferences == 200
 
 
@@ -159,6 +160,7 @@ def test_serving_path_gives_the_plain_path_and_windows_close_on_their_thread(age
     agent.pipeline.on_report = lambda rep, m: got.append(rep)
     want = []
     imgs = digits().test_x[: 2 * model.monitor.window + 3]
+    agent.pipeline.score_interval_s = 0.0  # every input scored, as [sampling] score_rate = 0 does
     for img in imgs:
         p = agent.predict(img)
         plain = model.task.prepare(img)
@@ -173,6 +175,24 @@ def test_serving_path_gives_the_plain_path_and_windows_close_on_their_thread(age
     assert [r.to_dict() for r in got] == [r.to_dict() for r in want] and len(want) == 2
     assert agent.pipeline.last_report is not None and agent.pipeline.last_report.to_dict() == want[-1].to_dict()
     assert model.monitor.buffered == 3
+    agent.pipeline.score_interval_s = 1.0 / 30.0
+
+
+def test_inputs_are_scored_at_the_configured_rate_and_windows_still_see_every_input(agent: Agent) -> None:
+    """``[sampling] score_rate``: one input per interval gets its drift score; the drift window
+    still counts every input (its statistics are computed per window, not per input)."""
+    model = agent.model
+    assert model is not None and model.monitor is not None
+    assert agent.pipeline.score_interval_s == pytest.approx(1.0 / 30.0)  # the default, 30 inputs a second
+    before = model.monitor.buffered
+    agent.pipeline.score_interval_s, agent.pipeline._next_score = 3600.0, 0.0
+    try:
+        preds = [agent.predict(img) for img in digits().test_x[:12]]
+    finally:
+        agent.pipeline.score_interval_s = 1.0 / 30.0
+    assert preds[0].sample_score is not None and all(p.sample_score is None for p in preds[1:])
+    assert preds[0].to_dict()["sample_score"] is not None and preds[1].to_dict()["sample_score"] is None
+    assert model.monitor.buffered == (before + 12) % model.monitor.window
 
 
 def test_a_closed_background_monitor_drops_windows_and_never_blocks(agent: Agent) -> None:

@@ -310,3 +310,35 @@ def test_calibration_kernel_shortcut_matches_direct_computation(baseline: Baseli
     groups = baseline.class_groups[0]
     np.testing.assert_allclose(dbm._window_stats(baseline, f, idx, baseline.tests, groups, kernel=kernel),
                                dbm._window_stats(baseline, f, idx, baseline.tests, groups), rtol=1e-9, atol=1e-12)
+
+
+def test_append_keeps_output_rows_and_softmaxes_a_window_at_once(baseline: Baseline) -> None:
+    """The agent's path -- ``append`` with raw logits kept by reference, ``scores_to_probs`` once per
+    window, on the worker thread -- gives the reports of ``update`` with per-sample probabilities."""
+    from core.tasks import softmax
+
+    rng = np.random.default_rng(11)
+    x, _, emb = _synthetic(rng, 2 * WINDOW + 5, shift=0.3)
+    emb = emb.astype(np.float32)
+    logits = (2.0 * emb[:, :K]).astype(np.float32)
+    probs = np.concatenate([softmax(logits[i:i + 1]) for i in range(len(logits))])  # as the agent's decode did
+    sync = DriftMonitor(baseline)
+    want = [r for i in range(len(x)) for r in sync.update(x[i:i + 1], probs[i:i + 1], emb[i:i + 1])]
+    got: list = []
+    bg = DriftMonitor(baseline, background=True, on_report=got.append, scores_to_probs=softmax)
+    try:
+        for i in range(len(x)):
+            assert bg.append(x[i:i + 1], logits[i:i + 1].copy(), emb[i:i + 1].copy()) == []
+        assert bg.flush(timeout=60)
+    finally:
+        bg.close()
+    assert len(want) == 2 and [r.to_dict() for r in got] == [r.to_dict() for r in want]
+    assert bg.buffered == 5
+    # a row given by update (copied) and rows kept by append mix in one window
+    mixed = DriftMonitor(baseline, scores_to_probs=softmax)
+    reps = mixed.update(x[:3], logits[:3], emb[:3])
+    for i in range(3, WINDOW):
+        reps += mixed.append(x[i:i + 1], logits[i:i + 1], emb[i:i + 1])
+    assert [r.to_dict() for r in reps] == [want[0].to_dict()]
+    # the sample score of a baseline without an embedding reads probabilities: converted from the scores
+    assert mixed.sample_score(logits[:1], emb[:1]) == pytest.approx(sync.sample_score(probs[:1], emb[:1]))
