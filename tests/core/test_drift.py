@@ -342,3 +342,31 @@ def test_append_keeps_output_rows_and_softmaxes_a_window_at_once(baseline: Basel
     assert [r.to_dict() for r in reps] == [want[0].to_dict()]
     # the sample score of a baseline without an embedding reads probabilities: converted from the scores
     assert mixed.sample_score(logits[:1], emb[:1]) == pytest.approx(sync.sample_score(probs[:1], emb[:1]))
+
+
+def test_large_inputs_are_thumbnailed_on_the_stager_thread_with_the_same_reports(baseline: Baseline, monkeypatch) -> None:
+    """``stage_inputs`` of a background monitor hands an input of STAGE_ASYNC_MIN values or more to
+    its stager thread; ``append`` waits for it: the reports are the synchronous monitor's."""
+    import threading
+
+    from core import drift
+
+    monkeypatch.setattr(drift, "STAGE_ASYNC_MIN", 1)  # this baseline's 8 x 8 inputs count as large
+    rng = np.random.default_rng(12)
+    x, probs, emb = _synthetic(rng, WINDOW + 2, shift=0.2)
+    probs, emb = probs.astype(np.float32), emb.astype(np.float32)
+    want = DriftMonitor(baseline).update(x, probs, emb)
+    got: list = []
+    bg = DriftMonitor(baseline, background=True, on_report=got.append)
+    try:
+        for i in range(len(x)):
+            xi = x[i:i + 1].copy()
+            bg.stage_inputs(xi)
+            bg.append(xi, probs[i:i + 1], emb[i:i + 1])
+        assert any(t.name == "drift-stage" for t in threading.enumerate())
+        assert bg.flush(timeout=60)
+    finally:
+        bg.close()
+    assert [r.to_dict() for r in got] == [r.to_dict() for r in want] and len(want) == 1
+    bg.stage_inputs(x[:1])  # after close: written at once, no thread started again
+    assert bg._stager is not None and bg._stager._thread is None
