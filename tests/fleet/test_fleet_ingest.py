@@ -413,11 +413,13 @@ def test_drift_reports_lost_in_a_broker_restart_reach_the_database_once(broker: 
         assert wait_until(lambda: stored() == [1]) and link.wait_receipted(10)
         svc.stop()
         broker.stop()
+        # the device must see the broker go, or its old connection's ``ready`` would pass the wait below
+        assert link.wait_until(lambda: not link.connection.connected.is_set(), 30)
         broker.start()  # no persistence: every session and queued message is gone
-        assert link.wait_until(lambda: link.connection.ready.is_set(), 10)
+        assert link.wait_until(lambda: link.connection.ready.is_set(), 30)
         for seq in (2, 3, 4):
             report(seq)
-        assert link.wait_until(lambda: box.stats().awaiting_receipt == 3, 10)  # PUBACKed, delivered to nobody
+        assert link.wait_until(lambda: box.stats().awaiting_receipt == 3, 30), box.stats()  # PUBACKed, to nobody
         svc = IngestService(cfg, reg)
         svc.start()  # the fleet's subscriber is back
         report(5)
