@@ -47,6 +47,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e if e.dtype == np.float32 else e.astype(np.float32)
 
 
+def _scores(raw: np.ndarray) -> np.ndarray:
+    """A class-score output as the (N, K) float32 rows the activation and the drift monitor take."""
+    return raw if raw.dtype == np.float32 and raw.ndim == 2 else np.asarray(raw, np.float32).reshape(len(raw), -1)
+
+
 #: up to this many classes a single prediction's softmax is computed in Python (``_py_softmax_top``)
 _PY_SOFTMAX_MAX = 32
 
@@ -99,8 +104,7 @@ class Classification(Task):
         self.embedding = emb if emb in names else None
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
-        s = scores if scores.dtype == np.float32 and scores.ndim == 2 else \
-            np.asarray(scores, np.float32).reshape(len(scores), -1)
+        s = _scores(scores)
         if self.activation == "softmax":
             return softmax(s)
         if self.activation == "sigmoid":
@@ -112,8 +116,7 @@ class Classification(Task):
         return self.probabilities(scores)
 
     def decode(self, outputs: dict[str, np.ndarray], prepared: Prepared) -> TaskResult:
-        raw = outputs[self.output]
-        s = raw if raw.dtype == np.float32 and raw.ndim == 2 else np.asarray(raw, np.float32).reshape(len(raw), -1)
+        s = _scores(outputs[self.output])
         if len(self.labels) and s.shape[1] != len(self.labels):
             raise BundleError(f"{self.manifest.name}: the model gives {s.shape[1]} class scores but the bundle has "
                               f"{len(self.labels)} labels", hint="rebuild the bundle with one label per class")
@@ -155,5 +158,5 @@ class Classification(Task):
             emb = outputs[self.embedding]
             if emb.dtype != np.float32 or emb.ndim != 2 or len(emb) != 1:
                 emb = np.asarray(emb, np.float32).reshape(1, -1)
-        scores = result.scores if result.scores is not None else self.probabilities(outputs[self.output])[:1]
+        scores = result.scores if result.scores is not None else _scores(outputs[self.output])[:1]
         return self.drift_input(prepared), scores, emb, None
