@@ -342,8 +342,10 @@ class Preprocessor:
             both = scale * inv_std
             if np.array_equal((v * scale) * inv_std, v * both):
                 self._scale, self._mul = both.reshape(per_channel), None
+        self._scalar_scale = np.ndim(self._scale) == 0
         self._plans: dict[tuple[int, int], tuple[Geometry, bool]] = {}
         self._per_plane = spec.layout == "NCHW" and c > 1 and h * w >= 4096
+        self._plane: np.ndarray | None = np.empty((h, w), np.uint8) if self._per_plane else None  # one channel
         self._table: np.ndarray | None = None
         self._feed: np.ndarray | None = None
         if model_input is not None and np.dtype(model_input.dtype).kind in "iu":
@@ -413,18 +415,24 @@ class Preprocessor:
             return x, geos[0]
         out = self._buf[0]
         if self._per_plane:  # NCHW: a plane at a time, so its three passes stay in the cache
+            plane = self._plane
             for c in range(out.shape[0]):
-                self._normalise(view[c if len(view) > 1 else 0], out[c], c)
+                src = view[c if len(view) > 1 else 0]
+                if plane is not None and not src.flags.c_contiguous:  # an (H, W, C) frame's channel: gathered
+                    np.copyto(plane, src)  # in 8 bits first, then cast from contiguous memory (~1/3 less)
+                    src = plane
+                self._normalise(src, out[c], c)
         else:
             self._normalise(view, out, slice(None))
         return self._buf, geo
 
     def _normalise(self, view: np.ndarray, out: np.ndarray, c: int | slice) -> None:
         """``out = view * scale * inv_std - mean * inv_std`` (prepare_images' float32 operations, in place)."""
-        if self._scale is None:
+        scale = self._scale
+        if scale is None:
             np.copyto(out, view)
         else:
-            np.multiply(view, self._scale if np.ndim(self._scale) == 0 else self._scale[c], out=out)
+            np.multiply(view, scale if self._scalar_scale else scale[c], out=out)  # type: ignore[index]
         if self._mul is not None:
             np.multiply(out, self._mul[c], out=out)
         if self._sub is not None:
