@@ -10,8 +10,9 @@ test fit for its kind:
 ========== ============================================= ===================================
 metric     data                                          test (one-sided: canary worse)
 ========== ============================================= ===================================
-latency    per-interval latency histograms (agents ≥     Mann-Whitney U (ties corrected) +
-           this version) or per-interval p50s (older)    bootstrap CI of the median ratio
+latency    per-interval latency medians (histograms     Mann-Whitney U on the interval
+           show the pooled medians)                      medians, both ways (see below) +
+                                                         bootstrap CI of their median ratio
 errors     inference errors / attempts                   two-proportion z test
 accuracy   feedback labels: wrong / labelled             two-proportion z test
 drift      drift windows in alarm / windows              two-proportion z test
@@ -20,7 +21,12 @@ confidence per-interval mean top-1 confidence            Mann-Whitney U
 
 A metric fails only when the difference is both significant (``p < alpha``) and larger
 than its tolerance (a 3 % slower median on 10,000 inferences is significant and
-harmless).  A metric with fewer samples than its minimum in either group does not vote:
+harmless).  Latency's unit is the telemetry interval, not the inference: the inferences
+of one interval share its load burst, so a group whose few intervals happened to fall
+on a busy second would look significantly slower inference by inference.  And latency
+must earn its pass: it passes only once the canary's interval medians are significantly
+below ``max_latency_ratio`` times the control's (non-inferiority); until then it is
+``insufficient`` and the soak extends, so neither a burst nor a short soak decides.  A metric with fewer samples than its minimum in either group does not vote:
 a *required* one (``required``, default latency and errors) is ``insufficient`` and
 keeps the verdict ``inconclusive``; so is an optional one whose data so far point the
 wrong way (beyond its tolerance: a less accurate model with 12 labels waits for more);
@@ -63,8 +69,8 @@ class CanaryPolicy:
     max_accuracy_drop: float = 0.05  # absolute drop of the accuracy on feedback labels
     max_drift_alarm_increase: float = 0.25  # absolute increase of the share of drift windows in alarm
     max_confidence_drop: float = 0.10  # drop of the mean top-1 confidence
-    min_latency_samples: int = 100  # inferences per group (histograms)
-    min_latency_intervals: int = 5  # telemetry intervals per group (agents without histograms)
+    min_latency_samples: int = 100  # inferences per group (agents that send histograms)
+    min_latency_intervals: int = 5  # telemetry intervals per group: the latency test's units
     min_inferences: int = 100  # attempts per group for the error rate
     min_feedback: int = 30  # labels per group
     min_drift_windows: int = 5  # drift reports per group
@@ -109,11 +115,9 @@ class GroupData:
     devices: tuple[str, ...] = ()
     latency_hist: Mapping[str, int] = field(default_factory=dict)  # summed histograms
     hist_devices: int = 0  # devices that sent histograms
-    # telemetry intervals those histograms came from (None: not counted).  Inferences of one
-    # interval share its load burst, so they are not independent: the pooled test may vote
-    # only once both groups span min_latency_intervals intervals.
-    hist_intervals: int | None = None
-    latency_p50s: tuple[float, ...] = ()  # per-interval medians (every device)
+    # one median per telemetry interval (every device): the latency test's units.  Inferences of
+    # one interval share its load burst, so they are not independent samples; intervals are.
+    latency_p50s: tuple[float, ...] = ()
     attempts: int = 0  # inferences + errors
     errors: int = 0
     feedback_n: int = 0
@@ -200,34 +204,46 @@ def _availability(metric: str, n1: int, n2: int, minimum: int, policy: CanaryPol
     return "insufficient" if metric in policy.required or (worse_so_far and n1 and n2) else "skipped"
 
 
-def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy) -> MetricResult:
+def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy, *, wait: bool = True) -> MetricResult:
+    """Latency, judged on per-interval medians (module docstring): ``fail`` when the canary's are
+    significantly larger and their median ratio exceeds ``max_latency_ratio``; ``pass`` only when
+    they are significantly below ``max_latency_ratio`` times the control's (non-inferiority); in
+    between the data do not settle it yet: ``insufficient`` while ``wait`` (more intervals come
+    with the soak's extensions), else ``skipped``."""
     a, b = st.hist_array(c.latency_hist), st.hist_array(k.latency_hist)
-    kind, minimum = "inferences", pol.min_latency_samples
-    if not (a.sum() and b.sum()):
-        if c.latency_p50s or k.latency_p50s:  # older agents: one median per telemetry interval
-            a, b = st.samples_hist(c.latency_p50s), st.samples_hist(k.latency_p50s)
-            kind, minimum = "interval medians", pol.min_latency_intervals
-    n1, n2 = int(a.sum()), int(b.sum())
-    if kind == "inferences" and c.hist_intervals is not None and k.hist_intervals is not None:
-        spans = min(c.hist_intervals, k.hist_intervals)
-        if spans < pol.min_latency_intervals:  # one bursty interval is not n independent samples
-            n1, n2 = min(n1, c.hist_intervals), min(n2, k.hist_intervals)
-            kind, minimum = "telemetry intervals", pol.min_latency_intervals
+    pooled = bool(a.sum() and b.sum())
+    if not pooled:  # older agents: their per-interval medians are all there is
+        a, b = st.samples_hist(c.latency_p50s), st.samples_hist(k.latency_p50s)
+    u1 = [v for v in c.latency_p50s if v > 0]
+    u2 = [v for v in k.latency_p50s if v > 0]
+    n1, n2 = len(u1), len(u2)
     m1, m2 = st.hist_median_ms(a), st.hist_median_ms(b)
-    base = dict(metric="latency", canary=f"median {_ms(m1)} (n={n1})", control=f"median {_ms(m2)} (n={n2})",
-                n_canary=n1, n_control=n2)
-    gap = _availability("latency", n1, n2, minimum, pol,
-                        bool(m1 and m2 and m1 / m2 > pol.max_latency_ratio))
-    if gap:
-        return MetricResult(decision=gap, note=f"needs {minimum} {kind} per group", **base)
-    test = st.mann_whitney(a, b)
-    ci = st.median_ratio_ci(a, b)
+    base = dict(metric="latency", canary=f"median {_ms(m1)} ({n1} intervals, {int(a.sum())} inferences)",
+                control=f"median {_ms(m2)} ({n2} intervals, {int(b.sum())} inferences)", n_canary=n1, n_control=n2)
+    ci = st.median_ratio_ci(u1, u2)
     ratio = ci[0] if ci else 1.0
-    bad = test.p_value < pol.alpha and ratio > pol.max_latency_ratio
-    return MetricResult(decision="fail" if bad else "pass", statistic=f"Mann-Whitney {test.statistic}",
-                        p_value=test.p_value, interval=(ci[1], ci[2]) if ci else None,
-                        effect=f"median x{ratio:.2f} (fails > x{pol.max_latency_ratio:g})",
-                        note="" if kind == "inferences" else "from per-interval medians", **base)
+    if min(n1, n2) < pol.min_latency_intervals or (pooled and min(a.sum(), b.sum()) < pol.min_latency_samples):
+        worse_so_far = bool(n1 and n2) and ratio > pol.max_latency_ratio
+        gap = "insufficient" if "latency" in pol.required or worse_so_far else "skipped"
+        return MetricResult(decision=gap, note=f"needs {pol.min_latency_intervals} telemetry intervals and "
+                                               f"{pol.min_latency_samples} inferences per group", **base)
+    log1, log2 = np.log(u1), np.log(u2)
+    worse = st.mann_whitney_samples(log1, log2)
+    within = st.mann_whitney_samples(log1, log2 + np.log(pol.max_latency_ratio), larger=False)
+    effect = f"interval medians x{ratio:.2f} (fails > x{pol.max_latency_ratio:g})"
+    common = dict(interval=(ci[1], ci[2]) if ci else None, effect=effect,
+                  note="" if pooled else "from per-interval medians (no histograms)", **base)
+    if worse.p_value < pol.alpha and ratio > pol.max_latency_ratio:
+        return MetricResult(decision="fail", statistic=f"Mann-Whitney on interval medians {worse.statistic}",
+                            p_value=worse.p_value, **common)
+    if within.p_value < pol.alpha:
+        return MetricResult(decision="pass", statistic=f"Mann-Whitney, canary < x{pol.max_latency_ratio:g} "
+                            f"control: {within.statistic}", p_value=within.p_value, **common)
+    common["note"] = (f"not settled: neither significantly slower nor significantly within x{pol.max_latency_ratio:g} "
+                      f"(p={within.p_value:.3g}); more intervals decide")
+    return MetricResult(decision="insufficient" if wait and "latency" in pol.required else "skipped",
+                        statistic=f"Mann-Whitney on interval medians {worse.statistic}", p_value=worse.p_value,
+                        **common)
 
 
 def _rate(metric: str, bad1: int, n1: int, bad2: int, n2: int, minimum: int, tolerance: float, what: str,
@@ -295,7 +311,7 @@ def judge(canary: GroupData, control: GroupData, policy: CanaryPolicy, *, mode: 
     """Compare the canary group with the control group (or with itself before, ``mode="before_after"``)."""
     pol = policy
     metrics = (
-        _latency(canary, control, pol),
+        _latency(canary, control, pol, wait=mode != "before_after"),
         _rate("errors", canary.errors, canary.attempts, control.errors, control.attempts, pol.min_inferences,
               pol.max_error_increase, "inferences", pol),
         _rate("accuracy", canary.feedback_n - canary.feedback_correct, canary.feedback_n,

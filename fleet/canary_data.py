@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from . import canary_stats as st
 from . import rollout as rm
 from .canary import GroupData, Verdict, judge, judge_shadow
 
@@ -33,16 +34,19 @@ def observe(registry: Any, device_ids: Sequence[str], *, versions: Collection[st
     tel = [t for t in registry.telemetry(device_ids=ids, since=since, until=until) if t.model_version in versions]
     hist: dict[str, int] = {}
     hist_devices: set[str] = set()
-    hist_intervals = 0
+    p50s: list[float] = []  # one per telemetry interval with inferences: the latency test's units
     first_errors: dict[str, int] = {}
     last_errors: dict[str, int] = {}
     attempts = errors = 0
     for t in tel:
         data = t.data or {}
-        hist_intervals += bool(data.get("latency_hist"))
-        for k, v in (data.get("latency_hist") or {}).items():
+        interval_hist = data.get("latency_hist") or {}
+        for k, v in interval_hist.items():
             hist[k] = hist.get(k, 0) + int(v)
             hist_devices.add(t.device_id)
+        p50 = t.latency_p50_ms if t.latency_p50_ms is not None else st.hist_median_ms(st.hist_array(interval_hist))
+        if p50 is not None and t.inferences_interval:
+            p50s.append(float(p50))
         interval_errors = data.get("errors_interval")
         if interval_errors is not None:
             errors += int(interval_errors)
@@ -61,8 +65,7 @@ def observe(registry: Any, device_ids: Sequence[str], *, versions: Collection[st
                       if label_version else (0, 0))
     seen = {t.device_id for t in tel}
     return GroupData(
-        devices=tuple(ids), latency_hist=hist, hist_devices=len(hist_devices), hist_intervals=hist_intervals,
-        latency_p50s=tuple(t.latency_p50_ms for t in tel if t.latency_p50_ms is not None and t.inferences_interval),
+        devices=tuple(ids), latency_hist=hist, hist_devices=len(hist_devices), latency_p50s=tuple(p50s),
         attempts=attempts, errors=errors, feedback_n=total, feedback_correct=correct,
         drift_windows=len(drift), drift_alarms=sum(1 for r in drift if r.alarm),
         confidences=tuple(t.mean_confidence for t in tel if t.mean_confidence is not None and t.inferences_interval),
@@ -120,6 +123,8 @@ def analyse_shadow(registry: Any, state: rm.RolloutState, now: float) -> Verdict
            if (t.data or {}).get("shadow_version") == state.version]
     cand_hist: dict[str, int] = {}
     serv_hist: dict[str, int] = {}
+    cand_p50s: list[float] = []
+    serv_p50s: list[float] = []
     inputs = agree = errors = compared = 0
     cand_conf: list[float] = []
     serv_conf: list[float] = []
@@ -129,10 +134,13 @@ def analyse_shadow(registry: Any, state: rm.RolloutState, now: float) -> Verdict
         if t.device_id not in drifted:  # agreement: only where the serving model is on its own ground
             agree += int(data.get("shadow_agree", 0))
             compared += int(data.get("shadow_inputs", 0))
-        for src, dst in ((data.get("shadow_latency_hist") or {}, cand_hist),
-                         (data.get("shadow_serving_hist") or {}, serv_hist)):
+        for src, dst, p50s in ((data.get("shadow_latency_hist") or {}, cand_hist, cand_p50s),
+                               (data.get("shadow_serving_hist") or {}, serv_hist, serv_p50s)):
             for k, v in src.items():
                 dst[k] = dst.get(k, 0) + int(v)
+            p50 = st.hist_median_ms(st.hist_array(src))
+            if p50 is not None:
+                p50s.append(p50)
         inputs += int(data.get("shadow_inputs", 0))
         errors += int(data.get("shadow_errors", 0))
         if data.get("shadow_confidence") is not None and data.get("shadow_serving_confidence") is not None:
@@ -142,8 +150,10 @@ def analyse_shadow(registry: Any, state: rm.RolloutState, now: float) -> Verdict
     cost = sum(float((t.data or {}).get("shadow_cost_ms", 0.0)) for t in tel)
     served = sum(t.inferences_interval for t in tel)
     candidate = GroupData(devices=tuple(ids), latency_hist=cand_hist, hist_devices=len(seen), attempts=inputs,
+                          latency_p50s=tuple(cand_p50s),
                           errors=errors, confidences=tuple(cand_conf), silent=tuple(d for d in ids if d not in seen))
     serving = GroupData(devices=tuple(ids), latency_hist=serv_hist, hist_devices=len(seen), attempts=inputs,
+                        latency_p50s=tuple(serv_p50s),
                         confidences=tuple(serv_conf))
     skipped = sum(int((t.data or {}).get("shadow_skipped", 0)) for t in tel)
     notes = [f"device cost: {inputs} of {served} inputs shadowed ({skipped} skipped while busy), "

@@ -4,8 +4,8 @@
   in the buckets of :func:`core.protocol.latency_bucket`, or any samples binned the same
   way): mid-ranks per bin, the normal approximation with the tie correction (every value
   of a bin is a tie) and a continuity correction; one-sided, "canary larger".
-* :func:`median_ratio_ci` — the ratio of the two medians with a bootstrap interval
-  (multinomial resampling of the histograms, a fixed seed: the same data give the same
+* :func:`median_ratio_ci` — the ratio of two medians of raw values (per-interval
+  latency medians) with a bootstrap interval (a fixed seed: the same data give the same
   verdict).
 * :func:`two_proportions` — a one-sided two-proportion z test (pooled variance) with a
   Wilson-score (Newcombe) interval on the difference of the rates.
@@ -106,17 +106,22 @@ def mann_whitney_samples(canary: Sequence[float], control: Sequence[float], *, l
     return mann_whitney(a, b)
 
 
-def median_ratio_ci(canary: np.ndarray, control: np.ndarray, *, level: float = 0.95, resamples: int = 400,
-                    seed: int = 20240611) -> tuple[float, float, float] | None:
-    """``(ratio, low, high)``: canary median / control median and its bootstrap interval."""
-    n1, n2 = int(canary.sum()), int(control.sum())
-    m1, m2 = hist_median_ms(canary), hist_median_ms(control)
-    if not n1 or not n2 or not m1 or not m2:
+def median_ratio_ci(canary: Sequence[float], control: Sequence[float], *, level: float = 0.95,
+                    resamples: int = 400, seed: int = 20240611) -> tuple[float, float, float] | None:
+    """``(ratio, low, high)``: median(canary) / median(control) of raw values (the per-interval medians
+    of the latency test) and its percentile-bootstrap interval, each group resampled with replacement
+    (a fixed seed: the same data give the same verdict)."""
+    x = np.asarray(canary, dtype=np.float64)
+    y = np.asarray(control, dtype=np.float64)
+    if not x.size or not y.size:
+        return None
+    m1, m2 = float(np.median(x)), float(np.median(y))
+    if m1 <= 0 or m2 <= 0:
         return None
     rng = np.random.default_rng(seed)
-    r1 = rng.multinomial(n1, canary / n1, size=resamples)
-    r2 = rng.multinomial(n2, control / n2, size=resamples)
-    ratios = np.array([(hist_median_ms(x) or 0.0) / (hist_median_ms(y) or 1.0) for x, y in zip(r1, r2, strict=True)])
+    rx = np.median(rng.choice(x, size=(resamples, x.size)), axis=1)
+    ry = np.median(rng.choice(y, size=(resamples, y.size)), axis=1)
+    ratios = rx / np.maximum(ry, 1e-12)
     lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
     return m1 / m2, float(lo), float(hi)
 

@@ -167,7 +167,7 @@ class RolloutConfig:
     canary_max_drift_alarm_increase: float = 0.25  # increase of the share of drift windows in alarm
     canary_max_confidence_drop: float = 0.10  # drop of the mean top-1 confidence
     canary_min_latency_samples: int = 100  # inferences per group before latency may vote
-    canary_min_latency_intervals: int = 5  # telemetry intervals per group (agents without histograms)
+    canary_min_latency_intervals: int = 5  # telemetry intervals per group: the latency test's units
     canary_min_inferences: int = 100  # attempts per group before the error rate may vote
     canary_min_feedback: int = 30  # labels per group before accuracy may vote
     canary_min_drift_windows: int = 5  # drift reports per group

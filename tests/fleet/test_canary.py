@@ -12,15 +12,25 @@ from fleet.canary import CanaryPolicy, GroupData, judge, verdict_line
 POL = CanaryPolicy()
 
 
-def _latencies(rng: np.random.Generator, median_ms: float, n: int, spread: float = 0.35) -> dict[str, int]:
-    hist = st.samples_hist(rng.lognormal(np.log(median_ms), spread, n))
-    return {str(k): int(v) for k, v in enumerate(hist) if v}
+def _latencies(rng: np.random.Generator, medians_ms: list[float], per_interval: int,
+               spread: float = 0.35) -> tuple[dict[str, int], tuple[float, ...]]:
+    """The summed histogram and the per-interval medians of intervals centred on ``medians_ms``."""
+    hist = np.zeros(st.LATENCY_BUCKETS, dtype=np.int64)
+    p50s = []
+    for m in medians_ms:
+        lat = rng.lognormal(np.log(m), spread, per_interval)
+        hist += st.samples_hist(lat)
+        p50s.append(float(np.median(lat)))
+    return {str(k): int(v) for k, v in enumerate(hist) if v}, tuple(p50s)
 
 
-def group(rng: np.random.Generator, *, median_ms: float = 2.0, n: int = 600, errors: int = 0, labels: int = 0,
-          accuracy: float = 0.9, windows: int = 10, alarms: int = 0, conf: float = 0.9, devices: int = 3) -> GroupData:
+def group(rng: np.random.Generator, *, median_ms: float = 2.0, n: int = 600, intervals: int = 12, errors: int = 0,
+          labels: int = 0, accuracy: float = 0.9, windows: int = 10, alarms: int = 0, conf: float = 0.9,
+          devices: int = 3) -> GroupData:
     correct = int(round(labels * accuracy))
-    return GroupData(devices=tuple(f"d{i}" for i in range(devices)), latency_hist=_latencies(rng, median_ms, n),
+    # the intervals' own medians wander a little (the device's load)
+    hist, p50s = _latencies(rng, list(median_ms * rng.lognormal(0.0, 0.1, intervals)), max(1, n // intervals))
+    return GroupData(devices=tuple(f"d{i}" for i in range(devices)), latency_hist=hist, latency_p50s=p50s,
                      hist_devices=devices, attempts=n + errors, errors=errors, feedback_n=labels,
                      feedback_correct=correct, drift_windows=windows, drift_alarms=alarms,
                      confidences=tuple(rng.normal(conf, 0.02, 12).clip(0, 1)))
@@ -43,8 +53,8 @@ def test_two_proportions_and_median_ratio() -> None:
     r, (lo, hi) = st.two_proportions(0, 50, 0, 50)  # rates at 0: no test, a sane interval
     assert r.p_value == 1.0 and lo < 0 < hi
     rng = np.random.default_rng(1)
-    a = st.samples_hist(rng.lognormal(np.log(6.0), 0.3, 500))
-    b = st.samples_hist(rng.lognormal(np.log(2.0), 0.3, 500))
+    a = rng.lognormal(np.log(6.0), 0.3, 500)
+    b = rng.lognormal(np.log(2.0), 0.3, 500)
     ratio, lo, hi = st.median_ratio_ci(a, b)
     assert 2.6 < lo < ratio < hi < 3.4
     assert st.median_ratio_ci(a, b) == (ratio, lo, hi)  # fixed seed: the same data, the same verdict
@@ -111,6 +121,45 @@ def test_old_agents_without_histograms_vote_with_interval_medians() -> None:
     v = judge(slow, old, POL)
     lat = v.metrics[0]
     assert lat.decision == "fail" and "per-interval medians" in lat.note
+
+
+# A loaded machine's bursts: each second's load factor hits every inference of that interval.
+BURSTS = [1.0, 1.0, 1.0, 2.0, 4.0]
+
+
+def _bursty(rng: np.random.Generator, loads: list[float], median_ms: float = 2.0) -> GroupData:
+    hist, p50s = _latencies(rng, [median_ms * f for f in loads], 100, spread=0.25)
+    return GroupData(devices=("d0", "d1"), latency_hist=hist, latency_p50s=p50s, hist_devices=2,
+                     attempts=100 * len(loads))
+
+
+def test_latency_counts_intervals_not_inferences() -> None:
+    """Issue 11: two identical models; the canary's few intervals fell on busier seconds than the control's.
+    Inference by inference that is 'x1.6, p < 1e-20'; interval by interval it settles nothing yet."""
+    rng = np.random.default_rng(7)
+    canary, control = _bursty(rng, [1, 2, 1, 4, 2, 1, 4, 2]), _bursty(rng, [1, 1, 1, 2, 1])
+    pooled = st.mann_whitney(st.hist_array(canary.latency_hist), st.hist_array(control.latency_hist))
+    assert pooled.p_value < 1e-20  # what the inference-level test said
+    lat = judge(canary, control, POL).metrics[0]
+    assert lat.decision == "insufficient" and "not settled" in lat.note and lat.n_canary == 8, lat
+    # the soak goes on; forty more seconds of the same bursts on both sides, and the good model passes
+    more = judge(_bursty(rng, list(rng.choice(BURSTS, 48))), _bursty(rng, list(rng.choice(BURSTS, 45))), POL)
+    lat = more.metrics[0]
+    assert lat.decision == "pass" and lat.p_value < POL.alpha and "canary < x1.5" in lat.statistic, lat
+    # ... while a model three times as slow fails on the same kind of bursts
+    slow = judge(_bursty(rng, list(rng.choice(BURSTS, 10)), 6.0), _bursty(rng, list(rng.choice(BURSTS, 10))), POL)
+    assert slow.metrics[0].decision == "fail" and slow.decision == "fail", slow.summary()
+
+
+def test_latency_must_earn_its_pass() -> None:
+    """Enough intervals but too noisy to tell: insufficient while the soak may extend, not a pass."""
+    rng = np.random.default_rng(8)
+    canary, control = _bursty(rng, [1, 4, 1, 4, 1]), _bursty(rng, [4, 1, 4, 1, 1])
+    v = judge(canary, control, POL)
+    assert v.metrics[0].decision == "insufficient" and v.decision == "inconclusive", v.summary()
+    # before/after latency is not critical: it does not hold the verdict up, it just does not vote
+    ba = judge(canary, control, POL, mode="before_after")
+    assert ba.metrics[0].decision == "skipped" and ba.decision == "pass", ba.summary()
 
 
 def test_policy_is_checked() -> None:
