@@ -169,12 +169,15 @@ class Verdict:
     canary: tuple[str, ...] = ()
     control: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # how late the judged devices' reports reach the fleet now (seconds from a report's sending to its
+    # arrival; :func:`fleet.canary_data.reports_in_transit`): data that is late, not missing
+    transit_s: float = 0.0
 
     def to_dict(self, **extra: Any) -> dict[str, Any]:
         """JSON-ready (lists, no tuples: a rollout state must equal itself after a JSON round trip)."""
         return {**extra, "decision": self.decision, "score": self.score, "mode": self.mode,
                 "canary": list(self.canary), "control": list(self.control), "notes": list(self.notes),
-                "metrics": [m.to_dict() for m in self.metrics]}
+                "metrics": [m.to_dict() for m in self.metrics], "transit_s": round(self.transit_s, 3)}
 
     def summary(self) -> str:
         score = "" if self.score is None else f", score {self.score:.0f}"

@@ -15,6 +15,7 @@ last of them started shadowing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from . import canary_stats as st
 from . import rollout as rm
 from .canary import GroupData, Verdict, judge, judge_shadow
 
-__all__ = ["observe", "control_group", "analyse_wave", "analyse_shadow"]
+__all__ = ["observe", "control_group", "analyse_wave", "analyse_shadow", "reports_in_transit", "TRANSIT_LOOKBACK_S"]
 
 
 def observe(registry: Any, device_ids: Sequence[str], *, versions: Collection[str | None], since: float,
@@ -92,8 +93,40 @@ def control_group(registry: Any, state: rm.RolloutState, wave: Sequence[rm.Devic
     return [r.id for r in candidates], old, ""
 
 
+#: how far back (device time) :func:`reports_in_transit` looks for a device's newest report
+TRANSIT_LOOKBACK_S = 600.0
+#: a newest report that arrived longer ago than this tells nothing about the backlog now (the device is silent)
+TRANSIT_FRESH_S = 60.0
+
+
+def reports_in_transit(registry: Any, device_ids: Sequence[str], now: float) -> float:
+    """How late the devices' reports reach the fleet now: over the devices whose newest telemetry arrived in the
+    last ``TRANSIT_FRESH_S``, the most seconds between its sending (device time) and its arrival; 0 without any.
+
+    A backlog at the broker or the ingest (a busy machine, a device catching up after a partition) delays
+    every report alike, so a soak window that looks empty may only be late; a silent device is not counted.
+    """
+    worst = 0.0
+    for dev in device_ids:
+        newest = registry.telemetry(device_ids=[dev], since=now - TRANSIT_LOOKBACK_S, limit=1)
+        if newest and now - newest[-1].received <= TRANSIT_FRESH_S:
+            worst = max(worst, newest[-1].received - newest[-1].ts)
+    return worst
+
+
+def _with_transit(verdict: Verdict, registry: Any, device_ids: Sequence[str], now: float) -> Verdict:
+    if verdict.decision in ("pass", "fail"):
+        return verdict
+    return dataclasses.replace(verdict, transit_s=reports_in_transit(registry, device_ids, now))
+
+
 def analyse_wave(registry: Any, state: rm.RolloutState, now: float) -> Verdict:
-    """The canary analysis of the current wave's updated devices."""
+    """The canary analysis of the current wave's updated devices (with ``transit_s`` when it cannot decide)."""
+    verdict, judged = _analyse_wave(registry, state, now)
+    return _with_transit(verdict, registry, judged, now)
+
+
+def _analyse_wave(registry: Any, state: rm.RolloutState, now: float) -> tuple[Verdict, list[str]]:
     pol = state.plan.analysis
     wave = [d for d in state.in_wave(state.wave) if d.status == "updated" and d.sent_at is not None]
     ids = [d.device_id for d in wave]
@@ -105,13 +138,13 @@ def analyse_wave(registry: Any, state: rm.RolloutState, now: float) -> Verdict:
     if control_ids:
         control = observe(registry, control_ids, versions=old, since=since, until=until,
                           label_version=next(iter(old)) if len(old) == 1 else None)
-        return judge(canary, control, pol, mode="control", notes=notes)
+        return judge(canary, control, pol, mode="control", notes=notes), ids + control_ids
     # No control group: the same devices before the update, over a window as long as the soak's.
     sent = min((d.sent_at or now) for d in wave) if wave else now
     length = max(until - since, 1.0)
     before = observe(registry, ids, versions=old, since=sent - length, until=sent,
                      label_version=next(iter(old)) if len(old) == 1 else None)
-    return judge(canary, before, pol, mode="before_after", notes=notes)
+    return judge(canary, before, pol, mode="before_after", notes=notes), ids
 
 
 def analyse_shadow(registry: Any, state: rm.RolloutState, now: float) -> Verdict:
@@ -158,8 +191,9 @@ def analyse_shadow(registry: Any, state: rm.RolloutState, now: float) -> Verdict
     skipped = sum(int((t.data or {}).get("shadow_skipped", 0)) for t in tel)
     notes = [f"device cost: {inputs} of {served} inputs shadowed ({skipped} skipped while busy), "
              f"{cost:.0f} ms of candidate compute"]
-    return judge_shadow(candidate, serving, agree, state.plan.analysis, notes=notes, compared=compared,
-                        drifted=sorted(drifted))
+    verdict = judge_shadow(candidate, serving, agree, state.plan.analysis, notes=notes, compared=compared,
+                           drifted=sorted(drifted))
+    return _with_transit(verdict, registry, ids, now)
 
 
 # how far back a shadowing device's drift reports tell whether its inputs drifted from the serving model's baseline

@@ -9,7 +9,9 @@ halts the rollout and rolls every device it updated back to its previous version
 analysis without enough data extends the soak by ``analysis.step_s`` up to
 ``analysis.max_extension_s``, then follows ``analysis.on_inconclusive``: ``hold`` pauses
 the rollout (an operator's resume then accepts the wave), ``proceed`` goes on with a
-warning event.  Every verdict is kept in ``RolloutState.verdicts`` with its evidence.
+warning event.  While the judged devices' reports reach the fleet late (``Verdict.transit_s``
+above a step: a backlog, not silence), an extension is counted apart, against a second
+``max_extension_s``.  Every verdict is kept in ``RolloutState.verdicts`` with its evidence.
 
 :func:`advance` takes the state, the time and what was observed (job outcomes, and
 health verdicts once a soak is over) and returns the next state plus the commands to
@@ -179,7 +181,7 @@ def _shadow_deployed(state: RolloutState, now: float) -> tuple[RolloutState, lis
         state = _with(state, now, "shadow_skipped", "no canary device shadows (agents without shadowing?)")
         return _start_wave(state, 0, now)
     return _with(state, now, "shadowing", f"{len(shadowing)}/{len(wave)} canary devices shadow {state.version}",
-                 phase="shadowing", phase_started_at=now, soak_extended_s=0.0), []
+                 phase="shadowing", phase_started_at=now, soak_extended_s=0.0, transit_waited_s=0.0), []
 
 
 def _start_rollback(state: RolloutState, now: float, reason: str) -> tuple[RolloutState, list[Action]]:
@@ -284,7 +286,7 @@ def advance(state: RolloutState, now: float, jobs: Mapping[str, JobOutcome] | No
             return _start_rollback(state, now, f"wave {state.wave}: {len(failed)}/{len(wave)} updates failed "
                                                f"({', '.join(d.device_id for d in failed)})")
         return _with(state, now, "soaking", f"wave {state.wave}: {len(wave) - len(failed)}/{len(wave)} updated",
-                     phase="soaking", phase_started_at=now, soak_extended_s=0.0), []
+                     phase="soaking", phase_started_at=now, soak_extended_s=0.0, transit_waited_s=0.0), []
     # soaking
     if not state.wants_health(now):
         return state, []
@@ -340,6 +342,13 @@ def _judged(state: RolloutState, now: float, verdict: Verdict) -> tuple[RolloutS
         return _with(state, now, "verdict", f"{label}: {summary}"), [], True
     # marginal or inconclusive: wait for more data while the budget lasts
     step = pol.step_s(state.plan.shadow_s if state.phase == "shadowing" else state.plan.soak_s)
+    if verdict.transit_s > step and state.transit_waited_s + step <= pol.max_extension_s + 1e-9:
+        # the devices' reports reach the fleet late (a backlog at the broker or the ingest): the data is on its
+        # way, so this wait does not use up the budget for missing data; it has a budget as large of its own
+        waited = state.transit_waited_s + step
+        return _with(state, now, "soak_extended", f"{label}: +{step:g} s for reports in transit (they reach the "
+                     f"fleet {verdict.transit_s:.0f} s after they were sent; waited {waited:g} of "
+                     f"{pol.max_extension_s:g} s): {summary}", transit_waited_s=waited), [], False
     if state.soak_extended_s + step <= pol.max_extension_s + 1e-9:
         extended = state.soak_extended_s + step
         return _with(state, now, "soak_extended", f"{label}: +{step:g} s (extended {extended:g} of "

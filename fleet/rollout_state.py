@@ -234,6 +234,7 @@ class RolloutState:
     events: tuple[RolloutEvent, ...] = ()
     schema_version: int = ROLLOUT_SCHEMA_VERSION
     soak_extended_s: float = 0.0  # the current soak's extensions while the analysis lacked data
+    transit_waited_s: float = 0.0  # the current soak's extensions while that data was in transit (late, not missing)
     verdicts: tuple[dict[str, Any], ...] = ()  # every canary analysis (Verdict.to_dict + wave, ts)
     held: bool = False  # paused by on_inconclusive = "hold" (a resume accepts the wave)
     accepted_wave: int = -1  # a held wave an operator resumed: an inconclusive verdict passes
@@ -261,7 +262,7 @@ class RolloutState:
         """True when the current wave's soak (or the shadow stage) is over and :func:`advance` needs a verdict."""
         length = {"soaking": self.plan.soak_s, "shadowing": self.plan.shadow_s}.get(self.phase)
         return (self.status == "running" and length is not None and self.phase_started_at is not None
-                and now - self.phase_started_at >= length + self.soak_extended_s)
+                and now - self.phase_started_at >= length + self.soak_extended_s + self.transit_waited_s)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

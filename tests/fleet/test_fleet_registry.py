@@ -263,3 +263,20 @@ def test_the_flat_names_from_before_the_split_still_answer(registry: Registry) -
     assert registry.rollout_targets("r1") == registry.rollouts.targets("r1")
     assert registry.device("a") is None and registry.upsert_device("a").id == "a" and registry.device("a")
     assert registry.models() == registry.models.find() == [] and registry.latest_model("digits") is None
+
+
+def test_reports_in_transit_is_how_late_the_newest_reports_arrive(registry: Registry) -> None:
+    """The canary judge's measure of a backlog: sending -> arrival of each device's newest report, counted only
+    for devices whose newest report arrived lately (a silent device is not a backlog)."""
+    from fleet.canary_data import TRANSIT_FRESH_S, reports_in_transit
+
+    now = 10_000.0
+    registry.apply(IngestBatch(telemetry=[
+        (Telemetry("cam-1", 0, ts=now - 200.0), now - 199.5),  # on time, then behind: its newest was sent
+        (Telemetry("cam-1", 1, ts=now - 150.0), now - 2.0),  # 148 s before it arrived
+        (Telemetry("cam-2", 0, ts=now - 5.0), now - 4.0),  # on time
+        (Telemetry("cam-3", 0, ts=now - 900.0), now - TRANSIT_FRESH_S - 10.0),  # silent since
+    ]))
+    assert reports_in_transit(registry, ["cam-1", "cam-2", "cam-3"], now) == pytest.approx(148.0)
+    assert reports_in_transit(registry, ["cam-2"], now) == pytest.approx(1.0)
+    assert reports_in_transit(registry, ["cam-3", "cam-9"], now) == 0.0
