@@ -232,7 +232,8 @@ def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy, *, wait: bool = True
                                                f"{pol.min_latency_samples} inferences per group", **base)
     log1, log2 = np.log(u1), np.log(u2)
     worse = st.mann_whitney_samples(log1, log2)
-    within = st.mann_whitney_samples(log1, log2 + np.log(pol.max_latency_ratio), larger=False)
+    within = st.mann_whitney_samples(log1, log2 + np.log(pol.max_latency_ratio), larger=False,
+                                     event=f"canary<x{pol.max_latency_ratio:g} control")
     effect = f"interval medians x{ratio:.2f} (fails > x{pol.max_latency_ratio:g})"
     common = dict(interval=(ci[1], ci[2]) if ci else None, effect=effect,
                   note="" if pooled else "from per-interval medians (no histograms)", **base)
@@ -240,8 +241,8 @@ def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy, *, wait: bool = True
         return MetricResult(decision="fail", statistic=f"Mann-Whitney on interval medians {worse.statistic}",
                             p_value=worse.p_value, **common)
     if within.p_value < pol.alpha:
-        return MetricResult(decision="pass", statistic=f"Mann-Whitney, canary < x{pol.max_latency_ratio:g} "
-                            f"control: {within.statistic}", p_value=within.p_value, **common)
+        return MetricResult(decision="pass", statistic=f"Mann-Whitney on interval medians {within.statistic}",
+                            p_value=within.p_value, **common)
     common["note"] = (f"not settled: neither significantly slower nor significantly within x{pol.max_latency_ratio:g} "
                       f"(p={within.p_value:.3g}); more intervals decide")
     return MetricResult(decision="insufficient" if wait and "latency" in pol.required else "skipped",

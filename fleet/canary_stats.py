@@ -73,8 +73,10 @@ def hist_median_ms(counts: np.ndarray) -> float | None:
     return latency_bucket_ms(k + float(frac))
 
 
-def mann_whitney(canary: np.ndarray, control: np.ndarray) -> TestResult:
-    """One-sided Mann-Whitney U on binned counts: H1 = canary values tend to be larger."""
+def mann_whitney(canary: np.ndarray, control: np.ndarray, *, event: str = "canary>control") -> TestResult:
+    """One-sided Mann-Whitney U on binned counts: H1 = canary values tend to be larger.
+
+    ``event`` names what U / (n1 n2) estimates the probability of, in the statistic's text."""
     a, b = canary.astype(np.float64), control.astype(np.float64)
     n1, n2 = a.sum(), b.sum()
     if n1 == 0 or n2 == 0:
@@ -89,10 +91,11 @@ def mann_whitney(canary: np.ndarray, control: np.ndarray) -> TestResult:
     if var <= 0:  # every value in one bucket: nothing tells the groups apart
         return TestResult(f"U={u:.0f}, all values tied", 1.0, 0.0)
     z = (u - mean - 0.5) / math.sqrt(var)
-    return TestResult(f"U={u:.0f}, z={z:.2f}, P(canary>control)={u / (n1 * n2):.2f}", normal_sf(z), float(z))
+    return TestResult(f"U={u:.0f}, z={z:.2f}, P({event})={u / (n1 * n2):.2f}", normal_sf(z), float(z))
 
 
-def mann_whitney_samples(canary: Sequence[float], control: Sequence[float], *, larger: bool = True) -> TestResult:
+def mann_whitney_samples(canary: Sequence[float], control: Sequence[float], *, larger: bool = True,
+                         event: str | None = None) -> TestResult:
     """One-sided Mann-Whitney U on raw samples; ``larger=False``: H1 = canary values tend to be smaller."""
     x = np.asarray(canary, dtype=np.float64)
     y = np.asarray(control, dtype=np.float64)
@@ -103,7 +106,7 @@ def mann_whitney_samples(canary: Sequence[float], control: Sequence[float], *, l
     values, inverse = np.unique(np.concatenate([x, y]), return_inverse=True)
     a = np.bincount(inverse[: x.size], minlength=values.size)
     b = np.bincount(inverse[x.size:], minlength=values.size)
-    return mann_whitney(a, b)
+    return mann_whitney(a, b, event=event or ("canary>control" if larger else "canary<control"))
 
 
 def median_ratio_ci(canary: Sequence[float], control: Sequence[float], *, level: float = 0.95,
