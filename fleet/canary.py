@@ -12,7 +12,7 @@ metric     data                                          test (one-sided: canary
 ========== ============================================= ===================================
 latency    per-interval latency medians (histograms     Mann-Whitney U on the interval
            show the pooled medians)                      medians, both ways (see below) +
-                                                         bootstrap CI of their median ratio
+                                                         Hodges-Lehmann ratio, bootstrap CI
 errors     inference errors / attempts                   two-proportion z test
 accuracy   feedback labels: wrong / labelled             two-proportion z test
 drift      drift windows in alarm / windows              two-proportion z test
@@ -26,7 +26,10 @@ of one interval share its load burst, so a group whose few intervals happened to
 on a busy second would look significantly slower inference by inference.  And latency
 must earn its pass: it passes only once the canary's interval medians are significantly
 below ``max_latency_ratio`` times the control's (non-inferiority); until then it is
-``insufficient`` and the soak extends, so neither a burst nor a short soak decides.  A metric with fewer samples than its minimum in either group does not vote:
+``insufficient`` and the soak extends, so neither a burst nor a short soak decides.  Its
+fail needs ``latency_fail_alpha`` (stricter than ``alpha``: every extension is another
+look) and a Hodges-Lehmann ratio (the median of all interval pairs' ratios) above
+``max_latency_ratio``.  A metric with fewer samples than its minimum in either group does not vote:
 a *required* one (``required``, default latency and errors) is ``insufficient`` and
 keeps the verdict ``inconclusive``; so is an optional one whose data so far point the
 wrong way (beyond its tolerance: a less accurate model with 12 labels waits for more);
@@ -56,6 +59,7 @@ from . import canary_stats as st
 __all__ = ["CanaryPolicy", "GroupData", "MetricResult", "Verdict", "METRICS", "judge", "judge_shadow", "verdict_line"]
 
 METRICS = ("latency", "errors", "accuracy", "drift", "confidence")
+MIN_INTERVAL_MS = 1e-3  # an interval median reported as 0 ms (rounded) counts as 1 us: the test takes logs
 DECISIONS = ("pass", "marginal", "inconclusive", "fail")
 
 
@@ -64,7 +68,10 @@ class CanaryPolicy:
     """Thresholds of the canary analysis (fleet.toml ``[rollout]``, see docs/fleet.md)."""
 
     alpha: float = 0.05  # significance level of every one-sided test
-    max_latency_ratio: float = 1.5  # canary median / control median that fails (when significant)
+    # latency's fail needs this (<= alpha): the judge looks again at every extension, and a bursty
+    # machine gives each look a chance to look slower (benchmarks/canary_power.py)
+    latency_fail_alpha: float = 0.0125
+    max_latency_ratio: float = 1.5  # how many times slower the canary's interval medians may be (Hodges-Lehmann)
     max_error_increase: float = 0.02  # absolute increase of the error rate
     max_accuracy_drop: float = 0.05  # absolute drop of the accuracy on feedback labels
     max_drift_alarm_increase: float = 0.25  # absolute increase of the share of drift windows in alarm
@@ -95,6 +102,9 @@ class CanaryPolicy:
                                   key=f"rollout.canary_{name}")
         if not 0 < self.alpha < 0.5:
             raise ConfigError(f"canary alpha {self.alpha:g} must be in (0, 0.5)", key="rollout.canary_alpha")
+        if not 0 < self.latency_fail_alpha <= self.alpha:
+            raise ConfigError(f"canary latency_fail_alpha {self.latency_fail_alpha:g} must be in (0, alpha]",
+                              key="rollout.canary_latency_fail_alpha")
         if not 0 <= self.marginal_score <= self.pass_score <= 100:
             raise ConfigError("canary scores need 0 <= marginal <= pass <= 100", key="rollout.canary_pass_score")
         if self.on_inconclusive not in ("hold", "proceed"):
@@ -209,21 +219,21 @@ def _availability(metric: str, n1: int, n2: int, minimum: int, policy: CanaryPol
 
 def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy, *, wait: bool = True) -> MetricResult:
     """Latency, judged on per-interval medians (module docstring): ``fail`` when the canary's are
-    significantly larger and their median ratio exceeds ``max_latency_ratio``; ``pass`` only when
-    they are significantly below ``max_latency_ratio`` times the control's (non-inferiority); in
-    between the data do not settle it yet: ``insufficient`` while ``wait`` (more intervals come
-    with the soak's extensions), else ``skipped``."""
+    significantly larger (at ``latency_fail_alpha``) and their Hodges-Lehmann ratio exceeds
+    ``max_latency_ratio``; ``pass`` only when they are significantly below ``max_latency_ratio``
+    times the control's (non-inferiority, at ``alpha``); in between the data do not settle it yet:
+    ``insufficient`` while ``wait`` (more intervals come with the soak's extensions), else ``skipped``."""
     a, b = st.hist_array(c.latency_hist), st.hist_array(k.latency_hist)
     pooled = bool(a.sum() and b.sum())
     if not pooled:  # older agents: their per-interval medians are all there is
         a, b = st.samples_hist(c.latency_p50s), st.samples_hist(k.latency_p50s)
-    u1 = [v for v in c.latency_p50s if v > 0]
-    u2 = [v for v in k.latency_p50s if v > 0]
+    u1 = [max(v, MIN_INTERVAL_MS) for v in c.latency_p50s]
+    u2 = [max(v, MIN_INTERVAL_MS) for v in k.latency_p50s]
     n1, n2 = len(u1), len(u2)
     m1, m2 = st.hist_median_ms(a), st.hist_median_ms(b)
     base = dict(metric="latency", canary=f"median {_ms(m1)} ({n1} intervals, {int(a.sum())} inferences)",
                 control=f"median {_ms(m2)} ({n2} intervals, {int(b.sum())} inferences)", n_canary=n1, n_control=n2)
-    ci = st.median_ratio_ci(u1, u2)
+    ci = st.shift_ratio_ci(u1, u2)
     ratio = ci[0] if ci else 1.0
     if min(n1, n2) < pol.min_latency_intervals or (pooled and min(a.sum(), b.sum()) < pol.min_latency_samples):
         worse_so_far = bool(n1 and n2) and ratio > pol.max_latency_ratio
@@ -234,16 +244,17 @@ def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy, *, wait: bool = True
     worse = st.mann_whitney_samples(log1, log2)
     within = st.mann_whitney_samples(log1, log2 + np.log(pol.max_latency_ratio), larger=False,
                                      event=f"canary<x{pol.max_latency_ratio:g} control")
-    effect = f"interval medians x{ratio:.2f} (fails > x{pol.max_latency_ratio:g})"
-    common = dict(interval=(ci[1], ci[2]) if ci else None, effect=effect,
-                  note="" if pooled else "from per-interval medians (no histograms)", **base)
-    if worse.p_value < pol.alpha and ratio > pol.max_latency_ratio:
+    effect = f"x{ratio:.2f} slower (Hodges-Lehmann; fails > x{pol.max_latency_ratio:g})"
+    common: dict[str, Any] = dict(interval=(ci[1], ci[2]) if ci else None, effect=effect,
+                                  note="" if pooled else "from per-interval medians (no histograms)", **base)
+    if worse.p_value < pol.latency_fail_alpha and ratio > pol.max_latency_ratio:
         return MetricResult(decision="fail", statistic=f"Mann-Whitney on interval medians {worse.statistic}",
                             p_value=worse.p_value, **common)
     if within.p_value < pol.alpha:
         return MetricResult(decision="pass", statistic=f"Mann-Whitney on interval medians {within.statistic}",
                             p_value=within.p_value, **common)
-    common["note"] = (f"not settled: neither significantly slower nor significantly within x{pol.max_latency_ratio:g} "
+    common["note"] = (f"not settled: neither significantly slower (p={worse.p_value:.3g}, needs "
+                      f"{pol.latency_fail_alpha:g}) nor significantly within x{pol.max_latency_ratio:g} "
                       f"(p={within.p_value:.3g}); more intervals decide")
     return MetricResult(decision="insufficient" if wait and "latency" in pol.required else "skipped",
                         statistic=f"Mann-Whitney on interval medians {worse.statistic}", p_value=worse.p_value,

@@ -4,9 +4,9 @@
   in the buckets of :func:`core.protocol.latency_bucket`, or any samples binned the same
   way): mid-ranks per bin, the normal approximation with the tie correction (every value
   of a bin is a tie) and a continuity correction; one-sided, "canary larger".
-* :func:`median_ratio_ci` — the ratio of two medians of raw values (per-interval
-  latency medians) with a bootstrap interval (a fixed seed: the same data give the same
-  verdict).
+* :func:`shift_ratio_ci` — how many times larger one group's values are than the other's
+  (the Hodges-Lehmann shift of their logs: per-interval latency medians) with a bootstrap
+  interval (a fixed seed: the same data give the same verdict).
 * :func:`two_proportions` — a one-sided two-proportion z test (pooled variance) with a
   Wilson-score (Newcombe) interval on the difference of the rates.
 * :func:`mann_whitney_samples` — Mann-Whitney U on raw samples (per-interval confidences).
@@ -25,7 +25,7 @@ import numpy as np
 from core.protocol import LATENCY_BUCKETS, latency_bucket, latency_bucket_ms
 
 __all__ = ["TestResult", "normal_sf", "hist_array", "hist_median_ms", "mann_whitney", "mann_whitney_samples",
-           "median_ratio_ci", "samples_hist", "two_proportions", "wilson"]
+           "shift_ratio_ci", "samples_hist", "two_proportions", "wilson"]
 
 
 @dataclass(frozen=True)
@@ -109,24 +109,47 @@ def mann_whitney_samples(canary: Sequence[float], control: Sequence[float], *, l
     return mann_whitney(a, b, event=event or ("canary>control" if larger else "canary<control"))
 
 
-def median_ratio_ci(canary: Sequence[float], control: Sequence[float], *, level: float = 0.95,
-                    resamples: int = 400, seed: int = 20240611) -> tuple[float, float, float] | None:
-    """``(ratio, low, high)``: median(canary) / median(control) of raw values (the per-interval medians
-    of the latency test) and its percentile-bootstrap interval, each group resampled with replacement
-    (a fixed seed: the same data give the same verdict)."""
-    x = np.asarray(canary, dtype=np.float64)
-    y = np.asarray(control, dtype=np.float64)
+#: pairs (canary interval, control interval) a Hodges-Lehmann median is taken over, at most; more are sampled
+HL_MAX_PAIRS = 10_000
+
+
+def _hl(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> float:
+    """The median of all differences x_i - y_j (a random HL_MAX_PAIRS of them when there are more)."""
+    if x.size * y.size <= HL_MAX_PAIRS:
+        return float(np.median(np.subtract.outer(x, y)))
+    return float(np.median(x[rng.integers(0, x.size, HL_MAX_PAIRS)] - y[rng.integers(0, y.size, HL_MAX_PAIRS)]))
+
+
+def shift_ratio_ci(canary: Sequence[float], control: Sequence[float], *, level: float = 0.95, resamples: int = 400,
+                   seed: int = 20240611) -> tuple[float, float, float] | None:
+    """``(ratio, low, high)``: how many times larger the canary's values are than the control's -- the
+    Hodges-Lehmann estimate on the log scale, exp(median over all pairs of log c_i - log k_j), the shift
+    that the Mann-Whitney test is about -- and its percentile-bootstrap interval, each group resampled
+    with replacement (a fixed seed: the same data give the same verdict).  Values must be positive.
+
+    Unlike the ratio of the two medians it does not jump when a few bursty intervals move a median
+    from one load level to the next: every pair of intervals has its say.
+    """
+    x = np.log(np.asarray(canary, dtype=np.float64))
+    y = np.log(np.asarray(control, dtype=np.float64))
     if not x.size or not y.size:
         return None
-    m1, m2 = float(np.median(x)), float(np.median(y))
-    if m1 <= 0 or m2 <= 0:
-        return None
     rng = np.random.default_rng(seed)
-    rx = np.median(rng.choice(x, size=(resamples, x.size)), axis=1)
-    ry = np.median(rng.choice(y, size=(resamples, y.size)), axis=1)
-    ratios = rx / np.maximum(ry, 1e-12)
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return m1 / m2, float(lo), float(hi)
+    point = _hl(x, y, rng)
+    if x.size * y.size <= 2_000:  # few intervals: all resamples at once, in chunks of about 200 k differences
+        boot_parts = []
+        chunk = max(1, 200_000 // (x.size * y.size))
+        for start in range(0, resamples, chunk):
+            r = min(chunk, resamples - start)
+            xs = x[rng.integers(0, x.size, (r, x.size))]
+            ys = y[rng.integers(0, y.size, (r, y.size))]
+            boot_parts.append(np.median((xs[:, :, None] - ys[:, None, :]).reshape(r, -1), axis=1))
+        boot = np.concatenate(boot_parts)
+    else:
+        boot = np.array([_hl(x[rng.integers(0, x.size, x.size)], y[rng.integers(0, y.size, y.size)], rng)
+                         for _ in range(resamples)])
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return math.exp(point), math.exp(float(lo)), math.exp(float(hi))
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:

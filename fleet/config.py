@@ -161,7 +161,8 @@ class RolloutConfig:
     # still on the old version over the same window.  Checked as a whole by fleet.canary.CanaryPolicy
     # when a rollout plan is built from them (rollout_driver.plan_from_config).
     canary_alpha: float = 0.05  # significance level of each one-sided test
-    canary_max_latency_ratio: float = 1.5  # canary / control median latency that fails (when significant)
+    canary_latency_fail_alpha: float = 0.0125  # what a latency fail needs (the judge looks at every extension)
+    canary_max_latency_ratio: float = 1.5  # how many times slower (Hodges-Lehmann, interval medians) fails
     canary_max_error_increase: float = 0.02  # absolute error-rate increase that fails
     canary_max_accuracy_drop: float = 0.05  # absolute accuracy drop on feedback labels that fails
     canary_max_drift_alarm_increase: float = 0.25  # increase of the share of drift windows in alarm
