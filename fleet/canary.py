@@ -235,9 +235,11 @@ def _latency(c: GroupData, k: GroupData, pol: CanaryPolicy, *, wait: bool = True
                 control=f"median {_ms(m2)} ({n2} intervals, {int(b.sum())} inferences)", n_canary=n1, n_control=n2)
     ci = st.shift_ratio_ci(u1, u2)
     ratio = ci[0] if ci else 1.0
-    if min(n1, n2) < pol.min_latency_intervals or (pooled and min(a.sum(), b.sum()) < pol.min_latency_samples):
-        worse_so_far = bool(n1 and n2) and ratio > pol.max_latency_ratio
-        gap = "insufficient" if "latency" in pol.required or worse_so_far else "skipped"
+    worse_so_far = ratio > pol.max_latency_ratio
+    gap = _availability("latency", n1, n2, pol.min_latency_intervals, pol, worse_so_far) or (
+        _availability("latency", int(a.sum()), int(b.sum()), pol.min_latency_samples, pol, worse_so_far)
+        if pooled else None)
+    if gap:
         return MetricResult(decision=gap, note=f"needs {pol.min_latency_intervals} telemetry intervals and "
                                                f"{pol.min_latency_samples} inferences per group", **base)
     log1, log2 = np.log(u1), np.log(u2)
